@@ -1,0 +1,201 @@
+"""AWR in its offline actor-critic form (AWAC): Peng et al. 2019, "Advantage-Weighted Regression",
+with the critic of Nair et al. 2020, "AWAC", as configured for offline data by CORL.
+
+The policy step is the AWR objective of the lecture in papers/ (eq. 16), weighted behaviour cloning
+    pi = argmax_pi E_(s,a)~D [ min(exp(A(s,a) / lambda), w_max) * log pi(a|s) ],
+with the advantage from a learned Q function instead of Monte-Carlo returns (the original AWR
+regresses V on returns of on-policy rollouts, which offline data does not have):
+    A(s, a) = min_i Q_i(s, a) - min_i Q_i(s, a~pi(s))     (V(s) estimated with one policy sample)
+    Q_i <- r + gamma * (1 - d) * min_j Q_targ_j(s', a'~pi(s'))   (no entropy term)
+Hyperparameters (CORL's AWAC): lambda = 1/3, w_max = 100, 3x256 networks, lr 3e-4, tau 0.005,
+batch 256. Gaussian policy with a state-independent log-std in [-20, 2] and an unsquashed mean;
+sampled actions are clamped to [-1, 1]; evaluation uses the mean.
+
+Deviation from CORL: states are standardised (as in every file here; CORL's AWAC leaves them raw).
+"""
+
+import copy
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
+
+@dataclass
+class Args:
+    # --- shared by every algorithm ---
+    env: str = "mujoco/hopper/medium-v0"
+    """Minari dataset id (local first, else downloaded)"""
+    seed: int = 0
+    """seed of python, numpy, torch and the evaluation envs"""
+    total_steps: int = 1_000_000
+    """gradient steps"""
+    batch_size: int = 256
+    """transitions per gradient step"""
+    eval_every: int = 5_000
+    """evaluate every this many steps (and at the last step)"""
+    eval_episodes: int = 10
+    """episodes per evaluation, run at once in a vector env"""
+    log_every: int = 1_000
+    """write training scalars every this many steps (the only device syncs of the loop)"""
+    device: str = "auto"
+    """torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    output_dir: str = "runs"
+    """runs are written to <output_dir>/<run_name>/"""
+    run_name: Optional[str] = None
+    """folder name of this run (default: <env>__<algorithm>__<seed>__<unix time>)"""
+    save_model: bool = False
+    """write model.pt (networks, normalisation statistics, args) at the end"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project: str = "offline-rl"
+    """wandb project name, with --track"""
+    # --- AWR ---
+    awr_lambda: float = 1.0 / 3.0
+    """temperature lambda: weights are exp(A / lambda); smaller means greedier"""
+    max_weight: float = 100.0
+    """advantage weights are clipped at this value"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 0.005
+    """Polyak step of the target critic"""
+    actor_lr: float = 3e-4
+    """Adam learning rate of the policy"""
+    critic_lr: float = 3e-4
+    """Adam learning rate of the critics"""
+    hidden_dim: int = 256
+    """width of the three hidden layers of every network"""
+    normalize_states: bool = True
+    """standardise states with the dataset's mean and std"""
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int = 3) -> nn.Sequential:
+    layers, d = [], in_dim
+    for _ in range(n_hidden):
+        layers += [nn.Linear(d, hidden_dim), nn.ReLU()]
+        d = hidden_dim
+    return nn.Sequential(*layers, nn.Linear(d, out_dim))
+
+
+class Actor(nn.Module):
+    """Gaussian policy: MLP mean, state-independent log-std."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.mean = mlp(obs_dim, act_dim, hidden_dim)
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+
+    def distribution(self, obs: torch.Tensor) -> torch.distributions.Normal:
+        return torch.distributions.Normal(self.mean(obs), self.log_std.clamp(-20.0, 2.0).exp())
+
+    def log_prob(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return self.distribution(obs).log_prob(act).sum(-1)
+
+    def sample(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.distribution(obs).sample().clamp(-1.0, 1.0)
+
+
+class Critic(nn.Module):
+    """Twin Q networks, evaluated together."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim)
+        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([obs, act], dim=-1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Algorithm
+# ----------------------------------------------------------------------------------------------
+def awr_weights(advantages: torch.Tensor, awr_lambda: float, max_weight: float) -> torch.Tensor:
+    """exp(A / lambda), clipped above at max_weight (AWR's weight clipping)."""
+    return torch.exp(advantages / awr_lambda).clamp(max=max_weight)
+
+
+class AWR:
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
+        self.args = args
+        self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
+        self.critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
+        self.critic_target = copy.deepcopy(self.critic)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr)
+
+    def train(self, batch: common.Batch) -> dict:
+        args = self.args
+        obs, actions, rewards, next_obs, terminals = batch
+
+        with torch.no_grad():
+            next_actions = self.actor.sample(next_obs)
+            target_q = torch.min(*self.critic_target(next_obs, next_actions))
+            target_q = rewards + args.gamma * (1.0 - terminals) * target_q
+        q1, q2 = self.critic(obs, actions)
+        critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_optimizer.step()
+
+        with torch.no_grad():
+            v = torch.min(*self.critic(obs, self.actor.sample(obs)))
+            advantages = torch.min(*self.critic(obs, actions)) - v
+            weights = awr_weights(advantages, args.awr_lambda, args.max_weight)
+        actor_loss = -(weights * self.actor.log_prob(obs, actions)).mean()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
+
+        with torch.no_grad():
+            for p, tp in zip(self.critic.parameters(), self.critic_target.parameters()):
+                tp.lerp_(p, args.tau)
+
+        return {"losses/critic_loss": critic_loss.detach(), "losses/actor_loss": actor_loss.detach(),
+                "losses/q1": q1.mean().detach(), "charts/advantage": advantages.mean(),
+                "charts/weight": weights.mean()}
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.actor.mean(obs).clamp(-1.0, 1.0)
+
+    def state_dict(self) -> dict:
+        return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    device = common.resolve_device(args.device)
+    common.seed_everything(args.seed)
+
+    data = common.load_dataset(args.env, device)
+    obs_mean, obs_std = None, None
+    if args.normalize_states:
+        obs_mean, obs_std = common.compute_obs_stats(data)
+        common.normalize_obs(data, obs_mean, obs_std)
+    buffer = common.ReplayBuffer(data)
+
+    agent = AWR(args, data.obs_dim, data.act_dim, device)
+    run = common.Run(args, "awr", data)
+    for step in range(1, args.total_steps + 1):
+        metrics = agent.train(buffer.sample(args.batch_size))
+        if step % args.log_every == 0 or step == args.total_steps:
+            run.log(step, metrics)
+        if step % args.eval_every == 0 or step == args.total_steps:
+            run.evaluate(step, agent.act, obs_mean, obs_std)
+    run.finish({"obs_mean": obs_mean, "obs_std": obs_std, **agent.state_dict()})

@@ -1,0 +1,125 @@
+"""BC: behaviour cloning, the baseline every offline RL table is read against.
+
+A deterministic tanh policy fitted by mean squared error to the dataset's actions,
+    pi = argmin_pi E_(s,a)~D [ (pi(s) - a)^2 ],
+which is TD3+BC with the Q term removed (Fujimoto & Gu 2021 use exactly this as their BC row):
+same 2x256 actor, lr 3e-4, batch 256, state normalisation. No filtering of the dataset
+(CORL's "10% BC" keeps only the best trajectories; that is a different baseline).
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
+
+@dataclass
+class Args:
+    # --- shared by every algorithm ---
+    env: str = "mujoco/hopper/medium-v0"
+    """Minari dataset id (local first, else downloaded)"""
+    seed: int = 0
+    """seed of python, numpy, torch and the evaluation envs"""
+    total_steps: int = 1_000_000
+    """gradient steps"""
+    batch_size: int = 256
+    """transitions per gradient step"""
+    eval_every: int = 5_000
+    """evaluate every this many steps (and at the last step)"""
+    eval_episodes: int = 10
+    """episodes per evaluation, run at once in a vector env"""
+    log_every: int = 1_000
+    """write training scalars every this many steps (the only device syncs of the loop)"""
+    device: str = "auto"
+    """torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    output_dir: str = "runs"
+    """runs are written to <output_dir>/<run_name>/"""
+    run_name: Optional[str] = None
+    """folder name of this run (default: <env>__<algorithm>__<seed>__<unix time>)"""
+    save_model: bool = False
+    """write model.pt (networks, normalisation statistics, args) at the end"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project: str = "offline-rl"
+    """wandb project name, with --track"""
+    # --- BC ---
+    lr: float = 3e-4
+    """Adam learning rate"""
+    hidden_dim: int = 256
+    """width of the two hidden layers"""
+    normalize_states: bool = True
+    """standardise states with the dataset's mean and std"""
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+class Actor(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(obs_dim, hidden_dim), nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+            nn.Linear(hidden_dim, act_dim), nn.Tanh(),
+        )
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Algorithm
+# ----------------------------------------------------------------------------------------------
+class BC:
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
+        self.args = args
+        self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr)
+
+    def train(self, batch: common.Batch) -> dict:
+        loss = F.mse_loss(self.actor(batch.observations), batch.actions)
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.actor_optimizer.step()
+        return {"losses/actor_loss": loss.detach()}
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.actor(obs)
+
+    def state_dict(self) -> dict:
+        return {"actor": self.actor.state_dict()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    device = common.resolve_device(args.device)
+    common.seed_everything(args.seed)
+
+    data = common.load_dataset(args.env, device)
+    obs_mean, obs_std = None, None
+    if args.normalize_states:
+        obs_mean, obs_std = common.compute_obs_stats(data)
+        common.normalize_obs(data, obs_mean, obs_std)
+    buffer = common.ReplayBuffer(data)
+
+    agent = BC(args, data.obs_dim, data.act_dim, device)
+    run = common.Run(args, "bc", data)
+    for step in range(1, args.total_steps + 1):
+        metrics = agent.train(buffer.sample(args.batch_size))
+        if step % args.log_every == 0 or step == args.total_steps:
+            run.log(step, metrics)
+        if step % args.eval_every == 0 or step == args.total_steps:
+            run.evaluate(step, agent.act, obs_mean, obs_std)
+    run.finish({"obs_mean": obs_mean, "obs_std": obs_std, **agent.state_dict()})

@@ -1,0 +1,237 @@
+"""IQL: Kostrikov, Nair & Levine, "Offline Reinforcement Learning with Implicit Q-Learning", ICLR 2022.
+
+Implements the paper's three losses (eqs. 5-7 of the paper; eqs. 21-23 of the lecture in papers/),
+in the order of the official code (ikostrikov/implicit_q_learning), one gradient step each:
+    V:  L_V = E_(s,a)~D [ L2^tau( min_i Q_targ_i(s, a) - V(s) ) ],  L2^tau(u) = |tau - 1(u < 0)| u^2
+    pi: L_pi = -E_(s,a)~D [ min(exp(beta * (min_i Q_targ_i(s, a) - V(s))), 100) * log pi(a|s) ]
+    Q:  L_Q = E_(s,a,s')~D [ (r + gamma * (1 - d) * V(s') - Q_i(s, a))^2 ]   for both Q_i
+(V is updated first, and the actor and Q use the updated V.) Policy: Gaussian with tanh on the mean,
+state-independent log-std clipped to [-5, 2], cosine learning-rate decay for the actor only; the
+mean action at evaluation. 2x256 networks, Adam 3e-4, tau 0.005, batch 256.
+
+Per-domain settings (the paper's appendix and the official code), picked from the dataset id:
+    antmaze:         tau 0.9, beta 10.0, rewards r - 1
+    kitchen, adroit: tau 0.7, beta 0.5,  actor dropout 0.1, rewards untouched
+    otherwise:       tau 0.7, beta 3.0,  rewards * 1000 / (max - min episode return)   (MuJoCo)
+Each can be overridden by its flag.
+
+Deviations: PyTorch default initialisation instead of the official orthogonal one (CORL does the
+same and reproduces the scores); states are standardised (CORL's default; the official code does not).
+"""
+
+import copy
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
+
+@dataclass
+class Args:
+    # --- shared by every algorithm ---
+    env: str = "mujoco/hopper/medium-v0"
+    """Minari dataset id (local first, else downloaded)"""
+    seed: int = 0
+    """seed of python, numpy, torch and the evaluation envs"""
+    total_steps: int = 1_000_000
+    """gradient steps"""
+    batch_size: int = 256
+    """transitions per gradient step"""
+    eval_every: int = 5_000
+    """evaluate every this many steps (and at the last step)"""
+    eval_episodes: int = 10
+    """episodes per evaluation, run at once in a vector env"""
+    log_every: int = 1_000
+    """write training scalars every this many steps (the only device syncs of the loop)"""
+    device: str = "auto"
+    """torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    output_dir: str = "runs"
+    """runs are written to <output_dir>/<run_name>/"""
+    run_name: Optional[str] = None
+    """folder name of this run (default: <env>__<algorithm>__<seed>__<unix time>)"""
+    save_model: bool = False
+    """write model.pt (networks, normalisation statistics, args) at the end"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project: str = "offline-rl"
+    """wandb project name, with --track"""
+    # --- IQL ---
+    expectile: Optional[float] = None
+    """expectile tau of the value loss (default per domain: 0.9 antmaze, else 0.7)"""
+    beta: Optional[float] = None
+    """inverse temperature of the advantage weights (default: 10 antmaze, 0.5 kitchen/adroit, else 3)"""
+    dropout: Optional[float] = None
+    """dropout rate in the policy (default: 0.1 kitchen/adroit, else none)"""
+    reward_transform: Optional[str] = None
+    """one of common.REWARD_TRANSFORMS (default: minus-one antmaze, none kitchen/adroit, else return-range)"""
+    max_weight: float = 100.0
+    """advantage weights are clipped at this value"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 0.005
+    """Polyak step of the target critic"""
+    lr: float = 3e-4
+    """Adam learning rate of actor, critic and value network"""
+    hidden_dim: int = 256
+    """width of the two hidden layers of every network"""
+    normalize_states: bool = True
+    """standardise states with the dataset's mean and std"""
+
+
+def domain_defaults(dataset_id: str) -> dict:
+    """The paper's per-domain hyperparameters, chosen from the dataset id."""
+    name = dataset_id.lower()
+    if common.is_antmaze(name):
+        return {"expectile": 0.9, "beta": 10.0, "dropout": 0.0, "reward_transform": "minus-one"}
+    if any(task in name for task in ("kitchen", "door", "hammer", "pen", "relocate")):
+        return {"expectile": 0.7, "beta": 0.5, "dropout": 0.1, "reward_transform": "none"}
+    return {"expectile": 0.7, "beta": 3.0, "dropout": 0.0, "reward_transform": "return-range"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+def mlp(in_dim: int, out_dim: int, hidden_dim: int, dropout: float = 0.0) -> nn.Sequential:
+    drop = [nn.Dropout(dropout)] if dropout > 0 else []
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.ReLU(), *drop,
+        nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), *drop,
+        nn.Linear(hidden_dim, out_dim),
+    )
+
+
+class Actor(nn.Module):
+    """Gaussian policy: tanh on the mean, state-independent log-std in [-5, 2]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, dropout: float):
+        super().__init__()
+        self.mean = mlp(obs_dim, act_dim, hidden_dim, dropout)
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+
+    def log_prob(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        mean = torch.tanh(self.mean(obs))
+        std = self.log_std.clamp(-5.0, 2.0).exp()
+        return torch.distributions.Normal(mean, std).log_prob(act).sum(-1)
+
+
+class Critic(nn.Module):
+    """Twin Q networks, evaluated together."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim)
+        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([obs, act], dim=-1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Algorithm
+# ----------------------------------------------------------------------------------------------
+def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
+    """Asymmetric L2 of diff = Q - V: weight tau where V under-estimates Q, 1 - tau where it over-estimates."""
+    weight = torch.where(diff > 0, expectile, 1.0 - expectile)
+    return (weight * diff**2).mean()
+
+
+class IQL:
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
+        self.args = args
+        self.actor = Actor(obs_dim, act_dim, args.hidden_dim, args.dropout).to(device)
+        self.critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
+        self.critic_target = copy.deepcopy(self.critic)
+        self.value = mlp(obs_dim, 1, args.hidden_dim).to(device)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.lr)
+        self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=args.lr)
+        self.actor_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.actor_optimizer, args.total_steps)
+
+    def train(self, batch: common.Batch) -> dict:
+        args = self.args
+        obs, actions, rewards, next_obs, terminals = batch
+
+        with torch.no_grad():
+            target_q = torch.min(*self.critic_target(obs, actions))
+        v = self.value(obs).squeeze(-1)
+        value_loss = expectile_loss(target_q - v, args.expectile)
+        self.value_optimizer.zero_grad(set_to_none=True)
+        value_loss.backward()
+        self.value_optimizer.step()
+
+        with torch.no_grad():
+            v = self.value(obs).squeeze(-1)
+            weights = torch.exp(args.beta * (target_q - v)).clamp(max=args.max_weight)
+        actor_loss = -(weights * self.actor.log_prob(obs, actions)).mean()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
+        self.actor_scheduler.step()
+
+        with torch.no_grad():
+            target = rewards + args.gamma * (1.0 - terminals) * self.value(next_obs).squeeze(-1)
+        q1, q2 = self.critic(obs, actions)
+        critic_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_optimizer.step()
+
+        with torch.no_grad():
+            for p, tp in zip(self.critic.parameters(), self.critic_target.parameters()):
+                tp.lerp_(p, args.tau)
+
+        return {"losses/value_loss": value_loss.detach(), "losses/actor_loss": actor_loss.detach(),
+                "losses/critic_loss": critic_loss.detach(), "losses/q1": q1.mean().detach(),
+                "losses/v": v.mean(), "charts/weight": weights.mean()}
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        self.actor.eval()  # no dropout at evaluation
+        action = torch.tanh(self.actor.mean(obs))
+        self.actor.train()
+        return action
+
+    def state_dict(self) -> dict:
+        return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
+                "value": self.value.state_dict()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    device = common.resolve_device(args.device)
+    common.seed_everything(args.seed)
+    chosen = {k: v for k, v in domain_defaults(args.env).items() if getattr(args, k) is None}
+    for k, v in chosen.items():
+        setattr(args, k, v)
+    if chosen:
+        print(f"[iql] per-domain defaults for {args.env}: {chosen}")
+
+    data = common.load_dataset(args.env, device)
+    common.transform_rewards(data, args.reward_transform)
+    obs_mean, obs_std = None, None
+    if args.normalize_states:
+        obs_mean, obs_std = common.compute_obs_stats(data)
+        common.normalize_obs(data, obs_mean, obs_std)
+    buffer = common.ReplayBuffer(data)
+
+    agent = IQL(args, data.obs_dim, data.act_dim, device)
+    run = common.Run(args, "iql", data)
+    for step in range(1, args.total_steps + 1):
+        metrics = agent.train(buffer.sample(args.batch_size))
+        if step % args.log_every == 0 or step == args.total_steps:
+            run.log(step, metrics)
+        if step % args.eval_every == 0 or step == args.total_steps:
+            run.evaluate(step, agent.act, obs_mean, obs_std)
+    run.finish({"obs_mean": obs_mean, "obs_std": obs_std, **agent.state_dict()})

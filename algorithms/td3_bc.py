@@ -1,0 +1,203 @@
+"""TD3+BC: Fujimoto & Gu, "A Minimalist Approach to Offline Reinforcement Learning", NeurIPS 2021.
+
+Implements TD3 (clipped double-Q target with target-policy smoothing, delayed actor and target
+updates) with the paper's one change to the actor (eq. 3):
+
+    pi = argmax_pi  E_(s,a)~D [ lambda * Q1(s, pi(s)) - (pi(s) - a)^2 ],
+    lambda = alpha / ( (1/N) sum |Q1(s_i, pi(s_i))| )          (detached, computed per batch)
+
+and state normalisation (mean/std over the dataset, std + 1e-3). Hyperparameters are the paper's
+(and sfujim/TD3_BC's): alpha 2.5, 2x256 networks, lr 3e-4, batch 256, gamma 0.99, tau 0.005,
+policy noise 0.2 clipped at 0.5, actor and targets every 2 steps, rewards untouched.
+
+Deviation: none known. Actions are in [-1, 1] (common.py rescales them), so max_action is 1.
+"""
+
+import copy
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
+
+@dataclass
+class Args:
+    # --- shared by every algorithm ---
+    env: str = "mujoco/hopper/medium-v0"
+    """Minari dataset id (local first, else downloaded)"""
+    seed: int = 0
+    """seed of python, numpy, torch and the evaluation envs"""
+    total_steps: int = 1_000_000
+    """gradient steps"""
+    batch_size: int = 256
+    """transitions per gradient step"""
+    eval_every: int = 5_000
+    """evaluate every this many steps (and at the last step)"""
+    eval_episodes: int = 10
+    """episodes per evaluation, run at once in a vector env"""
+    log_every: int = 1_000
+    """write training scalars every this many steps (the only device syncs of the loop)"""
+    device: str = "auto"
+    """torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    output_dir: str = "runs"
+    """runs are written to <output_dir>/<run_name>/"""
+    run_name: Optional[str] = None
+    """folder name of this run (default: <env>__<algorithm>__<seed>__<unix time>)"""
+    save_model: bool = False
+    """write model.pt (networks, normalisation statistics, args) at the end"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project: str = "offline-rl"
+    """wandb project name, with --track"""
+    # --- TD3+BC ---
+    alpha: float = 2.5
+    """alpha of eq. 3: lambda = alpha / mean|Q|; larger means less behaviour cloning"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 0.005
+    """Polyak step of the target networks"""
+    lr: float = 3e-4
+    """Adam learning rate of actor and critic"""
+    policy_noise: float = 0.2
+    """std of the Gaussian noise on the target action (target-policy smoothing)"""
+    noise_clip: float = 0.5
+    """the target noise is clipped to +-noise_clip"""
+    policy_freq: int = 2
+    """actor and target networks are updated every policy_freq critic steps"""
+    hidden_dim: int = 256
+    """width of the two hidden layers of every network"""
+    normalize_states: bool = True
+    """standardise states with the dataset's mean and std"""
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+class Actor(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(obs_dim, hidden_dim), nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+            nn.Linear(hidden_dim, act_dim), nn.Tanh(),
+        )
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs)
+
+
+class Critic(nn.Module):
+    """Twin Q networks, evaluated together."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+
+        def q_net():
+            return nn.Sequential(
+                nn.Linear(obs_dim + act_dim, hidden_dim), nn.ReLU(),
+                nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+                nn.Linear(hidden_dim, 1),
+            )
+
+        self.q1, self.q2 = q_net(), q_net()
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([obs, act], dim=-1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Algorithm
+# ----------------------------------------------------------------------------------------------
+def actor_loss(q_pi: torch.Tensor, pi_actions: torch.Tensor, data_actions: torch.Tensor,
+               alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 3: -lambda * mean Q1(s, pi(s)) + mean (pi(s) - a)^2, lambda = alpha / mean|Q1| (no grad)."""
+    lmbda = alpha / q_pi.abs().mean().detach()
+    return -lmbda * q_pi.mean() + F.mse_loss(pi_actions, data_actions), lmbda
+
+
+class TD3BC:
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
+        self.args = args
+        self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
+        self.critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
+        self.actor_target = copy.deepcopy(self.actor)
+        self.critic_target = copy.deepcopy(self.critic)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.lr)
+        self.total_it = 0
+        self.last_actor_metrics: dict = {}
+
+    def train(self, batch: common.Batch) -> dict:
+        args = self.args
+        self.total_it += 1
+        obs, actions, rewards, next_obs, terminals = batch
+
+        with torch.no_grad():
+            noise = (torch.randn_like(actions) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
+            next_actions = (self.actor_target(next_obs) + noise).clamp(-1.0, 1.0)
+            target_q = torch.min(*self.critic_target(next_obs, next_actions))
+            target_q = rewards + args.gamma * (1.0 - terminals) * target_q
+
+        q1, q2 = self.critic(obs, actions)
+        critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_optimizer.step()
+
+        if self.total_it % args.policy_freq == 0:
+            pi = self.actor(obs)
+            q_pi = self.critic.q1(torch.cat([obs, pi], dim=-1)).squeeze(-1)
+            loss, lmbda = actor_loss(q_pi, pi, actions, args.alpha)
+            self.actor_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.actor_optimizer.step()
+            with torch.no_grad():
+                for net, target in ((self.actor, self.actor_target), (self.critic, self.critic_target)):
+                    for p, tp in zip(net.parameters(), target.parameters()):
+                        tp.lerp_(p, args.tau)
+            self.last_actor_metrics = {"losses/actor_loss": loss.detach(), "charts/lambda": lmbda}
+
+        return {"losses/critic_loss": critic_loss.detach(), "losses/q1": q1.mean().detach(),
+                **self.last_actor_metrics}
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.actor(obs)
+
+    def state_dict(self) -> dict:
+        return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    device = common.resolve_device(args.device)
+    common.seed_everything(args.seed)
+
+    data = common.load_dataset(args.env, device)
+    obs_mean, obs_std = None, None
+    if args.normalize_states:
+        obs_mean, obs_std = common.compute_obs_stats(data)
+        common.normalize_obs(data, obs_mean, obs_std)
+    buffer = common.ReplayBuffer(data)
+
+    agent = TD3BC(args, data.obs_dim, data.act_dim, device)
+    run = common.Run(args, "td3_bc", data)
+    for step in range(1, args.total_steps + 1):
+        metrics = agent.train(buffer.sample(args.batch_size))
+        if step % args.log_every == 0 or step == args.total_steps:
+            run.log(step, metrics)
+        if step % args.eval_every == 0 or step == args.total_steps:
+            run.evaluate(step, agent.act, obs_mean, obs_std)
+    run.finish({"obs_mean": obs_mean, "obs_std": obs_std, **agent.state_dict()})

@@ -1,0 +1,537 @@
+"""Shared plumbing for the single-file algorithms in `algorithms/`.
+
+Only infrastructure lives here: loading a Minari dataset into flat tensors, state normalisation,
+reward transforms, batch sampling, evaluation, seeding, logging and atomic file writing.
+No algorithmic code: every loss lives in its algorithm's file.
+
+Conventions (see ../shared/IMPLEMENTATION_NOTES.md, "Data conventions"):
+- A Minari episode stores T+1 observations and T of everything else. Transition t is
+  (obs[t], actions[t], rewards[t], obs[t+1]).
+- `terminals` come from `terminations` only; time-limit truncations are kept as ordinary
+  transitions with terminal 0 (Minari stores the true final observation, so bootstrapping from it
+  is correct). `timeouts` marks them.
+- Goal-conditioned Dict observations are flattened to concat(observation, desired_goal).
+- Actions are rescaled to [-1, 1] from the dataset's Box bounds so that every tanh policy works
+  unchanged; evaluation maps them back. For the usual MuJoCo tasks the bounds already are [-1, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+import torch
+
+# D4RL's reference returns (random and expert policies on the v2 MuJoCo envs). Minari's
+# `mujoco/*-v0` datasets carry no reference scores, so these are the usual fallback; they were
+# measured on older environment versions, which is why the log flags their use.
+D4RL_REF_SCORES = {
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+}
+
+# Remote Minari datasets with continuous actions that we know of. An id that is neither local nor
+# listed here is reported as unknown (with close matches) instead of waiting on the network.
+_MUJOCO_TASKS = {
+    "halfcheetah": ("simple", "medium", "expert"),
+    "hopper": ("simple", "medium", "expert"),
+    "walker2d": ("simple", "medium", "expert"),
+    "ant": ("simple", "medium", "expert"),
+    "humanoid": ("simple", "medium", "expert"),
+    "humanoidstandup": ("simple", "medium", "expert"),
+    "swimmer": ("medium", "expert"),
+    "pusher": ("medium", "expert"),
+    "reacher": ("medium", "expert"),
+    "invertedpendulum": ("medium", "expert"),
+    "inverteddoublependulum": ("medium", "expert"),
+}
+KNOWN_REMOTE_DATASETS = sorted(
+    [f"mujoco/{task}/{kind}-v0" for task, kinds in _MUJOCO_TASKS.items() for kind in kinds]
+    + [f"D4RL/antmaze/{m}-v1" for m in ("umaze", "umaze-diverse", "medium-play", "medium-diverse",
+                                        "large-play", "large-diverse")]
+    + [f"D4RL/{t}/{k}-v2" for t in ("door", "hammer", "pen", "relocate")
+       for k in ("human", "cloned", "expert")]
+    + [f"D4RL/kitchen/{k}-v2" for k in ("complete", "partial", "mixed")]
+    + [f"D4RL/pointmaze/{m}-v2" for m in ("umaze", "umaze-dense", "medium", "medium-dense",
+                                          "large", "large-dense", "open", "open-dense")]
+    + ["D4RL/minigrid/fourrooms-v0", "D4RL/minigrid/fourrooms-random-v0"]
+)
+
+
+class UserError(Exception):
+    """A problem with the user's input. Scripts print it as one line, without a traceback."""
+
+
+def _excepthook(exc_type, exc, tb):
+    if issubclass(exc_type, UserError):
+        print(f"error: {exc}", file=sys.stderr)
+        return
+    sys.__excepthook__(exc_type, exc, tb)
+
+
+# Uncaught UserErrors end a script with one clear line and exit status 1.
+sys.excepthook = _excepthook
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset loading
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class OfflineData:
+    """A Minari dataset flattened to transitions (float32 tensors on `device`, one row each)."""
+
+    dataset_id: str
+    observations: torch.Tensor  # (N, obs_dim)
+    actions: torch.Tensor  # (N, act_dim), rescaled to [-1, 1]
+    rewards: torch.Tensor  # (N,)
+    next_observations: torch.Tensor  # (N, obs_dim)
+    terminals: torch.Tensor  # (N,) 1.0 where the episode terminated (no bootstrap)
+    timeouts: torch.Tensor  # (N,) 1.0 where the episode was truncated (bootstrap kept)
+    episode_starts: np.ndarray  # (E,) index of each episode's first transition
+    episode_lengths: np.ndarray  # (E,)
+    episode_returns: np.ndarray  # (E,) undiscounted return of each episode (raw rewards)
+    action_low: np.ndarray
+    action_high: np.ndarray
+    ref_min_score: float | None
+    ref_max_score: float | None
+    ref_scores_source: str  # "dataset", "D4RL constants (v2 envs)" or "none"
+    minari_dataset: Any  # the minari.MinariDataset, for recovering the eval env
+
+    @property
+    def obs_dim(self) -> int:
+        return self.observations.shape[1]
+
+    @property
+    def act_dim(self) -> int:
+        return self.actions.shape[1]
+
+    def __len__(self) -> int:
+        return self.observations.shape[0]
+
+
+def _suggest(dataset_id: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(dataset_id, candidates, n=5, cutoff=0.5)
+    return ("; close matches: " + ", ".join(close)) if close else ""
+
+
+def resolve_dataset(dataset_id: str):
+    """Return a `minari.MinariDataset`: the local copy if there is one, else download it."""
+    import minari
+
+    local = sorted(minari.list_local_datasets().keys())
+    if dataset_id in local:
+        return minari.load_dataset(dataset_id)
+    if dataset_id not in KNOWN_REMOTE_DATASETS:
+        raise UserError(
+            f"unknown dataset id '{dataset_id}'{_suggest(dataset_id, local + KNOWN_REMOTE_DATASETS)}"
+            f". Local datasets are listed by `minari list local`; a remote dataset not known here "
+            f"can be fetched first with `minari download {dataset_id}`."
+        )
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except Exception as exc:  # network errors come from several libraries (httpx, requests, HF)
+        raise UserError(
+            f"could not download '{dataset_id}' ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})."
+            f" Without network access, run `minari download {dataset_id}` on a machine with one and "
+            f"copy the folder into {minari.storage.get_dataset_path()} (or set MINARI_DATASETS_PATH)."
+        ) from None
+
+
+def _flatten_obs_space(space, dataset_id: str) -> int:
+    from gymnasium import spaces
+
+    if isinstance(space, spaces.Box) and len(space.shape) == 1:
+        return space.shape[0]
+    if isinstance(space, spaces.Dict) and {"observation", "desired_goal"} <= set(space.spaces):
+        return sum(_flatten_obs_space(space[k], dataset_id) for k in ("observation", "desired_goal"))
+    raise UserError(
+        f"dataset '{dataset_id}' has observation space {space}; only flat Box observations or Dict "
+        f"observations with 'observation' and 'desired_goal' (goal-conditioned) are supported."
+    )
+
+
+def flatten_obs(obs) -> np.ndarray:
+    """Dict observations (goal-conditioned) -> concat(observation, desired_goal), as float32."""
+    if isinstance(obs, dict):
+        obs = np.concatenate([obs["observation"], obs["desired_goal"]], axis=-1)
+    return np.asarray(obs, dtype=np.float32)
+
+
+def load_dataset(dataset_id: str, device: str | torch.device = "cpu") -> OfflineData:
+    """Load a Minari dataset id into flat float32 tensors on `device` (one pass over episodes)."""
+    from gymnasium import spaces
+
+    dataset = resolve_dataset(dataset_id)
+    action_space = dataset.action_space
+    if not isinstance(action_space, spaces.Box):
+        raise UserError(
+            f"dataset '{dataset_id}' has a {type(action_space).__name__} action space; these "
+            f"algorithms are for continuous control and need a Box action space."
+        )
+    if len(action_space.shape) != 1 or not (
+        np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))
+    ):
+        raise UserError(
+            f"dataset '{dataset_id}' has action space {action_space}; a 1-D Box with finite bounds "
+            f"is needed (actions are rescaled to [-1, 1])."
+        )
+    obs_dim = _flatten_obs_space(dataset.observation_space, dataset_id)
+
+    obs, next_obs, acts, rews, terms, truncs, lengths = [], [], [], [], [], [], []
+    for ep in dataset.storage.get_episodes(dataset.episode_indices):
+        o = flatten_obs(ep["observations"])
+        steps = len(ep["rewards"])
+        if o.shape != (steps + 1, obs_dim):
+            raise UserError(
+                f"dataset '{dataset_id}', episode {ep['id']}: observations have shape {o.shape}, "
+                f"expected ({steps + 1}, {obs_dim}) (T+1 rows for T steps); the dataset is malformed."
+            )
+        obs.append(o[:-1])
+        next_obs.append(o[1:])
+        acts.append(np.asarray(ep["actions"], dtype=np.float32).reshape(steps, -1))
+        rews.append(ep["rewards"])
+        terms.append(ep["terminations"])
+        truncs.append(ep["truncations"])
+        lengths.append(steps)
+    if not lengths or sum(lengths) == 0:
+        raise UserError(f"dataset '{dataset_id}' contains no transitions.")
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    rewards = np.concatenate(rews).astype(np.float32)
+    low, high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
+    actions = np.concatenate(acts)
+    actions = np.clip((actions - (high + low) / 2) / ((high - low) / 2), -1.0, 1.0)
+
+    ref_min, ref_max, source = _reference_scores(dataset, dataset_id)
+
+    def t(x):
+        return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32, device=device)
+
+    return OfflineData(
+        dataset_id=dataset_id,
+        observations=t(np.concatenate(obs)),
+        actions=t(actions),
+        rewards=t(rewards),
+        next_observations=t(np.concatenate(next_obs)),
+        terminals=t(np.concatenate(terms)),
+        timeouts=t(np.concatenate(truncs)),
+        episode_starts=starts,
+        episode_lengths=lengths,
+        episode_returns=np.add.reduceat(rewards.astype(np.float64), starts),
+        action_low=low,
+        action_high=high,
+        ref_min_score=ref_min,
+        ref_max_score=ref_max,
+        ref_scores_source=source,
+        minari_dataset=dataset,
+    )
+
+
+def _reference_scores(dataset, dataset_id: str):
+    meta = dataset.storage.metadata
+    if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
+        return float(meta["ref_min_score"]), float(meta["ref_max_score"]), "dataset"
+    parts = dataset_id.split("/")
+    if len(parts) == 3 and parts[0] == "mujoco" and parts[1] in D4RL_REF_SCORES:
+        lo, hi = D4RL_REF_SCORES[parts[1]]
+        return lo, hi, "D4RL constants (v2 envs)"
+    return None, None, "none"
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation and reward transforms
+# ----------------------------------------------------------------------------------------------
+def compute_obs_stats(data: OfflineData, eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (+eps, as in TD3+BC and CORL) of the dataset's states."""
+    return data.observations.mean(0), data.observations.std(0) + eps
+
+
+def normalize_obs(data: OfflineData, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Normalise observations and next observations in place; evaluation must use the same stats."""
+    data.observations = (data.observations - mean) / std
+    data.next_observations = (data.next_observations - mean) / std
+
+
+REWARD_TRANSFORMS = ("none", "return-range", "minus-one", "cql-antmaze", "min-max", "plus-five")
+
+
+def transform_rewards(data: OfflineData, name: str) -> None:
+    """Apply one of the papers' reward transforms (IMPLEMENTATION_NOTES.md) in place.
+
+    none:         r
+    return-range: r * 1000 / (max episode return - min episode return)   (IQL, ARQ locomotion)
+    minus-one:    r - 1                                                   (IQL, ARQ, iTRPO antmaze)
+    cql-antmaze:  (r - 0.5) * 4                                           (CQL antmaze)
+    min-max:      (r - min r) / (max r - min r), into [0, 1]              (BRAC+)
+    plus-five:    r + 5, the "survival bonus"                             (Fisher-BRC, iTRPO)
+    """
+    r = data.rewards
+    if name == "none":
+        return
+    if name == "return-range":
+        spread = float(data.episode_returns.max() - data.episode_returns.min())
+        data.rewards = r * (1000.0 / max(spread, 1e-6))
+    elif name == "minus-one":
+        data.rewards = r - 1.0
+    elif name == "cql-antmaze":
+        data.rewards = (r - 0.5) * 4.0
+    elif name == "min-max":
+        data.rewards = (r - r.min()) / torch.clamp(r.max() - r.min(), min=1e-6)
+    elif name == "plus-five":
+        data.rewards = r + 5.0
+    else:
+        raise UserError(f"unknown reward transform '{name}'; choose one of {', '.join(REWARD_TRANSFORMS)}")
+
+
+def is_antmaze(dataset_id: str) -> bool:
+    return "antmaze" in dataset_id.lower()
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------
+class Batch(NamedTuple):
+    observations: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    next_observations: torch.Tensor
+    terminals: torch.Tensor
+
+
+class ReplayBuffer:
+    """Uniform minibatches from the flat dataset tensors; everything stays on the device."""
+
+    def __init__(self, data: OfflineData):
+        self.data = data
+        self.size = len(data)
+
+    def sample(self, batch_size: int) -> Batch:
+        d = self.data
+        idx = torch.randint(0, self.size, (batch_size,), device=d.observations.device)
+        return Batch(d.observations[idx], d.actions[idx], d.rewards[idx], d.next_observations[idx],
+                     d.terminals[idx])
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+def normalized_score(returns: np.ndarray, ref_min: float | None, ref_max: float | None):
+    if ref_min is None or ref_max is None:
+        return None
+    return 100.0 * (np.asarray(returns, dtype=np.float64) - ref_min) / (ref_max - ref_min)
+
+
+@torch.no_grad()
+def evaluate(
+    data: OfflineData,
+    policy: Callable[[torch.Tensor], torch.Tensor],
+    n_episodes: int,
+    seed: int,
+    obs_mean: torch.Tensor | None = None,
+    obs_std: torch.Tensor | None = None,
+) -> dict:
+    """Run `n_episodes` at once in a vector env of the dataset's eval env, one batched policy call
+    per step. `policy` maps (normalised) observations to actions in [-1, 1] and should be
+    deterministic. Returns raw return mean/std and the normalised score (None without references)."""
+    import gymnasium as gym
+
+    dataset = data.minari_dataset
+    envs = gym.vector.SyncVectorEnv([lambda: dataset.recover_environment(eval_env=True)] * n_episodes)
+    device = data.observations.device
+    low, high = data.action_low, data.action_high
+    obs, _ = envs.reset(seed=seed)
+    returns = np.zeros(n_episodes)
+    done = np.zeros(n_episodes, dtype=bool)
+    while not done.all():
+        o = torch.as_tensor(flatten_obs(obs), device=device)
+        if obs_mean is not None:
+            o = (o - obs_mean) / obs_std
+        a = policy(o).clamp(-1.0, 1.0).cpu().numpy()
+        obs, reward, terminated, truncated, _ = envs.step(low + (a + 1.0) * 0.5 * (high - low))
+        returns += np.where(done, 0.0, reward)
+        done |= terminated | truncated
+    envs.close()
+    scores = normalized_score(returns, data.ref_min_score, data.ref_max_score)
+    return {
+        "return_mean": float(returns.mean()),
+        "return_std": float(returns.std()),
+        "normalized_score_mean": None if scores is None else float(scores.mean()),
+        "normalized_score_std": None if scores is None else float(scores.std()),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeding, devices, files
+# ----------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but CUDA is not available; use --device cpu.")
+    return torch.device(name)
+
+
+def atomic_write_bytes(path: str, payload: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2).encode())
+
+
+def save_checkpoint(path: str, obj: dict) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------
+# Run bookkeeping: run folder, tensorboard, console, results.json, checkpoint
+# ----------------------------------------------------------------------------------------------
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Run:
+    """One training run: `<output_dir>/<run_name>/` with tensorboard events and results.json.
+
+    `log()` takes a dict of (possibly device) scalars and is the only place they are synced, so
+    call it every `log_every` steps, not every step. Losses that are not finite stop the run with a
+    clear message instead of training on NaNs."""
+
+    def __init__(self, args, algorithm: str, data: OfflineData):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.args, self.algorithm, self.data = args, algorithm, data
+        run_name = args.run_name or f"{args.env.replace('/', '__')}__{algorithm}__{args.seed}__{int(time.time())}"
+        self.dir = os.path.join(args.output_dir, run_name)
+        os.makedirs(self.dir, exist_ok=True)
+        self.writer = SummaryWriter(self.dir)
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+            f"|{k}|{v}|" for k, v in vars(args).items()))
+        self.wandb = None
+        if args.track:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--track needs wandb: pip install wandb") from None
+            self.wandb = wandb.init(project=args.wandb_project, name=run_name, config=vars(args),
+                                    sync_tensorboard=True, dir=self.dir)
+        self.results = {
+            "algorithm": algorithm,
+            "env": args.env,
+            "seed": args.seed,
+            "args": {k: v for k, v in vars(args).items()},
+            "dataset": {"transitions": len(data), "episodes": len(data.episode_lengths),
+                        "ref_min_score": data.ref_min_score, "ref_max_score": data.ref_max_score,
+                        "ref_scores_source": data.ref_scores_source},
+            "evaluations": [],
+            "final_normalized_score": None,
+            "final_return": None,
+            "finished": False,
+        }
+        self.last_metrics: dict[str, float] = {}
+        self.start = time.time()
+        self.eval_time = 0.0
+        self.steps_done = 0
+        print(f"[{algorithm}] {args.env}: {len(data)} transitions, {len(data.episode_lengths)} episodes, "
+              f"obs {data.obs_dim}, act {data.act_dim}, device {data.observations.device}; run dir {self.dir}")
+        if data.ref_scores_source == "D4RL constants (v2 envs)":
+            print(f"[{algorithm}] normalised scores use D4RL's reference returns "
+                  f"({data.ref_min_score}, {data.ref_max_score}), measured on the v2 MuJoCo envs")
+        elif data.ref_scores_source == "none":
+            print(f"[{algorithm}] the dataset has no reference scores: raw returns only")
+
+    def log(self, step: int, metrics: dict) -> None:
+        values = {k: float(v) for k, v in metrics.items()}
+        bad = [k for k, v in values.items() if not np.isfinite(v)]
+        if bad:
+            raise UserError(
+                f"{', '.join(bad)} became {values[bad[0]]} at step {step}: training diverged. Try a "
+                f"lower learning rate, another --seed, or check the dataset's rewards for NaN/inf."
+            )
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+        self.steps_done = step
+        sps = step / max(time.time() - self.start - self.eval_time, 1e-9)
+        self.writer.add_scalar("charts/SPS", sps, step)
+        self.last_metrics = values
+
+    def evaluate(self, step: int, policy: Callable[[torch.Tensor], torch.Tensor],
+                 obs_mean: torch.Tensor | None = None, obs_std: torch.Tensor | None = None) -> dict:
+        """Evaluate `policy` (see `evaluate`), log it, and rewrite results.json atomically."""
+        t0 = time.time()
+        evaluation = evaluate(self.data, policy, self.args.eval_episodes, self.args.seed,
+                              obs_mean, obs_std)
+        self.eval_time += time.time() - t0
+        self.steps_done = step
+        entry = {"step": step, **evaluation, "wall_time": time.time() - self.start}
+        self.results["evaluations"].append(entry)
+        self.writer.add_scalar("eval/return", evaluation["return_mean"], step)
+        if evaluation["normalized_score_mean"] is not None:
+            self.writer.add_scalar("eval/normalized_score", evaluation["normalized_score_mean"], step)
+        atomic_write_json(os.path.join(self.dir, "results.json"), self.results)
+
+        train_time = max(time.time() - self.start - self.eval_time, 1e-9)
+        sps = step / train_time
+        eta = (self.args.total_steps - step) / max(sps, 1e-9)
+        losses = " ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in self.last_metrics.items()
+                          if k.startswith("losses/"))
+        score = evaluation["normalized_score_mean"]
+        score_txt = "" if score is None else f" | score {score:.1f} ± {evaluation['normalized_score_std']:.1f}"
+        print(f"step {step}/{self.args.total_steps} | {sps:.0f} SPS | ETA {_fmt_time(eta)} | {losses} "
+              f"| return {evaluation['return_mean']:.1f} ± {evaluation['return_std']:.1f}{score_txt}",
+              flush=True)
+        return evaluation
+
+    def finish(self, checkpoint: dict | None = None) -> None:
+        evals = self.results["evaluations"]
+        if evals:
+            self.results["final_return"] = evals[-1]["return_mean"]
+            self.results["final_normalized_score"] = evals[-1]["normalized_score_mean"]
+        self.results["finished"] = True
+        self.results["train_seconds"] = time.time() - self.start - self.eval_time
+        if checkpoint is not None and self.args.save_model:
+            save_checkpoint(os.path.join(self.dir, "model.pt"), {
+                "algorithm": self.algorithm, "args": vars(self.args),
+                "action_low": self.data.action_low, "action_high": self.data.action_high,
+                **checkpoint})
+        atomic_write_json(os.path.join(self.dir, "results.json"), self.results)
+        self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        print(f"[{self.algorithm}] done: final return {self.results['final_return']}, "
+              f"normalised score {self.results['final_normalized_score']}; results in {self.dir}")

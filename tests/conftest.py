@@ -1,0 +1,86 @@
+"""Tiny Minari datasets built on the fly in a temporary MINARI_DATASETS_PATH.
+
+Each dataset is a few short episodes of random actions. The envs get a small time limit so that
+episodes end by truncation (the case D4RL used to drop) and evaluation is fast."""
+
+import os
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def make_buffers(env: gym.Env, n_episodes: int, seed: int):
+    from minari.data_collector import EpisodeBuffer
+
+    rng = np.random.default_rng(seed)
+    env.action_space.seed(seed)
+    buffers = []
+    for ep in range(n_episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        observations, actions, rewards, terms, truncs = [obs], [], [], [], []
+        while True:
+            if isinstance(env.action_space, gym.spaces.Box):
+                a = rng.uniform(env.action_space.low, env.action_space.high).astype(np.float32)
+            else:
+                a = env.action_space.sample()
+            obs, r, term, trunc, _ = env.step(a)
+            observations.append(obs)
+            actions.append(a)
+            rewards.append(r)
+            terms.append(term)
+            truncs.append(trunc)
+            if term or trunc:
+                break
+        if isinstance(obs, dict):
+            observations = {k: np.stack([o[k] for o in observations]) for k in obs}
+        else:
+            observations = np.stack(observations)
+        buffers.append(EpisodeBuffer(id=ep, observations=observations, actions=np.stack(actions),
+                                     rewards=np.asarray(rewards, dtype=np.float64),
+                                     terminations=np.asarray(terms), truncations=np.asarray(truncs)))
+    return buffers
+
+
+def build_dataset(dataset_id: str, env_id: str, n_episodes: int, max_steps: int, seed: int = 0,
+                  ref_scores=(0.0, 100.0)):
+    import minari
+
+    env = gym.make(env_id, max_episode_steps=max_steps)
+    buffers = make_buffers(env, n_episodes, seed)
+    kwargs = {}
+    if ref_scores is not None:
+        kwargs = {"ref_min_score": ref_scores[0], "ref_max_score": ref_scores[1]}
+    minari.create_dataset_from_buffers(dataset_id, buffers, env=env, eval_env=env.spec,
+                                       algorithm_name="random", author="tests",
+                                       author_email="tests@localhost", description="test dataset",
+                                       **kwargs)
+    env.close()
+
+
+@pytest.fixture(scope="session")
+def datasets_path(tmp_path_factory):
+    """A MINARI_DATASETS_PATH with the test datasets, shared by the whole session."""
+    path = str(tmp_path_factory.mktemp("minari"))
+    os.environ["MINARI_DATASETS_PATH"] = path
+    import gymnasium_robotics
+
+    gym.register_envs(gymnasium_robotics)
+    build_dataset("test/hopper/random-v0", "Hopper-v5", n_episodes=6, max_steps=40)
+    build_dataset("test/pendulum/random-v0", "Pendulum-v1", n_episodes=4, max_steps=30)
+    build_dataset("test/pointmaze/random-v0", "PointMaze_UMaze-v3", n_episodes=3, max_steps=25)
+    build_dataset("test/pendulum/noref-v0", "Pendulum-v1", n_episodes=2, max_steps=10, ref_scores=None)
+    build_dataset("test/cartpole/random-v0", "CartPole-v1", n_episodes=2, max_steps=10, ref_scores=None)
+    return path
+
+
+def run_script(args: list[str], datasets_path: str, cwd: str | None = None, timeout: int = 300):
+    """Run a script of the repository as a user would, in a fresh process."""
+    env = {**os.environ, "MINARI_DATASETS_PATH": datasets_path, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)

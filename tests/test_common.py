@@ -1,0 +1,201 @@
+"""common.py: flattening, normalisation, reward transforms, evaluation, files."""
+
+import json
+import os
+
+import minari
+import numpy as np
+import pytest
+import torch
+
+import common
+
+
+def test_flattening_aligns_transitions_within_episodes(datasets_path):
+    raw = minari.load_dataset("test/hopper/random-v0")
+    data = common.load_dataset("test/hopper/random-v0")
+    episodes = list(raw.iterate_episodes())
+    assert len(data) == sum(len(ep.rewards) for ep in episodes) == data.episode_lengths.sum()
+    for ep, start in zip(episodes, data.episode_starts):
+        n = len(ep.rewards)
+        obs = ep.observations.astype(np.float32)
+        np.testing.assert_allclose(data.observations[start:start + n].numpy(), obs[:-1])
+        np.testing.assert_allclose(data.next_observations[start:start + n].numpy(), obs[1:])
+        np.testing.assert_allclose(data.actions[start:start + n].numpy(), ep.actions, atol=1e-6)
+        np.testing.assert_allclose(data.rewards[start:start + n].numpy(), ep.rewards, rtol=1e-6)
+    # episode returns are the raw (untransformed) sums
+    np.testing.assert_allclose(data.episode_returns, [ep.rewards.sum() for ep in episodes], rtol=1e-5)
+    assert data.observations.dtype == torch.float32
+
+
+def test_terminals_come_from_terminations_and_truncations_are_kept(datasets_path):
+    raw = minari.load_dataset("test/hopper/random-v0")
+    data = common.load_dataset("test/hopper/random-v0")
+    terms = np.concatenate([ep.terminations for ep in raw.iterate_episodes()])
+    truncs = np.concatenate([ep.truncations for ep in raw.iterate_episodes()])
+    assert terms.any() and truncs.any(), "the test dataset must contain both kinds of episode end"
+    np.testing.assert_array_equal(data.terminals.numpy(), terms.astype(np.float32))
+    np.testing.assert_array_equal(data.timeouts.numpy(), truncs.astype(np.float32))
+    # a truncated transition is a normal transition: bootstrapped (terminal 0), last of its episode
+    last = data.episode_starts + data.episode_lengths - 1
+    truncated_last = last[data.timeouts.numpy()[last] == 1]
+    assert len(truncated_last) > 0 and (data.terminals.numpy()[truncated_last] == 0).all()
+
+
+def test_dict_observations_concatenate_observation_and_goal(datasets_path):
+    raw = minari.load_dataset("test/pointmaze/random-v0")
+    data = common.load_dataset("test/pointmaze/random-v0")
+    ep = next(iter(raw.iterate_episodes()))
+    expected = np.concatenate([ep.observations["observation"], ep.observations["desired_goal"]], axis=1)
+    assert data.obs_dim == expected.shape[1] == 6
+    n = len(ep.rewards)
+    np.testing.assert_allclose(data.observations[:n].numpy(), expected[:-1], rtol=1e-6)
+    np.testing.assert_allclose(data.next_observations[:n].numpy(), expected[1:], rtol=1e-6)
+
+
+def test_actions_are_rescaled_to_unit_box(datasets_path):
+    raw = minari.load_dataset("test/pendulum/random-v0")  # Pendulum's torque is in [-2, 2]
+    data = common.load_dataset("test/pendulum/random-v0")
+    actions = np.concatenate([ep.actions for ep in raw.iterate_episodes()])
+    np.testing.assert_allclose(data.actions.numpy(), actions / 2.0, atol=1e-6)
+    assert data.actions.abs().max() <= 1.0
+    np.testing.assert_array_equal(data.action_low, [-2.0])
+
+
+def test_normalisation_round_trip(datasets_path):
+    data = common.load_dataset("test/hopper/random-v0")
+    original = data.observations.clone()
+    mean, std = common.compute_obs_stats(data)
+    common.normalize_obs(data, mean, std)
+    assert torch.allclose(data.observations.mean(0), torch.zeros(data.obs_dim), atol=1e-4)
+    torch.testing.assert_close(data.observations * std + mean, original, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(std, original.std(0) + 1e-3)
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("none", lambda r, ret: r),
+    ("return-range", lambda r, ret: r * 1000.0 / (ret.max() - ret.min())),
+    ("minus-one", lambda r, ret: r - 1.0),
+    ("cql-antmaze", lambda r, ret: (r - 0.5) * 4.0),
+    ("min-max", lambda r, ret: (r - r.min()) / (r.max() - r.min())),
+    ("plus-five", lambda r, ret: r + 5.0),
+])
+def test_reward_transforms(datasets_path, name, expected):
+    data = common.load_dataset("test/hopper/random-v0")
+    r = data.rewards.numpy().astype(np.float64).copy()
+    common.transform_rewards(data, name)
+    np.testing.assert_allclose(data.rewards.numpy(), expected(r, data.episode_returns), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_reward_transform_is_a_user_error(datasets_path):
+    data = common.load_dataset("test/hopper/random-v0")
+    with pytest.raises(common.UserError, match="unknown reward transform"):
+        common.transform_rewards(data, "scale")
+
+
+def test_normalized_score_arithmetic():
+    np.testing.assert_allclose(common.normalized_score(np.array([-20.0, 3234.3 * 0.5]), -20.0, 3234.3 * 0.5),
+                               [0.0, 100.0])
+    np.testing.assert_allclose(common.normalized_score(np.array([50.0]), 0.0, 200.0), [25.0])
+    assert common.normalized_score(np.array([1.0]), None, None) is None
+
+
+def test_reference_scores_fall_back_to_d4rl_constants_for_mujoco_ids():
+    class Fake:
+        class storage:  # noqa: N801
+            metadata = {}
+
+    assert common._reference_scores(Fake, "mujoco/hopper/medium-v0") == (-20.272305, 3234.3, "D4RL constants (v2 envs)")
+    assert common._reference_scores(Fake, "mujoco/swimmer/medium-v0") == (None, None, "none")
+    Fake.storage.metadata = {"ref_min_score": 1.0, "ref_max_score": 2.0}
+    assert common._reference_scores(Fake, "mujoco/hopper/medium-v0") == (1.0, 2.0, "dataset")
+
+
+def test_evaluate_matches_a_manual_rollout(datasets_path):
+    """The vector-env evaluation gives the same returns as stepping each seeded env by hand."""
+    data = common.load_dataset("test/pendulum/random-v0")
+    mean, std = common.compute_obs_stats(data)
+    weights = torch.tensor([0.3, -0.2, 0.5])
+
+    def policy(obs):  # deterministic, depends on the (normalised) observation
+        return torch.tanh(obs @ weights).unsqueeze(-1)
+
+    result = common.evaluate(data, policy, n_episodes=3, seed=7, obs_mean=mean, obs_std=std)
+    returns = []
+    for i in range(3):
+        env = data.minari_dataset.recover_environment(eval_env=True)
+        obs, _ = env.reset(seed=7 + i)
+        total, done = 0.0, False
+        while not done:
+            a = policy((torch.as_tensor(obs, dtype=torch.float32) - mean) / std).clamp(-1, 1).numpy()
+            obs, r, term, trunc, _ = env.step(2.0 * a)  # back from [-1, 1] to Pendulum's [-2, 2]
+            total += r
+            done = term or trunc
+        returns.append(total)
+    assert result["return_mean"] == pytest.approx(np.mean(returns), rel=1e-5)
+    assert result["return_std"] == pytest.approx(np.std(returns), rel=1e-4, abs=1e-6)
+    # test datasets are built with reference scores (0, 100): the score equals the return
+    assert result["normalized_score_mean"] == pytest.approx(result["return_mean"], rel=1e-6)
+
+
+def test_evaluate_without_reference_scores_gives_raw_returns_only(datasets_path):
+    data = common.load_dataset("test/pendulum/noref-v0")
+    result = common.evaluate(data, lambda o: torch.zeros(o.shape[0], 1), n_episodes=2, seed=0)
+    assert result["normalized_score_mean"] is None and np.isfinite(result["return_mean"])
+
+
+def test_evaluate_handles_dict_observations(datasets_path):
+    data = common.load_dataset("test/pointmaze/random-v0")
+    seen = []
+
+    def policy(obs):
+        seen.append(obs.shape)
+        return torch.zeros(obs.shape[0], 2)
+
+    common.evaluate(data, policy, n_episodes=2, seed=0)
+    assert seen[0] == (2, 6)
+
+
+def test_replay_buffer_samples_rows_of_the_dataset(datasets_path):
+    data = common.load_dataset("test/hopper/random-v0")
+    torch.manual_seed(0)
+    batch = common.ReplayBuffer(data).sample(64)
+    assert batch.observations.shape == (64, data.obs_dim) and batch.actions.shape == (64, data.act_dim)
+    assert batch.rewards.shape == batch.terminals.shape == (64,)
+    # every sampled row is a row of the dataset, with its fields kept together
+    rows = torch.cat([data.observations, data.actions, data.rewards[:, None]], 1)
+    sampled = torch.cat([batch.observations, batch.actions, batch.rewards[:, None]], 1)
+    assert (sampled[:, None, :] == rows[None, :, :]).all(-1).any(1).all()
+
+
+def test_atomic_writes_leave_no_partial_files(tmp_path):
+    path = tmp_path / "sub" / "results.json"
+    common.atomic_write_json(str(path), {"a": 1})
+    common.atomic_write_json(str(path), {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2}
+    common.save_checkpoint(str(tmp_path / "model.pt"), {"w": torch.ones(2)})
+    assert torch.equal(torch.load(tmp_path / "model.pt")["w"], torch.ones(2))
+    assert sorted(os.listdir(tmp_path)) == ["model.pt", "sub"] and os.listdir(tmp_path / "sub") == ["results.json"]
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "results.json"
+    common.atomic_write_json(str(path), {"a": 1})
+    with pytest.raises(TypeError):
+        common.atomic_write_json(str(path), {"a": object()})  # not serialisable
+    assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["results.json"]
+
+
+def test_seeding_makes_sampling_repeatable(datasets_path):
+    data = common.load_dataset("test/hopper/random-v0")
+    common.seed_everything(3)
+    a = common.ReplayBuffer(data).sample(8).observations
+    common.seed_everything(3)
+    b = common.ReplayBuffer(data).sample(8).observations
+    assert torch.equal(a, b)
+
+
+def test_known_remote_ids_exclude_nothing_we_benchmark():
+    for dataset_id in ("mujoco/hopper/medium-v0", "D4RL/antmaze/umaze-v1", "D4RL/door/human-v2",
+                       "D4RL/kitchen/mixed-v2"):
+        assert dataset_id in common.KNOWN_REMOTE_DATASETS

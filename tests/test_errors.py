@@ -1,0 +1,74 @@
+"""Bad input ends with one clear line on stderr and a non-zero exit, never a traceback."""
+
+import os
+
+import gymnasium as gym
+import minari
+import numpy as np
+import pytest
+
+from conftest import ROOT, make_buffers, run_script
+
+SCRIPT = os.path.join(ROOT, "algorithms", "td3_bc.py")
+
+
+def assert_clean_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error: "), result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+def test_unknown_dataset_id_suggests_close_matches(datasets_path, tmp_path):
+    result = run_script([SCRIPT, "--env", "mujoco/hoper/medium-v0", "--output-dir", str(tmp_path)],
+                        datasets_path)
+    assert_clean_error(result, "unknown dataset id 'mujoco/hoper/medium-v0'", "mujoco/hopper/medium-v0")
+
+
+def test_unknown_dataset_id_suggests_local_datasets(datasets_path, tmp_path):
+    result = run_script([SCRIPT, "--env", "test/hoper/random-v0", "--output-dir", str(tmp_path)],
+                        datasets_path)
+    assert_clean_error(result, "test/hopper/random-v0")
+
+
+def test_discrete_action_space_is_refused(datasets_path, tmp_path):
+    result = run_script([SCRIPT, "--env", "test/cartpole/random-v0", "--output-dir", str(tmp_path)],
+                        datasets_path)
+    assert_clean_error(result, "Discrete action space", "continuous control")
+
+
+def test_download_without_network_says_what_to_do(datasets_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail at once instead of retrying on a dead network
+    result = run_script([SCRIPT, "--env", "mujoco/hopper/medium-v0", "--output-dir", str(tmp_path)],
+                        datasets_path)
+    assert_clean_error(result, "could not download 'mujoco/hopper/medium-v0'", "minari download")
+
+
+def test_nan_losses_stop_the_run_with_a_message(datasets_path, tmp_path):
+    env = gym.make("Hopper-v5", max_episode_steps=30)
+    buffers = make_buffers(env, 3, seed=1)
+    buffers[0].rewards[5] = np.nan
+    if "test/hopper/nan-v0" not in minari.list_local_datasets():
+        minari.create_dataset_from_buffers("test/hopper/nan-v0", buffers, env=env,
+                                           ref_min_score=0.0, ref_max_score=1.0)
+    result = run_script([SCRIPT, "--env", "test/hopper/nan-v0", "--total-steps", "40", "--log-every", "10",
+                         "--batch-size", "64", "--output-dir", str(tmp_path)], datasets_path)
+    assert_clean_error(result, "became nan at step 10", "diverged")
+
+
+def test_cuda_device_without_cuda_is_refused(datasets_path, tmp_path):
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run_script([SCRIPT, "--env", "test/hopper/random-v0", "--device", "cuda",
+                         "--output-dir", str(tmp_path)], datasets_path)
+    assert_clean_error(result, "CUDA is not available")
+
+
+def test_unknown_flag_is_reported_by_the_cli(datasets_path):
+    result = run_script([SCRIPT, "--no-such-flag", "1"], datasets_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
