@@ -187,31 +187,20 @@ def load_dataset(dataset_id: str, device: str | torch.device = "cpu") -> Offline
         )
     obs_dim = _flatten_obs_space(dataset.observation_space, dataset_id)
 
-    obs, next_obs, acts, rews, terms, truncs, lengths = [], [], [], [], [], [], []
-    for ep in dataset.storage.get_episodes(dataset.episode_indices):
-        o = flatten_obs(ep["observations"])
-        steps = len(ep["rewards"])
-        if o.shape != (steps + 1, obs_dim):
-            raise UserError(
-                f"dataset '{dataset_id}', episode {ep['id']}: observations have shape {o.shape}, "
-                f"expected ({steps + 1}, {obs_dim}) (T+1 rows for T steps); the dataset is malformed."
-            )
-        obs.append(o[:-1])
-        next_obs.append(o[1:])
-        acts.append(np.asarray(ep["actions"], dtype=np.float32).reshape(steps, -1))
-        rews.append(ep["rewards"])
-        terms.append(ep["terminations"])
-        truncs.append(ep["truncations"])
-        lengths.append(steps)
-    if not lengths or sum(lengths) == 0:
-        raise UserError(f"dataset '{dataset_id}' contains no transitions.")
-
-    lengths = np.asarray(lengths, dtype=np.int64)
+    arrays = _read_flat_cache(dataset, obs_dim)
+    if arrays is None:
+        arrays = _read_episodes(dataset, dataset_id, obs_dim)
+        _write_flat_cache(dataset, arrays)
+    # Episode e owns rows [starts[e] + e, starts[e] + e + lengths[e]] of the (N + E)-row observation
+    # array; dropping each episode's last row gives obs[t], dropping its first gives obs[t+1].
+    lengths = arrays["lengths"]
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    rewards = np.concatenate(rews).astype(np.float32)
+    is_last = np.zeros(len(arrays["observations"]), dtype=bool)
+    is_last[starts + np.arange(len(lengths)) + lengths] = True
+    is_first = np.roll(is_last, 1)
+    rewards = arrays["rewards"]
     low, high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
-    actions = np.concatenate(acts)
-    actions = np.clip((actions - (high + low) / 2) / ((high - low) / 2), -1.0, 1.0)
+    actions = np.clip((arrays["actions"] - (high + low) / 2) / ((high - low) / 2), -1.0, 1.0)
 
     ref_min, ref_max, source = _reference_scores(dataset, dataset_id)
 
@@ -220,12 +209,12 @@ def load_dataset(dataset_id: str, device: str | torch.device = "cpu") -> Offline
 
     return OfflineData(
         dataset_id=dataset_id,
-        observations=t(np.concatenate(obs)),
+        observations=t(arrays["observations"][~is_last]),
         actions=t(actions),
         rewards=t(rewards),
-        next_observations=t(np.concatenate(next_obs)),
-        terminals=t(np.concatenate(terms)),
-        timeouts=t(np.concatenate(truncs)),
+        next_observations=t(arrays["observations"][~is_first]),
+        terminals=t(arrays["terminals"]),
+        timeouts=t(arrays["timeouts"]),
         episode_starts=starts,
         episode_lengths=lengths,
         episode_returns=np.add.reduceat(rewards.astype(np.float64), starts),
@@ -236,6 +225,76 @@ def load_dataset(dataset_id: str, device: str | torch.device = "cpu") -> Offline
         ref_scores_source=source,
         minari_dataset=dataset,
     )
+
+
+def _read_episodes(dataset, dataset_id: str, obs_dim: int) -> dict:
+    """One pass over the episodes; observations keep their T+1 rows per episode."""
+    obs, acts, rews, terms, truncs, lengths = [], [], [], [], [], []
+    for ep in dataset.storage.get_episodes(dataset.episode_indices):
+        o = flatten_obs(ep["observations"])
+        steps = len(ep["rewards"])
+        if o.shape != (steps + 1, obs_dim):
+            raise UserError(
+                f"dataset '{dataset_id}', episode {ep['id']}: observations have shape {o.shape}, "
+                f"expected ({steps + 1}, {obs_dim}) (T+1 rows for T steps); the dataset is malformed."
+            )
+        obs.append(o)
+        acts.append(np.asarray(ep["actions"], dtype=np.float32).reshape(steps, -1))
+        rews.append(ep["rewards"])
+        terms.append(ep["terminations"])
+        truncs.append(ep["truncations"])
+        lengths.append(steps)
+    if not lengths or sum(lengths) == 0:
+        raise UserError(f"dataset '{dataset_id}' contains no transitions.")
+    return {
+        "observations": np.concatenate(obs),
+        "actions": np.concatenate(acts),
+        "rewards": np.concatenate(rews).astype(np.float32),
+        "terminals": np.concatenate(terms).astype(np.float32),
+        "timeouts": np.concatenate(truncs).astype(np.float32),
+        "lengths": np.asarray(lengths, dtype=np.int64),
+    }
+
+
+# Reading a Minari HDF5 file costs ~1 ms per episode (h5py's per-dataset overhead), a minute for a
+# random-policy dataset of 50k short episodes. The flat arrays are therefore cached once beside the
+# dataset, keyed by the names, sizes and mtimes of its data files, and later loads take seconds.
+_CACHE_NAME = "flat_transitions_v1.npz"
+
+
+def _cache_key(dataset) -> str:
+    data_dir = dataset.storage.data_path  # the folder of the data files, whatever the format
+    entries = []
+    for root, _, files in os.walk(data_dir):
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            entries.append(f"{os.path.relpath(os.path.join(root, name), data_dir)}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(sorted(entries))
+
+
+def _cache_path(dataset) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(dataset.storage.data_path)), _CACHE_NAME)
+
+
+def _read_flat_cache(dataset, obs_dim: int) -> dict | None:
+    try:
+        with np.load(_cache_path(dataset)) as f:
+            if str(f["key"]) != _cache_key(dataset) or f["observations"].shape[1] != obs_dim:
+                return None
+            return {k: f[k] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "lengths")}
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _write_flat_cache(dataset, arrays: dict) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, key=np.array(_cache_key(dataset)), **arrays)
+    try:
+        atomic_write_bytes(_cache_path(dataset), buffer.getvalue())
+    except OSError:  # a read-only dataset folder: no cache, every load reads the episodes
+        pass
 
 
 def _reference_scores(dataset, dataset_id: str):
@@ -393,6 +452,9 @@ def atomic_write_bytes(path: str, payload: bytes) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private (0600); results are meant to be shared
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
@@ -466,7 +528,6 @@ class Run:
         self.last_metrics: dict[str, float] = {}
         self.start = time.time()
         self.eval_time = 0.0
-        self.steps_done = 0
         print(f"[{algorithm}] {args.env}: {len(data)} transitions, {len(data.episode_lengths)} episodes, "
               f"obs {data.obs_dim}, act {data.act_dim}, device {data.observations.device}; run dir {self.dir}")
         if data.ref_scores_source == "D4RL constants (v2 envs)":
@@ -485,7 +546,6 @@ class Run:
             )
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
-        self.steps_done = step
         sps = step / max(time.time() - self.start - self.eval_time, 1e-9)
         self.writer.add_scalar("charts/SPS", sps, step)
         self.last_metrics = values
@@ -497,7 +557,6 @@ class Run:
         evaluation = evaluate(self.data, policy, self.args.eval_episodes, self.args.seed,
                               obs_mean, obs_std)
         self.eval_time += time.time() - t0
-        self.steps_done = step
         entry = {"step": step, **evaluation, "wall_time": time.time() - self.start}
         self.results["evaluations"].append(entry)
         self.writer.add_scalar("eval/return", evaluation["return_mean"], step)

@@ -42,6 +42,26 @@ def test_terminals_come_from_terminations_and_truncations_are_kept(datasets_path
     assert len(truncated_last) > 0 and (data.terminals.numpy()[truncated_last] == 0).all()
 
 
+def test_flat_cache_is_reused_and_invalidated_when_the_data_changes(datasets_path, monkeypatch):
+    first = common.load_dataset("test/pendulum/random-v0")
+    cache = common._cache_path(first.minari_dataset)
+    assert os.path.exists(cache)
+    calls = []
+    original = common._read_episodes
+    monkeypatch.setattr(common, "_read_episodes", lambda *a: calls.append(1) or original(*a))
+    second = common.load_dataset("test/pendulum/random-v0")
+    assert calls == []  # served from the cache
+    for field in ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts"):
+        assert torch.equal(getattr(first, field), getattr(second, field)), field
+    np.testing.assert_array_equal(first.episode_lengths, second.episode_lengths)
+    # a changed data file (new mtime) makes the cache stale: the episodes are read again
+    data_dir = first.minari_dataset.storage.data_path
+    for name in os.listdir(data_dir):
+        os.utime(os.path.join(data_dir, name), ns=(1, 1))
+    common.load_dataset("test/pendulum/random-v0")
+    assert calls == [1]
+
+
 def test_dict_observations_concatenate_observation_and_goal(datasets_path):
     raw = minari.load_dataset("test/pointmaze/random-v0")
     data = common.load_dataset("test/pointmaze/random-v0")
