@@ -10,9 +10,14 @@ import sys
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# The networks in the tests are tiny: one thread is fastest, and PyTorch's OpenMP threads spin-wait
+# so badly when the 2 cores are shared with another process that a run can be 30x slower.
+torch.set_num_threads(1)
 
 
 def make_buffers(env: gym.Env, n_episodes: int, seed: int):
@@ -81,6 +86,6 @@ def datasets_path(tmp_path_factory):
 
 def run_script(args: list[str], datasets_path: str, cwd: str | None = None, timeout: int = 300):
     """Run a script of the repository as a user would, in a fresh process."""
-    env = {**os.environ, "MINARI_DATASETS_PATH": datasets_path, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "MINARI_DATASETS_PATH": datasets_path, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from conftest import ROOT, run_script
 
-ALGORITHMS = ["bc", "td3_bc", "awr", "iql"]
+ALGORITHMS = ["bc", "td3_bc", "awr", "iql", "cql"]
 
 
 def load(name: str):
@@ -92,6 +93,77 @@ def test_awr_critic_target_uses_policy_actions_and_masks_terminals():
     expected = ((q1_before - 5.0) ** 2).mean() + ((q2_before - 5.0) ** 2).mean()
     metrics = agent.train(batch)
     assert metrics["losses/critic_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_cql_logsumexp_divides_each_sample_by_its_proposal_density():
+    cql = load("cql")
+    torch.manual_seed(0)
+    q_rand, q_pi, q_next = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3)
+    log_pi, log_next = torch.randn(4, 3), torch.randn(4, 3)
+    act_dim = 2
+    got = cql.cql_logsumexp(q_rand, act_dim * math.log(0.5), q_pi, log_pi, q_next, log_next)
+    # independent: log of the sum of exp(Q) / density, with the uniform density 0.5^2 = 1/4
+    ratios = torch.cat([q_rand.exp() * 4.0, q_pi.exp() / log_pi.exp(), q_next.exp() / log_next.exp()], 1)
+    torch.testing.assert_close(got, ratios.sum(1).log())
+    # as an estimator: with Q = 0 and exact uniform proposals, exp(lse) / 3M = integral over [-1, 1]^2 = 4
+    zeros = torch.zeros(1, 5)
+    estimate = cql.cql_logsumexp(zeros, act_dim * math.log(0.5), zeros, torch.full((1, 5), math.log(0.25)),
+                                 zeros, torch.full((1, 5), math.log(0.25)))
+    assert (estimate.exp() / 15).item() == pytest.approx(4.0)
+
+
+def cql_agent(**overrides):
+    cql = load("cql")
+    args = cql.Args(hidden_dim=32, n_actions=4, **overrides)
+    torch.manual_seed(0)
+    return cql, cql.CQL(args, obs_dim=3, act_dim=2, device=torch.device("cpu"))
+
+
+def random_batch(n=16):
+    torch.manual_seed(1)
+    return (torch.randn(n, 3), torch.rand(n, 2) * 1.8 - 0.9, torch.randn(n), torch.randn(n, 3), torch.zeros(n))
+
+
+def test_cql_lagrange_multiplier_grows_while_the_gap_exceeds_the_threshold():
+    _, agent = cql_agent(lagrange_threshold=-1e3)  # any gap is above this threshold
+    before = agent.log_alpha_prime.item()
+    agent.train(random_batch())
+    assert agent.log_alpha_prime.item() > before
+    _, agent = cql_agent(lagrange_threshold=1e3)  # and below this one
+    agent.train(random_batch())
+    assert agent.log_alpha_prime.item() < before
+
+
+def test_cql_conservative_term_pushes_down_out_of_data_actions():
+    """Critic-only training on a fixed batch: Q at the data actions ends above Q at random actions."""
+    _, agent = cql_agent(bc_steps=10**9)
+    batch = random_batch(32)
+    obs, actions = batch[0], batch[1]
+    for _ in range(300):
+        agent.train(batch)
+    with torch.no_grad():
+        q_data = torch.min(*agent.critic(obs, actions)).mean()
+        q_rand = torch.min(*agent.critic(obs, torch.rand(32, 2) * 2 - 1)).mean()
+    assert q_data > q_rand + 0.5
+
+
+def test_cql_actor_clones_behaviour_during_bc_steps():
+    """During the BC phase the actor's loss ignores Q: scaling the critic changes nothing."""
+    _, agent = cql_agent(bc_steps=5)
+    batch = random_batch()
+    torch.manual_seed(3)
+    loss_a = agent.train(batch)["losses/actor_loss"]
+    _, agent2 = cql_agent(bc_steps=5)
+    with torch.no_grad():
+        for p in agent2.critic.parameters():
+            p.mul_(3.0)
+    torch.manual_seed(3)
+    loss_b = agent2.train(batch)["losses/actor_loss"]
+    assert loss_a.item() == pytest.approx(loss_b.item())
+    _, agent3 = cql_agent(bc_steps=0)
+    torch.manual_seed(3)
+    loss_c = agent3.train(batch)["losses/actor_loss"]
+    assert loss_c.item() != pytest.approx(loss_a.item())
 
 
 # ----------------------------------------------------------------------------------------------

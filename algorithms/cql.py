@@ -1,0 +1,298 @@
+"""CQL: Kumar, Zhou, Tucker & Levine, "Conservative Q-Learning for Offline Reinforcement Learning",
+NeurIPS 2020 (the CQL(H) variant with SAC, as in the official code aviralkumar2907/CQL).
+
+Critic loss for each Q_i (paper eq. 4 with the importance-sampled log-sum-exp of appendix F):
+    L(Q_i) = E_D[(Q_i(s,a) - y)^2]
+             + w * ( E_s[ log sum_j exp(Q_i(s, a_j) - log q(a_j)) ] - E_(s,a)~D[Q_i(s,a)] ),
+where the 3M actions a_j (M = 10 of each) are uniform on [-1, 1]^|A| (log q = |A| log 0.5), drawn
+from pi(.|s) and from pi(.|s') (both evaluated at s, log q = log pi, detached). The dataset action
+is not inside the log-sum-exp (official code). Target (deterministic backup, no entropy term):
+    y = r + gamma * (1 - d) * min_i Q_targ_i(s', a'),  a' ~ pi(s')
+or, with --max-q-backup, the max over 10 sampled a' of min_i Q_targ_i(s', a').
+Lagrange variant (paper eq. 30, used for antmaze): w is replaced by alpha' = exp(log alpha'),
+clipped to [0, 1e6], trained to keep the gap term at --lagrange-threshold.
+Actor: SAC with automatic entropy (target -|A|); for the first --bc-steps steps it maximises
+log pi(a|s) of dataset actions instead of Q (official code's policy_eval_start, 40k steps).
+
+Hyperparameters (official MuJoCo settings): w = 5.0 (the paper also reports 10.0), 3x256
+networks, Q lr 3e-4, policy lr 1e-4, tau 0.005, batch 256, rewards untouched. Antmaze, picked
+from the dataset id: Lagrange with threshold 5.0 and rewards (r - 0.5) * 4.
+
+Deviations: the actor and alpha are updated before the critic in each step (as CORL does); the
+official code computes the policy loss first but steps the critics first, an order that recent
+PyTorch rejects as an in-place modification. States are standardised (CORL's option).
+"""
+
+import copy
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
+
+@dataclass
+class Args:
+    # --- shared by every algorithm ---
+    env: str = "mujoco/hopper/medium-v0"
+    """Minari dataset id (local first, else downloaded)"""
+    seed: int = 0
+    """seed of python, numpy, torch and the evaluation envs"""
+    total_steps: int = 1_000_000
+    """gradient steps"""
+    batch_size: int = 256
+    """transitions per gradient step"""
+    eval_every: int = 5_000
+    """evaluate every this many steps (and at the last step)"""
+    eval_episodes: int = 10
+    """episodes per evaluation, run at once in a vector env"""
+    log_every: int = 1_000
+    """write training scalars every this many steps (the only device syncs of the loop)"""
+    device: str = "auto"
+    """torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    output_dir: str = "runs"
+    """runs are written to <output_dir>/<run_name>/"""
+    run_name: Optional[str] = None
+    """folder name of this run (default: <env>__<algorithm>__<seed>__<unix time>)"""
+    save_model: bool = False
+    """write model.pt (networks, normalisation statistics, args) at the end"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project: str = "offline-rl"
+    """wandb project name, with --track"""
+    # --- CQL ---
+    cql_weight: float = 5.0
+    """w: weight of the conservative term (official MuJoCo 5.0; the paper also reports 10.0)"""
+    lagrange_threshold: Optional[float] = None
+    """tune w by dual gradient descent to keep the gap at this value (default: 5.0 antmaze, else off)"""
+    n_actions: int = 10
+    """M: actions of each kind (uniform, pi(s), pi(s')) in the log-sum-exp"""
+    max_q_backup: bool = False
+    """target = max over n_actions sampled a' of min_i Q_targ(s', a')"""
+    bc_steps: int = 40_000
+    """steps during which the actor does behaviour cloning (max log pi(a|s)) instead of max Q"""
+    reward_transform: Optional[str] = None
+    """one of common.REWARD_TRANSFORMS (default: cql-antmaze on antmaze, else none)"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 0.005
+    """Polyak step of the target critic"""
+    actor_lr: float = 1e-4
+    """Adam learning rate of the policy and the entropy temperature"""
+    critic_lr: float = 3e-4
+    """Adam learning rate of the critics and of the Lagrange multiplier"""
+    hidden_dim: int = 256
+    """width of the three hidden layers of every network"""
+    normalize_states: bool = True
+    """standardise states with the dataset's mean and std"""
+
+
+def domain_defaults(dataset_id: str) -> dict:
+    """The official code's per-domain settings, chosen from the dataset id."""
+    if common.is_antmaze(dataset_id):
+        return {"lagrange_threshold": 5.0, "reward_transform": "cql-antmaze"}
+    return {"reward_transform": "none"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int = 3) -> nn.Sequential:
+    layers, d = [], in_dim
+    for _ in range(n_hidden):
+        layers += [nn.Linear(d, hidden_dim), nn.ReLU()]
+        d = hidden_dim
+    return nn.Sequential(*layers, nn.Linear(d, out_dim))
+
+
+def tanh_log_det(u: torch.Tensor) -> torch.Tensor:
+    """log |d tanh(u) / du| = log(1 - tanh(u)^2), in a form that stays finite for large |u|."""
+    return 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
+
+
+class Actor(nn.Module):
+    """Tanh-squashed Gaussian policy (SAC), state-dependent log-std in [-20, 2]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = mlp(obs_dim, 2 * act_dim, hidden_dim)
+
+    def forward(self, obs: torch.Tensor):
+        mean, log_std = self.net(obs).chunk(2, dim=-1)
+        return mean, log_std.clamp(-20.0, 2.0)
+
+    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterised action in (-1, 1) and its log-density."""
+        mean, log_std = self(obs)
+        u = mean + log_std.exp() * torch.randn_like(mean)
+        log_prob = torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - tanh_log_det(u)
+        return torch.tanh(u), log_prob.sum(-1)
+
+    def log_prob(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        mean, log_std = self(obs)
+        u = torch.atanh(act.clamp(-1.0 + 1e-6, 1.0 - 1e-6))
+        return (torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - tanh_log_det(u)).sum(-1)
+
+
+class Critic(nn.Module):
+    """Twin Q networks, evaluated together."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim)
+        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([obs, act], dim=-1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Algorithm
+# ----------------------------------------------------------------------------------------------
+def cql_logsumexp(q_rand: torch.Tensor, log_density_rand: float, q_pi: torch.Tensor, log_pi: torch.Tensor,
+                  q_next_pi: torch.Tensor, log_next_pi: torch.Tensor) -> torch.Tensor:
+    """Importance-sampled log integral of exp Q(s, a) over actions, one value per state (appendix F).
+
+    Inputs are (B, M): Q at M uniform actions (proposal log-density `log_density_rand`), at M
+    actions from pi(s) and at M actions from pi(s'), with their log pi. Each sample is divided by its
+    proposal density. The constant -log(3M) of the mean is left out, as in the official code."""
+    return torch.logsumexp(torch.cat([q_rand - log_density_rand, q_pi - log_pi, q_next_pi - log_next_pi], 1), 1)
+
+
+class CQL:
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
+        self.args = args
+        self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
+        self.critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
+        self.critic_target = copy.deepcopy(self.critic)
+        self.log_alpha = torch.zeros((), device=device, requires_grad=True)
+        self.log_alpha_prime = torch.zeros((), device=device, requires_grad=True)
+        self.target_entropy = -float(act_dim)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr)
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=args.actor_lr)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr)
+        self.alpha_prime_optimizer = torch.optim.Adam([self.log_alpha_prime], lr=args.critic_lr)
+        self.total_it = 0
+
+    def train(self, batch: common.Batch) -> dict:
+        args = self.args
+        self.total_it += 1
+        obs, actions, rewards, next_obs, terminals = batch
+        batch_size, act_dim = actions.shape
+        m = args.n_actions
+
+        # Actor and entropy temperature (SAC), behaviour cloning during the first bc_steps.
+        pi, log_pi = self.actor.sample(obs)
+        alpha = self.log_alpha.exp().detach()
+        if self.total_it <= args.bc_steps:
+            actor_loss = (alpha * log_pi - self.actor.log_prob(obs, actions)).mean()
+        else:
+            actor_loss = (alpha * log_pi - torch.min(*self.critic(obs, pi))).mean()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
+        alpha_loss = -(self.log_alpha * (log_pi.detach() + self.target_entropy)).mean()
+        self.alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_optimizer.step()
+
+        # Bellman target, deterministic backup (no entropy term).
+        with torch.no_grad():
+            if args.max_q_backup:
+                next_rep = next_obs.repeat_interleave(m, 0)
+                target_q = torch.min(*self.critic_target(next_rep, self.actor.sample(next_rep)[0]))
+                target_q = target_q.view(batch_size, m).max(1).values
+            else:
+                target_q = torch.min(*self.critic_target(next_obs, self.actor.sample(next_obs)[0]))
+            target_q = rewards + args.gamma * (1.0 - terminals) * target_q
+        q1, q2 = self.critic(obs, actions)
+        td_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+
+        # Conservative term: all 3M actions per state go through the critics in one call.
+        with torch.no_grad():
+            obs_rep = obs.repeat_interleave(m, 0)
+            rand_actions = torch.rand(batch_size * m, act_dim, device=obs.device) * 2.0 - 1.0
+            pi_actions, log_pi_rep = self.actor.sample(obs_rep)
+            next_pi_actions, log_next_pi_rep = self.actor.sample(next_obs.repeat_interleave(m, 0))
+        q1_all, q2_all = self.critic(obs_rep.repeat(3, 1), torch.cat([rand_actions, pi_actions, next_pi_actions]))
+        log_density_rand = act_dim * math.log(0.5)
+        gaps = []
+        for q_all, q_data in ((q1_all, q1), (q2_all, q2)):
+            q_rand, q_pi, q_next_pi = (q.view(batch_size, m) for q in q_all.chunk(3))
+            lse = cql_logsumexp(q_rand, log_density_rand, q_pi, log_pi_rep.view(batch_size, m),
+                                q_next_pi, log_next_pi_rep.view(batch_size, m))
+            gaps.append(args.cql_weight * (lse.mean() - q_data.mean()))
+        if args.lagrange_threshold is None:
+            conservative_loss = gaps[0] + gaps[1]
+            alpha_prime = torch.tensor(args.cql_weight)
+        else:
+            # Dual ascent on alpha' >= 0: it grows while the weighted gap exceeds the threshold.
+            alpha_prime = self.log_alpha_prime.exp().clamp(0.0, 1e6)
+            slack = [gap.detach() - args.lagrange_threshold for gap in gaps]
+            alpha_prime_loss = -0.5 * alpha_prime * (slack[0] + slack[1])
+            self.alpha_prime_optimizer.zero_grad(set_to_none=True)
+            alpha_prime_loss.backward()
+            self.alpha_prime_optimizer.step()
+            alpha_prime = alpha_prime.detach()
+            conservative_loss = alpha_prime * (gaps[0] + gaps[1] - 2.0 * args.lagrange_threshold)
+        critic_loss = td_loss + conservative_loss
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_optimizer.step()
+
+        with torch.no_grad():
+            for p, tp in zip(self.critic.parameters(), self.critic_target.parameters()):
+                tp.lerp_(p, args.tau)
+
+        return {"losses/critic_loss": critic_loss.detach(), "losses/td_loss": td_loss.detach(),
+                "losses/cql_gap": (gaps[0] + gaps[1]).detach() / 2, "losses/actor_loss": actor_loss.detach(),
+                "losses/q1": q1.mean().detach(), "charts/alpha": alpha, "charts/alpha_prime": alpha_prime,
+                "charts/entropy": -log_pi.mean().detach()}
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.actor(obs)[0])
+
+    def state_dict(self) -> dict:
+        return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    device = common.resolve_device(args.device)
+    common.seed_everything(args.seed)
+    chosen = {k: v for k, v in domain_defaults(args.env).items() if getattr(args, k) is None}
+    for k, v in chosen.items():
+        setattr(args, k, v)
+    if chosen:
+        print(f"[cql] per-domain defaults for {args.env}: {chosen}")
+
+    data = common.load_dataset(args.env, device)
+    common.transform_rewards(data, args.reward_transform)
+    obs_mean, obs_std = None, None
+    if args.normalize_states:
+        obs_mean, obs_std = common.compute_obs_stats(data)
+        common.normalize_obs(data, obs_mean, obs_std)
+    buffer = common.ReplayBuffer(data)
+
+    agent = CQL(args, data.obs_dim, data.act_dim, device)
+    run = common.Run(args, "cql", data)
+    for step in range(1, args.total_steps + 1):
+        metrics = agent.train(buffer.sample(args.batch_size))
+        if step % args.log_every == 0 or step == args.total_steps:
+            run.log(step, metrics)
+        if step % args.eval_every == 0 or step == args.total_steps:
+            run.evaluate(step, agent.act, obs_mean, obs_std)
+    run.finish({"obs_mean": obs_mean, "obs_std": obs_std, **agent.state_dict()})
