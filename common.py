@@ -527,7 +527,7 @@ class Run:
         }
         self.last_metrics: dict[str, float] = {}
         self.start = time.time()
-        self.eval_time = 0.0
+        self.reset_clock()
         print(f"[{algorithm}] {args.env}: {len(data)} transitions, {len(data.episode_lengths)} episodes, "
               f"obs {data.obs_dim}, act {data.act_dim}, device {data.observations.device}; run dir {self.dir}")
         if data.ref_scores_source == "D4RL constants (v2 envs)":
@@ -536,7 +536,9 @@ class Run:
         elif data.ref_scores_source == "none":
             print(f"[{algorithm}] the dataset has no reference scores: raw returns only")
 
-    def log(self, step: int, metrics: dict) -> None:
+    def log(self, step: int, metrics: dict, phase: str | None = None) -> None:
+        """Write scalars; with `phase` (a pretraining phase such as "behaviour model"), also print
+        one progress line, since such phases have no evaluations to report on."""
         values = {k: float(v) for k, v in metrics.items()}
         bad = [k for k, v in values.items() if not np.isfinite(v)]
         if bad:
@@ -546,9 +548,18 @@ class Run:
             )
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
-        sps = step / max(time.time() - self.start - self.eval_time, 1e-9)
-        self.writer.add_scalar("charts/SPS", sps, step)
-        self.last_metrics = values
+        sps = step / max(time.time() - self.clock - self.eval_time, 1e-9)
+        if phase is None:
+            self.writer.add_scalar("charts/SPS", sps, step)
+            self.last_metrics = values
+        else:
+            print(f"{phase} step {step} | {sps:.0f} SPS | " + " ".join(
+                f"{k.split('/')[-1]} {v:.3g}" for k, v in values.items()), flush=True)
+
+    def reset_clock(self) -> None:
+        """Start SPS and ETA afresh, e.g. after a pretraining phase."""
+        self.clock = time.time()
+        self.eval_time = 0.0
 
     def evaluate(self, step: int, policy: Callable[[torch.Tensor], torch.Tensor],
                  obs_mean: torch.Tensor | None = None, obs_std: torch.Tensor | None = None) -> dict:
@@ -564,7 +575,7 @@ class Run:
             self.writer.add_scalar("eval/normalized_score", evaluation["normalized_score_mean"], step)
         atomic_write_json(os.path.join(self.dir, "results.json"), self.results)
 
-        train_time = max(time.time() - self.start - self.eval_time, 1e-9)
+        train_time = max(time.time() - self.clock - self.eval_time, 1e-9)
         sps = step / train_time
         eta = (self.args.total_steps - step) / max(sps, 1e-9)
         losses = " ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in self.last_metrics.items()
@@ -582,7 +593,7 @@ class Run:
             self.results["final_return"] = evals[-1]["return_mean"]
             self.results["final_normalized_score"] = evals[-1]["normalized_score_mean"]
         self.results["finished"] = True
-        self.results["train_seconds"] = time.time() - self.start - self.eval_time
+        self.results["train_seconds"] = time.time() - self.clock - self.eval_time
         if checkpoint is not None and self.args.save_model:
             save_checkpoint(os.path.join(self.dir, "model.pt"), {
                 "algorithm": self.algorithm, "args": vars(self.args),

@@ -10,7 +10,9 @@ import torch
 
 from conftest import ROOT, run_script
 
-ALGORITHMS = ["bc", "td3_bc", "awr", "iql", "cql"]
+ALGORITHMS = ["bc", "td3_bc", "awr", "iql", "cql", "fisher_brc"]
+# flags that shrink the pretraining phases so that an end-to-end run takes seconds
+SMOKE_FLAGS = {"cql": ["--bc-steps", "100"], "fisher_brc": ["--bc-steps", "100"]}
 
 
 def load(name: str):
@@ -166,6 +168,76 @@ def test_cql_actor_clones_behaviour_during_bc_steps():
     assert loss_c.item() != pytest.approx(loss_a.item())
 
 
+def test_fisher_brc_mixture_log_density_matches_torch_distributions():
+    fbrc = load("fisher_brc")
+    torch.manual_seed(0)
+    model = fbrc.BehaviorModel(obs_dim=4, act_dim=3, hidden_dim=16, n_components=5)
+    with torch.no_grad():  # the output layer starts near zero; make the components distinct
+        model.net[-1].weight.normal_(0, 1.0)
+    obs, act = torch.randn(8, 4), torch.rand(8, 3) * 1.8 - 0.9
+    log_w, mean, log_std = model.components(obs)
+    per_dim = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(logits=log_w), torch.distributions.Normal(mean, log_std.exp()))
+    squashed = torch.distributions.TransformedDistribution(
+        per_dim, [torch.distributions.transforms.TanhTransform()])
+    expected = torch.distributions.Independent(squashed, 1).log_prob(act)
+    torch.testing.assert_close(model.log_prob(obs, act), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fisher_brc_mixture_density_integrates_to_one():
+    fbrc = load("fisher_brc")
+    torch.manual_seed(1)
+    model = fbrc.BehaviorModel(obs_dim=2, act_dim=1, hidden_dim=16, n_components=5)
+    with torch.no_grad():
+        model.net[-1].weight.normal_(0, 1.0)
+    grid = torch.linspace(-1 + 1e-6, 1 - 1e-6, 200_001).unsqueeze(-1)
+    density = model.log_prob(torch.ones(len(grid), 2) * 0.3, grid).exp()
+    assert torch.trapezoid(density, grid.squeeze(-1)).item() == pytest.approx(1.0, abs=2e-3)
+
+
+def test_fisher_brc_behaviour_samples_follow_the_density():
+    """Samples from mu land where mu says they should (histogram vs density, one action dim)."""
+    fbrc = load("fisher_brc")
+    torch.manual_seed(2)
+    model = fbrc.BehaviorModel(obs_dim=2, act_dim=1, hidden_dim=16, n_components=5)
+    with torch.no_grad():
+        model.net[-1].weight.normal_(0, 1.0)
+    obs = torch.ones(200_000, 2) * -0.4
+    samples = model.sample(obs).squeeze(-1)
+    edges = torch.linspace(-1, 1, 11)
+    frequency = torch.histc(samples, bins=10, min=-1, max=1) / len(samples)
+    grid = torch.linspace(-1 + 1e-6, 1 - 1e-6, 100_001)
+    density = model.log_prob(torch.ones(len(grid), 2) * -0.4, grid.unsqueeze(-1)).exp()
+    for i in range(10):
+        inside = (grid >= edges[i]) & (grid < edges[i + 1])
+        mass = torch.trapezoid(density[inside], grid[inside]).item()
+        assert frequency[i].item() == pytest.approx(mass, abs=0.01)
+
+
+def test_fisher_brc_gradient_penalty_of_known_functions():
+    fbrc = load("fisher_brc")
+
+    class Known(torch.nn.Module):  # O_1 = 3 * sum(a), O_2 = sum(a^2)
+        def forward(self, obs, act):
+            return 3.0 * act.sum(-1) + obs.sum(-1), (act**2).sum(-1)
+
+    act = torch.tensor([[0.5, -1.0], [0.0, 2.0]])
+    gp = fbrc.gradient_penalty(Known(), torch.zeros(2, 1), act)
+    # ||grad O_1||^2 = 9 * 2 = 18 per row; ||grad O_2||^2 = 4 * sum a^2 = 5 and 16
+    assert gp.item() == pytest.approx(((18 + 5) + (18 + 16)) / 2)
+
+
+def test_fisher_brc_gradient_penalty_reaches_the_offset_parameters():
+    fbrc = load("fisher_brc")
+    torch.manual_seed(0)
+    offsets = fbrc.Offsets(obs_dim=3, act_dim=2, hidden_dim=8)
+    gp = fbrc.gradient_penalty(offsets, torch.randn(5, 3), torch.randn(5, 2))
+    gp.backward()
+    # every weight matrix shapes grad_a O (the output bias cannot, and gets no gradient)
+    weights = [m.weight for net in (offsets.o1, offsets.o2) for m in net if isinstance(m, torch.nn.Linear)]
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in weights)
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end, as a user runs them (a fresh process, from another directory)
 # ----------------------------------------------------------------------------------------------
@@ -175,7 +247,8 @@ def test_algorithm_end_to_end(algorithm, datasets_path, tmp_path):
     result = run_script(
         [os.path.join(ROOT, "algorithms", f"{algorithm}.py"), "--env", "test/hopper/random-v0",
          "--total-steps", "300", "--eval-every", "150", "--log-every", "50", "--eval-episodes", "2",
-         "--batch-size", "32", "--output-dir", str(out), "--run-name", "r", "--save-model"],
+         "--batch-size", "32", "--output-dir", str(out), "--run-name", "r", "--save-model",
+         *SMOKE_FLAGS.get(algorithm, [])],
         datasets_path, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "r" / "results.json").read_text())

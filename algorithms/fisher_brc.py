@@ -1,0 +1,308 @@
+"""Fisher-BRC: Kostrikov, Fergus, Tompson & Nachum, "Offline Reinforcement Learning with Fisher
+Divergence Critic Regularization", ICML 2021.
+
+Algorithm 1 of the paper:
+1. Behaviour model mu(a|s) by entropy-regularised maximum likelihood (appendix A): per action
+   dimension a mixture of 5 tanh-squashed Gaussians (dimensions independent, as in the official
+   code), loss -E_D[log mu(a|s)] - alpha_mu * H(mu(.|s)) with alpha_mu tuned to a target entropy
+   of -|A|; Adam 1e-3, divided by 10 at 80% and 90% of --bc-steps (paper: 1M). Frozen afterwards.
+2. Critic as offset plus log behaviour density, eq. (5): Q_i(s,a) = O_i(s,a) + log mu(a|s), trained
+   with eq. (7):
+     L(O_i) = E[(O_i(s,a) + log mu(a|s) - y)^2] + lambda * E_(s~D, a~pi(s)) ||grad_a O_i(s,a)||^2
+     y = (r + 5) + gamma * (1 - d) * min_i (O_targ_i(s',a') + log mu(a'|s')),  a' ~ pi(s')
+   (no entropy in the target, as in CQL; the +5 is the paper's survival bonus, appendix A).
+   lambda = 0.1. --gp-on-data takes the penalty at dataset actions instead (the alternative of
+   section 4.2, which the authors found to perform about the same).
+3. Actor (SAC, step 3 of Algorithm 1): min E[alpha * log pi(a|s) - min_i(O_i(s,a) + log mu(a|s))],
+   a ~ pi(s) reparameterised, so the gradient flows through log mu as in eq. (6); alpha tuned to a
+   target entropy of -|A|.
+Networks: actor and offsets 3x256 (appendix A), behaviour model 2x256 (official code), orthogonal
+initialisation (gain sqrt 2, output 1e-2; official code, the paper says nothing). Adam 3e-4,
+tau 0.005, batch 256. Actions are clipped to +-(1 - 1e-6) before any log mu, as the official code does.
+
+Deviation: states are standardised (as in every file here; the official code does not).
+"""
+
+import copy
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
+
+@dataclass
+class Args:
+    # --- shared by every algorithm ---
+    env: str = "mujoco/hopper/medium-v0"
+    """Minari dataset id (local first, else downloaded)"""
+    seed: int = 0
+    """seed of python, numpy, torch and the evaluation envs"""
+    total_steps: int = 1_000_000
+    """gradient steps"""
+    batch_size: int = 256
+    """transitions per gradient step"""
+    eval_every: int = 5_000
+    """evaluate every this many steps (and at the last step)"""
+    eval_episodes: int = 10
+    """episodes per evaluation, run at once in a vector env"""
+    log_every: int = 1_000
+    """write training scalars every this many steps (the only device syncs of the loop)"""
+    device: str = "auto"
+    """torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    output_dir: str = "runs"
+    """runs are written to <output_dir>/<run_name>/"""
+    run_name: Optional[str] = None
+    """folder name of this run (default: <env>__<algorithm>__<seed>__<unix time>)"""
+    save_model: bool = False
+    """write model.pt (networks, normalisation statistics, args) at the end"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project: str = "offline-rl"
+    """wandb project name, with --track"""
+    # --- Fisher-BRC ---
+    bc_steps: int = 1_000_000
+    """gradient steps of the behaviour model before the actor-critic phase (paper: 1M)"""
+    bc_lr: float = 1e-3
+    """initial Adam learning rate of the behaviour model (x0.1 at 80% and 90% of bc_steps)"""
+    n_components: int = 5
+    """Gaussian components per action dimension of the behaviour mixture"""
+    gp_weight: float = 0.1
+    """lambda of eq. (7), weight of the gradient penalty on the offsets"""
+    gp_on_data: bool = False
+    """take the gradient penalty at dataset actions instead of a ~ pi(s)"""
+    reward_transform: str = "plus-five"
+    """one of common.REWARD_TRANSFORMS; plus-five is the paper's survival bonus r + 5"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 0.005
+    """Polyak step of the target offsets"""
+    lr: float = 3e-4
+    """Adam learning rate of actor, offsets and entropy temperature"""
+    hidden_dim: int = 256
+    """width of the hidden layers (3 in actor and offsets, 2 in the behaviour model)"""
+    normalize_states: bool = True
+    """standardise states with the dataset's mean and std"""
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int = 3) -> nn.Sequential:
+    layers, d = [], in_dim
+    for _ in range(n_hidden):
+        layers += [nn.Linear(d, hidden_dim), nn.ReLU()]
+        d = hidden_dim
+    net = nn.Sequential(*layers, nn.Linear(d, out_dim))
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    for i, layer in enumerate(linears):  # official code's orthogonal initialisation
+        nn.init.orthogonal_(layer.weight, gain=1e-2 if i == len(linears) - 1 else math.sqrt(2.0))
+        nn.init.zeros_(layer.bias)
+    return net
+
+
+def tanh_log_det(u: torch.Tensor) -> torch.Tensor:
+    """log |d tanh(u) / du| = log(1 - tanh(u)^2), in a form that stays finite for large |u|."""
+    return 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
+
+
+def clipped_atanh(act: torch.Tensor) -> torch.Tensor:
+    return torch.atanh(act.clamp(-1.0 + 1e-6, 1.0 - 1e-6))
+
+
+class Actor(nn.Module):
+    """Tanh-squashed Gaussian policy (SAC), state-dependent log-std in [-20, 2]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = mlp(obs_dim, 2 * act_dim, hidden_dim)
+
+    def forward(self, obs: torch.Tensor):
+        mean, log_std = self.net(obs).chunk(2, dim=-1)
+        return mean, log_std.clamp(-20.0, 2.0)
+
+    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterised action in (-1, 1) and its log-density."""
+        mean, log_std = self(obs)
+        u = mean + log_std.exp() * torch.randn_like(mean)
+        log_prob = torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - tanh_log_det(u)
+        return torch.tanh(u), log_prob.sum(-1)
+
+
+class BehaviorModel(nn.Module):
+    """mu(a|s): for every action dimension an independent mixture of K tanh-squashed Gaussians."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, n_components: int):
+        super().__init__()
+        self.act_dim, self.k = act_dim, n_components
+        self.net = mlp(obs_dim, 3 * act_dim * n_components, hidden_dim, n_hidden=2)
+
+    def components(self, obs: torch.Tensor):
+        logits, mean, log_std = self.net(obs).view(-1, self.act_dim, 3 * self.k).chunk(3, dim=-1)
+        return torch.log_softmax(logits, -1), mean, log_std.clamp(-20.0, 2.0)
+
+    def log_prob(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """log mu(a|s), summed over the independent action dimensions."""
+        log_w, mean, log_std = self.components(obs)
+        u = clipped_atanh(act)
+        log_normal = torch.distributions.Normal(mean, log_std.exp()).log_prob(u.unsqueeze(-1))
+        return (torch.logsumexp(log_w + log_normal, -1) - tanh_log_det(u)).sum(-1)
+
+    @torch.no_grad()
+    def sample(self, obs: torch.Tensor) -> torch.Tensor:
+        log_w, mean, log_std = self.components(obs)
+        k = torch.distributions.Categorical(logits=log_w).sample().unsqueeze(-1)
+        u = mean.gather(-1, k) + log_std.gather(-1, k).exp() * torch.randn_like(k, dtype=mean.dtype)
+        return torch.tanh(u.squeeze(-1))
+
+
+class Offsets(nn.Module):
+    """Twin offset networks O_1, O_2 (the critic minus log mu), evaluated together."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.o1 = mlp(obs_dim + act_dim, 1, hidden_dim)
+        self.o2 = mlp(obs_dim + act_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([obs, act], dim=-1)
+        return self.o1(x).squeeze(-1), self.o2(x).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Algorithm
+# ----------------------------------------------------------------------------------------------
+def gradient_penalty(offsets: Offsets, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """E ||grad_a O_1(s,a)||^2 + E ||grad_a O_2(s,a)||^2 (squared norms, eq. 7), differentiable in O."""
+    act = act.detach().requires_grad_(True)
+    o1, o2 = offsets(obs, act)
+    g1 = torch.autograd.grad(o1.sum(), act, create_graph=True)[0]
+    g2 = torch.autograd.grad(o2.sum(), act, create_graph=True)[0]
+    return (g1.pow(2).sum(-1) + g2.pow(2).sum(-1)).mean()
+
+
+class FisherBRC:
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
+        self.args = args
+        self.target_entropy = -float(act_dim)
+        self.behavior = BehaviorModel(obs_dim, act_dim, args.hidden_dim, args.n_components).to(device)
+        self.behavior_log_alpha = torch.zeros((), device=device, requires_grad=True)
+        self.behavior_optimizer = torch.optim.Adam(self.behavior.parameters(), lr=args.bc_lr)
+        self.behavior_alpha_optimizer = torch.optim.Adam([self.behavior_log_alpha], lr=args.bc_lr)
+        self.behavior_scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.behavior_optimizer, [int(0.8 * args.bc_steps), int(0.9 * args.bc_steps)], gamma=0.1)
+        self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
+        self.offsets = Offsets(obs_dim, act_dim, args.hidden_dim).to(device)
+        self.offsets_target = copy.deepcopy(self.offsets)
+        self.log_alpha = torch.zeros((), device=device, requires_grad=True)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr)
+        self.offsets_optimizer = torch.optim.Adam(self.offsets.parameters(), lr=args.lr)
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=args.lr)
+
+    def train_behavior(self, batch: common.Batch) -> dict:
+        """Step 1: entropy-regularised maximum likelihood. The entropy is estimated with a sample
+        that carries no gradient, -log mu(stop_grad(a~mu)|s), as in the official code."""
+        obs, actions = batch.observations, batch.actions
+        log_prob = self.behavior.log_prob(obs, actions)
+        entropy = -self.behavior.log_prob(obs, self.behavior.sample(obs))
+        alpha = self.behavior_log_alpha.exp().detach()
+        loss = -(log_prob + alpha * entropy).mean()
+        self.behavior_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.behavior_optimizer.step()
+        self.behavior_scheduler.step()
+        alpha_loss = (self.behavior_log_alpha * (entropy.detach() - self.target_entropy)).mean()
+        self.behavior_alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.behavior_alpha_optimizer.step()
+        return {"losses/behavior_nll": -log_prob.mean().detach(), "charts/behavior_entropy": entropy.mean().detach(),
+                "charts/behavior_alpha": alpha}
+
+    def train(self, batch: common.Batch) -> dict:
+        args = self.args
+        obs, actions, rewards, next_obs, terminals = batch
+
+        # Step 2: offsets, eq. (7). mu is frozen, so log mu enters the targets as a constant.
+        with torch.no_grad():
+            next_actions, _ = self.actor.sample(next_obs)
+            target_q = torch.min(*self.offsets_target(next_obs, next_actions)) + self.behavior.log_prob(next_obs, next_actions)
+            target_q = rewards + args.gamma * (1.0 - terminals) * target_q
+            log_mu_data = self.behavior.log_prob(obs, actions)
+            gp_actions = actions if args.gp_on_data else self.actor.sample(obs)[0]
+        o1, o2 = self.offsets(obs, actions)
+        td_loss = F.mse_loss(o1 + log_mu_data, target_q) + F.mse_loss(o2 + log_mu_data, target_q)
+        gp = gradient_penalty(self.offsets, obs, gp_actions)
+        offsets_loss = td_loss + args.gp_weight * gp
+        self.offsets_optimizer.zero_grad(set_to_none=True)
+        offsets_loss.backward()
+        self.offsets_optimizer.step()
+        with torch.no_grad():
+            for p, tp in zip(self.offsets.parameters(), self.offsets_target.parameters()):
+                tp.lerp_(p, args.tau)
+
+        # Step 3: actor and its entropy temperature (SAC); gradients reach a through O and log mu.
+        pi, log_pi = self.actor.sample(obs)
+        q_pi = torch.min(*self.offsets(obs, pi)) + self.behavior.log_prob(obs, pi)
+        alpha = self.log_alpha.exp().detach()
+        actor_loss = (alpha * log_pi - q_pi).mean()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
+        alpha_loss = -(self.log_alpha * (log_pi.detach() + self.target_entropy)).mean()
+        self.alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_optimizer.step()
+
+        return {"losses/offsets_loss": offsets_loss.detach(), "losses/td_loss": td_loss.detach(),
+                "losses/gradient_penalty": gp.detach(), "losses/actor_loss": actor_loss.detach(),
+                "losses/q1": (o1 + log_mu_data).mean().detach(), "charts/log_mu_data": log_mu_data.mean(),
+                "charts/alpha": alpha, "charts/entropy": -log_pi.mean().detach()}
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.actor(obs)[0])
+
+    def state_dict(self) -> dict:
+        return {"actor": self.actor.state_dict(), "offsets": self.offsets.state_dict(),
+                "behavior": self.behavior.state_dict()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    device = common.resolve_device(args.device)
+    common.seed_everything(args.seed)
+
+    data = common.load_dataset(args.env, device)
+    common.transform_rewards(data, args.reward_transform)
+    obs_mean, obs_std = None, None
+    if args.normalize_states:
+        obs_mean, obs_std = common.compute_obs_stats(data)
+        common.normalize_obs(data, obs_mean, obs_std)
+    buffer = common.ReplayBuffer(data)
+
+    agent = FisherBRC(args, data.obs_dim, data.act_dim, device)
+    run = common.Run(args, "fisher_brc", data)
+    for step in range(1, args.bc_steps + 1):
+        metrics = agent.train_behavior(buffer.sample(args.batch_size))
+        if step % args.log_every == 0 or step == args.bc_steps:
+            run.log(step, metrics, phase="behaviour model")
+    agent.behavior.requires_grad_(False)
+    run.reset_clock()
+    for step in range(1, args.total_steps + 1):
+        metrics = agent.train(buffer.sample(args.batch_size))
+        if step % args.log_every == 0 or step == args.total_steps:
+            run.log(step, metrics)
+        if step % args.eval_every == 0 or step == args.total_steps:
+            run.evaluate(step, agent.act, obs_mean, obs_std)
+    run.finish({"obs_mean": obs_mean, "obs_std": obs_std, **agent.state_dict()})
