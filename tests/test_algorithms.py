@@ -10,9 +10,9 @@ import torch
 
 from conftest import ROOT, run_script
 
-ALGORITHMS = ["bc", "td3_bc", "awr", "iql", "cql", "fisher_brc"]
+ALGORITHMS = ["bc", "td3_bc", "awr", "iql", "cql", "fisher_brc", "itrpo"]
 # flags that shrink the pretraining phases so that an end-to-end run takes seconds
-SMOKE_FLAGS = {"cql": ["--bc-steps", "100"], "fisher_brc": ["--bc-steps", "100"]}
+SMOKE_FLAGS = {"cql": ["--bc-steps", "100"], "fisher_brc": ["--bc-steps", "100"], "itrpo": ["--bc-steps", "100"]}
 
 
 def load(name: str):
@@ -236,6 +236,49 @@ def test_fisher_brc_gradient_penalty_reaches_the_offset_parameters():
     # every weight matrix shapes grad_a O (the output bias cannot, and gets no gradient)
     weights = [m.weight for net in (offsets.o1, offsets.o2) for m in net if isinstance(m, torch.nn.Linear)]
     assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in weights)
+
+
+def test_itrpo_shaping_sign_scale_and_clip():
+    itrpo = load("itrpo")
+    log_pi = torch.tensor([-1.0, -5.0, 0.0])
+    log_beta = torch.tensor([-3.0, -1.0, 0.0])  # log ratios 2, -4, 0
+    shaped = itrpo.shaping_reward(log_pi, log_beta, alpha=0.5, tau=0.8, clip=None)
+    torch.testing.assert_close(shaped, torch.tensor([0.8, -1.6, 0.0]))  # tau * alpha * log ratio
+    clipped = itrpo.shaping_reward(log_pi, log_beta, alpha=0.5, tau=0.8, clip=-1.0)
+    torch.testing.assert_close(clipped, torch.tensor([0.8, -0.4, 0.0]))  # only the low side is clipped
+    assert (itrpo.shaping_reward(log_pi, log_beta, alpha=0.5, tau=0.0, clip=None) == 0).all()
+
+
+def test_itrpo_target_on_hand_made_values():
+    itrpo = load("itrpo")
+    rewards, shaping, terminals = torch.tensor([1.0, 2.0]), torch.tensor([0.1, -0.2]), torch.tensor([0.0, 1.0])
+    next_q1 = torch.tensor([[1.0, 3.0], [5.0, 5.0]])  # means 2 and 5
+    next_q2 = torch.tensor([[0.0, 2.0], [9.0, 9.0]])  # means 1 and 9
+    next_kl = torch.tensor([4.0, 4.0])
+    y = itrpo.critic_target(rewards, shaping, terminals, next_q1, next_q2, next_kl, gamma=0.5, alpha=0.25)
+    # first: 1 + 0.1 + 0.5 * (min(2, 1) - 0.25 * 4) = 1.1; second is terminal: 2 - 0.2
+    torch.testing.assert_close(y, torch.tensor([1.1, 1.8]))
+
+
+def test_itrpo_actor_loss_trades_q_against_kl():
+    """With a critic that is constant in the action, the actor only minimises alpha * KL(pi || pi_beta)."""
+    itrpo = load("itrpo")
+    torch.manual_seed(0)
+    agent = itrpo.ITRPO(itrpo.Args(hidden_dim=16, n_samples=64, bc_steps=10), obs_dim=2, act_dim=1,
+                        device=torch.device("cpu"))
+    with torch.no_grad():  # pi_beta: mean pre-tanh action 1, std e^-1; far from the initial policy
+        agent.behavior.net[-1].bias.copy_(torch.tensor([1.0, -1.0]))
+    obs = torch.randn(32, 2)
+    with torch.no_grad():
+        kl_before = agent.kl_and_q(obs, agent.critic)[0].mean()
+    batch = (obs, torch.zeros(32, 1), torch.zeros(32), obs, torch.ones(32))
+    for _ in range(200):
+        for p in agent.critic.parameters():  # keep Q constant: only the KL term remains
+            torch.nn.init.zeros_(p)
+        agent.train(batch)
+    with torch.no_grad():
+        kl_after = agent.kl_and_q(obs, agent.critic)[0].mean()
+    assert kl_before > 0.5 and kl_after < 0.5 * kl_before
 
 
 # ----------------------------------------------------------------------------------------------

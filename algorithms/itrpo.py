@@ -1,0 +1,309 @@
+"""iTRPO: Zhang & Tan, "An Implicit Trust Region Approach to Behavior Regularized Offline
+Reinforcement Learning", AAAI 2024.
+
+BRAC with a value penalty (Wu et al. 2019) plus the paper's reward shaping, eq. (5):
+    pi_{k+1} = argmax_pi < pi, Q_k - alpha log(pi / pi_beta) >
+    Q_{k+1}  = r + tau * alpha * log(pi_{k+1} / pi_beta)(a|s)
+               + gamma * P < pi_{k+1}, Q_k - alpha log(pi_{k+1} / pi_beta) >
+With samples, for a dataset transition (s, a, r, s') and a'_k ~ pi(s'), k = 1..K (K = 10):
+    y = r + tau * alpha * [log pi(a|s) - log pi_beta(a|s)]
+          + gamma * (1 - d) * ( min_i mean_k Q_targ_i(s', a'_k) - alpha * KL_hat(s') ),
+    KL_hat(s) = mean_k [log pi(a_k|s) - log pi_beta(a_k|s)],
+    actor: min E_s [ alpha * KL_hat(s) - min_i mean_k Q_i(s, a_k) ],  a_k ~ pi(s) reparameterised.
+By Theorem 1 this is BRAC with a KL to the previous policy (weight tau * alpha) and a KL to
+pi_beta (weight (1 - tau) * alpha); --tau 0 is the paper's "without reshaping" ablation (plain
+BRAC value penalty). Per step the actor is updated first and the critic then uses it, the order
+of eq. (5).
+
+From the candidate public code (JackZhangY/offorRL, "IKL"; *unverified* that it is the AAAI code;
+the hyperparameters are not in our copy of the paper):
+- alpha 0.03, tau 0.9; survival bonus r + 5 (r - 1 on antmaze);
+- the critic loss adds 0.1 * ||grad_a Q_i(s, a~pi(s))||^2 for both critics;
+- the shaping log-ratio is clipped below at -1; the paper has no clip, so this is off by default
+  and --shaping-clip -1 turns it on;
+- behaviour model: tanh-Gaussian, 2x256, maximum likelihood with a tuned entropy bonus (target
+  -|A|), Adam 1e-3 divided by 10 at 80% and 90% of --bc-steps (1M, as in Fisher-BRC's code).
+Actor and critics 3x256, Adam 3e-4, Polyak step 0.005 (`--polyak`: here `--tau` is the paper's
+shaping factor), batch 256. Deviation: states are standardised (as in every file here). The entropy
+bonus of the behaviour model uses a reparameterised sample.
+"""
+
+import copy
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
+
+@dataclass
+class Args:
+    # --- shared by every algorithm ---
+    env: str = "mujoco/hopper/medium-v0"
+    """Minari dataset id (local first, else downloaded)"""
+    seed: int = 0
+    """seed of python, numpy, torch and the evaluation envs"""
+    total_steps: int = 1_000_000
+    """gradient steps"""
+    batch_size: int = 256
+    """transitions per gradient step"""
+    eval_every: int = 5_000
+    """evaluate every this many steps (and at the last step)"""
+    eval_episodes: int = 10
+    """episodes per evaluation, run at once in a vector env"""
+    log_every: int = 1_000
+    """write training scalars every this many steps (the only device syncs of the loop)"""
+    device: str = "auto"
+    """torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    output_dir: str = "runs"
+    """runs are written to <output_dir>/<run_name>/"""
+    run_name: Optional[str] = None
+    """folder name of this run (default: <env>__<algorithm>__<seed>__<unix time>)"""
+    save_model: bool = False
+    """write model.pt (networks, normalisation statistics, args) at the end"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project: str = "offline-rl"
+    """wandb project name, with --track"""
+    # --- iTRPO ---
+    alpha: float = 0.03
+    """alpha: weight of the KL value penalty and of the shaping term (candidate code: 0.03)"""
+    tau: float = 0.9
+    """tau of eq. (5): scale of the reward shaping; 0 = plain BRAC value penalty (paper's ablation)"""
+    shaping_clip: Optional[float] = None
+    """clip the shaping log-ratio below at this value (candidate code: -1; paper: no clip)"""
+    n_samples: int = 10
+    """K: policy samples per state for the KL estimate and the expected next Q"""
+    gp_weight: float = 0.1
+    """weight of the critic gradient penalty ||grad_a Q(s, a~pi)||^2 (candidate code)"""
+    bc_steps: int = 1_000_000
+    """gradient steps of the behaviour model before the actor-critic phase"""
+    bc_lr: float = 1e-3
+    """initial Adam learning rate of the behaviour model (x0.1 at 80% and 90% of bc_steps)"""
+    reward_transform: Optional[str] = None
+    """one of common.REWARD_TRANSFORMS (default: minus-one on antmaze, else plus-five)"""
+    gamma: float = 0.99
+    """discount"""
+    polyak: float = 0.005
+    """Polyak step of the target critic (called tau in the other files)"""
+    lr: float = 3e-4
+    """Adam learning rate of actor and critics"""
+    hidden_dim: int = 256
+    """width of the hidden layers (3 in actor and critics, 2 in the behaviour model)"""
+    normalize_states: bool = True
+    """standardise states with the dataset's mean and std"""
+
+
+def domain_defaults(dataset_id: str) -> dict:
+    if common.is_antmaze(dataset_id):
+        return {"reward_transform": "minus-one"}
+    return {"reward_transform": "plus-five"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int = 3) -> nn.Sequential:
+    layers, d = [], in_dim
+    for _ in range(n_hidden):
+        layers += [nn.Linear(d, hidden_dim), nn.ReLU()]
+        d = hidden_dim
+    return nn.Sequential(*layers, nn.Linear(d, out_dim))
+
+
+def tanh_log_det(u: torch.Tensor) -> torch.Tensor:
+    """log |d tanh(u) / du| = log(1 - tanh(u)^2), in a form that stays finite for large |u|."""
+    return 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
+
+
+class TanhGaussian(nn.Module):
+    """Tanh-squashed Gaussian with state-dependent log-std in [-20, 2]: the policy and pi_beta."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, n_hidden: int):
+        super().__init__()
+        self.net = mlp(obs_dim, 2 * act_dim, hidden_dim, n_hidden)
+
+    def forward(self, obs: torch.Tensor):
+        mean, log_std = self.net(obs).chunk(2, dim=-1)
+        return mean, log_std.clamp(-20.0, 2.0)
+
+    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterised action in (-1, 1) and its log-density."""
+        mean, log_std = self(obs)
+        u = mean + log_std.exp() * torch.randn_like(mean)
+        log_prob = torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - tanh_log_det(u)
+        return torch.tanh(u), log_prob.sum(-1)
+
+    def log_prob(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        mean, log_std = self(obs)
+        u = torch.atanh(act.clamp(-1.0 + 1e-6, 1.0 - 1e-6))
+        return (torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - tanh_log_det(u)).sum(-1)
+
+
+class Critic(nn.Module):
+    """Twin Q networks, evaluated together."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim)
+        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([obs, act], dim=-1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Algorithm
+# ----------------------------------------------------------------------------------------------
+def shaping_reward(log_pi: torch.Tensor, log_beta: torch.Tensor, alpha: float, tau: float,
+                   clip: float | None) -> torch.Tensor:
+    """tau * alpha * log(pi / pi_beta)(a|s) at dataset actions (eq. 5), optionally clipped below."""
+    log_ratio = log_pi - log_beta
+    if clip is not None:
+        log_ratio = log_ratio.clamp(min=clip)
+    return tau * alpha * log_ratio
+
+
+def critic_target(rewards: torch.Tensor, shaping: torch.Tensor, terminals: torch.Tensor,
+                  next_q1: torch.Tensor, next_q2: torch.Tensor, next_kl: torch.Tensor,
+                  gamma: float, alpha: float) -> torch.Tensor:
+    """y of eq. (5); next_q1/next_q2 are (B, K) target-critic values at K policy samples of s'."""
+    next_v = torch.min(next_q1.mean(1), next_q2.mean(1)) - alpha * next_kl
+    return rewards + shaping + gamma * (1.0 - terminals) * next_v
+
+
+class ITRPO:
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
+        self.args = args
+        self.target_entropy = -float(act_dim)
+        self.behavior = TanhGaussian(obs_dim, act_dim, args.hidden_dim, n_hidden=2).to(device)
+        self.behavior_log_alpha = torch.zeros((), device=device, requires_grad=True)
+        self.behavior_optimizer = torch.optim.Adam(self.behavior.parameters(), lr=args.bc_lr)
+        self.behavior_alpha_optimizer = torch.optim.Adam([self.behavior_log_alpha], lr=args.bc_lr)
+        self.behavior_scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.behavior_optimizer, [int(0.8 * args.bc_steps), int(0.9 * args.bc_steps)], gamma=0.1)
+        self.actor = TanhGaussian(obs_dim, act_dim, args.hidden_dim, n_hidden=3).to(device)
+        self.critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
+        self.critic_target = copy.deepcopy(self.critic)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.lr)
+
+    def train_behavior(self, batch: common.Batch) -> dict:
+        """Maximum likelihood of dataset actions plus a tuned entropy bonus (target -|A|)."""
+        obs, actions = batch.observations, batch.actions
+        log_prob = self.behavior.log_prob(obs, actions)
+        entropy = -self.behavior.sample(obs)[1]
+        alpha = self.behavior_log_alpha.exp().detach()
+        loss = -(log_prob + alpha * entropy).mean()
+        self.behavior_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.behavior_optimizer.step()
+        self.behavior_scheduler.step()
+        alpha_loss = (self.behavior_log_alpha * (entropy.detach() - self.target_entropy)).mean()
+        self.behavior_alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.behavior_alpha_optimizer.step()
+        return {"losses/behavior_nll": -log_prob.mean().detach(), "charts/behavior_entropy": entropy.mean().detach(),
+                "charts/behavior_alpha": alpha}
+
+    def kl_and_q(self, obs: torch.Tensor, critic: Critic) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """KL_hat(s) and Q_i(s, a_k) of K reparameterised samples a_k ~ pi(s); Q values are (B, K)."""
+        k = self.args.n_samples
+        obs_rep = obs.repeat_interleave(k, 0)
+        actions, log_pi = self.actor.sample(obs_rep)
+        kl = (log_pi - self.behavior.log_prob(obs_rep, actions)).view(-1, k).mean(1)
+        q1, q2 = critic(obs_rep, actions)
+        return kl, q1.view(-1, k), q2.view(-1, k)
+
+    def train(self, batch: common.Batch) -> dict:
+        args = self.args
+        obs, actions, rewards, next_obs, terminals = batch
+
+        # pi_{k+1}: maximise Q - alpha * KL(pi || pi_beta).
+        kl, q1_pi, q2_pi = self.kl_and_q(obs, self.critic)
+        actor_loss = (args.alpha * kl - torch.min(q1_pi.mean(1), q2_pi.mean(1))).mean()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
+
+        # Q_{k+1}: shaped reward at the dataset action, KL value penalty at s'.
+        with torch.no_grad():
+            shaping = shaping_reward(self.actor.log_prob(obs, actions), self.behavior.log_prob(obs, actions),
+                                     args.alpha, args.tau, args.shaping_clip)
+            next_kl, next_q1, next_q2 = self.kl_and_q(next_obs, self.critic_target)
+            target_q = critic_target(rewards, shaping, terminals, next_q1, next_q2, next_kl, args.gamma, args.alpha)
+            gp_actions = self.actor.sample(obs)[0]
+        q1, q2 = self.critic(obs, actions)
+        td_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+        gp_actions.requires_grad_(True)
+        gp_q1, gp_q2 = self.critic(obs, gp_actions)
+        g1 = torch.autograd.grad(gp_q1.sum(), gp_actions, create_graph=True)[0]
+        g2 = torch.autograd.grad(gp_q2.sum(), gp_actions, create_graph=True)[0]
+        gp = (g1.pow(2).sum(-1) + g2.pow(2).sum(-1)).mean()
+        critic_loss = td_loss + args.gp_weight * gp
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_optimizer.step()
+        with torch.no_grad():
+            for p, tp in zip(self.critic.parameters(), self.critic_target.parameters()):
+                tp.lerp_(p, args.polyak)
+
+        return {"losses/critic_loss": critic_loss.detach(), "losses/td_loss": td_loss.detach(),
+                "losses/gradient_penalty": gp.detach(), "losses/actor_loss": actor_loss.detach(),
+                "losses/q1": q1.mean().detach(), "charts/kl": kl.mean().detach(),
+                "charts/shaping_reward": shaping.mean()}
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.actor(obs)[0])
+
+    def state_dict(self) -> dict:
+        return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
+                "behavior": self.behavior.state_dict()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    device = common.resolve_device(args.device)
+    common.seed_everything(args.seed)
+    chosen = {k: v for k, v in domain_defaults(args.env).items() if getattr(args, k) is None}
+    for k, v in chosen.items():
+        setattr(args, k, v)
+    if chosen:
+        print(f"[itrpo] per-domain defaults for {args.env}: {chosen}")
+
+    data = common.load_dataset(args.env, device)
+    common.transform_rewards(data, args.reward_transform)
+    obs_mean, obs_std = None, None
+    if args.normalize_states:
+        obs_mean, obs_std = common.compute_obs_stats(data)
+        common.normalize_obs(data, obs_mean, obs_std)
+    buffer = common.ReplayBuffer(data)
+
+    agent = ITRPO(args, data.obs_dim, data.act_dim, device)
+    run = common.Run(args, "itrpo", data)
+    for step in range(1, args.bc_steps + 1):
+        metrics = agent.train_behavior(buffer.sample(args.batch_size))
+        if step % args.log_every == 0 or step == args.bc_steps:
+            run.log(step, metrics, phase="behaviour model")
+    agent.behavior.requires_grad_(False)
+    run.reset_clock()
+    for step in range(1, args.total_steps + 1):
+        metrics = agent.train(buffer.sample(args.batch_size))
+        if step % args.log_every == 0 or step == args.total_steps:
+            run.log(step, metrics)
+        if step % args.eval_every == 0 or step == args.total_steps:
+            run.evaluate(step, agent.act, obs_mean, obs_std)
+    run.finish({"obs_mean": obs_mean, "obs_std": obs_std, **agent.state_dict()})
