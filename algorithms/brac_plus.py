@@ -1,0 +1,621 @@
+"""BRAC+: Zhang, Kuppannagari & Prasanna, "BRAC+: Improved Behavior Regularized Actor Critic for
+Offline Reinforcement Learning", ACML 2021 (arXiv title "BRAC+: Going Deeper with Behavior
+Regularized Offline Reinforcement Learning").
+
+Algorithm 1 of the paper, in four phases:
+1. Behaviour model pi_b: an ensemble of B = 3 conditional VAEs over the pre-tanh action u = atanh(a)
+   (appendix F; pre-tanh as in the official code), Gaussian encoder q(z|u,s) and decoder p(u|z,s),
+   prior N(0, I), latent dim 2|A| (code), trained by maximising the ELBO (appendix C).
+2. Initial policy pi_0 = argmin_pi KL(pi || pi_b) (Algorithm 1 line 2, appendix F "Initialization").
+3. Initial critic Q^{pi_0} by policy evaluation of the frozen pi_0 (line 3, eq. 2).
+4. Per step (lines 6-10): critic (eq. 10), policy (eq. 8 with eq. 7), alpha(s), beta, target.
+
+KL upper bound, eq. (7), with u ~ pi(.|s) reparameterised and z_l ~ q(z|u,s), l = 1..L (L = 5):
+    KL(pi || pi_b)(s) <= mean_l [ KL(pi(.|s) || p(.|z_l,s)) + KL(q(z|u,s) || N(0, I)) ],
+both KLs in closed form between diagonal Gaussians, averaged over the ensemble members (the
+expectation of the paper's "randomly select one model"; the official code averages too). The KL is
+taken between the pre-tanh Gaussians: tanh is a bijection, so the KL in action space is the same.
+Note: eq. (7) swaps the sampled u for a fresh sample inside the decoder term, which is an identity
+only when z is independent of u; with an exact posterior the bound exceeds KL(pi || pi_b) by
+E[log p(u|z,s)] - E[E_{u'~pi} log p(u'|z,s)] (tests/test_brac_plus.py checks this in closed form).
+Policy, eq. (8) plus the entropy bound (appendix F "Entropy regularization"), K policy samples:
+    min E_s [ -mean_k min_i Q_i(s, a_k) + alpha(s) * KL(s) - beta * mean_k log pi(a_k|s) ]
+    alpha(s) <- alpha(s) + lr * (KL(s) - delta_KL)            (line 8: rises where KL > delta_KL)
+    beta     <- beta + lr * (H(pi(.|s)) - H_0)               (line 9: an UPPER bound H <= H_0)
+Critic, eq. (10), with f the Heaviside step and lambda = 0.1:
+    min (Q_i(s,a) - y)^2 + lambda * 1[KL(s) > eps_GP] * ||grad_a Q_i(s, a~pi(s))||^2
+    y = r + gamma * (1 - d) * mean_k min_j Q_targ_j(s', a'_k),  a'_k ~ pi(s')
+    eps_GP = mean + std of the per-state KL at the end of the previous epoch (section 3.3).
+
+Paper vs official code (vermouth1992/bracp); the paper is the default, the code behind a flag:
+- --alpha-mode state: alpha(s) network, 3x256, softplus output (paper 3.2, appendix F);
+  --alpha-mode global: one scalar (code). Both start at 10 and are capped at 1e4 (code's values).
+- --gp-mode paper: as above; --gp-mode official: weight softplus(KL(s) - eps_GP) divided by its batch
+  maximum, on the (unsquared) norm ||grad_a min_j Q_j||, and lambda itself a Lagrange multiplier
+  (softplus, never below --gp-weight) that drives the mean gated norm to --gp-target 0.01.
+- --max-q-backup: y uses the max over the K samples of min_j Q_targ_j (code) instead of the mean
+  (eq. 10). The code's target policy network is not reproduced: the paper has none.
+Not followed from the code: it keeps training the VAE during the RL phase (the paper trains it
+once, line 1); it evaluates with the best of 20 clipped samples under Q (here: tanh of the mean).
+
+Where the paper is silent (values from the code unless said otherwise):
+- delta_KL = mean KL(pi_0 || pi_b) of the pretrained policy + a per-task margin (notes): 0.2
+  medium-expert and hopper-medium, 1.0 walker2d-medium, 7.0 halfcheetah-medium, 3.0 random and
+  medium-replay; any other dataset gets the code's default margin 0.1. --kl-margin overrides.
+- H_0 = NLL_b - |A| log 4: the negative ELBO of the dataset actions (in action space), with the
+  std shrunk by 4 per dimension (--entropy-std-scale). beta starts at 10, Adam 1e-3. The entropy
+  bound is also applied while pretraining pi_0, as in the code.
+- "Epoch" = --epoch-steps 2000 gradient steps (paper Figure 2). The per-state KL statistics (for
+  delta_KL, eps_GP and H_0) are computed over a fixed random subset of --kl-states 10k dataset states
+  in batches under no_grad, not over the whole dataset. eps_GP of the first epoch uses pi_0's
+  statistics (the "previous epoch" of the first one); the code starts it at delta_KL + margin.
+- K = 5 policy samples per state in the policy loss and the target (code's n); the gradient penalty
+  and its gate use one sample per state (code).
+- Policy lr 5e-6 in the RL phase; pi_0 and the VAE: Adam 1e-3 times 1, 0.5, 0.1, 0.05, 0.01 over
+  the fifths of their phase (code). Q lr 3e-4, alpha/beta lr 1e-3, Polyak 1e-3 (code). Q_0: TD on
+  the frozen pi_0 with the Q optimiser, no gradient penalty (line 3 has none).
+- --bc-steps 400k (paper: "400k gradient steps"); --pretrain-steps 100k each for pi_0 and Q_0
+  (the code pretrains pi_0 for 500k steps and has no Q_0 phase). Batch 256 (code: 100).
+- Networks (paper, appendix F): policy 3x512, Q 3x256, VAE encoder and decoder 3x512 (code: 256);
+  the decoder is one Gaussian (section 3.1 "in practice"; the appendix's "mixture" would break the
+  closed-form KL). VAE scales softplus(clip(x, -10, 5)), policy log-std clipped to [-20, 2].
+Rewards min-max scaled to [0, 1] (appendix F). Deviation: states are standardised (as in every file
+here; the code does not).
+"""
+
+import copy
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
+
+@dataclass
+class Args:
+    # --- shared by every algorithm ---
+    env: str = "mujoco/hopper/medium-v0"
+    """Minari dataset id (local first, else downloaded)"""
+    seed: int = 0
+    """seed of python, numpy, torch and the evaluation envs"""
+    total_steps: int = 1_000_000
+    """gradient steps"""
+    batch_size: int = 256
+    """transitions per gradient step"""
+    eval_every: int = 5_000
+    """evaluate every this many steps (and at the last step)"""
+    eval_episodes: int = 10
+    """episodes per evaluation, run at once in a vector env"""
+    log_every: int = 1_000
+    """write training scalars every this many steps (the only device syncs of the loop)"""
+    device: str = "auto"
+    """torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    output_dir: str = "runs"
+    """runs are written to <output_dir>/<run_name>/"""
+    run_name: Optional[str] = None
+    """folder name of this run (default: <env>__<algorithm>__<seed>__<unix time>)"""
+    save_model: bool = False
+    """write model.pt (networks, normalisation statistics, args) at the end"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project: str = "offline-rl"
+    """wandb project name, with --track"""
+    # --- BRAC+ ---
+    kl_margin: Optional[float] = None
+    """delta_KL = mean KL(pi_0 || pi_b) + this margin (default: per task from the dataset id)"""
+    alpha_mode: str = "state"
+    """state: Lagrange multiplier network alpha(s) (paper); global: one scalar (official code)"""
+    alpha_init: float = 10.0
+    """initial value of alpha and of the entropy multiplier beta (official code)"""
+    alpha_max: float = 1e4
+    """upper clip of alpha and beta (official code)"""
+    multiplier_lr: float = 1e-3
+    """Adam learning rate of alpha and beta (official code)"""
+    gp_mode: str = "paper"
+    """paper: indicator gate, fixed lambda, squared norms; official: softplus gate, tuned lambda"""
+    gp_weight: float = 0.1
+    """lambda of eq. (10); with --gp-mode official its initial value and lower bound"""
+    gp_target: float = 0.01
+    """--gp-mode official: lambda rises while the mean gated gradient norm exceeds this"""
+    max_q_backup: bool = False
+    """target: max over the K samples of min_j Q_targ_j (official code) instead of the mean (eq. 10)"""
+    n_samples: int = 5
+    """K: policy samples per state in the policy loss and the target (official code)"""
+    n_latent: int = 5
+    """L: latent samples per policy sample in the KL bound (appendix F)"""
+    n_ensembles: int = 3
+    """B: VAEs in the behaviour ensemble (appendix F)"""
+    entropy_std_scale: float = 4.0
+    """H_0 = NLL_b - |A| log(this): the behaviour std shrunk by this factor (official code)"""
+    epoch_steps: int = 2_000
+    """gradient steps per epoch; eps_GP is recomputed after each (paper Figure 2)"""
+    kl_states: int = 10_000
+    """size of the fixed random subset of dataset states for the per-state KL statistics"""
+    bc_steps: int = 400_000
+    """gradient steps of the VAE ensemble (paper: 400k)"""
+    pretrain_steps: int = 100_000
+    """gradient steps of each initialisation phase: pi_0 (min KL), then Q_0 (TD on pi_0)"""
+    bc_lr: float = 1e-3
+    """initial Adam learning rate of the VAEs and of pi_0 (x0.5, 0.1, 0.05, 0.01 at each fifth)"""
+    reward_transform: str = "min-max"
+    """one of common.REWARD_TRANSFORMS; min-max is the paper's scaling into [0, 1]"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 1e-3
+    """Polyak step of the target critic (official code)"""
+    actor_lr: float = 5e-6
+    """Adam learning rate of the policy in the RL phase (official code)"""
+    lr: float = 3e-4
+    """Adam learning rate of the critics"""
+    hidden_dim: int = 256
+    """width of the hidden layers of the critics and alpha(s) (3 each)"""
+    actor_hidden_dim: int = 512
+    """width of the policy's 3 hidden layers (appendix F)"""
+    vae_hidden_dim: int = 512
+    """width of the 3 hidden layers of each encoder and decoder (appendix F)"""
+    normalize_states: bool = True
+    """standardise states with the dataset's mean and std"""
+
+
+# The notes' per-task KL margins; the code's default margin for any other dataset.
+KL_MARGINS = {"medium-expert": 0.2, "medium-replay": 3.0, "random": 3.0,
+              "hopper/medium": 0.2, "walker2d/medium": 1.0, "halfcheetah/medium": 7.0}
+DEFAULT_KL_MARGIN = 0.1
+
+
+def domain_defaults(dataset_id: str) -> dict:
+    parts = dataset_id.lower().split("/")
+    kind = parts[-1].rsplit("-v", 1)[0]
+    task = parts[-2] if len(parts) > 1 else ""
+    for key in (kind, f"{task}/{kind}"):
+        if key in KL_MARGINS:
+            return {"kl_margin": KL_MARGINS[key]}
+    return {"kl_margin": DEFAULT_KL_MARGIN}
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int = 3) -> nn.Sequential:
+    layers, d = [], in_dim
+    for _ in range(n_hidden):
+        layers += [nn.Linear(d, hidden_dim), nn.ReLU()]
+        d = hidden_dim
+    return nn.Sequential(*layers, nn.Linear(d, out_dim))
+
+
+def tanh_log_det(u: torch.Tensor) -> torch.Tensor:
+    """log |d tanh(u) / du| = log(1 - tanh(u)^2), in a form that stays finite for large |u|."""
+    return 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
+
+
+def clipped_atanh(act: torch.Tensor) -> torch.Tensor:
+    return torch.atanh(act.clamp(-1.0 + 1e-6, 1.0 - 1e-6))
+
+
+def inverse_softplus(x: float) -> float:
+    return x + math.log(-math.expm1(-x))
+
+
+def gaussian_kl(mean_p: torch.Tensor, std_p: torch.Tensor, mean_q: torch.Tensor, std_q: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_p, std_p^2) || N(mean_q, std_q^2)) of diagonal Gaussians, summed over the last dim."""
+    return (torch.log(std_q / std_p) + (std_p.pow(2) + (mean_p - mean_q).pow(2)) / (2.0 * std_q.pow(2)) - 0.5).sum(-1)
+
+
+class EnsembleLinear(nn.Module):
+    """B independent linear layers applied to a (B, N, in) batch; nn.Linear's initialisation."""
+
+    def __init__(self, n: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)
+        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int = 3) -> nn.Sequential:
+    layers, d = [], in_dim
+    for _ in range(n_hidden):
+        layers += [EnsembleLinear(n, d, hidden_dim), nn.ReLU()]
+        d = hidden_dim
+    return nn.Sequential(*layers, EnsembleLinear(n, d, out_dim))
+
+
+def gaussian_head(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, raw_scale = out.chunk(2, dim=-1)
+    return mean, F.softplus(raw_scale.clamp(-10.0, 5.0))
+
+
+class VAEEnsemble(nn.Module):
+    """B conditional VAEs over pre-tanh actions u: q(z|u,s), p(u|z,s), prior N(0, I)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, n_ensembles: int):
+        super().__init__()
+        self.n, self.latent_dim = n_ensembles, 2 * act_dim
+        self.encoder = ensemble_mlp(n_ensembles, act_dim + obs_dim, 2 * self.latent_dim, hidden_dim)
+        self.decoder = ensemble_mlp(n_ensembles, self.latent_dim + obs_dim, 2 * act_dim, hidden_dim)
+
+    def encode(self, obs: torch.Tensor, u: torch.Tensor):
+        """q(z|u,s) of every member: (B, N, latent) means and stds for (N, .) inputs."""
+        x = torch.cat([u, obs], -1).expand(self.n, -1, -1)
+        return gaussian_head(self.encoder(x))
+
+    def decode(self, obs: torch.Tensor, z: torch.Tensor):
+        """p(u|z,s) for (B, M, latent) latents and (M, obs_dim) states."""
+        return gaussian_head(self.decoder(torch.cat([z, obs.expand(self.n, -1, -1)], -1)))
+
+    def neg_elbo(self, obs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-log p(u|z,s) at one z ~ q(z|u,s) and KL(q || prior), each (B, N)."""
+        q_mean, q_std = self.encode(obs, u)
+        z = q_mean + q_std * torch.randn_like(q_mean)
+        p_mean, p_std = self.decode(obs, z)
+        nll = -torch.distributions.Normal(p_mean, p_std).log_prob(u).sum(-1)
+        return nll, gaussian_kl(q_mean, q_std, torch.zeros_like(q_mean), torch.ones_like(q_std))
+
+    def kl_upper_bound(self, obs: torch.Tensor, u: torch.Tensor, pi_mean: torch.Tensor, pi_std: torch.Tensor,
+                       n_latent: int) -> torch.Tensor:
+        """Eq. (7) for each row: u ~ N(pi_mean, pi_std^2) reparameterised, averaged over n_latent
+        samples z ~ q(z|u,s) and the members. Differentiable in u, pi_mean and pi_std."""
+        q_mean, q_std = self.encode(obs, u)
+        prior_kl = gaussian_kl(q_mean, q_std, torch.zeros_like(q_mean), torch.ones_like(q_std))
+        z = q_mean.unsqueeze(1) + q_std.unsqueeze(1) * torch.randn(
+            self.n, n_latent, *q_mean.shape[1:], device=q_mean.device)  # (B, L, N, latent)
+        p_mean, p_std = self.decode(obs.repeat(n_latent, 1), z.flatten(1, 2))
+        decoder_kl = gaussian_kl(pi_mean.repeat(n_latent, 1), pi_std.repeat(n_latent, 1), p_mean, p_std)
+        return decoder_kl.view(self.n, n_latent, -1).mean((0, 1)) + prior_kl.mean(0)
+
+
+class TanhGaussian(nn.Module):
+    """Tanh-squashed Gaussian policy with state-dependent log-std in [-20, 2] (appendix F)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = mlp(obs_dim, 2 * act_dim, hidden_dim)
+
+    def forward(self, obs: torch.Tensor):
+        mean, log_std = self.net(obs).chunk(2, dim=-1)
+        return mean, log_std.clamp(-20.0, 2.0)
+
+    def sample(self, obs: torch.Tensor):
+        """Reparameterised action in (-1, 1), its log-density, the pre-tanh sample, mean and std."""
+        mean, log_std = self(obs)
+        std = log_std.exp()
+        u = mean + std * torch.randn_like(mean)
+        log_prob = (torch.distributions.Normal(mean, std).log_prob(u) - tanh_log_det(u)).sum(-1)
+        return torch.tanh(u), log_prob, u, mean, std
+
+
+class Critic(nn.Module):
+    """Twin Q networks, evaluated together."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim)
+        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([obs, act], dim=-1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+
+class AlphaNet(nn.Module):
+    """alpha(s) = softplus(MLP(s)) (section 3.2, appendix F), starting at alpha_init everywhere."""
+
+    def __init__(self, obs_dim: int, hidden_dim: int, alpha_init: float):
+        super().__init__()
+        self.net = mlp(obs_dim, 1, hidden_dim)
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.constant_(self.net[-1].bias, inverse_softplus(alpha_init))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return F.softplus(self.net(obs).squeeze(-1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Algorithm
+# ----------------------------------------------------------------------------------------------
+def piecewise_decay(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The official code's pretraining schedule: lr x 1, 0.5, 0.1, 0.05, 0.01 over the fifths."""
+    factors = (1.0, 0.5, 0.1, 0.05, 0.01)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: factors[min(5 * t // max(steps, 1), 4)])
+
+
+def critic_target(rewards: torch.Tensor, terminals: torch.Tensor, next_q1: torch.Tensor, next_q2: torch.Tensor,
+                  gamma: float, max_backup: bool) -> torch.Tensor:
+    """y of eq. (10); next_q1/next_q2 are (B, K) target-critic values at K policy samples of s'."""
+    next_q = torch.min(next_q1, next_q2)
+    next_v = next_q.max(1).values if max_backup else next_q.mean(1)
+    return rewards + gamma * (1.0 - terminals) * next_v
+
+
+def gated_gradient_penalty(critic: Critic, obs: torch.Tensor, actions: torch.Tensor, kl: torch.Tensor,
+                           threshold: float, mode: str) -> torch.Tensor:
+    """Per-state gradient penalty of eq. (10) at policy actions, differentiable in the critic.
+    paper: 1[KL(s) > eps_GP] * (||grad_a Q_1||^2 + ||grad_a Q_2||^2);
+    official: softplus(KL(s) - eps_GP) / max_batch(.) * ||grad_a min_j Q_j||."""
+    actions = actions.detach().requires_grad_(True)
+    q1, q2 = critic(obs, actions)
+    if mode == "paper":
+        g1 = torch.autograd.grad(q1.sum(), actions, create_graph=True)[0]
+        g2 = torch.autograd.grad(q2.sum(), actions, create_graph=True)[0]
+        return (g1.pow(2).sum(-1) + g2.pow(2).sum(-1)) * (kl > threshold).float()
+    g = torch.autograd.grad(torch.min(q1, q2).sum(), actions, create_graph=True)[0]
+    gate = F.softplus(kl - threshold)
+    return torch.linalg.vector_norm(g, dim=-1) * (gate / gate.max()).detach()
+
+
+class BRACPlus:
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
+        if args.alpha_mode not in ("state", "global"):
+            raise common.UserError(f"--alpha-mode must be state or global, not '{args.alpha_mode}'")
+        if args.gp_mode not in ("paper", "official"):
+            raise common.UserError(f"--gp-mode must be paper or official, not '{args.gp_mode}'")
+        self.args = args
+        self.act_dim = act_dim
+        self.behavior = VAEEnsemble(obs_dim, act_dim, args.vae_hidden_dim, args.n_ensembles).to(device)
+        self.behavior_optimizer = torch.optim.Adam(self.behavior.parameters(), lr=args.bc_lr)
+        self.behavior_scheduler = piecewise_decay(self.behavior_optimizer, args.bc_steps)
+        self.actor = TanhGaussian(obs_dim, act_dim, args.actor_hidden_dim).to(device)
+        self.critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
+        self.critic_target = copy.deepcopy(self.critic)
+        self.pretrain_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.bc_lr)
+        self.pretrain_scheduler = piecewise_decay(self.pretrain_optimizer, args.pretrain_steps)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.lr)
+        if args.alpha_mode == "state":
+            self.alpha_net = AlphaNet(obs_dim, args.hidden_dim, args.alpha_init).to(device)
+            alpha_params = list(self.alpha_net.parameters())
+        else:
+            self.alpha_raw = torch.tensor(inverse_softplus(args.alpha_init), device=device, requires_grad=True)
+            alpha_params = [self.alpha_raw]
+        self.alpha_optimizer = torch.optim.Adam(alpha_params, lr=args.multiplier_lr)
+        self.beta_raw = torch.tensor(inverse_softplus(args.alpha_init), device=device, requires_grad=True)
+        self.beta_optimizer = torch.optim.Adam([self.beta_raw], lr=args.multiplier_lr)
+        self.gp_raw = torch.tensor(inverse_softplus(args.gp_weight), device=device, requires_grad=True)
+        self.gp_optimizer = torch.optim.Adam([self.gp_raw], lr=args.multiplier_lr)
+        self.target_entropy = 0.0
+        self.kl_threshold = 0.0
+        self.gp_threshold = 0.0
+
+    def alpha(self, obs: torch.Tensor) -> torch.Tensor:
+        """alpha(s) per state, (N,); the global mode broadcasts its scalar."""
+        if self.args.alpha_mode == "state":
+            alpha = self.alpha_net(obs)
+        else:
+            alpha = F.softplus(self.alpha_raw).expand(obs.shape[0])
+        return alpha.clamp(max=self.args.alpha_max)
+
+    def beta(self) -> torch.Tensor:
+        return F.softplus(self.beta_raw).clamp(max=self.args.alpha_max)
+
+    def gp_weight(self) -> torch.Tensor:
+        """lambda; in the official mode a multiplier never below --gp-weight (the code's min_value)."""
+        if self.args.gp_mode == "paper":
+            return torch.tensor(self.args.gp_weight)
+        return F.softplus(self.gp_raw.detach().clamp(min=inverse_softplus(self.args.gp_weight)))
+
+    def train_behavior(self, batch: common.Batch) -> dict:
+        """Phase 1: maximise each member's ELBO on the same batch (the code does the same)."""
+        nll, kl = self.behavior.neg_elbo(batch.observations, clipped_atanh(batch.actions))
+        loss = (nll + kl).mean(1).sum()
+        self.behavior_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.behavior_optimizer.step()
+        self.behavior_scheduler.step()
+        return {"losses/behavior_neg_elbo": loss.detach() / self.behavior.n, "charts/behavior_kl": kl.mean().detach()}
+
+    @torch.no_grad()
+    def set_target_entropy(self, obs: torch.Tensor, actions: torch.Tensor, chunk: int = 1000) -> float:
+        """H_0 = NLL_b - |A| log(std scale), NLL_b the dataset's negative ELBO in action space."""
+        total = 0.0
+        for o, a in zip(obs.split(chunk), actions.split(chunk)):
+            u = clipped_atanh(a)
+            nll, kl = self.behavior.neg_elbo(o, u)
+            total += ((nll + kl).mean(0) + tanh_log_det(u).sum(-1)).sum().item()
+        self.target_entropy = total / len(obs) - self.act_dim * math.log(self.args.entropy_std_scale)
+        return self.target_entropy
+
+    def policy_kl(self, obs: torch.Tensor, k: int):
+        """K reparameterised samples per state: KL bound (N,), actions (N*K, A), log pi (N, K)."""
+        obs_rep = obs.repeat_interleave(k, 0)
+        actions, log_pi, u, mean, std = self.actor.sample(obs_rep)
+        kl = self.behavior.kl_upper_bound(obs_rep, u, mean, std, self.args.n_latent)
+        return kl.view(-1, k).mean(1), actions, log_pi.view(-1, k)
+
+    @torch.no_grad()
+    def state_kl(self, obs: torch.Tensor, chunk: int = 1000) -> torch.Tensor:
+        """Per-state KL bound over a set of states, in chunks that bound the memory."""
+        return torch.cat([self.policy_kl(o, self.args.n_samples)[0] for o in obs.split(chunk)])
+
+    def update_beta(self, log_pi: torch.Tensor) -> torch.Tensor:
+        """Line 9: beta rises while H(pi) > H_0, which keeps the entropy below H_0."""
+        beta_loss = (F.softplus(self.beta_raw) * (log_pi.detach().mean() + self.target_entropy))
+        self.beta_optimizer.zero_grad(set_to_none=True)
+        beta_loss.backward()
+        self.beta_optimizer.step()
+        return beta_loss.detach()
+
+    def train_initial_policy(self, batch: common.Batch) -> dict:
+        """Phase 2 (line 2): pi_0 = argmin KL(pi || pi_b), under the entropy bound (code)."""
+        kl, _, log_pi = self.policy_kl(batch.observations, self.args.n_samples)
+        beta = self.beta().detach()
+        loss = (kl - beta * log_pi.mean(1)).mean()
+        self.pretrain_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.pretrain_optimizer.step()
+        self.pretrain_scheduler.step()
+        self.update_beta(log_pi)
+        return {"losses/actor_loss": loss.detach(), "charts/kl": kl.mean().detach(),
+                "charts/entropy": -log_pi.mean().detach(), "charts/beta": beta}
+
+    def set_thresholds(self, obs: torch.Tensor) -> tuple[float, float]:
+        """After phase 2: delta_KL = mean KL(pi_0 || pi_b) + margin; eps_GP of the first epoch."""
+        kl = self.state_kl(obs)
+        self.kl_threshold = kl.mean().item() + self.args.kl_margin
+        self.gp_threshold = (kl.mean() + kl.std()).item()
+        return self.kl_threshold, self.gp_threshold
+
+    def update_gp_threshold(self, obs: torch.Tensor) -> float:
+        """Section 3.3: eps_GP = mean + std of the per-state KL at the end of the epoch."""
+        kl = self.state_kl(obs)
+        self.gp_threshold = (kl.mean() + kl.std()).item()
+        return self.gp_threshold
+
+    def td_loss(self, batch: common.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        obs, actions, rewards, next_obs, terminals = batch
+        k = self.args.n_samples
+        with torch.no_grad():
+            next_obs_rep = next_obs.repeat_interleave(k, 0)
+            next_q1, next_q2 = self.critic_target(next_obs_rep, self.actor.sample(next_obs_rep)[0])
+            target_q = critic_target(rewards, terminals, next_q1.view(-1, k), next_q2.view(-1, k),
+                                     self.args.gamma, self.args.max_q_backup)
+        q1, q2 = self.critic(obs, actions)
+        return F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q), q1
+
+    def update_target(self) -> None:
+        with torch.no_grad():
+            for p, tp in zip(self.critic.parameters(), self.critic_target.parameters()):
+                tp.lerp_(p, self.args.tau)
+
+    def train_initial_critic(self, batch: common.Batch) -> dict:
+        """Phase 3 (line 3): Q_0 = Q^{pi_0} by TD learning with the frozen pi_0, eq. (2)."""
+        td_loss, q1 = self.td_loss(batch)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        td_loss.backward()
+        self.critic_optimizer.step()
+        self.update_target()
+        return {"losses/td_loss": td_loss.detach(), "losses/q1": q1.mean().detach()}
+
+    def update_alpha(self, obs: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
+        """Line 8, dual gradient descent per state: alpha(s) rises where KL(s) > delta_KL."""
+        alpha_loss = -(self.alpha(obs) * (kl.detach() - self.kl_threshold)).mean()
+        self.alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_optimizer.step()
+        return alpha_loss.detach()
+
+    def train(self, batch: common.Batch) -> dict:
+        args = self.args
+        obs = batch.observations
+
+        # Line 6, eq. (10): TD loss plus the KL-gated gradient penalty at a ~ pi(s).
+        td_loss, q1 = self.td_loss(batch)
+        with torch.no_grad():
+            gate_kl, gp_actions, _ = self.policy_kl(obs, 1)
+        gp = gated_gradient_penalty(self.critic, obs, gp_actions, gate_kl, self.gp_threshold, args.gp_mode)
+        gp_weight = self.gp_weight()
+        critic_loss = td_loss + gp_weight * gp.mean()
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_optimizer.step()
+        if args.gp_mode == "official":
+            gp_loss = -(F.softplus(self.gp_raw) * (gp.detach().mean() - args.gp_target))
+            self.gp_optimizer.zero_grad(set_to_none=True)
+            gp_loss.backward()
+            self.gp_optimizer.step()
+
+        # Line 7, eq. (8): maximise Q - alpha(s) KL(s) under the entropy bound H <= H_0.
+        kl, actions, log_pi = self.policy_kl(obs, args.n_samples)
+        q1_pi, q2_pi = self.critic(obs.repeat_interleave(args.n_samples, 0), actions)
+        q_pi = torch.min(q1_pi, q2_pi).view(-1, args.n_samples).mean(1)
+        alpha = self.alpha(obs).detach()
+        beta = self.beta().detach()
+        actor_loss = (-q_pi + alpha * kl - beta * log_pi.mean(1)).mean()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
+
+        # Lines 8-10: multipliers, then the target critic.
+        alpha_loss = self.update_alpha(obs, kl)
+        self.update_beta(log_pi)
+        self.update_target()
+
+        return {"losses/critic_loss": critic_loss.detach(), "losses/td_loss": td_loss.detach(),
+                "losses/gradient_penalty": gp.mean().detach(), "losses/actor_loss": actor_loss.detach(),
+                "losses/alpha_loss": alpha_loss, "losses/q1": q1.mean().detach(),
+                "charts/kl": kl.mean().detach(), "charts/kl_violation": (kl > self.kl_threshold).float().mean(),
+                "charts/gp_fraction": (gate_kl > self.gp_threshold).float().mean(),
+                "charts/gp_threshold": torch.tensor(self.gp_threshold),
+                "charts/alpha": alpha.mean(), "charts/beta": beta, "charts/gp_weight": gp_weight,
+                "charts/entropy": -log_pi.mean().detach()}
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.actor(obs)[0])
+
+    def state_dict(self) -> dict:
+        multipliers = {"beta_raw": self.beta_raw.detach(), "gp_raw": self.gp_raw.detach()}
+        if self.args.alpha_mode == "state":
+            multipliers["alpha_net"] = self.alpha_net.state_dict()
+        else:
+            multipliers["alpha_raw"] = self.alpha_raw.detach()
+        return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
+                "behavior": self.behavior.state_dict(), **multipliers,
+                "kl_threshold": self.kl_threshold, "gp_threshold": self.gp_threshold,
+                "target_entropy": self.target_entropy}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    device = common.resolve_device(args.device)
+    common.seed_everything(args.seed)
+    chosen = {k: v for k, v in domain_defaults(args.env).items() if getattr(args, k) is None}
+    for k, v in chosen.items():
+        setattr(args, k, v)
+    if chosen:
+        print(f"[brac_plus] per-domain defaults for {args.env}: {chosen}")
+
+    data = common.load_dataset(args.env, device)
+    common.transform_rewards(data, args.reward_transform)
+    obs_mean, obs_std = None, None
+    if args.normalize_states:
+        obs_mean, obs_std = common.compute_obs_stats(data)
+        common.normalize_obs(data, obs_mean, obs_std)
+    buffer = common.ReplayBuffer(data)
+    # the fixed subset of states for the per-state KL statistics (see the docstring)
+    subset = torch.randperm(len(data), device=device)[:args.kl_states]
+    subset_obs = data.observations[subset]
+
+    agent = BRACPlus(args, data.obs_dim, data.act_dim, device)
+    run = common.Run(args, "brac_plus", data)
+    for step in range(1, args.bc_steps + 1):
+        metrics = agent.train_behavior(buffer.sample(args.batch_size))
+        if step % args.log_every == 0 or step == args.bc_steps:
+            run.log(step, metrics, phase="behaviour model")
+    agent.behavior.requires_grad_(False)
+    target_entropy = agent.set_target_entropy(subset_obs, data.actions[subset])
+    print(f"[brac_plus] entropy upper bound H_0 = {target_entropy:.3f}")
+    for step in range(1, args.pretrain_steps + 1):
+        metrics = agent.train_initial_policy(buffer.sample(args.batch_size))
+        if step % args.log_every == 0 or step == args.pretrain_steps:
+            run.log(step, metrics, phase="initial policy")
+    kl_threshold, gp_threshold = agent.set_thresholds(subset_obs)
+    print(f"[brac_plus] KL threshold delta_KL = {kl_threshold:.3f}, first gradient-penalty threshold "
+          f"eps_GP = {gp_threshold:.3f}")
+    for step in range(1, args.pretrain_steps + 1):
+        metrics = agent.train_initial_critic(buffer.sample(args.batch_size))
+        if step % args.log_every == 0 or step == args.pretrain_steps:
+            run.log(step, metrics, phase="Q initialisation")
+    run.reset_clock()
+    for step in range(1, args.total_steps + 1):
+        metrics = agent.train(buffer.sample(args.batch_size))
+        if step % args.epoch_steps == 0:
+            agent.update_gp_threshold(subset_obs)
+        if step % args.log_every == 0 or step == args.total_steps:
+            run.log(step, metrics)
+        if step % args.eval_every == 0 or step == args.total_steps:
+            run.evaluate(step, agent.act, obs_mean, obs_std)
+    run.finish({"obs_mean": obs_mean, "obs_std": obs_std, **agent.state_dict()})

@@ -1,0 +1,282 @@
+"""BRAC+ (algorithms/brac_plus.py): the KL bound, the multipliers and the gate on hand-made inputs,
+and the script end to end."""
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("brac_plus", os.path.join(ROOT, "algorithms", "brac_plus.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bp = load()
+
+
+def small_agent(**overrides):
+    args = bp.Args(hidden_dim=16, actor_hidden_dim=16, vae_hidden_dim=16, n_ensembles=2, **overrides)
+    torch.manual_seed(0)
+    return bp.BRACPlus(args, obs_dim=3, act_dim=2, device=torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The KL upper bound of eq. (7)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kl_bound_is_above_a_monte_carlo_kl_to_the_vae_marginal(seed):
+    """KL(pi || pi_b) with log pi_b(u|s) = log E_{z~N(0,I)} p(u|z,s) by importance sampling."""
+    torch.manual_seed(seed)
+    vae = bp.VAEEnsemble(obs_dim=2, act_dim=1, hidden_dim=32, n_ensembles=1)
+    with torch.no_grad():  # a decoder whose mean depends strongly on z: a multi-modal-ish marginal
+        vae.decoder[-1].weight.mul_(8.0)
+    obs = torch.randn(1, 2)
+    pi_mean, pi_std = torch.tensor([[0.3]]), torch.tensor([[0.4]])
+    n_u, n_z = 4000, 4000
+    u = pi_mean + pi_std * torch.randn(n_u, 1)
+    with torch.no_grad():
+        bound = vae.kl_upper_bound(obs.expand(n_u, -1), u, pi_mean.expand(n_u, -1), pi_std.expand(n_u, -1),
+                                   n_latent=32).mean()
+        z = torch.randn(1, n_z, 2)
+        p_mean, p_std = vae.decode(obs.expand(n_z, -1), z)  # (1, n_z, 1)
+        log_p = torch.distributions.Normal(p_mean[0, :, 0], p_std[0, :, 0]).log_prob(u)  # (n_u, n_z)
+        log_pi_b = torch.logsumexp(log_p, 1) - math.log(n_z)
+        log_pi = torch.distributions.Normal(pi_mean[0, 0], pi_std[0, 0]).log_prob(u[:, 0])
+        kl_mc = (log_pi - log_pi_b).mean()
+    assert kl_mc > 0.05  # a non-trivial KL, so the comparison means something
+    assert bound > kl_mc + 0.05
+
+
+class LinearDecoder(torch.nn.Module):
+    """p(u|z,s) = N(W z + C s, diag(sigma^2)), W = [diag(w) 0]: latents >= |A| are unused."""
+
+    def __init__(self, w, c, sigma):
+        super().__init__()
+        self.w, self.c, self.sigma = w, c, sigma
+
+    def forward(self, x):  # x = cat(z, s), (B, N, 2|A| + obs_dim)
+        act_dim = len(self.w)
+        z, s = x[..., :act_dim], x[..., 2 * act_dim:]
+        mean = self.w * z + s @ self.c.T
+        return torch.cat([mean, torch.log(torch.expm1(self.sigma)).expand_as(mean)], -1)
+
+
+class ExactEncoder(torch.nn.Module):
+    """q(z|u,s) = the true posterior of LinearDecoder under the N(0, I) prior, in closed form."""
+
+    def __init__(self, w, c, sigma):
+        super().__init__()
+        self.w, self.c, self.sigma = w, c, sigma
+
+    def forward(self, x):  # x = cat(u, s), (B, N, |A| + obs_dim)
+        act_dim = len(self.w)
+        u, s = x[..., :act_dim], x[..., act_dim:]
+        precision = 1.0 + self.w**2 / self.sigma**2
+        mean = (self.w / self.sigma**2) * (u - s @ self.c.T) / precision
+        std = precision.rsqrt().expand_as(mean)
+        mean = torch.cat([mean, torch.zeros_like(mean)], -1)
+        std = torch.cat([std, torch.ones_like(std)], -1)
+        return torch.cat([mean, torch.log(torch.expm1(std))], -1)
+
+
+def linear_gaussian_vae():
+    w, c, sigma = torch.tensor([1.5, -0.7]), torch.tensor([[0.5, -1.0, 0.2], [0.0, 0.3, 1.0]]), torch.tensor([0.6, 0.9])
+    vae = bp.VAEEnsemble(obs_dim=3, act_dim=2, hidden_dim=8, n_ensembles=1)
+    vae.encoder, vae.decoder = ExactEncoder(w, c, sigma), LinearDecoder(w, c, sigma)
+    return vae, w, c, sigma
+
+
+def test_exact_posterior_makes_the_elbo_the_marginal_likelihood():
+    """Checks the construction above (and neg_elbo, the VAE's training loss): with the true posterior,
+    E_z[-log p(u|z,s)] + KL(q || prior) = -log pi_b(u|s) with pi_b = N(C s, diag(w^2 + sigma^2))."""
+    vae, w, c, sigma = linear_gaussian_vae()
+    torch.manual_seed(0)
+    obs, u = torch.randn(1, 3), torch.tensor([[0.4, -1.2]])
+    n = 200_000
+    with torch.no_grad():
+        nll, kl = vae.neg_elbo(obs.expand(n, -1), u.expand(n, -1))
+    marginal = torch.distributions.Normal(obs @ c.T, (w**2 + sigma**2).sqrt())
+    assert (nll + kl).mean().item() == pytest.approx(-marginal.log_prob(u).sum().item(), abs=5e-3)
+
+
+@pytest.mark.parametrize("policy_std", [0.5, 0.1, 1e-3])
+def test_kl_bound_with_the_exact_posterior(policy_std):
+    """With q the true posterior the bound is the exact KL(pi || pi_b) plus the closed-form term that
+    eq. (7)'s swap of u for a fresh u' ~ pi in the decoder term adds:
+        sum_i s_i^2 w_i^2 / (sigma_i^2 (w_i^2 + sigma_i^2))  (s = policy std),
+    which vanishes as the policy becomes deterministic: the bound is then tight."""
+    vae, w, c, sigma = linear_gaussian_vae()
+    torch.manual_seed(1)
+    obs = torch.randn(1, 3)
+    pi_mean, pi_std = torch.tensor([[0.8, -0.5]]), torch.full((1, 2), policy_std)
+    n = 100_000
+    u = pi_mean + pi_std * torch.randn(n, 2)
+    with torch.no_grad():
+        bound = vae.kl_upper_bound(obs.expand(n, -1), u, pi_mean.expand(n, -1), pi_std.expand(n, -1), n_latent=4)
+    marginal = torch.distributions.Normal(obs @ c.T, (w**2 + sigma**2).sqrt())
+    exact_kl = torch.distributions.kl_divergence(torch.distributions.Normal(pi_mean, pi_std), marginal).sum()
+    swap_term = (pi_std**2 * w**2 / (sigma**2 * (w**2 + sigma**2))).sum()
+    assert bound.mean().item() == pytest.approx((exact_kl + swap_term).item(), rel=2e-3, abs=2e-3)
+    if policy_std < 0.01:
+        assert bound.mean().item() == pytest.approx(exact_kl.item(), rel=1e-3)
+
+
+def test_kl_bound_averages_the_ensemble_members():
+    torch.manual_seed(0)
+    vae = bp.VAEEnsemble(obs_dim=3, act_dim=2, hidden_dim=16, n_ensembles=3)
+    obs, u = torch.randn(5, 3), torch.randn(5, 2)
+    mean, std = torch.randn(5, 2), torch.rand(5, 2) + 0.2
+    torch.manual_seed(7)
+    with torch.no_grad():
+        together = vae.kl_upper_bound(obs, u, mean, std, n_latent=2000)
+        members = []
+        for i in range(3):
+            single = bp.VAEEnsemble(obs_dim=3, act_dim=2, hidden_dim=16, n_ensembles=1)
+            for src, dst in zip(vae.parameters(), single.parameters()):
+                dst.copy_(src[i:i + 1])
+            members.append(single.kl_upper_bound(obs, u, mean, std, n_latent=2000))
+    torch.testing.assert_close(together, torch.stack(members).mean(0), rtol=0.02, atol=0.02)
+
+
+# ----------------------------------------------------------------------------------------------
+# Lagrange multipliers and the gated gradient penalty
+# ----------------------------------------------------------------------------------------------
+def test_state_dependent_alpha_rises_where_kl_exceeds_the_threshold_and_falls_elsewhere():
+    agent = small_agent()
+    agent.kl_threshold = 1.0
+    over, under = torch.full((16, 3), 2.0), torch.full((16, 3), -2.0)
+    obs = torch.cat([over, under])
+    # violations +1 and -1: zero on average, so a global multiplier would not move at all
+    kl = torch.cat([torch.full((16,), 2.0), torch.full((16,), 0.0)])
+    with torch.no_grad():
+        before_over, before_under = agent.alpha(over).mean(), agent.alpha(under).mean()
+    for _ in range(100):
+        agent.update_alpha(obs, kl)
+    with torch.no_grad():
+        assert agent.alpha(over).mean() > before_over + 0.01
+        assert agent.alpha(under).mean() < before_under - 0.01
+    assert before_over.item() == pytest.approx(10.0, rel=1e-5)  # starts at --alpha-init everywhere
+
+
+@pytest.mark.parametrize("kl_value, rises", [(3.0, True), (0.2, False)])
+def test_global_alpha_follows_the_mean_violation(kl_value, rises):
+    agent = small_agent(alpha_mode="global")
+    agent.kl_threshold = 1.0
+    obs = torch.randn(8, 3)
+    before = agent.alpha(obs)[0].item()
+    agent.update_alpha(obs, torch.full((8,), kl_value))
+    after = agent.alpha(obs)[0].item()
+    assert (after > before) == rises and after != before
+
+
+def test_entropy_multiplier_keeps_an_upper_bound():
+    agent = small_agent()
+    agent.target_entropy = 0.0
+    before = agent.beta().item()
+    agent.update_beta(torch.full((4, 5), -2.0))  # entropy 2 > H_0: beta rises
+    assert agent.beta().item() > before
+    before = agent.beta().item()
+    agent.update_beta(torch.full((4, 5), 2.0))  # entropy -2 < H_0: beta falls
+    assert agent.beta().item() < before
+
+
+class KnownCritic(torch.nn.Module):  # Q_1 = 3 sum(a) + sum(s), Q_2 = sum(a^2)
+    def forward(self, obs, act):
+        return 3.0 * act.sum(-1) + obs.sum(-1), (act**2).sum(-1)
+
+
+def test_gradient_penalty_is_applied_only_where_kl_exceeds_the_threshold():
+    act = torch.tensor([[0.5, -1.0], [0.0, 2.0], [1.0, 1.0], [0.2, 0.1]])
+    kl = torch.tensor([2.0, 0.5, 1.0, 1.5])  # above, below, equal (not above), above
+    gp = bp.gated_gradient_penalty(KnownCritic(), torch.zeros(4, 1), act, kl, 1.0, "paper")
+    # ||grad Q_1||^2 = 9 * 2 = 18; ||grad Q_2||^2 = 4 * sum a^2
+    expected = torch.tensor([18 + 4 * 1.25, 0.0, 0.0, 18 + 4 * 0.05])
+    torch.testing.assert_close(gp, expected)
+
+
+def test_gradient_penalty_reaches_the_critic_only_through_gated_states():
+    torch.manual_seed(0)
+    critic = bp.Critic(obs_dim=3, act_dim=2, hidden_dim=8)
+    obs, act = torch.randn(6, 3), torch.randn(6, 2)
+    kl = torch.tensor([5.0, 0.0, 5.0, 0.0, 0.0, 5.0])
+
+    def grads(o, a, k):
+        critic.zero_grad()
+        bp.gated_gradient_penalty(critic, o, a, k, 1.0, "paper").sum().backward()
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in critic.parameters()]
+
+    gated = kl > 1.0
+    for g_all, g_sub in zip(grads(obs, act, kl), grads(obs[gated], act[gated], kl[gated])):
+        torch.testing.assert_close(g_all, g_sub)
+    assert all((g == 0).all() for g in grads(obs, act, torch.zeros(6)))
+
+
+def test_official_gate_is_a_normalised_softplus_on_the_norm_of_grad_min_q():
+    act = torch.tensor([[-1.0, -1.0], [3.0, 1.0]])  # Q_1 < Q_2 on the first row, Q_2 < Q_1 on the second
+    obs = torch.zeros(2, 1)
+    kl = torch.tensor([3.0, 0.0])
+    gp = bp.gated_gradient_penalty(KnownCritic(), obs, act, kl, 1.0, "official")
+    gate = torch.nn.functional.softplus(kl - 1.0)
+    gate = gate / gate.max()
+    # grad of min: Q_1 on row 0 -> (3, 3); Q_2 on row 1 -> 2a = (6, 2)
+    expected = torch.tensor([math.sqrt(18.0), math.sqrt(40.0)]) * gate
+    torch.testing.assert_close(gp, expected)
+
+
+def test_critic_target_mean_or_max_of_the_min_over_critics():
+    rewards, terminals = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0])
+    q1 = torch.tensor([[1.0, 4.0], [5.0, 5.0]])
+    q2 = torch.tensor([[2.0, 3.0], [9.0, 9.0]])  # min per sample: (1, 3) and (5, 5)
+    torch.testing.assert_close(bp.critic_target(rewards, terminals, q1, q2, 0.5, False), torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(bp.critic_target(rewards, terminals, q1, q2, 0.5, True), torch.tensor([2.5, 2.0]))
+
+
+def test_per_task_kl_margins_come_from_the_dataset_id():
+    assert bp.domain_defaults("mujoco/hopper/medium-v0") == {"kl_margin": 0.2}
+    assert bp.domain_defaults("mujoco/walker2d/medium-v0") == {"kl_margin": 1.0}
+    assert bp.domain_defaults("mujoco/halfcheetah/medium-v0") == {"kl_margin": 7.0}
+    assert bp.domain_defaults("D4RL/halfcheetah/medium-expert-v2") == {"kl_margin": 0.2}
+    assert bp.domain_defaults("D4RL/walker2d/medium-replay-v2") == {"kl_margin": 3.0}
+    assert bp.domain_defaults("test/hopper/random-v0") == {"kl_margin": 3.0}
+    assert bp.domain_defaults("mujoco/ant/expert-v0") == {"kl_margin": bp.DEFAULT_KL_MARGIN}
+
+
+def test_thresholds_from_the_per_state_kl():
+    agent = small_agent(kl_margin=0.5)
+    obs = torch.randn(50, 3)
+    torch.manual_seed(3)
+    delta, eps = agent.set_thresholds(obs)
+    torch.manual_seed(3)
+    kl = agent.state_kl(obs)
+    assert delta == pytest.approx(kl.mean().item() + 0.5, rel=1e-5)
+    assert eps == pytest.approx((kl.mean() + kl.std()).item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", [[], ["--alpha-mode", "global", "--gp-mode", "official", "--max-q-backup"]])
+def test_brac_plus_end_to_end(variant, datasets_path, tmp_path):
+    out = tmp_path / "runs"
+    result = run_script(
+        [os.path.join(ROOT, "algorithms", "brac_plus.py"), "--env", "test/hopper/random-v0",
+         "--bc-steps", "20", "--pretrain-steps", "20", "--total-steps", "40", "--eval-every", "20",
+         "--log-every", "10", "--epoch-steps", "10", "--kl-states", "64", "--eval-episodes", "2",
+         "--batch-size", "16", "--hidden-dim", "32", "--actor-hidden-dim", "32", "--vae-hidden-dim", "32",
+         "--n-samples", "2", "--n-latent", "2", "--output-dir", str(out), "--run-name", "r", *variant],
+        datasets_path, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "r" / "results.json").read_text())
+    assert results["finished"] and results["algorithm"] == "brac_plus"
+    assert [e["step"] for e in results["evaluations"]] == [20, 40]
+    assert results["args"]["kl_margin"] == 3.0  # the random-dataset default
+    for phase in ("behaviour model step 20", "initial policy step 20", "Q initialisation step 20", "step 40/40"):
+        assert phase in result.stdout
