@@ -131,6 +131,12 @@ def resolve_dataset(dataset_id: str):
     local = sorted(minari.list_local_datasets().keys())
     if dataset_id in local:
         return minari.load_dataset(dataset_id)
+    if dataset_id.startswith("local/"):
+        # local/* ids are never remote: they are built offline from the snapshots in tools/.
+        import tools.make_dataset
+
+        tools.make_dataset.build_local_dataset(dataset_id)
+        return minari.load_dataset(dataset_id)
     if dataset_id not in KNOWN_REMOTE_DATASETS:
         raise UserError(
             f"unknown dataset id '{dataset_id}'{_suggest(dataset_id, local + KNOWN_REMOTE_DATASETS)}"

@@ -32,8 +32,8 @@ import common  # noqa: E402
 @dataclass
 class Args:
     # --- shared by every algorithm ---
-    env: str = "mujoco/hopper/medium-v0"
-    """Minari dataset id (local first, else downloaded)"""
+    env: str = "local/hopper/medium-replay-v0"
+    """Minari dataset id: local first, else downloaded; local/* ids are built offline on first use"""
     seed: int = 0
     """seed of python, numpy, torch and the evaluation envs"""
     total_steps: int = 1_000_000

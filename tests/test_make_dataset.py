@@ -1,0 +1,240 @@
+"""tools/make_dataset.py: D4RL-style datasets built offline, at tiny sizes.
+
+A few hundred SAC steps on Pendulum-v1 give real (if weak) snapshots to build every kind from."""
+
+import json
+import os
+import subprocess
+import sys
+
+import minari
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+import common
+from tools import make_dataset as md
+
+TRAIN_STEPS, WARMUP, EVERY = 300, 100, 100
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny networks: with the CPU shared, more threads only wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_torch_thread):
+    """Snapshots of a tiny Pendulum SAC run and its training buffer."""
+    snapshot_dir = str(tmp_path_factory.mktemp("snapshots"))
+    args = md.Args(env="Pendulum-v1", train_steps=TRAIN_STEPS, warmup_steps=WARMUP, snapshot_every=EVERY,
+                   eval_episodes=1, log_every=EVERY, batch_size=32)
+    manifest, buffer = md.train_agent(args, snapshot_dir)
+    return snapshot_dir, manifest, buffer
+
+
+@pytest.fixture
+def minari_path(tmp_path, monkeypatch):
+    path = tmp_path / "minari"
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(path))
+    return path
+
+
+def episodes(dataset_id):
+    dataset = minari.load_dataset(dataset_id)
+    return dataset, list(dataset.iterate_episodes())
+
+
+def test_training_writes_snapshots_and_manifest(trained):
+    snapshot_dir, manifest, buffer = trained
+    with open(os.path.join(snapshot_dir, "manifest.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk == manifest
+    assert [s["step"] for s in manifest["snapshots"]] == [100, 200, 300]
+    assert manifest["steps_completed"] == TRAIN_STEPS
+    for snap in manifest["snapshots"]:
+        assert os.path.getsize(os.path.join(snapshot_dir, snap["file"])) < 400_000
+        assert -2000 < snap["eval_return"] <= 0  # Pendulum returns are negative
+    assert manifest["medium"] in (100, 200, 300) and manifest["expert"] in (100, 200, 300)
+    best = max(manifest["snapshots"], key=lambda s: s["eval_return"])
+    assert manifest["expert"] == best["step"]
+    assert len(buffer["rewards"]) == TRAIN_STEPS
+    # Pendulum never terminates; its 200-step time limit truncates the first episode.
+    assert not buffer["terminations"].any() and buffer["truncations"][199]
+
+
+def test_choose_snapshots_medium_is_a_third_of_the_way_up():
+    snaps = [{"step": s, "eval_return": r} for s, r in [(10, 100.0), (20, 900.0), (30, 1400.0), (40, 3000.0)]]
+    choice = md.choose_snapshots(snaps, random_return=0.0, env_id="Swimmer-v5")
+    assert (choice["medium"], choice["expert"]) == (20, 40)  # 1000 is the target
+    assert choice["reached_d4rl_expert"] is None
+    # Hopper's target is a third of D4RL's expert return once the agent beats it.
+    snaps.append({"step": 50, "eval_return": 3500.0})
+    choice = md.choose_snapshots(snaps, random_return=0.0, env_id="Hopper-v5")
+    hopper_min, hopper_max = common.D4RL_REF_SCORES["hopper"]
+    assert choice["reached_d4rl_expert"]
+    assert choice["medium_target_return"] == pytest.approx(hopper_min + (hopper_max - hopper_min) / 3)
+    assert choice["medium"] == 20 and choice["expert"] == 50 and choice["expert_is_final"]
+    assert "expert_note" not in choice
+    choice = md.choose_snapshots(snaps[:3], random_return=0.0, env_id="Hopper-v5")
+    assert choice["reached_d4rl_expert"] is False and "not expert level" in choice["expert_note"]
+    assert choice["medium"] == 10 and choice["expert"] == 30  # 1400 / 3 is closest to 100
+
+
+@pytest.mark.parametrize("kind, size", [("random", 250), ("medium", 250), ("expert", 250),
+                                        ("medium-expert", 500)])
+def test_kinds_shapes_and_sizes(trained, minari_path, kind, size):
+    snapshot_dir, manifest, _ = trained
+    [dataset_id] = md.build_datasets("Pendulum-v1", (kind,), transitions=250, snapshot_dir=snapshot_dir)
+    assert dataset_id == f"local/pendulum/{kind}-v0"
+    dataset, eps = episodes(dataset_id)
+    assert dataset.total_steps == size
+    assert sum(len(ep.rewards) for ep in eps) == size
+    for ep in eps:
+        steps = len(ep.rewards)
+        assert ep.observations.shape == (steps + 1, 3)
+        assert ep.actions.shape == (steps, 1)
+        assert np.all(np.abs(ep.actions) <= 2.0)
+        assert ep.terminations[-1] or ep.truncations[-1]
+        assert not (ep.terminations[:-1] | ep.truncations[:-1]).any()
+    # Pendulum's 200-step time limit, then the episode cut to make the size (once per half).
+    assert [len(ep.rewards) for ep in eps] == [200, 50] * (size // 250)
+    assert all(ep.truncations[-1] and not ep.terminations.any() for ep in eps)
+    meta = dataset.storage.metadata
+    expert = next(s for s in manifest["snapshots"] if s["step"] == manifest["expert"])
+    assert meta["ref_min_score"] == pytest.approx(manifest["random_return"])
+    assert meta["ref_max_score"] == pytest.approx(expert["eval_return"])
+    assert kind in meta["description"] and "seed 0" in meta["description"]
+
+
+def test_observations_follow_the_actions(trained, minari_path):
+    """Replaying an episode's actions from its first state reproduces its observations."""
+    snapshot_dir, _, _ = trained
+    md.build_datasets("Pendulum-v1", ("medium",), transitions=40, snapshot_dir=snapshot_dir)
+    dataset, [ep] = episodes("local/pendulum/medium-v0")
+    env = dataset.recover_environment()
+    env.reset()
+    for t, action in enumerate(ep.actions):
+        # Pendulum's state (angle, velocity) from observation t; float32 observations limit the
+        # precision, hence one step at a time and a loose tolerance.
+        cos, sin, velocity = ep.observations[t].astype(np.float64)
+        env.unwrapped.state = np.array([np.arctan2(sin, cos), velocity])
+        obs, reward, *_ = env.step(action)
+        np.testing.assert_allclose(obs, ep.observations[t + 1], atol=1e-4)
+        assert reward == pytest.approx(ep.rewards[t], abs=1e-4)
+    env.close()
+
+
+def test_medium_replay_from_the_real_buffer(trained, minari_path):
+    snapshot_dir, manifest, buffer = trained
+    md.build_datasets("Pendulum-v1", ("medium-replay",), snapshot_dir=snapshot_dir, training_buffer=buffer)
+    dataset, eps = episodes("local/pendulum/medium-replay-v0")
+    medium = manifest["medium"]
+    assert dataset.total_steps == medium
+    np.testing.assert_array_equal(np.concatenate([ep.observations[:-1] for ep in eps]),
+                                  buffer["observations"][:medium])
+    np.testing.assert_array_equal(np.concatenate([ep.actions for ep in eps]), buffer["actions"][:medium])
+    np.testing.assert_array_equal(np.concatenate([ep.rewards for ep in eps]), buffer["rewards"][:medium])
+    np.testing.assert_array_equal(eps[0].observations[-1], buffer["next_observations"][len(eps[0].rewards) - 1])
+    assert eps[-1].truncations[-1]
+    assert "own replay buffer" in dataset.storage.metadata["description"]
+
+
+def test_medium_replay_approximation_from_snapshots(trained, minari_path):
+    snapshot_dir, manifest, _ = trained
+    medium_step = 200
+    md.build_datasets("Pendulum-v1", ("medium-replay",), snapshot_dir=snapshot_dir, medium_step=medium_step)
+    dataset, eps = episodes("local/pendulum/medium-replay-v0")
+    assert dataset.total_steps == medium_step  # warm-up 100 + interval (100, 200]
+    assert [len(ep.rewards) for ep in eps] == [WARMUP, medium_step - WARMUP]
+    assert "approximation" in dataset.storage.metadata["description"]
+    # A smaller size shares the transitions among the segments in proportion.
+    assert md.split_quota([100, 100, 200], 100) == [25, 25, 50]
+    assert md.split_quota([3, 3, 3], 4) == [2, 1, 1]
+
+
+def _arrays(dataset_id):
+    _, eps = episodes(dataset_id)
+    return [(ep.observations, ep.actions, ep.rewards, ep.terminations, ep.truncations) for ep in eps]
+
+
+def test_same_seed_same_bytes(trained, tmp_path, monkeypatch):
+    snapshot_dir, _, _ = trained
+    builds = {}
+    for folder, seed in (("a", 0), ("b", 0), ("c", 1)):
+        monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / folder))
+        md.build_datasets("Pendulum-v1", ("random", "medium-replay", "expert"), seed=seed, transitions=230,
+                          snapshot_dir=snapshot_dir)
+        builds[folder] = {k: _arrays(f"local/pendulum/{k}-v0") for k in ("random", "medium-replay", "expert")}
+    for kind in builds["a"]:
+        a, b, c = builds["a"][kind], builds["b"][kind], builds["c"][kind]
+        assert len(a) == len(b)
+        for ep_a, ep_b in zip(a, b):
+            for x, y in zip(ep_a, ep_b):
+                assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
+        assert a[0][1].tobytes() != c[0][1].tobytes()  # another seed, other actions
+
+
+def test_hopper_random_uses_d4rl_reference_scores(tmp_path, minari_path):
+    md.build_datasets("Hopper-v5", ("random",), transitions=120, snapshot_dir=str(tmp_path / "none"))
+    dataset, eps = episodes("local/hopper/random-v0")
+    assert dataset.total_steps == 120
+    assert eps[0].observations.shape[1] == 11 and eps[0].observations.dtype == np.float64
+    assert eps[0].terminations[-1]  # random hoppers fall over
+    meta = dataset.storage.metadata
+    assert (meta["ref_min_score"], meta["ref_max_score"]) == common.D4RL_REF_SCORES["hopper"]
+
+
+def test_existing_dataset_needs_force(trained, minari_path):
+    snapshot_dir, _, _ = trained
+    md.build_datasets("Pendulum-v1", ("random",), transitions=10, snapshot_dir=snapshot_dir)
+    with pytest.raises(common.UserError, match="already exists"):
+        md.build_datasets("Pendulum-v1", ("random",), transitions=10, snapshot_dir=snapshot_dir)
+    md.build_datasets("Pendulum-v1", ("random",), transitions=20, snapshot_dir=snapshot_dir, force=True)
+    assert minari.load_dataset("local/pendulum/random-v0").total_steps == 20
+
+
+def test_loader_builds_local_dataset_on_first_use(minari_path, monkeypatch, capsys):
+    monkeypatch.setenv("LOCAL_DATASET_TRANSITIONS", "300")
+    data = common.load_dataset("local/pendulum/medium-v0")
+    assert "building it from the shipped snapshots" in capsys.readouterr().out
+    assert len(data) == 300 and data.obs_dim == 3 and data.act_dim == 1
+    with open(os.path.join(md.SNAPSHOTS_DIR, "Pendulum-v1", "manifest.json")) as f:
+        manifest = json.load(f)
+    expert = next(s for s in manifest["snapshots"] if s["step"] == manifest["expert"])
+    assert data.ref_scores_source == "dataset"
+    assert data.ref_min_score == pytest.approx(manifest["random_return"])
+    assert data.ref_max_score == pytest.approx(expert["eval_return"])
+    # The shipped medium snapshot is well above random and well below expert.
+    assert data.ref_min_score + 100 < data.episode_returns[0] < data.ref_max_score - 100
+    again = common.load_dataset("local/pendulum/medium-v0")
+    assert "building" not in capsys.readouterr().out and len(again) == 300
+
+
+@pytest.mark.parametrize("dataset_id", ["local/nosuchenv/medium-v0", "local/pendulum/bogus-v0"])
+def test_unbuildable_local_id(minari_path, dataset_id):
+    with pytest.raises(common.UserError, match="Pendulum-v1.*Hopper-v5|Hopper-v5.*Pendulum-v1"):
+        common.load_dataset(dataset_id)
+
+
+def test_discrete_action_space_is_refused():
+    with pytest.raises(common.UserError, match="'CartPole-v1' has a Discrete action space"):
+        md.main(md.Args(env="CartPole-v1", kind=("random",)))
+
+
+def test_unknown_env_is_one_line_error(tmp_path):
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_dataset.py"), "--env",
+                             "Hoper-v5", "--kind", "random"], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: Gymnasium does not know env id 'Hoper-v5'"), result.stderr
+    assert "Hopper-v5" in lines[-1]  # close match

@@ -1,0 +1,713 @@
+"""Build D4RL-style Minari datasets offline for any Gymnasium env with a Box action space.
+
+    python tools/make_dataset.py --env Hopper-v5 --kind medium-replay        # from shipped snapshots
+    python tools/make_dataset.py --env Hopper-v5 --kind medium expert --transitions 200000
+    python tools/make_dataset.py --env Hopper-v5 --train-steps 200000 --snapshot-every 10000
+    python tools/make_dataset.py --env Pendulum-v1 --train-steps 15000 --kind medium-replay
+
+Writes `local/<env>/<kind>-v0` (env id lower-cased without its `-vN` suffix) into
+MINARI_DATASETS_PATH (default ~/.minari/datasets). The recipe follows D4RL:
+
+- random:        uniform random actions over the action Box.
+- medium:        rollouts of a SAC snapshot at about one third of the expert return.
+- expert:        rollouts of the best SAC snapshot (the final policy of a converged run).
+- medium-expert: the medium rollouts followed by the expert rollouts (twice --transitions).
+- medium-replay: the SAC agent's replay buffer up to the medium snapshot. When this tool trains the
+                 agent in the same call, that is the real buffer. From shipped snapshots (the buffer
+                 is too large to ship) it is approximated: the uniform-random warm-up, then for each
+                 snapshot interval the snapshot at its end, sampled from its stochastic policy
+                 (the agent's own exploration noise), for as many steps as the interval had.
+
+medium and expert rollouts sample from the stochastic SAC policy, as D4RL did. Datasets have
+`--transitions` transitions (D4RL: 1M; the last episode is cut and marked truncated to hit the size
+exactly); medium-replay defaults to the size of the buffer it stands for.
+
+The behaviour agent is a compact SAC (2x256 MLPs, tanh-Gaussian actor, twin critics, automatic
+entropy with target -|A|, lr 3e-4, batch 256, gamma 0.99, tau 0.005, one update per env step after
+a uniform-random warm-up). Training saves the actor's state_dict every --snapshot-every steps with
+its deterministic evaluation return, in `<snapshot-dir>/manifest.json`, rewritten after every
+snapshot so that a run stopped early still leaves a usable manifest.
+
+Reference scores: halfcheetah/hopper/walker2d/ant use D4RL's constants (common.D4RL_REF_SCORES) so
+that scores are on the familiar scale; other envs use the uniform random policy's mean return and
+the expert snapshot's mean evaluation return.
+
+Same seed and same snapshots give byte-identical arrays: every episode resets its env with its own
+seed, and every random stream (numpy and torch) comes from its own explicitly seeded generator.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+from common import UserError  # noqa: E402
+
+Kind = Literal["random", "medium", "medium-replay", "expert", "medium-expert"]
+KINDS: tuple[str, ...] = Kind.__args__
+SNAPSHOTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "snapshots")
+D4RL_TRANSITIONS = 1_000_000
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+# Independent random streams, so that adding an episode to one kind never shifts another.
+STREAM_TRAIN, STREAM_RANDOM, STREAM_MEDIUM, STREAM_EXPERT, STREAM_EVAL, STREAM_RANDOM_REF = range(6)
+STREAM_REPLAY_WARMUP, STREAM_REPLAY_SEGMENT = 10, 100
+
+
+@dataclass
+class Args:
+    env: str = "Hopper-v5"
+    """Gymnasium env id (needs a Box action space and flat Box observations)"""
+    kind: tuple[Kind, ...] = ()
+    """dataset kinds to write (several allowed); empty with --train-steps trains only"""
+    seed: int = 0
+    """seed of the agent, the envs and the rollouts"""
+    transitions: Optional[int] = None
+    """transitions per dataset (default 1M as in D4RL; medium-expert has this many of each half;
+    medium-replay has the size of the buffer up to the medium snapshot, or fewer: this many, shared
+    among the warm-up and the snapshot intervals in proportion to their lengths)"""
+    train_steps: int = 0
+    """if > 0, first train the SAC behaviour agent for this many env steps, saving snapshots"""
+    snapshot_every: int = 10_000
+    """save and evaluate an actor snapshot every this many env steps"""
+    warmup_steps: int = 5_000
+    """uniform-random env steps before SAC starts acting and updating"""
+    eval_episodes: int = 10
+    """episodes per snapshot evaluation (deterministic policy) and for the random reference return"""
+    log_every: int = 2_000
+    """print training progress every this many env steps"""
+    snapshot_dir: Optional[str] = None
+    """folder of the snapshots and manifest.json (default tools/snapshots/<env id>)"""
+    medium_snapshot: Optional[int] = None
+    """training step of the snapshot used as medium (default: the manifest's choice)"""
+    expert_snapshot: Optional[int] = None
+    """training step of the snapshot used as expert (default: the manifest's choice)"""
+    force: bool = False
+    """replace datasets that already exist"""
+    lr: float = 3e-4
+    """Adam learning rate of actor, critics and entropy temperature"""
+    batch_size: int = 256
+    """SAC minibatch size"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 0.005
+    """Polyak step of the target critics"""
+
+
+# ----------------------------------------------------------------------------------------------
+# Envs, seeds, names
+# ----------------------------------------------------------------------------------------------
+def env_name(env_id: str) -> str:
+    """'Hopper-v5' -> 'hopper', the middle part of the dataset id."""
+    return re.sub(r"-v\d+$", "", env_id).lower().replace("/", "-")
+
+
+def dataset_id_for(env_id: str, kind: str) -> str:
+    return f"local/{env_name(env_id)}/{kind}-v0"
+
+
+def make_env(env_id: str):
+    """gym.make with the checks this tool needs, as one-line UserErrors."""
+    import gymnasium as gym
+    from gymnasium import spaces
+
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as exc:
+        close = difflib.get_close_matches(env_id, list(gym.registry.keys()), n=5, cutoff=0.6)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise UserError(f"Gymnasium does not know env id '{env_id}' ({exc}){hint}") from None
+    act, obs = env.action_space, env.observation_space
+    if not isinstance(act, spaces.Box):
+        env.close()
+        raise UserError(f"env '{env_id}' has a {type(act).__name__} action space; make_dataset needs "
+                        f"a Box (continuous) action space.")
+    if len(act.shape) != 1 or not (np.all(np.isfinite(act.low)) and np.all(np.isfinite(act.high))):
+        env.close()
+        raise UserError(f"env '{env_id}' has action space {act}; a 1-D Box with finite bounds is needed.")
+    if not isinstance(obs, spaces.Box) or len(obs.shape) != 1:
+        env.close()
+        raise UserError(f"env '{env_id}' has observation space {obs}; make_dataset needs flat Box "
+                        f"observations.")
+    return env
+
+
+def sub_seed(seed: int, *stream: int) -> int:
+    """A 32-bit seed for one random stream, derived from the user's seed."""
+    return int(np.random.SeedSequence([seed, *stream]).generate_state(1)[0])
+
+
+def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """[-1, 1] (tanh policy space) -> the env's Box, as float32."""
+    return (low + (action + 1.0) * 0.5 * (high - low)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# SAC
+# ----------------------------------------------------------------------------------------------
+class Actor(nn.Module):
+    """Tanh-squashed Gaussian policy with a state-dependent std."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int = 256):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(obs_dim, hidden_dim), nn.ReLU(),
+                                   nn.Linear(hidden_dim, hidden_dim), nn.ReLU())
+        self.mean = nn.Linear(hidden_dim, act_dim)
+        self.log_std = nn.Linear(hidden_dim, act_dim)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.trunk(obs)
+        return self.mean(h), self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def sample(self, obs: torch.Tensor, generator: torch.Generator | None = None):
+        """Reparameterised action in [-1, 1] and its log-probability."""
+        mean, log_std = self(obs)
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        pre_tanh = mean + log_std.exp() * noise
+        gaussian_log_prob = (-0.5 * noise.pow(2) - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
+        # log(1 - tanh(u)^2) written with softplus, which stays finite where tanh saturates.
+        squash_correction = (2.0 * (np.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))).sum(-1)
+        return torch.tanh(pre_tanh), gaussian_log_prob - squash_correction
+
+    def mode(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self(obs)[0])
+
+
+class TwinCritic(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int = 256):
+        super().__init__()
+
+        def q_net():
+            return nn.Sequential(nn.Linear(obs_dim + act_dim, hidden_dim), nn.ReLU(),
+                                 nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+                                 nn.Linear(hidden_dim, 1))
+
+        self.q1, self.q2 = q_net(), q_net()
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([obs, act], dim=-1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+
+class SAC:
+    def __init__(self, obs_dim: int, act_dim: int, args: Args):
+        self.args = args
+        self.actor = Actor(obs_dim, act_dim)
+        self.critic = TwinCritic(obs_dim, act_dim)
+        self.critic_target = TwinCritic(obs_dim, act_dim)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.log_alpha = torch.zeros(1, requires_grad=True)
+        self.target_entropy = -float(act_dim)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.lr)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.lr)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=args.lr)
+
+    def update(self, obs, act, rew, next_obs, term, generator: torch.Generator) -> None:
+        args = self.args
+        alpha = self.log_alpha.exp().detach()
+        with torch.no_grad():
+            next_act, next_log_prob = self.actor.sample(next_obs, generator)
+            next_q = torch.min(*self.critic_target(next_obs, next_act)) - alpha * next_log_prob
+            target = rew + args.gamma * (1.0 - term) * next_q
+        q1, q2 = self.critic(obs, act)
+        critic_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
+        self.critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_opt.step()
+
+        pi_act, log_prob = self.actor.sample(obs, generator)
+        actor_loss = (alpha * log_prob - torch.min(*self.critic(obs, pi_act))).mean()
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_opt.step()
+
+        alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+        self.alpha_opt.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_opt.step()
+
+        with torch.no_grad():
+            for p, tp in zip(self.critic.parameters(), self.critic_target.parameters()):
+                tp.lerp_(p, args.tau)
+
+
+def load_actor(path: str, obs_dim: int, act_dim: int) -> Actor:
+    actor = Actor(obs_dim, act_dim)
+    actor.load_state_dict(torch.load(path, weights_only=True))
+    actor.eval()
+    return actor
+
+
+def stochastic_policy(actor: Actor, low, high, seed: int) -> Callable[[np.ndarray], np.ndarray]:
+    generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        a = actor.sample(torch.as_tensor(obs, dtype=torch.float32)[None], generator)[0][0]
+        return to_env_action(a.numpy(), low, high)
+
+    return act
+
+
+def deterministic_policy(actor: Actor, low, high) -> Callable[[np.ndarray], np.ndarray]:
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        return to_env_action(actor.mode(torch.as_tensor(obs, dtype=torch.float32)[None])[0].numpy(), low, high)
+
+    return act
+
+
+def uniform_policy(low, high, seed: int) -> Callable[[np.ndarray], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return lambda obs: rng.uniform(low, high).astype(np.float32)
+
+
+def mean_return(env, act: Callable[[np.ndarray], np.ndarray], episodes: int, seed: int) -> tuple[float, float]:
+    """Mean and std of the return over `episodes` episodes with seeds seed, seed+1, ..."""
+    returns = []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=(seed + ep) % 2**32)
+        total, done = 0.0, False
+        while not done:
+            obs, r, term, trunc, _ = env.step(act(obs))
+            total += float(r)
+            done = term or trunc
+        returns.append(total)
+    return float(np.mean(returns)), float(np.std(returns))
+
+
+# ----------------------------------------------------------------------------------------------
+# Snapshots and their manifest
+# ----------------------------------------------------------------------------------------------
+def default_snapshot_dir(env_id: str) -> str:
+    return os.path.join(SNAPSHOTS_DIR, env_id.replace("/", "_"))
+
+
+def load_manifest(snapshot_dir: str, env_id: str) -> dict:
+    path = os.path.join(snapshot_dir, "manifest.json")
+    if not os.path.exists(path):
+        raise UserError(f"no snapshots for '{env_id}' in {snapshot_dir} (no manifest.json); train them with "
+                        f"`python tools/make_dataset.py --env {env_id} --train-steps N`"
+                        f"{shipped_envs_hint()}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def shipped_manifests() -> dict[str, tuple[str, str]]:
+    """env name ('hopper') -> (env id, snapshot folder) for every shipped manifest."""
+    found = {}
+    if os.path.isdir(SNAPSHOTS_DIR):
+        for entry in sorted(os.listdir(SNAPSHOTS_DIR)):
+            path = os.path.join(SNAPSHOTS_DIR, entry, "manifest.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    env_id = json.load(f)["env_id"]
+                found[env_name(env_id)] = (env_id, os.path.join(SNAPSHOTS_DIR, entry))
+    return found
+
+
+def shipped_envs_hint() -> str:
+    envs = [env_id for env_id, _ in shipped_manifests().values()]
+    return f"; shipped snapshots exist for: {', '.join(envs)}" if envs else "; no snapshots are shipped"
+
+
+def choose_snapshots(snapshots: list[dict], random_return: float, env_id: str) -> dict:
+    """Expert = best evaluated snapshot; medium = the one closest to a third of the way from the
+    floor to the expert return (D4RL's "about one third of expert"), i.e. a normalised score a third
+    of the expert's. The floor is the datasets' ref_min_score: D4RL's random return where its
+    constants are used, else this env's random return, which keeps "a third" meaningful for
+    negative-return envs such as Pendulum."""
+    best = max(snapshots, key=lambda s: s["eval_return"])
+    top, floor, reached = best["eval_return"], random_return, None
+    if env_name(env_id) in common.D4RL_REF_SCORES:
+        floor, d4rl_expert = common.D4RL_REF_SCORES[env_name(env_id)]
+        reached = top >= d4rl_expert
+        top = min(top, d4rl_expert)
+    target = floor + (top - floor) / 3.0
+    medium = min(snapshots, key=lambda s: (abs(s["eval_return"] - target), s["step"]))
+    choice = {"medium": medium["step"], "expert": best["step"], "medium_target_return": target,
+              "expert_is_final": best["step"] == snapshots[-1]["step"], "reached_d4rl_expert": reached}
+    if reached is False:
+        choice["expert_note"] = (f"not expert level: the best return reached, {best['eval_return']:.1f}, is below "
+                                 f"D4RL's expert return {d4rl_expert:.1f}; the expert kind uses this best snapshot")
+    return choice
+
+
+def snapshot_by_step(manifest: dict, step: int) -> dict:
+    for snap in manifest["snapshots"]:
+        if snap["step"] == step:
+            return snap
+    steps = ", ".join(str(s["step"]) for s in manifest["snapshots"])
+    raise UserError(f"no snapshot at step {step} for '{manifest['env_id']}'; snapshots: {steps}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def train_agent(args: Args, snapshot_dir: str) -> tuple[dict, dict]:
+    env, eval_env = make_env(args.env), make_env(args.env)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    low, high = env.action_space.low, env.action_space.high
+    torch.manual_seed(sub_seed(args.seed, STREAM_TRAIN))  # network initialisation
+    rng = np.random.default_rng(sub_seed(args.seed, STREAM_TRAIN))
+    generator = torch.Generator().manual_seed(sub_seed(args.seed, STREAM_TRAIN))
+    agent = SAC(obs_dim, act_dim, args)
+
+    n = args.train_steps
+    # Every transition the agent collected, in order: SAC's replay buffer and the real
+    # medium-replay data. Observations keep the env's dtype (float64 for MuJoCo), as Minari would.
+    obs_dtype = env.observation_space.dtype
+    buf = {"observations": np.zeros((n, obs_dim), obs_dtype),
+           "next_observations": np.zeros((n, obs_dim), obs_dtype),
+           "actions": np.zeros((n, act_dim), np.float32),  # policy space [-1, 1] until the end
+           "rewards": np.zeros(n, np.float64),
+           "terminations": np.zeros(n, bool),
+           "truncations": np.zeros(n, bool)}
+
+    eval_seed = sub_seed(args.seed, STREAM_EVAL)
+    random_return, _ = mean_return(eval_env, uniform_policy(low, high, sub_seed(args.seed, STREAM_RANDOM_REF)),
+                                   args.eval_episodes, eval_seed)
+    print(f"[train] {args.env}: SAC for {n} env steps ({args.warmup_steps} uniform-random warm-up), "
+          f"snapshots every {args.snapshot_every} into {snapshot_dir}; random policy return "
+          f"{random_return:.1f}", flush=True)
+    os.makedirs(snapshot_dir, exist_ok=True)
+    manifest = {
+        "env_id": args.env, "seed": args.seed, "command": "python " + " ".join(sys.argv),
+        "train_steps_requested": n, "steps_completed": 0, "warmup_steps": args.warmup_steps,
+        "snapshot_every": args.snapshot_every, "eval_episodes": args.eval_episodes,
+        "eval": "deterministic (tanh of the mean) policy, env seeds from the run's seed",
+        "hidden_dim": 256, "obs_dim": obs_dim, "act_dim": act_dim,
+        "sac": {"lr": args.lr, "batch_size": args.batch_size, "gamma": args.gamma, "tau": args.tau,
+                "target_entropy": -act_dim},
+        "random_return": random_return, "snapshots": [],
+    }
+
+    episode, episode_return, recent_returns = 0, 0.0, []
+    obs, _ = env.reset(seed=sub_seed(args.seed, STREAM_TRAIN, episode))
+    start = time.time()
+    for step in range(n):
+        if step < args.warmup_steps:
+            action = rng.uniform(-1.0, 1.0, act_dim).astype(np.float32)
+        else:
+            with torch.no_grad():
+                action = agent.actor.sample(torch.as_tensor(obs, dtype=torch.float32)[None], generator)[0][0].numpy()
+        next_obs, reward, term, trunc, _ = env.step(to_env_action(action, low, high))
+        buf["observations"][step], buf["next_observations"][step] = obs, next_obs
+        buf["actions"][step], buf["rewards"][step] = action, reward
+        buf["terminations"][step], buf["truncations"][step] = term, trunc
+        episode_return += float(reward)
+        obs = next_obs
+        if term or trunc:
+            recent_returns = (recent_returns + [episode_return])[-10:]
+            episode, episode_return = episode + 1, 0.0
+            obs, _ = env.reset(seed=sub_seed(args.seed, STREAM_TRAIN, episode))
+
+        if step + 1 >= args.warmup_steps:
+            idx = rng.integers(0, step + 1, args.batch_size)
+            agent.update(*(torch.as_tensor(buf[k][idx], dtype=torch.float32) for k in
+                           ("observations", "actions", "rewards", "next_observations", "terminations")),
+                         generator)
+
+        done_steps = step + 1
+        if done_steps % args.log_every == 0 or done_steps == n:
+            recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
+            print(f"[train] step {done_steps}/{n} | {done_steps / (time.time() - start):.0f} SPS | "
+                  f"recent return (last {len(recent_returns)} episodes) {recent}", flush=True)
+        if done_steps % args.snapshot_every == 0 or done_steps == n:
+            ret, std = mean_return(eval_env, deterministic_policy(agent.actor, low, high),
+                                   args.eval_episodes, eval_seed)
+            file = f"actor_{done_steps:07d}.pt"
+            common.save_checkpoint(os.path.join(snapshot_dir, file), agent.actor.state_dict())
+            manifest["snapshots"].append({"step": done_steps, "file": file, "eval_return": ret,
+                                          "eval_return_std": std, "wall_time_s": round(time.time() - start, 1)})
+            manifest["steps_completed"] = done_steps
+            manifest.update(choose_snapshots(manifest["snapshots"], random_return, args.env))
+            common.atomic_write_json(os.path.join(snapshot_dir, "manifest.json"), manifest)
+            print(f"[train] snapshot {file}: eval return {ret:.1f} ± {std:.1f} | medium = step "
+                  f"{manifest['medium']}, expert = step {manifest['expert']}", flush=True)
+    env.close()
+    eval_env.close()
+    buf["actions"] = to_env_action(buf["actions"], low, high)
+    return manifest, buf
+
+
+# ----------------------------------------------------------------------------------------------
+# Collection
+# ----------------------------------------------------------------------------------------------
+def rollout(env, act: Callable[[np.ndarray], np.ndarray], n_transitions: int, seed: int,
+            label: str) -> list[dict]:
+    """Whole episodes until `n_transitions`; the last one is cut (and marked truncated) to fit."""
+    episodes, total, report_every = [], 0, max(n_transitions // 10, 1)
+    while total < n_transitions:
+        obs, _ = env.reset(seed=(seed + len(episodes)) % 2**32)
+        observations, actions, rewards, terms, truncs = [obs], [], [], [], []
+        while True:
+            a = act(obs)
+            obs, r, term, trunc, _ = env.step(a)
+            total += 1
+            if total % report_every == 0:
+                print(f"[{label}] {total}/{n_transitions} transitions", flush=True)
+            trunc = trunc or (total == n_transitions and not term)
+            observations.append(obs)
+            actions.append(a)
+            rewards.append(r)
+            terms.append(term)
+            truncs.append(trunc)
+            if term or trunc:
+                break
+        episodes.append({"observations": np.stack(observations), "actions": np.stack(actions),
+                         "rewards": np.asarray(rewards, dtype=np.float64),
+                         "terminations": np.asarray(terms, dtype=bool),
+                         "truncations": np.asarray(truncs, dtype=bool)})
+    return episodes
+
+
+def episodes_from_buffer(buf: dict, start: int, stop: int) -> list[dict]:
+    """Split buffer rows [start, stop) into episodes; a piece cut off at `stop` is marked truncated."""
+    ends = np.flatnonzero(buf["terminations"][start:stop] | buf["truncations"][start:stop]) + start + 1
+    if not len(ends) or ends[-1] != stop:
+        ends = np.append(ends, stop)
+    episodes, first = [], start
+    for end in ends:
+        truncs = buf["truncations"][first:end].copy()
+        truncs[-1] |= not buf["terminations"][end - 1]
+        episodes.append({
+            "observations": np.concatenate([buf["observations"][first:end], buf["next_observations"][end - 1:end]]),
+            "actions": buf["actions"][first:end], "rewards": buf["rewards"][first:end],
+            "terminations": buf["terminations"][first:end].copy(), "truncations": truncs})
+        first = end
+    return episodes
+
+
+def split_quota(lengths: list[int], total: Optional[int]) -> list[int]:
+    """Share `total` transitions among segments in proportion to their lengths (largest remainder)."""
+    if total is None or total >= sum(lengths):
+        return list(lengths)
+    exact = np.asarray(lengths, dtype=np.float64) * total / sum(lengths)
+    quota = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - quota), kind="stable")[: total - quota.sum()]:
+        quota[i] += 1
+    return quota.tolist()
+
+
+def replay_segments(manifest: dict, medium_step: int) -> list[tuple[Optional[dict], int, int]]:
+    """(snapshot or None for the uniform warm-up, first step, length) of the buffer up to medium."""
+    warmup = min(manifest["warmup_steps"], medium_step)
+    segments, previous = [(None, 0, warmup)], warmup
+    for snap in manifest["snapshots"]:
+        if snap["step"] > medium_step:
+            break
+        if snap["step"] > previous:
+            segments.append((snap, previous, snap["step"] - previous))
+            previous = snap["step"]
+    return segments
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------
+def build_datasets(env_id: str, kinds: tuple[str, ...], seed: int = 0, transitions: Optional[int] = None,
+                   snapshot_dir: Optional[str] = None, medium_step: Optional[int] = None,
+                   expert_step: Optional[int] = None, training_buffer: Optional[dict] = None,
+                   force: bool = False) -> list[str]:
+    """Write one Minari dataset per kind; returns their ids."""
+    import minari
+
+    env = make_env(env_id)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    low, high = env.action_space.low, env.action_space.high
+    name = env_name(env_id)
+    ids = [dataset_id_for(env_id, kind) for kind in kinds]
+    existing = set(minari.list_local_datasets())
+    for dataset_id in ids:
+        if dataset_id in existing and not force:
+            raise UserError(f"dataset '{dataset_id}' already exists in {minari.storage.get_dataset_path()}; "
+                            f"pass --force to replace it")
+
+    # Random data needs no snapshots, but their manifest (when there is one) gives its ref scores.
+    snapshot_dir = snapshot_dir or default_snapshot_dir(env_id)
+    manifest, medium, expert = None, None, None
+    if any(kind != "random" for kind in kinds) or os.path.exists(os.path.join(snapshot_dir, "manifest.json")):
+        manifest = load_manifest(snapshot_dir, env_id)
+        medium = snapshot_by_step(manifest, medium_step or manifest["medium"])
+        expert = snapshot_by_step(manifest, expert_step or manifest["expert"])
+    size = transitions or D4RL_TRANSITIONS
+
+    if name in common.D4RL_REF_SCORES:
+        ref_min, ref_max = common.D4RL_REF_SCORES[name]
+        ref_note = "D4RL's reference constants (measured on the v2 envs)"
+    elif manifest is not None:
+        ref_min, ref_max = manifest["random_return"], expert["eval_return"]
+        ref_note = ("the uniform random policy's and the expert snapshot's mean returns "
+                    f"({manifest['eval_episodes']} episodes each)")
+    else:
+        ref_min = ref_max = None
+        ref_note = "none (no snapshots for this env, so no expert return)"
+
+    cache: dict[str, list[dict]] = {}
+    replay_how = ""
+
+    def policy_rollouts(snap: dict, stream: int, n: int, label: str) -> list[dict]:
+        actor = load_actor(os.path.join(snapshot_dir, snap["file"]), obs_dim, act_dim)
+        return rollout(env, stochastic_policy(actor, low, high, sub_seed(seed, stream, 1)), n,
+                       sub_seed(seed, stream), label)
+
+    def medium_episodes(label):
+        if "medium" not in cache:
+            cache["medium"] = policy_rollouts(medium, STREAM_MEDIUM, size, label)
+        return cache["medium"]
+
+    def expert_episodes(label):
+        if "expert" not in cache:
+            cache["expert"] = policy_rollouts(expert, STREAM_EXPERT, size, label)
+        return cache["expert"]
+
+    def medium_replay_episodes(label):
+        segments = replay_segments(manifest, medium["step"])
+        quotas = split_quota([length for _, _, length in segments], transitions)
+        # The kind's description is built here, where the quotas are known.
+        nonlocal replay_how
+        replay_how = replay_description(segments, medium["step"], training_buffer is not None, sum(quotas))
+        episodes = []
+        for i, ((snap, first, _), quota) in enumerate(zip(segments, quotas)):
+            if quota == 0:
+                continue
+            if training_buffer is not None:
+                episodes += episodes_from_buffer(training_buffer, first, first + quota)
+            elif snap is None:
+                episodes += rollout(env, uniform_policy(low, high, sub_seed(seed, STREAM_REPLAY_WARMUP, 1)),
+                                    quota, sub_seed(seed, STREAM_REPLAY_WARMUP), f"{label} warm-up")
+            else:
+                episodes += policy_rollouts(snap, STREAM_REPLAY_SEGMENT + i, quota,
+                                            f"{label} snapshot {snap['step']}")
+        return episodes
+
+    for kind, dataset_id in zip(kinds, ids):
+        label = dataset_id
+        print(f"[collect] {dataset_id}: {kind} data for {env_id}", flush=True)
+        if kind == "random":
+            episodes = rollout(env, uniform_policy(low, high, sub_seed(seed, STREAM_RANDOM, 1)), size,
+                               sub_seed(seed, STREAM_RANDOM), label)
+            how = "uniform random actions over the action Box"
+        elif kind == "medium":
+            episodes = medium_episodes(label)
+            how = "rollouts sampling from the stochastic medium policy"
+        elif kind == "expert":
+            episodes = expert_episodes(label)
+            how = "rollouts sampling from the stochastic expert policy"
+        elif kind == "medium-expert":
+            episodes = medium_episodes(label + " medium half") + expert_episodes(label + " expert half")
+            how = "the medium rollouts followed by the expert rollouts, each sampling from its stochastic policy"
+        else:
+            episodes = medium_replay_episodes(label)
+            how = replay_how
+
+        parts = [f"D4RL-style '{kind}' dataset for {env_id}, built offline by tools/make_dataset.py "
+                 f"with seed {seed}: {how}."]
+        if manifest is not None:
+            parts.append(
+                f"Behaviour agent: SAC trained online by the same tool (seed {manifest['seed']}, "
+                f"{manifest['steps_completed']} env steps); medium snapshot = step {medium['step']} "
+                f"(mean eval return {medium['eval_return']:.1f}), expert snapshot = step {expert['step']} "
+                f"(mean eval return {expert['eval_return']:.1f}"
+                + ("" if manifest.get("reached_d4rl_expert") in (None, True)
+                   else ", the best this agent reached: below D4RL's expert level")
+                + ").")
+        n_steps = sum(len(ep["rewards"]) for ep in episodes)
+        parts.append(f"{n_steps} transitions in {len(episodes)} episodes; reference scores: {ref_note}.")
+        buffers = [_episode_buffer(i, ep) for i, ep in enumerate(episodes)]
+        refs = {} if ref_min is None else {"ref_min_score": ref_min, "ref_max_score": ref_max}
+        if dataset_id in existing:
+            minari.delete_dataset(dataset_id)
+        minari.create_dataset_from_buffers(
+            dataset_id, buffers, env=env, eval_env=env_id,
+            algorithm_name="uniform random" if kind == "random" else "SAC (tools/make_dataset.py)",
+            author="offline-rl tools/make_dataset.py", author_email="offline-rl@localhost",
+            code_permalink="tools/make_dataset.py (this repository)", description=" ".join(parts), **refs)
+        print(f"[collect] wrote {dataset_id}: {n_steps} transitions, {len(episodes)} episodes, mean "
+              f"episode return {np.mean([ep['rewards'].sum() for ep in episodes]):.1f}", flush=True)
+    env.close()
+    return ids
+
+
+def replay_description(segments: list, medium_step: int, real_buffer: bool, kept: int) -> str:
+    thinned = ("" if kept == medium_step else
+               f"; {kept} of those {medium_step} transitions kept, the start of every segment (warm-up and "
+               f"snapshot intervals) in proportion to its length")
+    if real_buffer:
+        return (f"the SAC agent's own replay buffer up to the medium snapshot (its first {medium_step} env "
+                f"steps, {segments[0][2]} uniform-random warm-up steps included){thinned}")
+    steps = [snap["step"] for snap, _, _ in segments[1:]]
+    return (f"an approximation of the SAC agent's replay buffer up to the medium snapshot (step {medium_step}), "
+            f"which is too large to ship: {segments[0][2]} uniform-random warm-up "
+            f"steps as in training, then for each interval between training snapshots (steps "
+            f"{', '.join(map(str, steps))}) rollouts of the snapshot at its end, sampling from its stochastic "
+            f"policy (the exploration noise the agent used), as many steps as the interval had{thinned}")
+
+
+def _episode_buffer(index: int, episode: dict):
+    from minari.data_collector import EpisodeBuffer
+
+    return EpisodeBuffer(id=index, observations=episode["observations"], actions=episode["actions"],
+                         rewards=episode["rewards"], terminations=episode["terminations"],
+                         truncations=episode["truncations"])
+
+
+def build_local_dataset(dataset_id: str) -> None:
+    """Build a `local/<env>/<kind>-v0` id from the shipped snapshots (used by common.load_dataset).
+
+    LOCAL_DATASET_TRANSITIONS (env var) overrides the size, e.g. for quick tests."""
+    import minari
+
+    match = re.fullmatch(r"local/([^/]+)/(.+)-v0", dataset_id)
+    shipped = shipped_manifests()
+    if match is None or match[1] not in shipped or match[2] not in KINDS:
+        ids = [dataset_id_for(env_id, "<kind>") for env_id, _ in shipped.values()]
+        raise UserError(f"cannot build '{dataset_id}': buildable ids are {', '.join(ids) or '(none)'} with "
+                        f"<kind> one of {', '.join(KINDS)}{shipped_envs_hint()}")
+    env_id, snapshot_dir = shipped[match[1]]
+    raw = os.environ.get("LOCAL_DATASET_TRANSITIONS")
+    try:
+        transitions = int(raw) if raw else None
+    except ValueError:
+        raise UserError(f"LOCAL_DATASET_TRANSITIONS must be an integer, got '{raw}'") from None
+    print(f"'{dataset_id}' is not in {minari.storage.get_dataset_path()}: building it from the shipped "
+          f"snapshots in {snapshot_dir} ({transitions or 'the default number of'} transitions); "
+          f"this happens once", flush=True)
+    build_datasets(env_id, (match[2],), transitions=transitions, snapshot_dir=snapshot_dir)
+
+
+def main(args: Args) -> None:
+    if args.train_steps <= 0 and not args.kind:
+        raise UserError("nothing to do: pass --kind (one or more of " + ", ".join(KINDS)
+                        + ") and/or --train-steps N")
+    if args.transitions is not None and args.transitions <= 0:
+        raise UserError(f"--transitions must be positive, got {args.transitions}")
+    make_env(args.env).close()  # fail fast on a bad env, before any training
+    # Small networks and single-row rollouts: one thread is faster than several fighting over 2 cores.
+    torch.set_num_threads(1)
+    snapshot_dir = args.snapshot_dir or default_snapshot_dir(args.env)
+    training_buffer = None
+    if args.train_steps > 0:
+        _, training_buffer = train_agent(args, snapshot_dir)
+    if args.kind:
+        build_datasets(args.env, tuple(args.kind), args.seed, args.transitions, snapshot_dir,
+                       args.medium_snapshot, args.expert_snapshot, training_buffer, args.force)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
