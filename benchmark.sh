@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Placeholder. The real benchmark (issue "benchmark.sh reproduces the paper tables") will run every
-# algorithm on the paper datasets (or their Minari stand-ins), several seeds, and write
-# results/summary.md with the papers' numbers side by side. Until then, one run looks like:
-#   python algorithms/iql.py --env mujoco/hopper/medium-v0 --seed 0
-echo "benchmark.sh is not implemented yet: see README.md, section 'Benchmark', for what is coming." >&2
-exit 2
+# Reproduce the seed papers' tables: run the algorithms on the paper datasets (or their Minari
+# stand-ins) and write results/summary.md. All logic is in tools/benchmark.py; see its --help, or
+#   bash benchmark.sh --quick --workers 2     # offline, ~30 minutes on 2 CPU cores
+#   bash benchmark.sh --dry-run               # print the commands of the full benchmark
+#   bash benchmark.sh --slurm                 # write them as a Slurm array job
+set -euo pipefail
+exec python "$(dirname "$0")/tools/benchmark.py" "$@"

@@ -1,0 +1,392 @@
+"""Run the algorithms on the paper datasets (or their Minari stand-ins) and summarise the results.
+
+`bash benchmark.sh [flags]` calls this script. Every run is one command line,
+    OMP_NUM_THREADS=T python algorithms/<algo>.py --env <dataset> --seed <s> --total-steps ... \
+        --output-dir <out> --run-name <algo>__<dataset with / as ->__s<seed>
+and the same lines are run here by a pool of --workers processes, printed by --dry-run, or written
+to a Slurm array job by --slurm. A run whose results.json says `"finished": true` is skipped, so an
+interrupted benchmark resumes where it stopped. At the end, tools/summarize.py writes the tables.
+
+Which data stands in for which paper dataset is in benchmarks/datasets.csv; the papers' numbers
+are in benchmarks/paper_scores.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import difflib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from common import KNOWN_REMOTE_DATASETS, UserError  # noqa: E402  (also installs the one-line error hook)
+
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+PAPER_STEPS = 1_000_000  # every paper table trains for 1M gradient steps
+FULL_EVAL_EVERY, FULL_EVAL_EPISODES = 5_000, 10  # the papers' protocol
+FULL_SEEDS = 5  # the most any table uses (Fisher-BRC); the summary takes each paper's own count
+
+# --quick: offline, on local stand-ins, sized for a 2-core CPU. Budgets from the measured single-
+# thread gradient steps per second (lower end, README "Speed" and tools/bench_cpu.py) so that each
+# run trains for about 1.5 minutes; a behaviour phase (--bc-steps) is counted separately.
+#   algo        steps  bc-steps  SPS (RL / behaviour)  training time
+#   bc          20000     -      450                   44 s
+#   td3_bc      10000     -      120                   83 s
+#   iql          8000     -       80                  100 s
+#   awr          6000     -       60                  100 s
+#   cql           800    200      5-10 (BC inside)     80-160 s
+#   fisher_brc   2000   5000      25 / 110             80 + 45 = 125 s
+#   itrpo         700   5000       7 / 170            100 + 29 = 129 s
+# That is 660-740 s per (dataset, seed), plus ~16 s per run of start-up, data loading and ten
+# evaluations of 5 episodes: ~790-850 s. Two datasets x two seeds = 3200-3400 s of work, on two
+# workers 27-28 minutes, plus under a minute to build the two datasets once (50k and <=20k
+# transitions).
+QUICK_BUDGETS = {
+    "bc": (20_000, None),
+    "td3_bc": (10_000, None),
+    "iql": (8_000, None),
+    "awr": (6_000, None),
+    "cql": (800, 200),
+    "fisher_brc": (2_000, 5_000),
+    "itrpo": (700, 5_000),
+}
+QUICK_DATASETS = ["local/hopper/medium-v0", "local/hopper/medium-replay-v0"]
+QUICK_SEEDS = [0, 1]
+QUICK_EVALUATIONS, QUICK_EVAL_EPISODES = 10, 5
+# Quick datasets are small: the default local size is D4RL's 1M transitions, ~10 minutes to build
+# on a CPU (~1,500 transitions/s), while a quick run samples at most 20k x 256 of them. They live in
+# their own Minari folder so that a later full benchmark never takes them for the full-size
+# datasets of the same id.
+QUICK_TRANSITIONS = 50_000
+
+
+def algorithm_names() -> list[str]:
+    folder = os.path.join(ROOT, "algorithms")
+    return sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
+
+
+def has_bc_phase(algo: str) -> bool:
+    """Whether algorithms/<algo>.py takes --bc-steps (read from its Args, without importing torch)."""
+    with open(os.path.join(ROOT, "algorithms", f"{algo}.py")) as f:
+        return re.search(r"^\s+bc_steps: int", f.read(), re.MULTILINE) is not None
+
+
+def read_dataset_map() -> list[dict]:
+    with open(os.path.join(BENCHMARKS, "datasets.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def minari_root() -> str:
+    return os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets")
+
+
+def local_buildable(dataset_id: str) -> bool:
+    """local/<env>/<kind>-v0 ids that tools/make_dataset.py can build from shipped snapshots."""
+    from tools.make_dataset import KINDS, shipped_manifests
+
+    match = re.fullmatch(r"local/([^/]+)/(.+)-v0", dataset_id)
+    return match is not None and match[1] in shipped_manifests() and match[2] in KINDS
+
+
+def resolve_datasets(names: list[str] | None, quick: bool, folder: str | None = None) -> list[str]:
+    """Minari ids for --datasets: ids as they are, paper dataset names through datasets.csv.
+    `folder`: the Minari folder the runs will use (default: the user's)."""
+    folder = folder or minari_root()
+    mapping = read_dataset_map()
+    column = "quick_id" if quick else "minari_id"
+    if not names:
+        if quick:
+            return list(QUICK_DATASETS)
+        return list(dict.fromkeys(row["minari_id"] for row in mapping if row["minari_id"]))
+    by_paper = {row["paper_dataset"]: row for row in mapping}
+    mapped = {row[c] for row in mapping for c in ("minari_id", "quick_id") if row[c]}
+    result = []
+    for name in names:
+        if name in by_paper:
+            row = by_paper[name]
+            if not row[column]:
+                raise UserError(f"paper dataset '{name}' has no {'offline (quick) ' if quick else ''}stand-in: "
+                                f"{row['note'] or 'see benchmarks/datasets.csv'}")
+            result.append(row[column])
+            continue
+        known = (name in mapped or name in KNOWN_REMOTE_DATASETS or local_buildable(name)
+                 or os.path.isdir(os.path.join(folder, name)))
+        if not known:
+            close = difflib.get_close_matches(name, sorted(set(by_paper) | mapped | set(KNOWN_REMOTE_DATASETS)), n=4)
+            hint = f"; close matches: {', '.join(close)}" if close else ""
+            raise UserError(f"unknown dataset '{name}'{hint} (give a Minari id or a paper dataset name "
+                            f"from benchmarks/datasets.csv)")
+        if quick and not (name.startswith("local/") or os.path.isdir(os.path.join(folder, name))):
+            raise UserError(f"--quick runs offline, but '{name}' is neither local/* nor in {folder}")
+        result.append(name)
+    return list(dict.fromkeys(result))
+
+
+def resolve_algos(names: list[str] | None, quick: bool, steps_given: bool) -> list[str]:
+    available = algorithm_names()
+    if not names:
+        return [a for a in available if a in QUICK_BUDGETS] if quick else available
+    for name in names:
+        if name not in available:
+            close = difflib.get_close_matches(name, available, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise UserError(f"unknown algorithm '{name}'{hint}; choose from {', '.join(available)}")
+        if quick and name not in QUICK_BUDGETS and not steps_given:
+            raise UserError(f"--quick has no budget for '{name}': pass --steps (and --bc-steps), or add it to "
+                            f"QUICK_BUDGETS in tools/benchmark.py")
+    return list(dict.fromkeys(names))
+
+
+def run_name(algo: str, dataset: str, seed: int) -> str:
+    return f"{algo}__{dataset.replace('/', '-')}__s{seed}"
+
+
+def gpu_ids() -> list[str]:
+    """Visible GPUs, without importing torch: CUDA_VISIBLE_DEVICES if set, else nvidia-smi -L."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def build_runs(args, algos: list[str], datasets: list[str], out_dir: str) -> list[dict]:
+    """One dict per run: its name, argv (with "python" as the interpreter) and environment."""
+    # One OpenMP thread per core a worker may use (oversubscribed PyTorch threads spin-wait); quick
+    # mode is sized for single-thread runs, and on a cluster Slurm gives each task its own cores.
+    if args.threads:
+        threads = args.threads
+    elif args.quick or args.slurm is not None:
+        threads = 1
+    else:
+        threads = max(1, (os.cpu_count() or 1) // args.workers)
+    gpus = gpu_ids()
+    runs = []
+    for dataset in datasets:
+        for algo in algos:
+            steps, bc_steps = QUICK_BUDGETS.get(algo, (None, None)) if args.quick else (PAPER_STEPS, None)
+            steps = args.steps or steps
+            bc_steps = args.bc_steps or bc_steps
+            if args.quick:
+                eval_every = args.eval_every or max(1, steps // QUICK_EVALUATIONS)
+                eval_episodes = args.eval_episodes or QUICK_EVAL_EPISODES
+            else:
+                eval_every = args.eval_every or FULL_EVAL_EVERY
+                eval_episodes = args.eval_episodes or FULL_EVAL_EPISODES
+            for seed in args.seeds:
+                name = run_name(algo, dataset, seed)
+                argv = ["python", f"algorithms/{algo}.py", "--env", dataset, "--seed", str(seed),
+                        "--total-steps", str(steps)]
+                if bc_steps is not None and has_bc_phase(algo):
+                    argv += ["--bc-steps", str(bc_steps)]
+                argv += ["--eval-every", str(eval_every), "--eval-episodes", str(eval_episodes),
+                         "--output-dir", out_dir, "--run-name", name]
+                env = {"OMP_NUM_THREADS": str(threads)}
+                if gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = gpus[len(runs) % len(gpus)]  # round-robin over GPUs
+                runs.append({"name": name, "algo": algo, "dataset": dataset, "seed": seed,
+                             "steps": steps, "argv": argv, "env": env})
+    return runs
+
+
+def command_line(run: dict, with_env: bool = True) -> str:
+    prefix = [f"{k}={v}" for k, v in run["env"].items()] if with_env else []
+    return " ".join(prefix + [shlex.join(run["argv"])])
+
+
+def run_status(run: dict, out_dir: str) -> str:
+    """'finished', 'todo', or a one-line conflict when finished results used other settings."""
+    path = os.path.join(ROOT, out_dir, run["name"], "results.json")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return "todo"
+    if not results.get("finished"):
+        return "todo"
+    done_steps = results.get("args", {}).get("total_steps")
+    if done_steps != run["steps"]:
+        return (f"{path} is a finished run of {done_steps} steps but this selection asks for {run['steps']}; "
+                f"use another --output-dir or remove that run")
+    return "finished"
+
+
+def fetch_datasets(datasets: list[str]) -> None:
+    """Download or build every dataset once, here, before any worker starts: parallel runs would
+    otherwise race to write the same files."""
+    import common
+
+    for dataset in datasets:
+        print(f"[benchmark] dataset {dataset}", flush=True)
+        common.resolve_dataset(dataset)
+
+
+def write_slurm(runs: list[dict], out_dir: str, path: str, workers: int) -> None:
+    threads = runs[0]["env"]["OMP_NUM_THREADS"]
+    lines = [
+        "#!/usr/bin/env bash",
+        "# Written by tools/benchmark.py --slurm: one array task per run. Edit the #SBATCH lines for",
+        "# your cluster (partition, time limit, GPUs), then: sbatch " + path,
+        "# The datasets must already be in the cluster's MINARI_DATASETS_PATH: run the same selection",
+        "# with --fetch-only on a machine with network access first.",
+        "#SBATCH --job-name=offline-rl-benchmark",
+        f"#SBATCH --array=0-{len(runs) - 1}%{workers}",
+        f"#SBATCH --cpus-per-task={threads}",
+        "# #SBATCH --gres=gpu:1",
+        f"#SBATCH --output={os.path.join(ROOT, out_dir)}/slurm-%A_%a.log",  # sbatch reads it before the cd
+        "set -euo pipefail",
+        f"cd {shlex.quote(ROOT)}",
+        # The runs' environment (threads; quick mode's data folder), but not this machine's GPU choice.
+        *[f"export {k}={shlex.quote(v)}" for k, v in runs[0]["env"].items() if k != "CUDA_VISIBLE_DEVICES"],
+        "RUN_NAMES=(",
+        *[f"  {shlex.quote(r['name'])}" for r in runs],
+        ")",
+        "COMMANDS=(",
+        *[f"  {shlex.quote(command_line(r, with_env=False))}" for r in runs],
+        ")",
+        "i=${SLURM_ARRAY_TASK_ID}",
+        "# Resume: a run that already finished is skipped.",
+        f"if grep -qs '\"finished\": true' {shlex.quote(out_dir)}/\"${{RUN_NAMES[$i]}}\"/results.json; then",
+        "  echo \"${RUN_NAMES[$i]} already finished\"; exit 0",
+        "fi",
+        "eval \"${COMMANDS[$i]}\"",
+    ]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    os.makedirs(os.path.join(ROOT, out_dir), exist_ok=True)  # Slurm does not create the log folder
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def execute(runs: list[dict], out_dir: str, workers: int) -> list[str]:
+    """Run with `workers` processes at a time; returns the names of the runs that failed."""
+    def one(run):
+        folder = os.path.join(ROOT, out_dir, run["name"])
+        os.makedirs(folder, exist_ok=True)
+        start = time.time()
+        with open(os.path.join(folder, "stdout.log"), "w") as log:
+            rc = subprocess.run([sys.executable, *run["argv"][1:]], cwd=ROOT, env={**os.environ, **run["env"]},
+                                stdout=log, stderr=subprocess.STDOUT).returncode
+        return run, rc, time.time() - start
+
+    failed = []
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for done, future in enumerate(concurrent.futures.as_completed([pool.submit(one, r) for r in runs]), 1):
+            run, rc, seconds = future.result()
+            status = "ok" if rc == 0 else f"FAILED (exit {rc}), see {out_dir}/{run['name']}/stdout.log"
+            print(f"[benchmark] {done}/{len(runs)} {run['name']}: {status} ({seconds:.0f} s)", flush=True)
+            if rc != 0:
+                failed.append(run["name"])
+    return failed
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algos", nargs="+",
+                   help="algorithm files to run (default: all; --quick: those with a quick budget)")
+    p.add_argument("--datasets", nargs="+", help="Minari ids or paper dataset names from benchmarks/datasets.csv "
+                   "(default: every mapped dataset; --quick: " + ", ".join(QUICK_DATASETS) + ")")
+    p.add_argument("--seeds", nargs="+", type=int, help=f"seeds (default: 0-{FULL_SEEDS - 1}; --quick: 0 1)")
+    p.add_argument("--steps", type=int,
+                   help=f"gradient steps of every run (default: {PAPER_STEPS}; --quick: per algorithm)")
+    p.add_argument("--bc-steps", type=int,
+                   help="behaviour phase of the files that have one (default: theirs; --quick: per algorithm)")
+    p.add_argument("--eval-every", type=int,
+                   help=f"(default: {FULL_EVAL_EVERY}; --quick: steps / {QUICK_EVALUATIONS})")
+    p.add_argument("--eval-episodes", type=int,
+                   help=f"(default: {FULL_EVAL_EPISODES}; --quick: {QUICK_EVAL_EPISODES})")
+    p.add_argument("--workers", type=int,
+                   help="runs at a time on this machine, GPUs round-robin (default: 1; --quick: 2)")
+    p.add_argument("--threads", type=int,
+                   help="OMP_NUM_THREADS of each run (default: cores / workers; 1 with --quick or --slurm)")
+    p.add_argument("--output-dir", help="where runs go (default: runs/benchmark; --quick: runs/benchmark-quick)")
+    p.add_argument("--results-dir", help="where the summary goes (default: results; --quick: results/quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="offline, local datasets, CPU-sized budgets (~30 min on 2 idle cores)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do, and stop")
+    p.add_argument("--slurm", metavar="FILE", nargs="?", const="",
+                   help="write an sbatch array job (default: <output-dir>/benchmark.sbatch) instead of running")
+    p.add_argument("--fetch-only", action="store_true", help="download/build the datasets, and stop")
+    args = p.parse_args(argv)
+    for flag in ("steps", "bc_steps", "eval_every", "eval_episodes", "workers", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.seeds is not None and any(s < 0 for s in args.seeds):
+        raise UserError(f"--seeds must be non-negative, got {args.seeds}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.seeds is None:
+        args.seeds = QUICK_SEEDS if args.quick else list(range(FULL_SEEDS))
+    if args.workers is None:
+        args.workers = 2 if args.quick else 1
+    default_out = "runs/benchmark-quick" if args.quick else "runs/benchmark"
+    out_abs = os.path.abspath(args.output_dir or os.path.join(ROOT, default_out))
+    # Commands run from the repository root; paths inside it are written relative, for the cluster.
+    out_dir = os.path.relpath(out_abs, ROOT) if out_abs.startswith(ROOT + os.sep) else out_abs
+    results_dir = args.results_dir or os.path.join(ROOT, "results/quick" if args.quick else "results")
+    data_env = {}  # what both the dataset builder here and every run must see
+    if args.quick:
+        data_env = {"MINARI_DATASETS_PATH": os.path.join(out_abs, "datasets"),
+                    "LOCAL_DATASET_TRANSITIONS": os.environ.get("LOCAL_DATASET_TRANSITIONS", str(QUICK_TRANSITIONS))}
+
+    algos = resolve_algos(args.algos, args.quick, args.steps is not None)
+    datasets = resolve_datasets(args.datasets, args.quick, data_env.get("MINARI_DATASETS_PATH"))
+    runs = build_runs(args, algos, datasets, out_dir)
+    for run in runs:
+        run["env"].update(data_env)
+
+    statuses = {r["name"]: run_status(r, out_dir) for r in runs}
+    conflicts = [s for s in statuses.values() if s not in ("finished", "todo")]
+    if conflicts:
+        raise UserError(conflicts[0] + (f" ({len(conflicts) - 1} more like it)" if len(conflicts) > 1 else ""))
+    todo = [r for r in runs if statuses[r["name"]] == "todo"]
+    skipped = len(runs) - len(todo)
+
+    if args.dry_run:
+        print(f"# {len(runs)} runs, {skipped} already finished, {len(todo)} to do")
+        for run in todo:
+            print(command_line(run))
+        return 0
+    if args.slurm is not None:
+        if not todo:
+            print(f"[benchmark] all {len(runs)} runs are finished: nothing to write")
+            return 0
+        path = args.slurm or os.path.join(out_abs, "benchmark.sbatch")
+        write_slurm(todo, out_dir, path, args.workers)
+        print(f"[benchmark] wrote {path}: {len(todo)} array tasks ({skipped} runs already finished)")
+        return 0
+
+    os.environ.update(data_env)
+    fetch_datasets(datasets)
+    if args.fetch_only:
+        return 0
+    print(f"[benchmark] {len(runs)} runs: {skipped} already finished, {len(todo)} to do, {args.workers} at a time; "
+          f"runs in {out_dir}", flush=True)
+    failed = execute(todo, out_dir, args.workers) if todo else []
+
+    import tools.summarize
+
+    tools.summarize.main([out_abs, "--out", results_dir])
+    if failed:
+        print(f"[benchmark] {len(failed)} runs failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Summarise benchmark runs next to the papers' numbers.
+
+    python tools/summarize.py RUNS_DIR [RUNS_DIR ...] [--out results]
+
+Reads every results.json under the folders and writes, in --out:
+- summary.md: for each paper table (benchmarks/paper_scores.csv), paper dataset x algorithm, our
+  mean +- std of the normalised score computed with that paper's rule and number of seeds, next to
+  the paper's number, flagged when outside the paper's range; which data stood in for which paper
+  dataset (benchmarks/datasets.csv); and the runs on datasets no paper reports.
+- runs.csv: one row per run.
+- curves/<dataset>.png: learning curves, every algorithm on one figure (mean +- std over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from common import UserError  # noqa: E402  (also installs the one-line error hook)
+
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+
+# How a run's evaluations become its score, per the papers' "final_score_rule".
+RULES = {
+    "last": "the last evaluation of each seed (mean ± std over seeds)",
+    "mean_last_10": "the last 10 evaluations of each seed, pooled (mean ± std over seeds × evaluations)",
+}
+# A cell is flagged when our mean lies outside paper mean +- max(2 x paper std, 5 points): the papers'
+# stds are over few seeds (and absent for borrowed columns), so a floor keeps noise from flagging.
+FLAG_STDS, FLAG_MIN_POINTS = 2.0, 5.0
+
+
+def load_runs(folders: list[str]) -> list[dict]:
+    import json
+
+    runs = []
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise UserError(f"no such folder of runs: {folder}")
+        for root, _, files in os.walk(folder):
+            if "results.json" in files:
+                with open(os.path.join(root, "results.json")) as f:
+                    results = json.load(f)
+                results["run_dir"] = os.path.relpath(root, folder)
+                runs.append(results)
+    return sorted(runs, key=lambda r: (r["env"], r["algorithm"], r["seed"]))
+
+
+def scores(run: dict, rule: str) -> list[float]:
+    """The normalised scores a run contributes under `rule` (empty without reference scores)."""
+    values = [e["normalized_score_mean"] for e in run["evaluations"] if e["normalized_score_mean"] is not None]
+    if not values:
+        return []
+    return values[-1:] if rule == "last" else values[-10:]
+
+
+def read_csv(name: str) -> list[dict]:
+    with open(os.path.join(BENCHMARKS, name), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def fmt(mean: float, std: float | None) -> str:
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+
+
+def paper_cell(row: dict) -> str:
+    """The paper's number as the paper printed it (ARQ prints integers)."""
+    return row["score_mean"] + (f" ± {row['score_std']}" if row["score_std"] else "")
+
+
+def out_of_range(ours: float, row: dict) -> str:
+    paper = float(row["score_mean"])
+    half_width = max(FLAG_STDS * float(row["score_std"] or 0.0), FLAG_MIN_POINTS)
+    if ours < paper - half_width:
+        return " ⚠ low"
+    if ours > paper + half_width:
+        return " ⚠ high"
+    return ""
+
+
+def aggregate(runs: list[dict], rule: str, n_seeds: int) -> dict | None:
+    """Our cell: the paper's rule over the first `n_seeds` finished seeds."""
+    chosen = sorted((r for r in runs if r.get("finished")), key=lambda r: r["seed"])[:n_seeds]
+    per_seed = [scores(r, rule) for r in chosen]
+    if not chosen or not all(per_seed):
+        return None
+    if rule == "mean_last_10":
+        values = [v for seed_values in per_seed for v in seed_values]
+    else:
+        values = [seed_values[0] for seed_values in per_seed]
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "seeds": len(chosen),
+            "steps": sorted({r["args"]["total_steps"] for r in chosen}),
+            "short": rule == "mean_last_10" and any(len(s) < 10 for s in per_seed)}
+
+
+def table_protocol(rows: list[dict]) -> tuple[str, int, int]:
+    """(rule, seeds, steps) of the paper's own runs in a table; borrowed columns don't count."""
+    own = [r for r in rows if r["final_score_rule"] in RULES]
+    rules = {r["final_score_rule"] for r in own}
+    if len(rules) != 1:
+        raise UserError(f"table {rows[0]['paper']} {rows[0]['table']} has final_score_rule {sorted(rules)}: "
+                        f"expected exactly one of {', '.join(RULES)} among its own methods")
+    return rules.pop(), max(int(r["seeds"]) for r in own), max(int(r["steps"]) for r in own)
+
+
+def pick_dataset(mapping_row: dict, by_dataset: dict) -> str | None:
+    """The data that stood in for a paper dataset: the full stand-in if it has runs, else the quick one."""
+    for column in ("minari_id", "quick_id"):
+        if mapping_row[column] and mapping_row[column] in by_dataset:
+            return mapping_row[column]
+    return None
+
+
+def table_markdown(rows: list[dict], mapping: dict, by_dataset: dict, algo_order: list[str]) -> list[str]:
+    paper, table = rows[0]["paper"], rows[0]["table"]
+    rule, seeds, steps = table_protocol(rows)
+    datasets = list(dict.fromkeys(r["paper_dataset"] for r in rows))
+    used = {ds: pick_dataset(mapping[ds], by_dataset) for ds in datasets if ds in mapping}
+    with_runs = [ds for ds in datasets if used.get(ds)]
+    out = [f"### {paper}: {table}", "",
+           f"Paper protocol: {seeds} seeds, {steps:,} steps, score = {RULES[rule]}. Our cells use the same rule "
+           f"over our first {seeds} seeds. Cell: ours, paper's number in brackets."]
+    if not with_runs:
+        return out + ["", f"No runs on this table's {len(datasets)} datasets yet.", ""]
+    ours_algos = {a for ds in with_runs for a in by_dataset[used[ds]]}
+    mapped = list(dict.fromkeys(r["algo"] for r in rows if r["algo"]))
+    algos = [a for a in algo_order if a in ours_algos or a in mapped]
+    reference = list(dict.fromkeys(r["method"] for r in rows if not r["algo"]))
+    header = ["paper dataset", "our data"] + algos + [f"{m} (paper)" for m in reference]
+    out += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    notes = set()
+    for ds in with_runs:
+        cells = [ds, f"`{used[ds]}` ({mapping[ds]['relation']})"]
+        for algo in algos:
+            paper_row = next((r for r in rows if r["paper_dataset"] == ds and r["algo"] == algo), None)
+            ours = aggregate(by_dataset[used[ds]].get(algo, []), rule, seeds)
+            text = "—" if ours is None else fmt(ours["mean"], ours["std"])
+            if ours is not None:
+                if paper_row is not None:
+                    text += out_of_range(ours["mean"], paper_row)
+                if ours["seeds"] < seeds or ours["steps"][-1] < steps or ours["short"]:
+                    text += " †"
+                    notes.add(f"{algo}: {ours['seeds']} seeds, {', '.join(f'{s:,}' for s in ours['steps'])} steps"
+                              + (", fewer than 10 evaluations" if ours["short"] else ""))
+            if paper_row is not None:
+                text += f" ({paper_cell(paper_row)})"
+            cells.append(text)
+        for method in reference:
+            paper_row = next((r for r in rows if r["paper_dataset"] == ds and r["method"] == method), None)
+            cells.append(paper_cell(paper_row) if paper_row else "")
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", f"Rows: {len(with_runs)} of the table's {len(datasets)} datasets (the others have no runs)."]
+    if notes:
+        out.append("† fewer seeds, steps or evaluations than the paper: " + "; ".join(sorted(notes)) + ".")
+    return out + [""]
+
+
+def run_rows(runs: list[dict]) -> list[dict]:
+    rows = []
+    for run in runs:
+        last10 = scores(run, "mean_last_10")
+        rows.append({
+            "run": run["run_dir"], "algorithm": run["algorithm"], "dataset": run["env"], "seed": run["seed"],
+            "finished": run.get("finished", False), "total_steps": run["args"].get("total_steps"),
+            "bc_steps": run["args"].get("bc_steps", ""), "evaluations": len(run["evaluations"]),
+            "final_normalized_score": run.get("final_normalized_score"),
+            "mean_last_10_normalized_score": float(np.mean(last10)) if last10 else None,
+            "final_return": run.get("final_return"), "train_seconds": run.get("train_seconds"),
+            "transitions": run["dataset"]["transitions"], "ref_scores_source": run["dataset"]["ref_scores_source"],
+        })
+    return rows
+
+
+def plot_curves(runs: list[dict], folder: str) -> dict[str, str]:
+    """One PNG per dataset; returns dataset -> file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(folder, exist_ok=True)
+    files = {}
+    for dataset in sorted({r["env"] for r in runs}):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        normalised = all(e["normalized_score_mean"] is not None for r in runs if r["env"] == dataset
+                         for e in r["evaluations"])
+        key = "normalized_score_mean" if normalised else "return_mean"
+        for algo in sorted({r["algorithm"] for r in runs if r["env"] == dataset}):
+            curves = [{e["step"]: e[key] for e in r["evaluations"]}
+                      for r in runs if r["env"] == dataset and r["algorithm"] == algo and r["evaluations"]]
+            if not curves:
+                continue
+            steps = sorted(set.intersection(*(set(c) for c in curves)))  # steps every seed reached
+            values = np.array([[c[s] for s in steps] for c in curves])
+            mean, std = values.mean(0), values.std(0)
+            ax.plot(steps, mean, label=f"{algo} ({len(curves)} seeds)")
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+        ax.set_xlabel("gradient steps")
+        ax.set_ylabel("normalised score" if normalised else "return")
+        ax.set_title(dataset)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        name = dataset.replace("/", "-") + ".png"
+        fig.savefig(os.path.join(folder, name), dpi=100)
+        plt.close(fig)
+        files[dataset] = name
+    return files
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="folders of runs (searched recursively for results.json)")
+    p.add_argument("--out", default=os.path.join(ROOT, "results"), help="output folder (default: results)")
+    args = p.parse_args(argv)
+
+    runs = load_runs(args.runs)
+    if not runs:
+        raise UserError(f"no results.json under {', '.join(args.runs)}")
+    os.makedirs(args.out, exist_ok=True)
+    rows = run_rows(runs)
+    with open(os.path.join(args.out, "runs.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    curves = plot_curves(runs, os.path.join(args.out, "curves"))
+
+    by_dataset: dict[str, dict[str, list]] = {}
+    for run in runs:
+        by_dataset.setdefault(run["env"], {}).setdefault(run["algorithm"], []).append(run)
+    mapping = {r["paper_dataset"]: r for r in read_csv("datasets.csv")}
+    paper_rows = read_csv("paper_scores.csv")
+    tables: dict[tuple, list] = {}
+    for row in paper_rows:
+        tables.setdefault((row["paper"], row["table"]), []).append(row)
+    algo_order = list(dict.fromkeys([r["algo"] for r in paper_rows if r["algo"]]
+                                    + sorted({r["algorithm"] for r in runs})))
+
+    unfinished = sum(not r.get("finished") for r in runs)
+    md = ["# Benchmark summary", "",
+          f"{len(runs)} runs from {', '.join(args.runs)} ({unfinished} unfinished, left out of the tables). "
+          f"Normalised scores: 100 = the dataset's expert reference, 0 = random. "
+          f"⚠ low / ⚠ high: our mean is outside the paper's mean ± max({FLAG_STDS:g} × paper std, "
+          f"{FLAG_MIN_POINTS:g} points). Our data is rarely the paper's: see the data section.", ""]
+    md += ["## Paper tables", ""]
+    for rows_of_table in tables.values():
+        md += table_markdown(rows_of_table, mapping, by_dataset, algo_order)
+
+    md += ["## Data", "", "| dataset | stands in for | relation | transitions | reference scores | note |",
+           "|---|---|---|---|---|---|"]
+    for dataset, by_algo in sorted(by_dataset.items()):
+        info = next(iter(by_algo.values()))[0]["dataset"]
+        papers = [r for r in mapping.values() if dataset in (r["minari_id"], r["quick_id"])]
+        note = next((r["note"] if dataset == r["minari_id"] else r["quick_note"] for r in papers), "")
+        if not note and dataset.startswith("local/"):
+            note = "built by tools/make_dataset.py from the shipped snapshots"
+        md.append(f"| `{dataset}` | {', '.join(r['paper_dataset'] for r in papers) or '(no paper dataset)'} | "
+                  f"{papers[0]['relation'] if papers else '—'} | {info['transitions']:,} | "
+                  f"{info['ref_scores_source']} | {note} |")
+
+    others = [d for d in sorted(by_dataset) if not any(d in (r["minari_id"], r["quick_id"]) for r in mapping.values())]
+    if others:
+        md += ["", "## Runs on datasets without paper numbers", "",
+               "Last evaluation, mean ± std over seeds (normalised score, or return without reference scores).", "",
+               "| dataset | algorithm | seeds | score |", "|---|---|---|---|"]
+        for dataset in others:
+            for algo, algo_runs in sorted(by_dataset[dataset].items()):
+                finished = [r for r in algo_runs if r.get("finished") and r["evaluations"]]
+                if not finished:
+                    continue
+                has_ref = finished[0]["evaluations"][-1]["normalized_score_mean"] is not None
+                key = "normalized_score_mean" if has_ref else "return_mean"
+                values = [r["evaluations"][-1][key] for r in finished]
+                md.append(f"| `{dataset}` | {algo} | {len(finished)} | {fmt(np.mean(values), np.std(values))}"
+                          f"{'' if key == 'normalized_score_mean' else ' (return)'} |")
+
+    md += ["", "## Learning curves", ""] + [f"![{d}](curves/{f})" for d, f in curves.items()]
+    md += ["", f"Every run: [runs.csv](runs.csv)."]
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print(f"[summarize] {len(runs)} runs -> {os.path.join(args.out, 'summary.md')}, runs.csv, {len(curves)} plots")
+
+
+if __name__ == "__main__":
+    main()
