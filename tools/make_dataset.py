@@ -525,6 +525,19 @@ def build_datasets(env_id: str, kinds: tuple[str, ...], seed: int = 0, transitio
                    expert_step: Optional[int] = None, training_buffer: Optional[dict] = None,
                    force: bool = False) -> list[str]:
     """Write one Minari dataset per kind; returns their ids."""
+    # Rollouts call a small network on one row at a time: one thread is fastest, and more threads
+    # spin-wait against any other process on the cores. The caller's setting comes back after.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _build_datasets(env_id, kinds, seed, transitions, snapshot_dir, medium_step, expert_step,
+                               training_buffer, force)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_datasets(env_id, kinds, seed, transitions, snapshot_dir, medium_step, expert_step,
+                    training_buffer, force) -> list[str]:
     import minari
 
     env = make_env(env_id)
