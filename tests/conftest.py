@@ -3,6 +3,7 @@
 Each dataset is a few short episodes of random actions. The envs get a small time limit so that
 episodes end by truncation (the case D4RL used to drop) and evaluation is fast."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,6 +19,14 @@ sys.path.insert(0, ROOT)
 # The networks in the tests are tiny: one thread is fastest, and PyTorch's OpenMP threads spin-wait
 # so badly when the 2 cores are shared with another process that a run can be 30x slower.
 torch.set_num_threads(1)
+
+
+def load_algorithm(name: str):
+    """Import algorithms/<name>.py as a module (the files are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "algorithms", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_buffers(env: gym.Env, n_episodes: int, seed: int):

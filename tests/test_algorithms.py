@@ -1,6 +1,5 @@
 """The algorithm files: key math on hand-made inputs, and each one end to end as a user runs it."""
 
-import importlib.util
 import json
 import math
 import os
@@ -8,25 +7,20 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, load_algorithm, run_script
 
 ALGORITHMS = ["bc", "td3_bc", "awr", "iql", "cql", "fisher_brc", "itrpo"]
 # flags that shrink the pretraining phases so that an end-to-end run takes seconds
 SMOKE_FLAGS = {"cql": ["--bc-steps", "100"], "fisher_brc": ["--bc-steps", "100"], "itrpo": ["--bc-steps", "100"]}
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "algorithms", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ----------------------------------------------------------------------------------------------
 # Math on hand-made inputs
 # ----------------------------------------------------------------------------------------------
 def test_expectile_loss_weights_the_two_sides_asymmetrically():
-    iql = load("iql")
+    iql = load_algorithm("iql")
     diff = torch.tensor([2.0, -2.0])  # Q - V: V too low on the first, too high on the second
     assert iql.expectile_loss(diff[:1], 0.7).item() == pytest.approx(0.7 * 4.0)
     assert iql.expectile_loss(diff[1:], 0.7).item() == pytest.approx(0.3 * 4.0)
@@ -38,7 +32,7 @@ def test_expectile_loss_weights_the_two_sides_asymmetrically():
 
 def test_expectile_regression_finds_the_expectile():
     """Minimising the loss over a constant V gives the tau-expectile: above the mean for tau > 0.5."""
-    iql = load("iql")
+    iql = load_algorithm("iql")
     q = torch.tensor([0.0, 1.0, 2.0, 10.0])
     v = torch.zeros((), requires_grad=True)
     opt = torch.optim.SGD([v], lr=0.1)
@@ -53,7 +47,7 @@ def test_expectile_regression_finds_the_expectile():
 
 
 def test_td3_bc_lambda_normalises_by_mean_absolute_q():
-    td3_bc = load("td3_bc")
+    td3_bc = load_algorithm("td3_bc")
     q = torch.tensor([1.0, -3.0, 2.0], requires_grad=True)
     pi = torch.tensor([[0.5], [0.0], [-0.5]], requires_grad=True)
     a = torch.tensor([[0.0], [0.0], [0.0]])
@@ -66,7 +60,7 @@ def test_td3_bc_lambda_normalises_by_mean_absolute_q():
 
 
 def test_awr_weights_are_exponentiated_and_clipped():
-    awr = load("awr")
+    awr = load_algorithm("awr")
     adv = torch.tensor([0.0, 1.0, -1.0, 10.0])
     w = awr.awr_weights(adv, awr_lambda=0.5, max_weight=100.0)
     torch.testing.assert_close(w, torch.tensor([1.0, torch.e**2, torch.e**-2, 100.0]))
@@ -74,7 +68,7 @@ def test_awr_weights_are_exponentiated_and_clipped():
 
 
 def test_iql_picks_per_domain_defaults_from_the_dataset_id():
-    iql = load("iql")
+    iql = load_algorithm("iql")
     assert iql.domain_defaults("D4RL/antmaze/umaze-v1") == {
         "expectile": 0.9, "beta": 10.0, "dropout": 0.0, "reward_transform": "minus-one"}
     assert iql.domain_defaults("D4RL/pen/human-v2")["dropout"] == 0.1
@@ -85,7 +79,7 @@ def test_iql_picks_per_domain_defaults_from_the_dataset_id():
 
 def test_awr_critic_target_uses_policy_actions_and_masks_terminals():
     """One train step on a batch where every transition is terminal: the target is the reward."""
-    awr = load("awr")
+    awr = load_algorithm("awr")
     args = awr.Args(hidden_dim=16)
     torch.manual_seed(0)
     agent = awr.AWR(args, obs_dim=3, act_dim=2, device=torch.device("cpu"))
@@ -98,7 +92,7 @@ def test_awr_critic_target_uses_policy_actions_and_masks_terminals():
 
 
 def test_cql_logsumexp_divides_each_sample_by_its_proposal_density():
-    cql = load("cql")
+    cql = load_algorithm("cql")
     torch.manual_seed(0)
     q_rand, q_pi, q_next = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3)
     log_pi, log_next = torch.randn(4, 3), torch.randn(4, 3)
@@ -115,7 +109,7 @@ def test_cql_logsumexp_divides_each_sample_by_its_proposal_density():
 
 
 def cql_agent(**overrides):
-    cql = load("cql")
+    cql = load_algorithm("cql")
     args = cql.Args(hidden_dim=32, n_actions=4, **overrides)
     torch.manual_seed(0)
     return cql, cql.CQL(args, obs_dim=3, act_dim=2, device=torch.device("cpu"))
@@ -169,7 +163,7 @@ def test_cql_actor_clones_behaviour_during_bc_steps():
 
 
 def test_fisher_brc_mixture_log_density_matches_torch_distributions():
-    fbrc = load("fisher_brc")
+    fbrc = load_algorithm("fisher_brc")
     torch.manual_seed(0)
     model = fbrc.BehaviorModel(obs_dim=4, act_dim=3, hidden_dim=16, n_components=5)
     with torch.no_grad():  # the output layer starts near zero; make the components distinct
@@ -185,7 +179,7 @@ def test_fisher_brc_mixture_log_density_matches_torch_distributions():
 
 
 def test_fisher_brc_mixture_density_integrates_to_one():
-    fbrc = load("fisher_brc")
+    fbrc = load_algorithm("fisher_brc")
     torch.manual_seed(1)
     model = fbrc.BehaviorModel(obs_dim=2, act_dim=1, hidden_dim=16, n_components=5)
     with torch.no_grad():
@@ -197,7 +191,7 @@ def test_fisher_brc_mixture_density_integrates_to_one():
 
 def test_fisher_brc_behaviour_samples_follow_the_density():
     """Samples from mu land where mu says they should (histogram vs density, one action dim)."""
-    fbrc = load("fisher_brc")
+    fbrc = load_algorithm("fisher_brc")
     torch.manual_seed(2)
     model = fbrc.BehaviorModel(obs_dim=2, act_dim=1, hidden_dim=16, n_components=5)
     with torch.no_grad():
@@ -215,7 +209,7 @@ def test_fisher_brc_behaviour_samples_follow_the_density():
 
 
 def test_fisher_brc_gradient_penalty_of_known_functions():
-    fbrc = load("fisher_brc")
+    fbrc = load_algorithm("fisher_brc")
 
     class Known(torch.nn.Module):  # O_1 = 3 * sum(a), O_2 = sum(a^2)
         def forward(self, obs, act):
@@ -228,7 +222,7 @@ def test_fisher_brc_gradient_penalty_of_known_functions():
 
 
 def test_fisher_brc_gradient_penalty_reaches_the_offset_parameters():
-    fbrc = load("fisher_brc")
+    fbrc = load_algorithm("fisher_brc")
     torch.manual_seed(0)
     offsets = fbrc.Offsets(obs_dim=3, act_dim=2, hidden_dim=8)
     gp = fbrc.gradient_penalty(offsets, torch.randn(5, 3), torch.randn(5, 2))
@@ -239,7 +233,7 @@ def test_fisher_brc_gradient_penalty_reaches_the_offset_parameters():
 
 
 def test_itrpo_shaping_sign_scale_and_clip():
-    itrpo = load("itrpo")
+    itrpo = load_algorithm("itrpo")
     log_pi = torch.tensor([-1.0, -5.0, 0.0])
     log_beta = torch.tensor([-3.0, -1.0, 0.0])  # log ratios 2, -4, 0
     shaped = itrpo.shaping_reward(log_pi, log_beta, alpha=0.5, tau=0.8, clip=None)
@@ -250,7 +244,7 @@ def test_itrpo_shaping_sign_scale_and_clip():
 
 
 def test_itrpo_target_on_hand_made_values():
-    itrpo = load("itrpo")
+    itrpo = load_algorithm("itrpo")
     rewards, shaping, terminals = torch.tensor([1.0, 2.0]), torch.tensor([0.1, -0.2]), torch.tensor([0.0, 1.0])
     next_q1 = torch.tensor([[1.0, 3.0], [5.0, 5.0]])  # means 2 and 5
     next_q2 = torch.tensor([[0.0, 2.0], [9.0, 9.0]])  # means 1 and 9
@@ -262,7 +256,7 @@ def test_itrpo_target_on_hand_made_values():
 
 def test_itrpo_actor_loss_trades_q_against_kl():
     """With a critic that is constant in the action, the actor only minimises alpha * KL(pi || pi_beta)."""
-    itrpo = load("itrpo")
+    itrpo = load_algorithm("itrpo")
     torch.manual_seed(0)
     agent = itrpo.ITRPO(itrpo.Args(hidden_dim=16, n_samples=64, bc_steps=10), obs_dim=2, act_dim=1,
                         device=torch.device("cpu"))

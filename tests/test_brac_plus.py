@@ -1,7 +1,6 @@
 """BRAC+ (algorithms/brac_plus.py): the KL bound, the multipliers and the gate on hand-made inputs,
 and the script end to end."""
 
-import importlib.util
 import json
 import math
 import os
@@ -9,17 +8,10 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, load_algorithm, run_script
 
 
-def load():
-    spec = importlib.util.spec_from_file_location("brac_plus", os.path.join(ROOT, "algorithms", "brac_plus.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bp = load()
+bp = load_algorithm("brac_plus")
 
 
 def small_agent(**overrides):

@@ -280,7 +280,7 @@ def main(argv=None) -> None:
                           f"{'' if key == 'normalized_score_mean' else ' (return)'} |")
 
     md += ["", "## Learning curves", ""] + [f"![{d}](curves/{f})" for d, f in curves.items()]
-    md += ["", f"Every run: [runs.csv](runs.csv)."]
+    md += ["", "Every run: [runs.csv](runs.csv)."]
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print(f"[summarize] {len(runs)} runs -> {os.path.join(args.out, 'summary.md')}, runs.csv, {len(curves)} plots")

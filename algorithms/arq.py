@@ -1,0 +1,698 @@
+"""ARQ: Goo & Niekum, "Know Your Boundaries: The Necessity of Explicit Behavioral Cloning in Offline
+RL" (Action-Restricted Q-learning), 2022.
+
+Algorithm 1 of the paper, in four stages:
+1. Score model s_psi(a|s) ~ grad_a log beta(a|s) (appendix A.2, following Song et al. 2021): VP-SDE
+   dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw, beta(t) = 0.1 + t (20 - 0.1), on standardised actions
+   conditioned on standardised states (std floored at 0.05, official code). Network: concat(x, s) ->
+   256, 3 residual blocks of two Dense(256) with swish, a Gaussian Fourier embedding of t (scale 30,
+   projected by a Dense layer) added before every activation; it predicts the noise epsilon and
+   s_psi = -eps_hat / sigma(t). Loss E_(t ~ U(1e-5, 1)) ||eps_hat(x_t, s, t) - z||^2 (the official
+   code's "marginal_std" weighting), Adam 1e-4, batch 512, EMA 0.999 used for everything afterwards.
+   --bc-steps (paper: 1M locomotion/antmaze, 300k kitchen/adroit).
+2. Support set: for every dataset state, N = 30 actions a ~ beta_psi(.|s) with their log-likelihoods.
+   Samplers (--sampler):
+     pc:  the paper's predictor-corrector: 500 reverse-SDE Euler-Maruyama steps on t in [1e-3, 1],
+          each preceded by one Langevin corrector step with step 2 (snr ||z|| / ||s_psi||)^2, snr 0.16;
+          returns the last noise-free mean. Deviation: the norms are averaged over the N samples of
+          one state (official configs: per sample, which diverges where the score vanishes; Song et
+          al.: over the whole batch, which couples unrelated states).
+     ode: the probability-flow ODE dx = [f - 1/2 g^2 s_psi] dt with its exact first-order solver in
+          the (alpha, sigma) parametrisation (DDIM, eta = 0) on a uniform grid of --sampler-steps
+          points in [1e-3, 1], then the denoised x0 estimate. Far fewer network calls (default 20).
+   Log-likelihood by the instantaneous change of variables along the probability-flow ODE from
+   t = 1e-5 to 1: log p0(x0) = log N(x1; 0, I) + int div f~(x(t), t) dt, with a fixed-step RK4
+   (--likelihood-steps, on a grid quadratic in t) instead of the paper's scipy RK45; the divergence
+   is exact (one backward pass per action dimension) when |A| <= --exact-divergence-max-dim, else
+   Hutchinson with --hutchinson-probes Rademacher vectors fixed along the path (official code: 10).
+   The log-likelihood is that of the *standardised* action (as in the official code), so the
+   threshold epsilon = e^-5 applies in that space. Samples are clipped to the action box [-1, 1]
+   before they are scored. A sample is kept if log-likelihood > -5; the dataset's own action is never
+   dropped (official code: never_filter_gt_acs).
+3. Q-learning, eq. (5), twin Q with a target network (official code: min over the two target Qs):
+     y = r + gamma (1 - d) max( K-th_(a' in supp(s')) min_i Q_targ_i(s', a'),  min_i Q_targ_i(s', a'_D) )
+   where a'_D is the dataset's action at s' and K-th is the K-th largest over the kept support (or its
+   smallest member when fewer than K survive; the max with the dataset action is the official code's
+   floor). K = 9 (3 antmaze). 2x256 ReLU MLPs, polyak 0.995 (tau 0.005), Adam 3e-4 (1e-4 kitchen,
+   adroit). Rewards: * 1000 / (max - min episode return) for locomotion, r - 1 for antmaze.
+4. Policy (--policy):
+     awr:      L = -E_(s,a)~D[min(exp(alpha A(s,a)), 100) log pi(a|s)], A(s,a) = Q(s,a) - mean over the
+               kept support (dataset action included) of Q(s,.), Q = min of the target Qs; IQL's
+               state-independent Gaussian 2x256 (tanh on the mean, mean action at evaluation), a
+               deterministic policy with weighted squared error for antmaze; Adam 3e-4.
+     implicit: eq. (6) with advantages: at every evaluation step N actions are sampled for each
+               *visited* state with the chosen sampler, scored and filtered as in stage 2, and one
+               is drawn from softmax(alpha A) over the kept ones. No policy network is trained.
+   alpha = 1 (locomotion, kitchen), 10 (adroit, antmaze).
+
+Caching: the score model and the support are written (atomically) to --cache-dir (default
+<output_dir>/arq_support_cache/). The score model's key hashes the dataset id, the bytes of the
+states and actions it is trained on (so any change of the data files or of the state normalisation
+changes it), its hyperparameters and --score-seed; the support's key hashes the score-model file's
+bytes, the sampler and likelihood settings, N and --score-seed. Neither depends on --seed, so further
+seeds and runs reuse both. States at which a time-limit truncation ends an episode have no dataset
+action; they get a support of their own (and keep their most likely sample if none passes the
+threshold), so bootstrapping from them never sees an empty set.
+
+Cost of the implicit policy at evaluation: every environment step runs the sampler and the likelihood
+ODE for eval_episodes * N actions (batched over the vector env), i.e. the per-sample cost measured by
+tools/bench_arq_sampler.py times eval_episodes * N per step. With 10 episodes of 1000 steps that is
+300,000 samples per evaluation, minutes to hours on a CPU (README, "ARQ": measured throughput); use
+--sampler ode and a large --eval-every with it.
+
+Deviations: policy and Q are trained together in one loop, each step of Q followed by one AWR step
+with the current target Qs (the official train_arq.py does this when given a policy; Algorithm 1 runs
+them one after the other); the adroit/robomimic score-model ensembles (3 members) are not implemented;
+the RK45 likelihood solver is replaced by fixed-step RK4 (tools/bench_arq_sampler.py measures the
+difference); the shared --batch-size default stays 256 (paper: 512 for Q and policy); states are
+standardised for the Q and policy networks as in every file here.
+"""
+
+import copy
+import hashlib
+import io
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
+
+@dataclass
+class Args:
+    # --- shared by every algorithm ---
+    env: str = "local/hopper/medium-replay-v0"
+    """Minari dataset id: local first, else downloaded; local/* ids are built offline on first use"""
+    seed: int = 0
+    """seed of python, numpy, torch and the evaluation envs"""
+    total_steps: int = 1_000_000
+    """gradient steps"""
+    batch_size: int = 256
+    """transitions per gradient step"""
+    eval_every: int = 5_000
+    """evaluate every this many steps (and at the last step)"""
+    eval_episodes: int = 10
+    """episodes per evaluation, run at once in a vector env"""
+    log_every: int = 1_000
+    """write training scalars every this many steps (the only device syncs of the loop)"""
+    device: str = "auto"
+    """torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    output_dir: str = "runs"
+    """runs are written to <output_dir>/<run_name>/"""
+    run_name: Optional[str] = None
+    """folder name of this run (default: <env>__<algorithm>__<seed>__<unix time>)"""
+    save_model: bool = False
+    """write model.pt (networks, normalisation statistics, args) at the end"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project: str = "offline-rl"
+    """wandb project name, with --track"""
+    # --- ARQ: score model ---
+    bc_steps: Optional[int] = None
+    """score-model training steps (default per domain: 300k kitchen/adroit, else 1M)"""
+    score_lr: float = 1e-4
+    """Adam learning rate of the score model"""
+    score_batch_size: int = 512
+    """(state, action) pairs per score-model step"""
+    score_hidden_dim: int = 256
+    """width of the score network"""
+    score_blocks: int = 3
+    """residual blocks (two Dense layers each) of the score network"""
+    fourier_scale: float = 30.0
+    """std of the random Gaussian Fourier frequencies of the time embedding"""
+    ema: float = 0.999
+    """decay of the exponential moving average of the score-model weights"""
+    beta_min: float = 0.1
+    """beta(0) of the VP-SDE"""
+    beta_max: float = 20.0
+    """beta(1) of the VP-SDE"""
+    score_seed: int = 0
+    """seed of the score model and the support set (not --seed, so that seeds share the cache)"""
+    # --- ARQ: support set ---
+    n_support: int = 30
+    """N, actions sampled per dataset state"""
+    log_likelihood_threshold: float = -5.0
+    """log epsilon: samples with log-likelihood <= this are dropped (standardised action space)"""
+    sampler: str = "pc"
+    """pc (the paper's predictor-corrector) or ode (probability-flow ODE, DDIM solver; fast)"""
+    sampler_steps: Optional[int] = None
+    """time steps of the sampler (default: 500 pc, 20 ode)"""
+    snr: float = 0.16
+    """signal-to-noise ratio of the Langevin corrector (pc)"""
+    likelihood_steps: int = 20
+    """RK4 steps of the likelihood ODE"""
+    exact_divergence_max_dim: int = 10
+    """exact divergence up to this action dimension, Hutchinson above"""
+    hutchinson_probes: int = 10
+    """Rademacher vectors of the Hutchinson divergence estimate"""
+    sample_batch_states: int = 256
+    """states sampled at once (times N actions) while generating the support"""
+    cache_dir: Optional[str] = None
+    """where the score model and the support are cached (default <output_dir>/arq_support_cache)"""
+    # --- ARQ: Q-learning and policy ---
+    kth: Optional[int] = None
+    """K of the K-th largest backup (default per domain: 3 antmaze, else 9)"""
+    policy: str = "awr"
+    """awr (a policy network) or implicit (resample the support with softmax(alpha * A))"""
+    alpha: Optional[float] = None
+    """inverse temperature of AWR and of the implicit policy (default: 10 adroit/antmaze, else 1)"""
+    deterministic_policy: Optional[bool] = None
+    """AWR with a deterministic policy and weighted squared error (default: antmaze only)"""
+    reward_transform: Optional[str] = None
+    """one of common.REWARD_TRANSFORMS (default: minus-one antmaze, none kitchen/adroit, else return-range)"""
+    max_weight: float = 100.0
+    """advantage weights are clipped at this value"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 0.005
+    """Polyak step of the target critic (paper: polyak coefficient 0.995)"""
+    lr: Optional[float] = None
+    """Adam learning rate of the critic (default: 1e-4 kitchen/adroit, else 3e-4)"""
+    actor_lr: float = 3e-4
+    """Adam learning rate of the AWR policy"""
+    hidden_dim: int = 256
+    """width of the two hidden layers of critic and policy"""
+    normalize_states: bool = True
+    """standardise states with the dataset's mean and std"""
+
+
+def domain_defaults(dataset_id: str) -> dict:
+    """The paper's per-domain hyperparameters (tables A.1-A.3), chosen from the dataset id."""
+    name = dataset_id.lower()
+    if common.is_antmaze(name):
+        return {"bc_steps": 1_000_000, "kth": 3, "alpha": 10.0, "deterministic_policy": True,
+                "reward_transform": "minus-one", "lr": 3e-4}
+    if "kitchen" in name:
+        return {"bc_steps": 300_000, "kth": 9, "alpha": 1.0, "deterministic_policy": False,
+                "reward_transform": "none", "lr": 1e-4}
+    if any(task in name for task in ("door", "hammer", "pen", "relocate")):
+        return {"bc_steps": 300_000, "kth": 9, "alpha": 10.0, "deterministic_policy": False,
+                "reward_transform": "none", "lr": 1e-4}
+    return {"bc_steps": 1_000_000, "kth": 9, "alpha": 1.0, "deterministic_policy": False,
+            "reward_transform": "return-range", "lr": 3e-4}
+
+
+SAMPLERS = ("pc", "ode")
+DEFAULT_SAMPLER_STEPS = {"pc": 500, "ode": 20}
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+def mlp(in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.ReLU(),
+        nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+        nn.Linear(hidden_dim, out_dim),
+    )
+
+
+class Actor(nn.Module):
+    """Gaussian policy: tanh on the mean, state-independent log-std in [-5, 2]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.mean = mlp(obs_dim, act_dim, hidden_dim)
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+
+    def log_prob(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        mean = torch.tanh(self.mean(obs))
+        std = self.log_std.clamp(-5.0, 2.0).exp()
+        return torch.distributions.Normal(mean, std).log_prob(act).sum(-1)
+
+
+class Critic(nn.Module):
+    """Twin Q networks, evaluated together."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim)
+        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([obs, act], dim=-1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+
+class ScoreNet(nn.Module):
+    """eps_hat(x, s, t): residual MLP with a Gaussian Fourier time embedding added before every swish."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, n_blocks: int, fourier_scale: float):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(hidden_dim // 2) * fourier_scale)  # fixed, not trained
+        self.time = nn.Linear(2 * (hidden_dim // 2), hidden_dim)
+        self.inp = nn.Linear(act_dim + obs_dim, hidden_dim)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([nn.Linear(hidden_dim, hidden_dim), nn.Linear(hidden_dim, hidden_dim)])
+            for _ in range(n_blocks))
+        self.out = nn.Linear(hidden_dim, act_dim)
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        phase = 2.0 * math.pi * t.unsqueeze(-1) * self.freqs
+        emb = self.time(torch.cat([phase.sin(), phase.cos()], -1))
+        h = self.inp(torch.cat([x, s], -1))
+        for l1, l2 in self.blocks:
+            h = h + l2(F.silu(l1(F.silu(h + emb)) + emb))
+        return self.out(h)
+
+
+class ScoreModel(nn.Module):
+    """Conditional VP-SDE model of beta(a|s) on standardised states and actions (stage 1).
+    Sampling and likelihood use the EMA network and work in the standardised action space."""
+
+    T_SAMPLE_MIN = 1e-3  # smallest time of the samplers (Song et al.; appendix A.2)
+    T_LIKELIHOOD_MIN = 1e-5  # start of the likelihood ODE (official code)
+
+    def __init__(self, obs_dim: int, act_dim: int, args: Args):
+        super().__init__()
+        self.act_dim, self.beta_min, self.beta_max = act_dim, args.beta_min, args.beta_max
+        self.net = ScoreNet(obs_dim, act_dim, args.score_hidden_dim, args.score_blocks, args.fourier_scale)
+        self.ema_net = copy.deepcopy(self.net).requires_grad_(False)
+        for name, dim in (("obs", obs_dim), ("act", act_dim)):
+            self.register_buffer(f"{name}_mean", torch.zeros(dim))
+            self.register_buffer(f"{name}_std", torch.ones(dim))
+
+    def set_normalization(self, obs: torch.Tensor, act: torch.Tensor) -> None:
+        """Mean and std (floored at 0.05, official code) of the states and actions it models."""
+        for name, x in (("obs", obs), ("act", act)):
+            getattr(self, f"{name}_mean").copy_(x.mean(0))
+            getattr(self, f"{name}_std").copy_(x.std(0).clamp(min=0.05))
+
+    def to_x(self, act: torch.Tensor) -> torch.Tensor:
+        return (act - self.act_mean) / self.act_std
+
+    def to_action(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.act_std + self.act_mean).clamp(-1.0, 1.0)
+
+    def condition(self, obs: torch.Tensor) -> torch.Tensor:
+        return (obs - self.obs_mean) / self.obs_std
+
+    # VP-SDE: beta(t) linear; x_t | x_0 ~ N(alpha(t) x_0, sigma(t)^2 I).
+    def beta(self, t: torch.Tensor) -> torch.Tensor:
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_alpha = -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+        return log_alpha.exp(), (-torch.expm1(2.0 * log_alpha)).sqrt()
+
+    def loss(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """Denoising score matching with epsilon-prediction, t ~ U(1e-5, 1)."""
+        x0, s = self.to_x(act), self.condition(obs)
+        t = torch.rand(len(x0), device=x0.device) * (1.0 - self.T_LIKELIHOOD_MIN) + self.T_LIKELIHOOD_MIN
+        alpha, sigma = self.alpha_sigma(t)
+        z = torch.randn_like(x0)
+        eps = self.net(alpha[:, None] * x0 + sigma[:, None] * z, s, t)
+        return (eps - z).pow(2).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        for p, ep in zip(self.net.parameters(), self.ema_net.parameters()):
+            ep.lerp_(p, 1.0 - decay)
+
+    def score(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return -self.ema_net(x, s, t) / self.alpha_sigma(t)[1][:, None]
+
+    @torch.no_grad()
+    def sample_pc(self, s: torch.Tensor, steps: int, snr: float, group: int, gen: torch.Generator) -> torch.Tensor:
+        """Predictor-corrector: one Langevin step, then one reverse-SDE Euler-Maruyama step, per time.
+        The Langevin step size uses norms averaged over each `group` of consecutive rows (the samples
+        of one state): per-sample norms (the official configs) make the step unbounded wherever the
+        score vanishes, which in one dimension throws samples far out; per-batch norms (Song et al.)
+        would make a state's samples depend on the other states in the batch."""
+        x = torch.randn(len(s), self.act_dim, device=s.device, generator=gen)
+        x_mean = x
+        times = torch.linspace(1.0, self.T_SAMPLE_MIN, steps, device=s.device)
+        dt = (1.0 - self.T_SAMPLE_MIN) / max(steps - 1, 1)
+
+        def group_norm(v):
+            return v.norm(dim=-1).view(-1, group).mean(1).repeat_interleave(group)[:, None]
+
+        for t in times:
+            tt = t.expand(len(s))
+            grad = self.score(x, s, tt)
+            noise = torch.randn(x.shape, device=s.device, generator=gen)
+            step = 2.0 * (snr * group_norm(noise) / group_norm(grad)) ** 2
+            x = x + step * grad + (2.0 * step).sqrt() * noise
+            beta = self.beta(t)
+            x_mean = x + (0.5 * beta * x + beta * self.score(x, s, tt)) * dt
+            x = x_mean + (beta * dt) ** 0.5 * torch.randn(x.shape, device=s.device, generator=gen)
+        return x_mean
+
+    @torch.no_grad()
+    def sample_ode(self, s: torch.Tensor, steps: int, gen: torch.Generator) -> torch.Tensor:
+        """Probability-flow ODE, DDIM (eta = 0) steps: x' = alpha' x0_hat + sigma' eps_hat."""
+        x = torch.randn(len(s), self.act_dim, device=s.device, generator=gen)
+        times = torch.linspace(1.0, self.T_SAMPLE_MIN, steps, device=s.device)
+        for i, t in enumerate(times):
+            alpha, sigma = self.alpha_sigma(t)
+            eps = self.ema_net(x, s, t.expand(len(s)))
+            x0 = (x - sigma * eps) / alpha
+            if i + 1 == steps:
+                return x0
+            alpha_next, sigma_next = self.alpha_sigma(times[i + 1])
+            x = alpha_next * x0 + sigma_next * eps
+        return x
+
+    def sample(self, s: torch.Tensor, sampler: str, steps: int, snr: float, group: int,
+               gen: torch.Generator) -> torch.Tensor:
+        if sampler == "pc":
+            return self.sample_pc(s, steps, snr, group, gen)
+        return self.sample_ode(s, steps, gen)
+
+    def _drift_and_divergence(self, x, s, t, probes):
+        """Probability-flow drift f~ = -1/2 beta (x + s_psi) and its divergence in x; exact with
+        probes None (one backward pass per dimension), else Hutchinson with the given probes."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            eps = self.ema_net(x, s, t)
+            if probes is None:
+                div_eps = sum(torch.autograd.grad(eps[:, i].sum(), x, retain_graph=i + 1 < self.act_dim)[0][:, i]
+                              for i in range(self.act_dim))
+            else:
+                div_eps = sum((torch.autograd.grad((eps * z).sum(), x, retain_graph=k + 1 < len(probes))[0] * z).sum(-1)
+                              for k, z in enumerate(probes)) / len(probes)
+        beta, sigma = self.beta(t)[:, None], self.alpha_sigma(t)[1][:, None]
+        drift = -0.5 * beta * (x.detach() - eps.detach() / sigma)
+        div = -0.5 * beta[:, 0] * (self.act_dim - div_eps.detach() / sigma[:, 0])
+        return drift, div
+
+    def log_likelihood(self, s: torch.Tensor, x: torch.Tensor, steps: int, exact_max_dim: int,
+                       n_probes: int, gen: torch.Generator) -> torch.Tensor:
+        """log p_0(x) of standardised actions x: RK4 on (x, int div) from t = 1e-5 to 1, `steps` steps."""
+        probes = None
+        if self.act_dim > exact_max_dim:
+            probes = torch.randint(0, 2, (n_probes, *x.shape), device=x.device, generator=gen).float() * 2 - 1
+        # Quadratic time grid: the drift's eps_hat / sigma(t) term is stiff near t = 0; on the toy of
+        # tests/test_arq.py 20 steps are within 0.2 nats of 400, a uniform grid is off by up to 6.
+        u = torch.linspace(0.0, 1.0, steps + 1, device=x.device)
+        times = self.T_LIKELIHOOD_MIN + (1.0 - self.T_LIKELIHOOD_MIN) * u**2
+        integral = torch.zeros(len(x), device=x.device)
+        for t0, t1 in zip(times[:-1], times[1:]):
+            h = t1 - t0
+            k1, d1 = self._drift_and_divergence(x, s, t0.expand(len(x)), probes)
+            k2, d2 = self._drift_and_divergence(x + 0.5 * h * k1, s, (t0 + 0.5 * h).expand(len(x)), probes)
+            k3, d3 = self._drift_and_divergence(x + 0.5 * h * k2, s, (t0 + 0.5 * h).expand(len(x)), probes)
+            k4, d4 = self._drift_and_divergence(x + h * k3, s, t1.expand(len(x)), probes)
+            x = x + h / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
+            integral = integral + h / 6.0 * (d1 + 2 * d2 + 2 * d3 + d4)
+        prior = -0.5 * (x.pow(2).sum(-1) + self.act_dim * math.log(2.0 * math.pi))
+        return prior + integral
+
+    def sample_with_likelihood(self, obs: torch.Tensor, n: int, args: Args,
+                               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """n actions in [-1, 1] per state and their log-likelihoods (standardised space): (B, n, A), (B, n)."""
+        s = self.condition(obs).repeat_interleave(n, 0)
+        act = self.to_action(self.sample(s, args.sampler, args.sampler_steps, args.snr, n, gen))
+        ll = self.log_likelihood(s, self.to_x(act), args.likelihood_steps, args.exact_divergence_max_dim,
+                                 args.hutchinson_probes, gen)
+        return act.view(len(obs), n, -1), ll.view(len(obs), n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Support set (stage 2)
+# ----------------------------------------------------------------------------------------------
+class Support(NamedTuple):
+    """Per support row: slot 0 holds the dataset action (invalid on rows without one), slots 1..N
+    the samples; `next_row[i]` is the row of transition i's next state."""
+
+    actions: torch.Tensor  # (S, N + 1, A)
+    valid: torch.Tensor  # (S, N + 1) bool
+    next_row: torch.Tensor  # (num transitions,) long
+
+
+def support_states(data: common.OfflineData) -> tuple[torch.Tensor, torch.Tensor]:
+    """The states that need a support: every dataset state (rows 0..n-1, in transition order) and the
+    final state of every episode that did not terminate (rows n..); plus each transition's next row."""
+    n = len(data.observations)
+    last = torch.as_tensor(data.episode_starts + data.episode_lengths - 1, device=data.observations.device)
+    open_end = last[data.terminals[last] == 0]
+    next_row = torch.arange(1, n + 1, device=last.device)
+    next_row[last] = last  # terminal transitions: never bootstrapped, any row will do
+    next_row[open_end] = n + torch.arange(len(open_end), device=last.device)
+    return torch.cat([data.observations, data.next_observations[open_end]]), next_row
+
+
+def build_support(dataset_actions: torch.Tensor, samples: torch.Tensor, log_likelihoods: torch.Tensor,
+                  threshold: float, next_row: torch.Tensor) -> Support:
+    """Keep samples with log-likelihood > threshold; the dataset action (rows < len(dataset_actions))
+    always; on rows without a dataset action, the most likely sample if none passes."""
+    n_rows, n_data = samples.shape[0], dataset_actions.shape[0]
+    keep = log_likelihoods > threshold
+    has_data = torch.arange(n_rows, device=samples.device) < n_data
+    best = F.one_hot(log_likelihoods.argmax(1), samples.shape[1]).bool()
+    keep |= best & ~has_data[:, None] & ~keep.any(1, keepdim=True)
+    data_slot = torch.zeros(n_rows, 1, samples.shape[2], device=samples.device)
+    data_slot[:n_data, 0] = dataset_actions
+    return Support(torch.cat([data_slot, samples], 1), torch.cat([has_data[:, None], keep], 1), next_row)
+
+
+def kth_largest(values: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """K-th largest of the valid entries of each row (the smallest valid one if fewer than K are);
+    every row must have one valid entry. Pure tensor ops: no host sync."""
+    k = min(k, values.shape[1])
+    top = torch.where(valid, values, -torch.inf).topk(k, dim=1).values
+    idx = valid.sum(1, keepdim=True).clamp(max=k) - 1
+    return top.gather(1, idx).squeeze(1)
+
+
+class SupportBatch(NamedTuple):
+    observations: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    next_observations: torch.Tensor
+    terminals: torch.Tensor
+    support_actions: torch.Tensor  # (B, N + 1, A) at s
+    support_valid: torch.Tensor
+    next_support_actions: torch.Tensor  # (B, N + 1, A) at s'
+    next_support_valid: torch.Tensor
+
+
+class SupportReplayBuffer(common.ReplayBuffer):
+    """Uniform minibatches with the support of s and of s' gathered on the device."""
+
+    def __init__(self, data: common.OfflineData, support: Support):
+        super().__init__(data)
+        self.support = support
+
+    def sample(self, batch_size: int) -> SupportBatch:
+        d, sup = self.data, self.support
+        idx = torch.randint(0, self.size, (batch_size,), device=d.observations.device)
+        nxt = sup.next_row[idx]
+        return SupportBatch(d.observations[idx], d.actions[idx], d.rewards[idx], d.next_observations[idx],
+                            d.terminals[idx], sup.actions[idx], sup.valid[idx], sup.actions[nxt], sup.valid[nxt])
+
+
+def _sha(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else repr(p).encode())
+        h.update(b"|")
+    return h.hexdigest()[:24]
+
+
+def score_model_key(args: Args, obs: torch.Tensor, act: torch.Tensor) -> str:
+    fields = ("bc_steps", "score_lr", "score_batch_size", "score_hidden_dim", "score_blocks", "fourier_scale",
+              "ema", "beta_min", "beta_max", "score_seed")
+    return _sha(args.env, obs.cpu().numpy().tobytes(), act.cpu().numpy().tobytes(),
+                *[(f, getattr(args, f)) for f in fields])
+
+
+def support_key(args: Args, score_bytes: bytes, n_rows: int) -> str:
+    fields = ("n_support", "sampler", "sampler_steps", "snr", "likelihood_steps", "exact_divergence_max_dim",
+              "hutchinson_probes", "score_seed")
+    return _sha(args.env, hashlib.sha256(score_bytes).hexdigest(), n_rows,
+                *[(f, getattr(args, f)) for f in fields])
+
+
+def generate_support(model: ScoreModel, states: torch.Tensor, args: Args, gen: torch.Generator,
+                     log=print) -> tuple[torch.Tensor, torch.Tensor]:
+    """N samples and log-likelihoods for every state, in batches, with a progress line every 5%."""
+    samples, lls = [], []
+    start, next_report = time.time(), 0.05
+    for i in range(0, len(states), args.sample_batch_states):
+        act, ll = model.sample_with_likelihood(states[i:i + args.sample_batch_states], args.n_support, args, gen)
+        samples.append(act)
+        lls.append(ll)
+        done = min(i + args.sample_batch_states, len(states)) / len(states)
+        if done >= next_report or done == 1.0:
+            elapsed = time.time() - start
+            log(f"[arq] support {done:6.1%} of {len(states)} states | "
+                f"{done * len(states) * args.n_support / max(elapsed, 1e-9) * 3600:,.0f} samples/h | "
+                f"ETA {elapsed / done - elapsed:.0f} s", flush=True)
+            next_report = math.floor(done / 0.05) * 0.05 + 0.05
+    return torch.cat(samples), torch.cat(lls)
+
+
+# ----------------------------------------------------------------------------------------------
+# Algorithm
+# ----------------------------------------------------------------------------------------------
+class ARQ:
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
+        self.args = args
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.score_seed)  # the score model must not depend on --seed (shared cache)
+            self.score = ScoreModel(obs_dim, act_dim, args).to(device)
+        self.score_optimizer = torch.optim.Adam(self.score.net.parameters(), lr=args.score_lr)
+        self.critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
+        self.critic_target = copy.deepcopy(self.critic)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.lr)
+        self.actor = None
+        if args.policy == "awr":
+            self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
+            self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr)
+        self.eval_gen = torch.Generator(device).manual_seed(args.seed)
+
+    def train_score(self, batch: common.Batch) -> dict:
+        loss = self.score.loss(batch.observations, batch.actions)
+        self.score_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.score_optimizer.step()
+        self.score.update_ema(self.args.ema)
+        return {"losses/score_loss": loss.detach()}
+
+    def target_q(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """min_i Q_targ_i(s, a) for every action of a (B, M, A) set."""
+        return torch.min(*self.critic_target(obs.unsqueeze(1).expand(-1, actions.shape[1], -1), actions))
+
+    def train(self, batch: SupportBatch) -> dict:
+        args = self.args
+        with torch.no_grad():
+            next_q = self.target_q(batch.next_observations, batch.next_support_actions)
+            backup = kth_largest(next_q, batch.next_support_valid, args.kth)
+            # Official code's floor: never back up less than the dataset action's value at s'.
+            backup = torch.maximum(backup, torch.where(batch.next_support_valid[:, 0], next_q[:, 0], -torch.inf))
+            target = batch.rewards + args.gamma * (1.0 - batch.terminals) * backup
+        q1, q2 = self.critic(batch.observations, batch.actions)
+        critic_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_optimizer.step()
+        with torch.no_grad():
+            for p, tp in zip(self.critic.parameters(), self.critic_target.parameters()):
+                tp.lerp_(p, args.tau)
+        metrics = {"losses/critic_loss": critic_loss.detach(), "losses/q1": q1.mean().detach(),
+                   "charts/backup": backup.mean(),
+                   "charts/support_kept": batch.next_support_valid.float().sum(1).mean()}
+        if self.actor is None:
+            return metrics
+
+        with torch.no_grad():
+            q = self.target_q(batch.observations, batch.support_actions)  # slot 0: the dataset action
+            mean_q = (q * batch.support_valid).sum(1) / batch.support_valid.sum(1)
+            weights = torch.exp(args.alpha * (q[:, 0] - mean_q)).clamp(max=args.max_weight)
+        if args.deterministic_policy:
+            error = torch.tanh(self.actor.mean(batch.observations)) - batch.actions
+            actor_loss = (weights * error.pow(2).sum(-1)).mean()
+        else:
+            actor_loss = -(weights * self.actor.log_prob(batch.observations, batch.actions)).mean()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
+        return {**metrics, "losses/actor_loss": actor_loss.detach(), "charts/weight": weights.mean()}
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        if self.actor is not None:
+            return torch.tanh(self.actor.mean(obs))
+        # Implicit policy, eq. (6): a fresh support for the visited states, then softmax(alpha * A).
+        args = self.args
+        actions, ll = self.score.sample_with_likelihood(obs, args.n_support, args, self.eval_gen)
+        keep = ll > args.log_likelihood_threshold
+        keep |= F.one_hot(ll.argmax(1), ll.shape[1]).bool() & ~keep.any(1, keepdim=True)
+        q = self.target_q(obs, actions)
+        adv = q - (q * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True)
+        logits = torch.where(keep, args.alpha * adv, -torch.inf)
+        choice = torch.multinomial(logits.softmax(1), 1, generator=self.eval_gen).squeeze(1)
+        return actions[torch.arange(len(obs), device=obs.device), choice]
+
+    def state_dict(self) -> dict:
+        return {"actor": None if self.actor is None else self.actor.state_dict(),
+                "critic": self.critic.state_dict(), "score": self.score.state_dict()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    device = common.resolve_device(args.device)
+    common.seed_everything(args.seed)
+    chosen = {k: v for k, v in domain_defaults(args.env).items() if getattr(args, k) is None}
+    for k, v in chosen.items():
+        setattr(args, k, v)
+    if chosen:
+        print(f"[arq] per-domain defaults for {args.env}: {chosen}")
+    if args.sampler not in SAMPLERS:
+        raise common.UserError(f"--sampler {args.sampler}: choose one of {', '.join(SAMPLERS)}")
+    if args.policy not in ("awr", "implicit"):
+        raise common.UserError(f"--policy {args.policy}: choose awr or implicit")
+    args.sampler_steps = args.sampler_steps or DEFAULT_SAMPLER_STEPS[args.sampler]
+    cache_dir = args.cache_dir or os.path.join(args.output_dir, "arq_support_cache")
+
+    data = common.load_dataset(args.env, device)
+    common.transform_rewards(data, args.reward_transform)
+    obs_mean, obs_std = None, None
+    if args.normalize_states:
+        obs_mean, obs_std = common.compute_obs_stats(data)
+        common.normalize_obs(data, obs_mean, obs_std)
+    buffer = common.ReplayBuffer(data)
+
+    agent = ARQ(args, data.obs_dim, data.act_dim, device)
+    run = common.Run(args, "arq", data)
+    score_path = os.path.join(cache_dir, f"score_{score_model_key(args, data.observations, data.actions)}.pt")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.score_seed)  # the score model and the support do not depend on --seed
+        if os.path.exists(score_path):
+            with open(score_path, "rb") as f:
+                score_bytes = f.read()
+            agent.score.load_state_dict(torch.load(io.BytesIO(score_bytes), map_location=device))
+            print(f"[arq] reusing cached score model {score_path}")
+        else:
+            agent.score.set_normalization(data.observations, data.actions)
+            for step in range(1, args.bc_steps + 1):
+                metrics = agent.train_score(buffer.sample(args.score_batch_size))
+                if step % args.log_every == 0 or step == args.bc_steps:
+                    run.log(step, metrics, phase="score model")
+            payload = io.BytesIO()
+            torch.save(agent.score.state_dict(), payload)
+            score_bytes = payload.getvalue()
+            common.atomic_write_bytes(score_path, score_bytes)
+
+        states, next_row = support_states(data)
+        support_path = os.path.join(cache_dir, f"support_{support_key(args, score_bytes, len(states))}.pt")
+        if os.path.exists(support_path):
+            cached = torch.load(support_path, map_location=device)
+            samples, log_likelihoods = cached["samples"], cached["log_likelihoods"]
+            print(f"[arq] reusing cached support {support_path}")
+        else:
+            print(f"[arq] generating the support: {len(states)} states x {args.n_support} samples, sampler "
+                  f"{args.sampler} ({args.sampler_steps} steps), likelihood RK4 ({args.likelihood_steps} steps)",
+                  flush=True)
+            gen = torch.Generator(device).manual_seed(args.score_seed)
+            samples, log_likelihoods = generate_support(agent.score, states, args, gen)
+            payload = io.BytesIO()
+            torch.save({"samples": samples.cpu(), "log_likelihoods": log_likelihoods.cpu()}, payload)
+            common.atomic_write_bytes(support_path, payload.getvalue())
+    support = build_support(data.actions, samples, log_likelihoods, args.log_likelihood_threshold, next_row)
+    kept = support.valid[:, 1:].float().mean().item()
+    print(f"[arq] support: {kept:.1%} of the samples have log-likelihood > {args.log_likelihood_threshold}")
+    agent.score.requires_grad_(False)
+    buffer = SupportReplayBuffer(data, support)
+
+    run.reset_clock()
+    for step in range(1, args.total_steps + 1):
+        metrics = agent.train(buffer.sample(args.batch_size))
+        if step % args.log_every == 0 or step == args.total_steps:
+            run.log(step, metrics)
+        if step % args.eval_every == 0 or step == args.total_steps:
+            run.evaluate(step, agent.act, obs_mean, obs_std)
+    run.finish({"obs_mean": obs_mean, "obs_std": obs_std, **agent.state_dict()})

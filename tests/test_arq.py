@@ -1,0 +1,202 @@
+"""ARQ (algorithms/arq.py): the score model on a one-dimensional conditional toy in the spirit of the
+paper's Figure A.1, the support-set and K-th-largest bookkeeping on hand-made inputs, the caches, and
+the script end to end."""
+
+import itertools
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, load_algorithm, run_script
+
+
+arq = load_algorithm("arq")
+
+# beta(a|s): two uniform modes of width 0.3 whose positions jump at s = 0 (bimodal, discontinuous in s).
+MODES = {-1: ((-0.8, -0.5), (0.3, 0.6)), 1: ((-0.3, 0.0), (0.6, 0.9))}
+
+
+def toy_batch(n: int, gen: torch.Generator):
+    s = torch.rand(n, 1, generator=gen) * 2 - 1
+    first = torch.rand(n, 1, generator=gen) < 0.5
+    lo = torch.where(s < 0, torch.where(first, MODES[-1][0][0], MODES[-1][1][0]),
+                     torch.where(first, MODES[1][0][0], MODES[1][1][0]))
+    return s, lo + 0.3 * torch.rand(n, 1, generator=gen)
+
+
+def in_mode(act: torch.Tensor, side: int, k: int) -> torch.Tensor:
+    lo, hi = MODES[side][k]
+    return (act > lo) & (act < hi)
+
+
+@pytest.fixture(scope="module")
+def toy_model():
+    """A small score model after a short training (a few seconds on one core)."""
+    args = arq.Args(score_hidden_dim=64, score_blocks=2, score_lr=1e-3, ema=0.99)
+    torch.manual_seed(0)
+    model = arq.ScoreModel(1, 1, args)
+    gen = torch.Generator().manual_seed(0)
+    s, a = toy_batch(20_000, gen)
+    model.set_normalization(s, a)
+    opt = torch.optim.Adam(model.net.parameters(), lr=args.score_lr)
+    for _ in range(3000):
+        idx = torch.randint(0, len(s), (256,), generator=gen)
+        loss = model.loss(s[idx], a[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.update_ema(args.ema)
+    return model
+
+
+def log_likelihood(model, state: float, actions: torch.Tensor, steps: int = 20) -> torch.Tensor:
+    s = model.condition(torch.full((len(actions), 1), state))
+    return model.log_likelihood(s, model.to_x(actions[:, None]), steps, 10, 10, torch.Generator().manual_seed(0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Score model on the toy
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("side", [-1, 1])
+def test_log_likelihood_is_higher_in_support_than_out_of_support(toy_model, side):
+    inside = torch.tensor([(lo + hi) / 2 for lo, hi in MODES[side]])
+    (lo0, hi0), (lo1, hi1) = MODES[side]
+    outside = torch.tensor([-1.0, -0.97, (hi0 + lo1) / 2, 0.97, 1.0])
+    ll_in, ll_out = log_likelihood(toy_model, 0.5 * side, inside), log_likelihood(toy_model, 0.5 * side, outside)
+    assert ll_in.min() > ll_out.max() + 1.0, (ll_in, ll_out)
+    assert ll_in.mean() > ll_out.mean() + 3.0, (ll_in, ll_out)
+
+
+def test_log_likelihood_follows_the_discontinuity_in_the_state(toy_model):
+    """-0.65 is in support for s < 0 only, 0.75 for s > 0 only."""
+    a = torch.tensor([-0.65, 0.75])
+    left, right = log_likelihood(toy_model, -0.5, a), log_likelihood(toy_model, 0.5, a)
+    assert left[0] > right[0] + 2.0 and right[1] > left[1] + 2.0, (left, right)
+
+
+def test_likelihood_ode_converges_in_few_steps(toy_model):
+    a = torch.linspace(-1.0, 1.0, 21)
+    fine, coarse = log_likelihood(toy_model, -0.5, a, steps=200), log_likelihood(toy_model, -0.5, a, steps=20)
+    assert (fine - coarse).abs().max() < 0.5
+
+
+@pytest.mark.parametrize("sampler,steps", [("pc", 500), ("ode", 20)])
+@pytest.mark.parametrize("side", [-1, 1])
+def test_samplers_produce_both_modes(toy_model, sampler, steps, side):
+    s = toy_model.condition(torch.full((400, 1), 0.5 * side))
+    x = toy_model.sample(s, sampler, steps, 0.16, 400, torch.Generator().manual_seed(1))
+    act = toy_model.to_action(x)[:, 0]
+    first, second = in_mode(act, side, 0).float().mean(), in_mode(act, side, 1).float().mean()
+    assert first + second > 0.65, (first, second)  # the modes cover 30% of [-1, 1]
+    assert first > 0.15 and second > 0.15, (first, second)  # a lost mode gets ~0
+
+
+def test_exact_divergence_equals_hutchinson_over_all_sign_vectors():
+    """Averaging z^T J z over all 2^d Rademacher vectors cancels the off-diagonal terms exactly."""
+    args = arq.Args(score_hidden_dim=32, score_blocks=1)
+    torch.manual_seed(0)
+    model = arq.ScoreModel(2, 3, args)
+    x, s, t = torch.randn(5, 3), torch.randn(5, 2), torch.rand(5) * 0.9 + 0.05
+    probes = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=3)))[:, None, :].expand(-1, 5, -1)
+    drift, exact = model._drift_and_divergence(x, s, t, None)
+    drift_h, hutchinson = model._drift_and_divergence(x, s, t, probes)
+    torch.testing.assert_close(exact, hutchinson, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(drift, drift_h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Support set and backup on hand-made values
+# ----------------------------------------------------------------------------------------------
+def test_kth_largest_over_the_valid_entries():
+    values = torch.tensor([[5.0, 1.0, 4.0, 3.0, 2.0],
+                           [5.0, 1.0, 4.0, 3.0, 2.0],
+                           [0.0, 9.0, 8.0, 7.0, 6.0],
+                           [2.0, 1.0, 4.0, 3.0, 5.0]])
+    valid = torch.tensor([[True] * 5,
+                          [True, True, False, True, False],  # 5, 1, 3 survive
+                          [True, False, False, True, True],  # 0, 7, 6 survive
+                          [True, False, False, False, False]])  # only the dataset action
+    torch.testing.assert_close(arq.kth_largest(values, valid, 1), torch.tensor([5.0, 5.0, 7.0, 2.0]))
+    torch.testing.assert_close(arq.kth_largest(values, valid, 3), torch.tensor([3.0, 1.0, 0.0, 2.0]))
+    # fewer than K survive: the smallest survivor
+    torch.testing.assert_close(arq.kth_largest(values, valid, 4), torch.tensor([2.0, 1.0, 0.0, 2.0]))
+    torch.testing.assert_close(arq.kth_largest(values, valid, 9), torch.tensor([1.0, 1.0, 0.0, 2.0]))
+
+
+def test_dataset_action_survives_filtering_and_rows_without_one_keep_their_best_sample():
+    dataset_actions = torch.tensor([[0.1], [0.2]])
+    samples = torch.tensor([[[0.5], [0.6], [0.7]], [[0.5], [0.6], [0.7]], [[-0.5], [-0.6], [-0.7]]])
+    ll = torch.tensor([[-9.0, -9.0, -9.0], [-1.0, -6.0, -4.0], [-8.0, -7.0, -9.0]])
+    support = arq.build_support(dataset_actions, samples, ll, -5.0, torch.tensor([1, 2]))
+    assert support.valid.tolist() == [[True, False, False, False], [True, True, False, True],
+                                      [False, False, True, False]]
+    torch.testing.assert_close(support.actions[:2, 0], dataset_actions)
+    torch.testing.assert_close(support.actions[:, 1:], samples)
+
+
+def test_support_rows_of_next_states():
+    """Two episodes: 3 transitions ending in a truncation, 2 ending in a termination."""
+    obs = torch.arange(5.0)[:, None]
+    data = SimpleNamespace(observations=obs, next_observations=obs + 0.5,
+                           terminals=torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0]),
+                           episode_starts=np.array([0, 3]), episode_lengths=np.array([3, 2]))
+    states, next_row = arq.support_states(data)
+    assert next_row.tolist() == [1, 2, 5, 4, 4]  # truncated end: extra row 5; terminal: itself
+    torch.testing.assert_close(states[5], obs[2] + 0.5)
+
+
+def test_backup_is_floored_by_the_dataset_action_and_ignores_dropped_samples():
+    args = arq.Args(hidden_dim=8, kth=2, policy="implicit", gamma=0.5, tau=0.0, lr=3e-4)
+    agent = arq.ARQ(args, obs_dim=1, act_dim=1, device=torch.device("cpu"))
+
+    class FixedQ(torch.nn.Module):  # Q(s, a) = 10 a for both twins
+        def forward(self, obs, act):
+            return 10 * act[..., 0], 10 * act[..., 0]
+
+    agent.critic_target = FixedQ()
+    sup = torch.tensor([[[0.3], [0.9], [0.5], [0.1]], [[0.8], [0.2], [0.4], [0.6]]])
+    valid = torch.tensor([[True, False, True, True], [True, True, True, True]])
+    batch = arq.SupportBatch(torch.zeros(2, 1), torch.zeros(2, 1), torch.zeros(2), torch.zeros(2, 1),
+                             torch.zeros(2), sup, valid, sup, valid)
+    metrics = agent.train(batch)
+    # row 0: kept 3, 5, 1 -> 2nd largest 3 (= the dataset action's 3); row 1: 2nd largest 6 < floor 8
+    assert metrics["charts/backup"].item() == pytest.approx((3.0 + 8.0) / 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end, and the caches
+# ----------------------------------------------------------------------------------------------
+TINY = ["--bc-steps", "30", "--n-support", "4", "--sampler-steps", "4", "--likelihood-steps", "2",
+        "--score-hidden-dim", "16", "--score-blocks", "1", "--score-batch-size", "64", "--hidden-dim", "16",
+        "--batch-size", "32", "--total-steps", "20", "--eval-every", "20", "--log-every", "10",
+        "--eval-episodes", "2", "--device", "cpu"]
+
+
+def test_arq_end_to_end_and_the_caches_are_reused(datasets_path, tmp_path):
+    common_args = [os.path.join(ROOT, "algorithms", "arq.py"), "--env", "test/hopper/random-v0",
+                   "--output-dir", str(tmp_path), *TINY]
+    first = run_script([*common_args, "--seed", "0", "--run-name", "first"], datasets_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "score model step 30" in first.stdout and "[arq] support 100.0%" in first.stdout
+    cache = os.listdir(tmp_path / "arq_support_cache")
+    assert sorted(name.split("_")[0] for name in cache) == ["score", "support"]
+
+    # another seed and the implicit policy: nothing is trained or generated again
+    second = run_script([*common_args, "--seed", "1", "--run-name", "second", "--policy", "implicit"],
+                        datasets_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "reusing cached score model" in second.stdout and "reusing cached support" in second.stdout
+    assert "score model step" not in second.stdout and "generating the support" not in second.stdout
+    assert sorted(os.listdir(tmp_path / "arq_support_cache")) == sorted(cache)
+    for name in ("first", "second"):
+        results = json.load(open(tmp_path / name / "results.json"))
+        assert results["finished"] and np.isfinite(results["final_return"])
+
+    # another sampler is another support, from the same score model
+    third = run_script([*common_args, "--run-name", "third", "--sampler", "ode"], datasets_path)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "reusing cached score model" in third.stdout and "generating the support" in third.stdout
