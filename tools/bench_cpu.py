@@ -37,6 +37,13 @@ class Args:
     """gradient steps per algorithm"""
     device: str = "auto"
     """--device passed to the algorithms"""
+    bc_steps: int = 100
+    """--bc-steps for the files with a behaviour/pretraining phase (only the RL phase is timed)"""
+
+
+# files with a pretraining phase: it is shrunk, since train_seconds counts only the RL phase
+PRETRAINING = {"cql": ["--bc-steps"], "fisher_brc": ["--bc-steps"], "itrpo": ["--bc-steps"],
+               "brac_plus": ["--bc-steps", "--pretrain-steps"]}
 
 
 def build(dataset_id: str, transitions: int, episode_length: int) -> None:
@@ -81,7 +88,9 @@ if __name__ == "__main__":
                 [sys.executable, os.path.join(ROOT, "algorithms", f"{algorithm}.py"), "--env", dataset_id,
                  "--total-steps", str(args.steps), "--eval-every", str(args.steps), "--eval-episodes", "1",
                  "--log-every", str(args.steps), "--device", args.device, "--output-dir", out,
-                 "--run-name", algorithm], check=True, capture_output=True)
+                 "--run-name", algorithm,
+                 *[x for flag in PRETRAINING.get(algorithm, []) for x in (flag, str(args.bc_steps))]],
+                check=True, capture_output=True)
             with open(os.path.join(out, algorithm, "results.json")) as f:
                 results = json.load(f)
             print(f"{algorithm}: {args.steps / results['train_seconds']:.0f} SPS "
