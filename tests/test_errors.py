@@ -59,7 +59,6 @@ def test_nan_losses_stop_the_run_with_a_message(datasets_path, tmp_path):
 
 
 def test_cuda_device_without_cuda_is_refused(datasets_path, tmp_path):
-    pytest.importorskip("torch")
     import torch
 
     if torch.cuda.is_available():

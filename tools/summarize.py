@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 import sys
 
@@ -22,7 +23,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import UserError  # noqa: E402  (also installs the one-line error hook)
+from common import UserError, atomic_write_bytes  # noqa: E402  (also installs the one-line error hook)
 
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
 
@@ -224,10 +225,11 @@ def main(argv=None) -> None:
         raise UserError(f"no results.json under {', '.join(args.runs)}")
     os.makedirs(args.out, exist_ok=True)
     rows = run_rows(runs)
-    with open(os.path.join(args.out, "runs.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(os.path.join(args.out, "runs.csv"), table.getvalue().encode())
     curves = plot_curves(runs, os.path.join(args.out, "curves"))
 
     by_dataset: dict[str, dict[str, list]] = {}
@@ -281,8 +283,7 @@ def main(argv=None) -> None:
 
     md += ["", "## Learning curves", ""] + [f"![{d}](curves/{f})" for d, f in curves.items()]
     md += ["", "Every run: [runs.csv](runs.csv)."]
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+    atomic_write_bytes(os.path.join(args.out, "summary.md"), ("\n".join(md) + "\n").encode())
     print(f"[summarize] {len(runs)} runs -> {os.path.join(args.out, 'summary.md')}, runs.csv, {len(curves)} plots")
 
 
