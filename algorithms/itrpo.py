@@ -19,8 +19,12 @@ From the candidate public code (JackZhangY/offorRL, "IKL"; *unverified* that it 
 the hyperparameters are not in our copy of the paper):
 - alpha 0.03, tau 0.9; survival bonus r + 5 (r - 1 on antmaze);
 - the critic loss adds 0.1 * ||grad_a Q_i(s, a~pi(s))||^2 for both critics;
-- the shaping log-ratio is clipped below at -1; the paper has no clip, so this is off by default
-  and --shaping-clip -1 turns it on;
+- the shaping log-ratio is clipped below at -1. Eq. (5) has no clip, but our copy of the paper lacks
+  the implementation appendix, and without it the critic diverges as soon as the policy narrows:
+  log pi(a|s) of a dataset action a far from pi's mode goes to -infinity (measured on
+  local/hopper/medium-replay-v0: mean shaping -0.4 at step 100, -24 at step 800 as pi's mean
+  log-std fell to -3; critic loss 1e8 and mean Q -2000 at step 1000). So the clip is the default;
+  --shaping-clip None gives the unclipped eq. (5);
 - behaviour model: tanh-Gaussian, 2x256, maximum likelihood with a tuned entropy bonus (target
   -|A|), Adam 1e-3 divided by 10 at 80% and 90% of --bc-steps (1M, as in Fisher-BRC's code).
 Actor and critics 3x256, Adam 3e-4, Polyak step 0.005 (`--polyak`: here `--tau` is the paper's
@@ -78,8 +82,8 @@ class Args:
     """alpha: weight of the KL value penalty and of the shaping term (candidate code: 0.03)"""
     tau: float = 0.9
     """tau of eq. (5): scale of the reward shaping; 0 = plain BRAC value penalty (paper's ablation)"""
-    shaping_clip: Optional[float] = None
-    """clip the shaping log-ratio below at this value (candidate code: -1; paper: no clip)"""
+    shaping_clip: Optional[float] = -1.0
+    """clip the shaping log-ratio below at this value (candidate code: -1); None: unclipped eq. (5), unstable"""
     n_samples: int = 10
     """K: policy samples per state for the KL estimate and the expected next Q"""
     gp_weight: float = 0.1

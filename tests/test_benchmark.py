@@ -52,6 +52,15 @@ def test_dry_run_lists_the_expected_commands(capsys, tmp_path):
     assert lines == expected
 
 
+def test_bc_steps_reach_every_file_with_a_behaviour_phase(capsys, tmp_path):
+    # ARQ declares it as Optional[int] (its default depends on the domain); it must still get it.
+    algos = ["bc", "iql", "cql", "fisher_brc", "itrpo", "brac_plus", "arq"]
+    lines = dry_run(capsys, "--algos", *algos, "--datasets", "local/hopper/medium-v0", "--seeds", "0",
+                    "--steps", "100", "--bc-steps", "7", "--output-dir", str(tmp_path))
+    with_bc = {line.split("algorithms/")[1].split(".py")[0] for line in lines if "--bc-steps 7" in line}
+    assert with_bc == {"cql", "fisher_brc", "itrpo", "brac_plus", "arq"}
+
+
 def test_quick_dry_run_uses_the_documented_budgets(capsys, tmp_path):
     lines = dry_run(capsys, "--quick", "--output-dir", str(tmp_path))
     assert len(lines) == len(benchmark.QUICK_BUDGETS) * len(benchmark.QUICK_DATASETS) * len(benchmark.QUICK_SEEDS)

@@ -76,7 +76,7 @@ def algorithm_names() -> list[str]:
 def has_bc_phase(algo: str) -> bool:
     """Whether algorithms/<algo>.py takes --bc-steps (read from its Args, without importing torch)."""
     with open(os.path.join(ROOT, "algorithms", f"{algo}.py")) as f:
-        return re.search(r"^\s+bc_steps: int", f.read(), re.MULTILINE) is not None
+        return re.search(r"^\s+bc_steps: (Optional\[)?int", f.read(), re.MULTILINE) is not None
 
 
 def read_dataset_map() -> list[dict]:
