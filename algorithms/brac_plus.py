@@ -29,7 +29,7 @@ Critic, eq. (10), with f the Heaviside step and lambda = 0.1:
 
 Paper vs official code (vermouth1992/bracp); the paper is the default, the code behind a flag:
 - --alpha-mode state: alpha(s) network, 3x256, softplus output (paper 3.2, appendix F);
-  --alpha-mode global: one scalar (code). Both start at 10 and are capped at 1e4 (code's values).
+  --alpha-mode global: one scalar (code). Both start at 10 (--alpha-init) and are capped at 1e4 (code's values).
 - --gp-mode paper: as above; --gp-mode official: weight softplus(KL(s) - eps_GP) divided by its batch
   maximum, on the (unsquared) norm ||grad_a min_j Q_j||, and lambda itself a Lagrange multiplier
   (softplus, never below --gp-weight) that drives the mean gated norm to --gp-target 0.01.
@@ -44,7 +44,13 @@ Where the paper is silent (values from the code unless said otherwise):
   medium-replay; any other dataset gets the code's default margin 0.1. --kl-margin overrides.
 - H_0 = NLL_b - |A| log 4: the negative ELBO of the dataset actions (in action space), with the
   std shrunk by 4 per dimension (--entropy-std-scale). beta starts at 10, Adam 1e-3. The entropy
-  bound is also applied while pretraining pi_0, as in the code.
+  bound is also applied while pretraining pi_0, as in the code. While beta > 1 the pi_0 loss
+  KL + beta * H rewards a *lower* entropy without limit (the tanh Jacobian makes the action-space
+  entropy unbounded below as the policy saturates), and beta falls only ~1 per 1,000 steps, so a
+  pi_0 phase shorter than ~15k steps ends with a collapsed, saturated policy (measured on
+  local/hopper/medium-replay-v0 after 5k steps: entropy -73, KL bound 101, normalised score 0.7).
+  The code pretrains for 500k steps; for short runs use --beta-init 1 (the code's agent-class
+  default), which kept the entropy at H_0 and the KL near 3 there.
 - "Epoch" = --epoch-steps 2000 gradient steps (paper Figure 2). The per-state KL statistics (for
   delta_KL, eps_GP and H_0) are computed over a fixed random subset of --kl-states 10k dataset states
   in batches under no_grad, not over the whole dataset. eps_GP of the first epoch uses pi_0's
@@ -114,7 +120,9 @@ class Args:
     alpha_mode: str = "state"
     """state: Lagrange multiplier network alpha(s) (paper); global: one scalar (official code)"""
     alpha_init: float = 10.0
-    """initial value of alpha and of the entropy multiplier beta (official code)"""
+    """initial value of the KL multiplier alpha (official code)"""
+    beta_init: float = 10.0
+    """initial value of the entropy multiplier beta (official code; use 1 when --pretrain-steps is short)"""
     alpha_max: float = 1e4
     """upper clip of alpha and beta (official code)"""
     multiplier_lr: float = 1e-3
@@ -379,7 +387,7 @@ class BRACPlus:
             self.alpha_raw = torch.tensor(inverse_softplus(args.alpha_init), device=device, requires_grad=True)
             alpha_params = [self.alpha_raw]
         self.alpha_optimizer = torch.optim.Adam(alpha_params, lr=args.multiplier_lr)
-        self.beta_raw = torch.tensor(inverse_softplus(args.alpha_init), device=device, requires_grad=True)
+        self.beta_raw = torch.tensor(inverse_softplus(args.beta_init), device=device, requires_grad=True)
         self.beta_optimizer = torch.optim.Adam([self.beta_raw], lr=args.multiplier_lr)
         self.gp_raw = torch.tensor(inverse_softplus(args.gp_weight), device=device, requires_grad=True)
         self.gp_optimizer = torch.optim.Adam([self.gp_raw], lr=args.multiplier_lr)
@@ -598,6 +606,7 @@ if __name__ == "__main__":
     agent.behavior.requires_grad_(False)
     target_entropy = agent.set_target_entropy(subset_obs, data.actions[subset])
     print(f"[brac_plus] entropy upper bound H_0 = {target_entropy:.3f}")
+    run.reset_clock()  # each phase's progress lines report that phase's own speed
     for step in range(1, args.pretrain_steps + 1):
         metrics = agent.train_initial_policy(buffer.sample(args.batch_size))
         if step % args.log_every == 0 or step == args.pretrain_steps:
@@ -605,6 +614,7 @@ if __name__ == "__main__":
     kl_threshold, gp_threshold = agent.set_thresholds(subset_obs)
     print(f"[brac_plus] KL threshold delta_KL = {kl_threshold:.3f}, first gradient-penalty threshold "
           f"eps_GP = {gp_threshold:.3f}")
+    run.reset_clock()
     for step in range(1, args.pretrain_steps + 1):
         metrics = agent.train_initial_critic(buffer.sample(args.batch_size))
         if step % args.log_every == 0 or step == args.pretrain_steps:

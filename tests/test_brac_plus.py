@@ -180,6 +180,13 @@ def test_entropy_multiplier_keeps_an_upper_bound():
     assert agent.beta().item() < before
 
 
+@pytest.mark.parametrize("alpha_mode", ["state", "global"])
+def test_alpha_and_beta_start_at_their_own_initial_values(alpha_mode):
+    agent = small_agent(alpha_mode=alpha_mode, alpha_init=10.0, beta_init=1.0)
+    assert agent.alpha(torch.randn(5, 3)).tolist() == pytest.approx([10.0] * 5, rel=1e-4)
+    assert agent.beta().item() == pytest.approx(1.0, rel=1e-4)
+
+
 class KnownCritic(torch.nn.Module):  # Q_1 = 3 sum(a) + sum(s), Q_2 = sum(a^2)
     def forward(self, obs, act):
         return 3.0 * act.sum(-1) + obs.sum(-1), (act**2).sum(-1)
