@@ -30,6 +30,12 @@ Critic, eq. (10), with f the Heaviside step and lambda = 0.1:
 Paper vs official code (vermouth1992/bracp); the paper is the default, the code behind a flag:
 - --alpha-mode state: alpha(s) network, 3x256, softplus output (paper 3.2, appendix F);
   --alpha-mode global: one scalar (code). Both start at 10 (--alpha-init) and are capped at 1e4 (code's values).
+  Known issue of the state mode (measured on local/hopper/medium-replay-v0, reduced sizes): while
+  every state meets the constraint, Adam moves all the network's weights at once, so alpha(s) reaches
+  ~0 within the first 1,000 RL steps (the scalar of the global mode needs ~10k); in the softplus tail
+  the gradient vanishes and Adam's second moments still hold the earlier, larger gradients, so alpha(s)
+  stays ~0 for ~4k steps while the KL bound grows to thousands and the entropy collapses, before it
+  jumps to the 1e4 cap. The paper gives no learning rate for the alpha network; --multiplier-lr sets it.
 - --gp-mode paper: as above; --gp-mode official: weight softplus(KL(s) - eps_GP) divided by its batch
   maximum, on the (unsquared) norm ||grad_a min_j Q_j||, and lambda itself a Lagrange multiplier
   (softplus, never below --gp-weight) that drives the mean gated norm to --gp-target 0.01.
