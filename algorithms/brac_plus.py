@@ -53,7 +53,7 @@ Where the paper is silent (values from the code unless said otherwise):
   bound is also applied while pretraining pi_0, as in the code. While beta > 1 the pi_0 loss
   KL + beta * H rewards a *lower* entropy without limit (the tanh Jacobian makes the action-space
   entropy unbounded below as the policy saturates), and beta falls only ~1 per 1,000 steps, so a
-  pi_0 phase shorter than ~15k steps ends with a collapsed, saturated policy (measured on
+  short pi_0 phase ends with a collapsed, saturated policy (measured on
   local/hopper/medium-replay-v0 after 5k steps: entropy -73, KL bound 101, normalised score 0.7).
   The code pretrains for 500k steps; for short runs use --beta-init 1 (the code's agent-class
   default), which kept the entropy at H_0 and the KL near 3 there.
