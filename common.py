@@ -446,6 +446,10 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    # CPU: flush denormal floats to zero. A multiplier that decays towards zero (the behaviour
+    # models' entropy temperature reaches ~1e-40 after ~90k steps) otherwise makes every matmul it
+    # touches ~10x slower (measured: Fisher-BRC's behaviour model 175 -> 16 steps/s).
+    torch.set_flush_denormal(True)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -30,12 +30,15 @@ Critic, eq. (10), with f the Heaviside step and lambda = 0.1:
 Paper vs official code (vermouth1992/bracp); the paper is the default, the code behind a flag:
 - --alpha-mode state: alpha(s) network, 3x256, softplus output (paper 3.2, appendix F);
   --alpha-mode global: one scalar (code). Both start at 10 (--alpha-init) and are capped at 1e4 (code's values).
-  Known issue of the state mode (measured on local/hopper/medium-replay-v0, reduced sizes): while
-  every state meets the constraint, Adam moves all the network's weights at once, so alpha(s) reaches
-  ~0 within the first 1,000 RL steps (the scalar of the global mode needs ~10k); in the softplus tail
-  the gradient vanishes and Adam's second moments still hold the earlier, larger gradients, so alpha(s)
-  stays ~0 for ~4k steps while the KL bound grows to thousands and the entropy collapses, before it
-  jumps to the 1e4 cap. The paper gives no learning rate for the alpha network; --multiplier-lr sets it.
+  Line 8 steps alpha(s) itself; with a network we take that dual step on its pre-softplus output
+  x(s), as SAC steps log alpha rather than alpha, and keep alpha(s) in [1 / alpha_max, alpha_max]
+  by regressing x(s) on clip(x(s) + KL(s) - delta_KL) (deviation: the paper gives neither this
+  detail nor a learning rate; --multiplier-lr, shared with beta). Why, measured on
+  local/hopper/medium-replay-v0 at reduced sizes: a step on alpha(s) through Adam drove alpha(s) to
+  ~1e-15 within 100 RL steps (Adam moves all the network's weights at once while every state meets
+  the constraint) and left it there (the softplus gradient vanishes in its tail) while the KL bound
+  grew without check (300 after 3k steps; 6,290 in a 10k-step run that fell to a score of 0.5).
+  With the step on x(s), the KL bound stayed under delta_KL (batch mean 4.6-5.4 vs 5.8).
 - --gp-mode paper: as above; --gp-mode official: weight softplus(KL(s) - eps_GP) divided by its batch
   maximum, on the (unsquared) norm ||grad_a min_j Q_j||, and lambda itself a Lagrange multiplier
   (softplus, never below --gp-weight) that drives the mean gated norm to --gp-target 0.01.
@@ -130,7 +133,7 @@ class Args:
     beta_init: float = 10.0
     """initial value of the entropy multiplier beta (official code; use 1 when --pretrain-steps is short)"""
     alpha_max: float = 1e4
-    """upper clip of alpha and beta (official code)"""
+    """upper clip of alpha and beta (official code); the update pulls alpha(s) back into [1 / this, this]"""
     multiplier_lr: float = 1e-3
     """Adam learning rate of alpha and beta (official code)"""
     gp_mode: str = "paper"
@@ -511,8 +514,18 @@ class BRACPlus:
         return {"losses/td_loss": td_loss.detach(), "losses/q1": q1.mean().detach()}
 
     def update_alpha(self, obs: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
-        """Line 8, dual gradient descent per state: alpha(s) rises where KL(s) > delta_KL."""
-        alpha_loss = -(self.alpha(obs) * (kl.detach() - self.kl_threshold)).mean()
+        """Line 8, dual gradient descent per state: alpha(s) rises where KL(s) > delta_KL.
+        state mode: the step is taken on the pre-softplus output x(s) (as SAC steps log alpha, not
+        alpha), projected so that alpha(s) stays in [1 / alpha_max, alpha_max]: x(s) is regressed on
+        clip(x(s) + KL(s) - delta_KL), whose gradient inside the box is the dual step. A step on
+        alpha(s) itself vanishes in the softplus tail (see the docstring)."""
+        violation = kl.detach() - self.kl_threshold
+        if self.args.alpha_mode == "state":
+            x = self.alpha_net.net(obs).squeeze(-1)
+            low, high = inverse_softplus(1.0 / self.args.alpha_max), inverse_softplus(self.args.alpha_max)
+            alpha_loss = 0.5 * (x - (x.detach() + violation).clamp(low, high)).pow(2).mean()
+        else:
+            alpha_loss = -(self.alpha(obs) * violation).mean()
         self.alpha_optimizer.zero_grad(set_to_none=True)
         alpha_loss.backward()
         self.alpha_optimizer.step()

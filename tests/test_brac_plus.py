@@ -158,6 +158,23 @@ def test_state_dependent_alpha_rises_where_kl_exceeds_the_threshold_and_falls_el
     assert before_over.item() == pytest.approx(10.0, rel=1e-5)  # starts at --alpha-init everywhere
 
 
+def test_state_dependent_alpha_recovers_after_a_long_stretch_without_violations():
+    # Stepping alpha(s) itself (the earlier version) left it at ~1e-15 in the softplus tail after
+    # 100 RL steps, and there it stayed while the KL bound grew to hundreds (local Hopper).
+    torch.manual_seed(0)
+    agent = bp.BRACPlus(bp.Args(alpha_init=1.0), obs_dim=3, act_dim=2, device=torch.device("cpu"))
+    agent.kl_threshold = 1.0
+    obs = torch.randn(32, 3)
+    for _ in range(500):  # every state far inside the constraint
+        agent.update_alpha(obs, torch.zeros(32))
+    with torch.no_grad():
+        assert 1e-6 < agent.alpha(obs).max().item() < 1e-3  # near the floor of 1e-4, not far below it
+    for _ in range(200):  # every state violates it
+        agent.update_alpha(obs, torch.full((32,), 3.0))
+    with torch.no_grad():
+        assert agent.alpha(obs).min().item() > 1.0
+
+
 @pytest.mark.parametrize("kl_value, rises", [(3.0, True), (0.2, False)])
 def test_global_alpha_follows_the_mean_violation(kl_value, rises):
     agent = small_agent(alpha_mode="global")

@@ -219,3 +219,11 @@ def test_known_remote_ids_exclude_nothing_we_benchmark():
     for dataset_id in ("mujoco/hopper/medium-v0", "D4RL/antmaze/umaze-v1", "D4RL/door/human-v2",
                        "D4RL/kitchen/mixed-v2"):
         assert dataset_id in common.KNOWN_REMOTE_DATASETS
+
+
+def test_resolving_the_device_flushes_denormals_on_cpu():
+    # a multiplier decaying into float32's denormal range slowed the behaviour models ~10x
+    torch.set_flush_denormal(False)
+    assert (torch.tensor(1e-39) * 1.0).item() != 0.0
+    common.resolve_device("cpu")
+    assert (torch.tensor(1e-39) * 1.0).item() == 0.0
