@@ -76,7 +76,7 @@ class Args:
     n_components: int = 5
     """Gaussian components per action dimension of the behaviour mixture"""
     gp_weight: float = 0.1
-    """lambda of eq. (7), weight of the gradient penalty on the offsets"""
+    """lambda of eq. (7), weight of the gradient penalty on the offsets (on local Hopper medium-replay 0.1 collapsed, 1.0 trained: README)"""
     gp_on_data: bool = False
     """take the gradient penalty at dataset actions instead of a ~ pi(s)"""
     reward_transform: str = "plus-five"
