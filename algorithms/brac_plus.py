@@ -377,6 +377,8 @@ class BRACPlus:
             raise common.UserError(f"--alpha-mode must be state or global, not '{args.alpha_mode}'")
         if args.gp_mode not in ("paper", "official"):
             raise common.UserError(f"--gp-mode must be paper or official, not '{args.gp_mode}'")
+        if args.alpha_max <= 1.0:
+            raise common.UserError(f"--alpha-max must be above 1 (alpha(s) is kept in [1/alpha_max, alpha_max]), not {args.alpha_max}")
         self.args = args
         self.act_dim = act_dim
         self.behavior = VAEEnsemble(obs_dim, act_dim, args.vae_hidden_dim, args.n_ensembles).to(device)

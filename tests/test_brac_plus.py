@@ -296,3 +296,9 @@ def test_brac_plus_end_to_end(variant, datasets_path, tmp_path):
     assert results["args"]["kl_margin"] == 3.0  # the random-dataset default
     for phase in ("behaviour model step 20", "initial policy step 20", "Q initialisation step 20", "step 40/40"):
         assert phase in result.stdout
+
+
+def test_alpha_max_must_leave_room_for_the_floor_of_alpha():
+    import common
+    with pytest.raises(common.UserError, match="--alpha-max"):
+        small_agent(alpha_max=0.5)
