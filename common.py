@@ -4,19 +4,21 @@ Only infrastructure lives here: loading a Minari dataset into flat tensors, stat
 reward transforms, batch sampling, evaluation, seeding, logging and atomic file writing.
 No algorithmic code: every loss lives in its algorithm's file.
 
-Conventions (see ../shared/IMPLEMENTATION_NOTES.md, "Data conventions"):
+Data conventions:
 - A Minari episode stores T+1 observations and T of everything else. Transition t is
   (obs[t], actions[t], rewards[t], obs[t+1]).
 - `terminals` come from `terminations` only; time-limit truncations are kept as ordinary
   transitions with terminal 0 (Minari stores the true final observation, so bootstrapping from it
   is correct). `timeouts` marks them.
-- Goal-conditioned Dict observations are flattened to concat(observation, desired_goal).
+- Goal-conditioned Dict observations are flattened to concat(observation, desired_goal), and for
+  AntMaze to concat(achieved_goal, observation, desired_goal) (see `goal_obs_keys`).
 - Actions are rescaled to [-1, 1] from the dataset's Box bounds so that every tanh policy works
   unchanged; evaluation maps them back. For the usual MuJoCo tasks the bounds already are [-1, 1].
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -135,7 +137,11 @@ def resolve_dataset(dataset_id: str):
         # local/* ids are never remote: they are built offline from the snapshots in tools/.
         import tools.make_dataset
 
-        tools.make_dataset.build_local_dataset(dataset_id)
+        # The build comes after the script's seed_everything and draws from the global generators
+        # (network initialisation), so it must leave them as it found them: otherwise the run that
+        # builds the dataset and every later run with the same seed start from different weights.
+        with preserved_global_rngs():
+            tools.make_dataset.build_local_dataset(dataset_id)
         return minari.load_dataset(dataset_id)
     if dataset_id not in KNOWN_REMOTE_DATASETS:
         raise UserError(
@@ -153,23 +159,37 @@ def resolve_dataset(dataset_id: str):
         ) from None
 
 
-def _flatten_obs_space(space, dataset_id: str) -> int:
+def goal_obs_keys(dataset, dataset_id: str) -> tuple[str, ...]:
+    """The keys of a goal-conditioned Dict observation, in the order they are concatenated.
+
+    Gymnasium-Robotics' AntMaze keeps the torso's x, y only in `achieved_goal`; its `observation` is
+    the other 27 numbers. D4RL's antmaze state (29 numbers) had x, y first, so AntMaze is flattened
+    to concat(achieved_goal, observation, desired_goal). PointMaze's `observation` starts with x, y
+    already and stays concat(observation, desired_goal). Keyed on the env spec (AntMaze_*), which
+    fixes the observation layout whatever the dataset is called; on the dataset id's task when the
+    dataset records no env."""
+    spec = dataset.env_spec
+    antmaze = spec.name.startswith("AntMaze") if spec is not None else is_antmaze(dataset_id)
+    return ("achieved_goal", "observation", "desired_goal") if antmaze else ("observation", "desired_goal")
+
+
+def _flatten_obs_space(space, dataset_id: str, keys: tuple[str, ...]) -> int:
     from gymnasium import spaces
 
     if isinstance(space, spaces.Box) and len(space.shape) == 1:
         return space.shape[0]
-    if isinstance(space, spaces.Dict) and {"observation", "desired_goal"} <= set(space.spaces):
-        return sum(_flatten_obs_space(space[k], dataset_id) for k in ("observation", "desired_goal"))
+    if isinstance(space, spaces.Dict) and set(keys) <= set(space.spaces):
+        return sum(_flatten_obs_space(space[k], dataset_id, keys) for k in keys)
     raise UserError(
         f"dataset '{dataset_id}' has observation space {space}; only flat Box observations or Dict "
-        f"observations with 'observation' and 'desired_goal' (goal-conditioned) are supported."
+        f"observations with {', '.join(repr(k) for k in keys)} (goal-conditioned) are supported."
     )
 
 
-def flatten_obs(obs) -> np.ndarray:
-    """Dict observations (goal-conditioned) -> concat(observation, desired_goal), as float32."""
+def flatten_obs(obs, keys: tuple[str, ...] = ("observation", "desired_goal")) -> np.ndarray:
+    """Dict observations (goal-conditioned) -> the concatenation of `keys` (`goal_obs_keys`), as float32."""
     if isinstance(obs, dict):
-        obs = np.concatenate([obs["observation"], obs["desired_goal"]], axis=-1)
+        obs = np.concatenate([obs[k] for k in keys], axis=-1)
     return np.asarray(obs, dtype=np.float32)
 
 
@@ -191,11 +211,12 @@ def load_dataset(dataset_id: str, device: str | torch.device = "cpu") -> Offline
             f"dataset '{dataset_id}' has action space {action_space}; a 1-D Box with finite bounds "
             f"is needed (actions are rescaled to [-1, 1])."
         )
-    obs_dim = _flatten_obs_space(dataset.observation_space, dataset_id)
+    keys = goal_obs_keys(dataset, dataset_id)
+    obs_dim = _flatten_obs_space(dataset.observation_space, dataset_id, keys)
 
     arrays = _read_flat_cache(dataset, obs_dim)
     if arrays is None:
-        arrays = _read_episodes(dataset, dataset_id, obs_dim)
+        arrays = _read_episodes(dataset, dataset_id, obs_dim, keys)
         _write_flat_cache(dataset, arrays)
     # Episode e owns rows [starts[e] + e, starts[e] + e + lengths[e]] of the (N + E)-row observation
     # array; dropping each episode's last row gives obs[t], dropping its first gives obs[t+1].
@@ -233,11 +254,11 @@ def load_dataset(dataset_id: str, device: str | torch.device = "cpu") -> Offline
     )
 
 
-def _read_episodes(dataset, dataset_id: str, obs_dim: int) -> dict:
+def _read_episodes(dataset, dataset_id: str, obs_dim: int, keys: tuple[str, ...]) -> dict:
     """One pass over the episodes; observations keep their T+1 rows per episode."""
     obs, acts, rews, terms, truncs, lengths = [], [], [], [], [], []
     for ep in dataset.storage.get_episodes(dataset.episode_indices):
-        o = flatten_obs(ep["observations"])
+        o = flatten_obs(ep["observations"], keys)
         steps = len(ep["rewards"])
         if o.shape != (steps + 1, obs_dim):
             raise UserError(
@@ -332,7 +353,7 @@ REWARD_TRANSFORMS = ("none", "return-range", "minus-one", "cql-antmaze", "min-ma
 
 
 def transform_rewards(data: OfflineData, name: str) -> None:
-    """Apply one of the papers' reward transforms (IMPLEMENTATION_NOTES.md) in place.
+    """Apply one of the papers' reward transforms in place.
 
     none:         r
     return-range: r * 1000 / (max episode return - min episode return)   (IQL, ARQ locomotion)
@@ -359,8 +380,18 @@ def transform_rewards(data: OfflineData, name: str) -> None:
         raise UserError(f"unknown reward transform '{name}'; choose one of {', '.join(REWARD_TRANSFORMS)}")
 
 
+def dataset_task(dataset_id: str) -> str:
+    """The task component of a dataset id, lower-cased: 'D4RL/pen/human-v2' -> 'pen'.
+
+    Minari ids are `namespace/task/name-vN` (or `task/name-vN`); per-domain settings match this
+    component exactly, so that 'pendulum' is not 'pen'. An id without '/' (Minari's older
+    'task-name-vN' form) gives the part before its first '-'."""
+    parts = dataset_id.lower().split("/")
+    return parts[-2] if len(parts) > 1 else parts[0].split("-")[0]
+
+
 def is_antmaze(dataset_id: str) -> bool:
-    return "antmaze" in dataset_id.lower()
+    return dataset_task(dataset_id) == "antmaze"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,6 +443,7 @@ def evaluate(
     import gymnasium as gym
 
     dataset = data.minari_dataset
+    keys = goal_obs_keys(dataset, data.dataset_id)
     envs = gym.vector.SyncVectorEnv([lambda: dataset.recover_environment(eval_env=True)] * n_episodes)
     device = data.observations.device
     low, high = data.action_low, data.action_high
@@ -419,7 +451,7 @@ def evaluate(
     returns = np.zeros(n_episodes)
     done = np.zeros(n_episodes, dtype=bool)
     while not done.all():
-        o = torch.as_tensor(flatten_obs(obs), device=device)
+        o = torch.as_tensor(flatten_obs(obs, keys), device=device)
         if obs_mean is not None:
             o = (o - obs_mean) / obs_std
         a = policy(o).clamp(-1.0, 1.0).cpu().numpy()
@@ -443,6 +475,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def preserved_global_rngs():
+    """Run a block without changing the global python, numpy and torch (CPU) random streams.
+    CUDA's are left out: forking them would initialise CUDA, and the dataset builder runs on the CPU."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -34,7 +34,7 @@ Algorithm 1 of the paper, in four stages:
    where a'_D is the dataset's action at s' and K-th is the K-th largest over the kept support (or its
    smallest member when fewer than K survive; the max with the dataset action is the official code's
    floor). K = 9 (3 antmaze). 2x256 ReLU MLPs, polyak 0.995 (tau 0.005), Adam 3e-4 (1e-4 kitchen,
-   adroit). Rewards: * 1000 / (max - min episode return) for locomotion, r - 1 for antmaze.
+   adroit). Rewards: * 1000 / (max - min episode return) for halfcheetah/hopper/walker2d, r - 1 for antmaze.
 4. Policy (--policy):
      awr:      L = -E_(s,a)~D[min(exp(alpha A(s,a)), 100) log pi(a|s)], A(s,a) = Q(s,a) - mean over the
                kept support (dataset action included) of Q(s,.), Q = min of the target Qs; IQL's
@@ -168,7 +168,8 @@ class Args:
     deterministic_policy: Optional[bool] = None
     """AWR with a deterministic policy and weighted squared error (default: antmaze only)"""
     reward_transform: Optional[str] = None
-    """one of common.REWARD_TRANSFORMS (default: minus-one antmaze, none kitchen/adroit, else return-range)"""
+    """one of common.REWARD_TRANSFORMS (default: minus-one antmaze, return-range hopper/walker2d/halfcheetah,
+    else none)"""
     max_weight: float = 100.0
     """advantage weights are clipped at this value"""
     gamma: float = 0.99
@@ -186,19 +187,25 @@ class Args:
 
 
 def domain_defaults(dataset_id: str) -> dict:
-    """The paper's per-domain hyperparameters (tables A.1-A.3), chosen from the dataset id."""
-    name = dataset_id.lower()
-    if common.is_antmaze(name):
+    """The paper's per-domain hyperparameters (tables A.1-A.3), chosen from the dataset id's task
+    (common.dataset_task).
+
+    Rewards follow the official offline_dataset.py: r - 1 for antmaze, * 1000 / (return range) for
+    hopper/walker2d/halfcheetah only, untouched for everything else.
+    Tasks the authors did not run (ant, pointmaze, pendulum, ...): locomotion settings, rewards untouched."""
+    task = common.dataset_task(dataset_id)
+    if task == "antmaze":
         return {"bc_steps": 1_000_000, "kth": 3, "alpha": 10.0, "deterministic_policy": True,
                 "reward_transform": "minus-one", "lr": 3e-4}
-    if "kitchen" in name:
+    if task == "kitchen":
         return {"bc_steps": 300_000, "kth": 9, "alpha": 1.0, "deterministic_policy": False,
                 "reward_transform": "none", "lr": 1e-4}
-    if any(task in name for task in ("door", "hammer", "pen", "relocate")):
+    if task in ("door", "hammer", "pen", "relocate"):
         return {"bc_steps": 300_000, "kth": 9, "alpha": 10.0, "deterministic_policy": False,
                 "reward_transform": "none", "lr": 1e-4}
+    transform = "return-range" if task in ("halfcheetah", "hopper", "walker2d") else "none"
     return {"bc_steps": 1_000_000, "kth": 9, "alpha": 1.0, "deterministic_policy": False,
-            "reward_transform": "return-range", "lr": 3e-4}
+            "reward_transform": transform, "lr": 3e-4}
 
 
 SAMPLERS = ("pc", "ode")

@@ -191,7 +191,7 @@ DEFAULT_KL_MARGIN = 0.1
 def domain_defaults(dataset_id: str) -> dict:
     parts = dataset_id.lower().split("/")
     kind = parts[-1].rsplit("-v", 1)[0]
-    task = parts[-2] if len(parts) > 1 else ""
+    task = common.dataset_task(dataset_id)
     for key in (kind, f"{task}/{kind}"):
         if key in KL_MARGINS:
             return {"kl_margin": KL_MARGINS[key]}

@@ -12,7 +12,8 @@ mean action at evaluation. 2x256 networks, Adam 3e-4, tau 0.005, batch 256.
 Per-domain settings (the paper's appendix and the official code), picked from the dataset id:
     antmaze:         tau 0.9, beta 10.0, rewards r - 1
     kitchen, adroit: tau 0.7, beta 0.5,  actor dropout 0.1, rewards untouched
-    otherwise:       tau 0.7, beta 3.0,  rewards * 1000 / (max - min episode return)   (MuJoCo)
+    halfcheetah, hopper, walker2d: tau 0.7, beta 3.0, rewards * 1000 / (max - min episode return)
+    otherwise:       tau 0.7, beta 3.0,  rewards untouched (the official code scales only those three)
 Each can be overridden by its flag.
 
 Deviations: PyTorch default initialisation instead of the official orthogonal one (CORL does the
@@ -71,7 +72,8 @@ class Args:
     dropout: Optional[float] = None
     """dropout rate in the policy (default: 0.1 kitchen/adroit, else none)"""
     reward_transform: Optional[str] = None
-    """one of common.REWARD_TRANSFORMS (default: minus-one antmaze, none kitchen/adroit, else return-range)"""
+    """one of common.REWARD_TRANSFORMS (default: minus-one antmaze, return-range hopper/walker2d/halfcheetah,
+    else none)"""
     max_weight: float = 100.0
     """advantage weights are clipped at this value"""
     gamma: float = 0.99
@@ -87,13 +89,18 @@ class Args:
 
 
 def domain_defaults(dataset_id: str) -> dict:
-    """The paper's per-domain hyperparameters, chosen from the dataset id."""
-    name = dataset_id.lower()
-    if common.is_antmaze(name):
+    """The paper's per-domain hyperparameters, chosen from the dataset id's task (common.dataset_task).
+
+    Rewards follow the official train_offline.py: r - 1 for antmaze, * 1000 / (return range) for
+    halfcheetah/hopper/walker2d only, untouched for everything else.
+    Tasks the authors did not run (ant, pointmaze, pendulum, ...): the MuJoCo settings, rewards untouched."""
+    task = common.dataset_task(dataset_id)
+    if task == "antmaze":
         return {"expectile": 0.9, "beta": 10.0, "dropout": 0.0, "reward_transform": "minus-one"}
-    if any(task in name for task in ("kitchen", "door", "hammer", "pen", "relocate")):
+    if task in ("kitchen", "door", "hammer", "pen", "relocate"):
         return {"expectile": 0.7, "beta": 0.5, "dropout": 0.1, "reward_transform": "none"}
-    return {"expectile": 0.7, "beta": 3.0, "dropout": 0.0, "reward_transform": "return-range"}
+    transform = "return-range" if task in ("halfcheetah", "hopper", "walker2d") else "none"
+    return {"expectile": 0.7, "beta": 3.0, "dropout": 0.0, "reward_transform": transform}
 
 
 # ----------------------------------------------------------------------------------------------

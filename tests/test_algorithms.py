@@ -77,6 +77,48 @@ def test_iql_picks_per_domain_defaults_from_the_dataset_id():
         "expectile": 0.7, "beta": 3.0, "dropout": 0.0, "reward_transform": "return-range"}
 
 
+def test_dataset_task_is_the_task_component_of_the_id():
+    import common
+
+    for dataset_id, task in [("D4RL/pen/human-v2", "pen"), ("mujoco/hopper/medium-v0", "hopper"),
+                             ("local/pendulum/medium-v0", "pendulum"), ("D4RL/antmaze/umaze-v1", "antmaze"),
+                             ("D4RL/kitchen/mixed-v2", "kitchen"), ("hopper/medium-v0", "hopper"),
+                             ("D4RL/pointmaze/open-dense-v2", "pointmaze")]:
+        assert common.dataset_task(dataset_id) == task, dataset_id
+    assert common.is_antmaze("D4RL/antmaze/umaze-v1") and not common.is_antmaze("test/notantmaze/x-v0")
+
+
+ADROIT_IDS = ["D4RL/door/human-v2", "D4RL/hammer/cloned-v2", "D4RL/pen/expert-v2", "D4RL/relocate/human-v2"]
+NOT_ADROIT_IDS = ["local/pendulum/medium-v0", "D4RL/pointmaze/open-v2", "D4RL/pointmaze/open-dense-v2",
+                  "mujoco/invertedpendulum/medium-v0", "mujoco/hopper/medium-v0", "D4RL/antmaze/umaze-v1"]
+
+
+@pytest.mark.parametrize("algorithm, adroit", [("iql", {"beta": 0.5, "dropout": 0.1}),
+                                               ("arq", {"alpha": 10.0, "bc_steps": 300_000, "lr": 1e-4})])
+def test_adroit_settings_go_to_the_adroit_tasks_only(algorithm, adroit):
+    """'pen' is a task, not a substring: pendulum and pointmaze/open* are not Adroit."""
+    module = load_algorithm(algorithm)
+    for dataset_id in ADROIT_IDS:
+        chosen = module.domain_defaults(dataset_id)
+        assert {k: chosen[k] for k in adroit} == adroit, dataset_id
+    for dataset_id in NOT_ADROIT_IDS:
+        chosen = module.domain_defaults(dataset_id)
+        assert {k: chosen[k] for k in adroit} != adroit, dataset_id
+
+
+@pytest.mark.parametrize("algorithm", ["iql", "arq"])
+def test_reward_scaling_follows_the_authors_per_domain(algorithm):
+    """ikostrikov/implicit_q_learning train_offline.py and ARQ's offline_dataset.py scale by the return
+    range only halfcheetah, hopper and walker2d, subtract 1 on antmaze, and leave the rest untouched."""
+    module = load_algorithm(algorithm)
+    expected = {"mujoco/halfcheetah/medium-v0": "return-range", "mujoco/hopper/expert-v0": "return-range",
+                "local/walker2d/medium-replay-v0": "return-range", "D4RL/antmaze/umaze-v1": "minus-one",
+                "mujoco/ant/medium-v0": "none", "D4RL/pointmaze/umaze-v2": "none",
+                "local/pendulum/medium-v0": "none", "D4RL/kitchen/mixed-v2": "none", "D4RL/pen/human-v2": "none"}
+    for dataset_id, transform in expected.items():
+        assert module.domain_defaults(dataset_id)["reward_transform"] == transform, dataset_id
+
+
 def test_awr_critic_target_uses_policy_actions_and_masks_terminals():
     """One train step on a batch where every transition is terminal: the target is the reward."""
     awr = load_algorithm("awr")

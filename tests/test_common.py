@@ -1,8 +1,10 @@
 """common.py: flattening, normalisation, reward transforms, evaluation, files."""
 
+import dataclasses
 import json
 import os
 
+import gymnasium as gym
 import minari
 import numpy as np
 import pytest
@@ -71,6 +73,48 @@ def test_dict_observations_concatenate_observation_and_goal(datasets_path):
     n = len(ep.rewards)
     np.testing.assert_allclose(data.observations[:n].numpy(), expected[:-1], rtol=1e-6)
     np.testing.assert_allclose(data.next_observations[:n].numpy(), expected[1:], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def antmaze(datasets_path):
+    """A tiny AntMaze dataset (v4: a 27-number `observation`, as in Minari's D4RL/antmaze)."""
+    from conftest import build_dataset
+
+    build_dataset("test/antmaze/random-v0", "AntMaze_UMaze-v4", n_episodes=3, max_steps=12)
+    return "test/antmaze/random-v0"
+
+
+def test_antmaze_observations_lead_with_the_position(antmaze):
+    """AntMaze's `observation` lacks the torso's x, y (only `achieved_goal` has them): the flat state
+    is concat(achieved_goal, observation, desired_goal), D4RL's order."""
+    raw = minari.load_dataset(antmaze)
+    data = common.load_dataset(antmaze)
+    assert data.obs_dim == 2 + 27 + 2
+    for ep, start in zip(raw.iterate_episodes(), data.episode_starts):
+        n, o = len(ep.rewards), ep.observations
+        expected = np.concatenate([o["achieved_goal"], o["observation"], o["desired_goal"]], axis=1)
+        np.testing.assert_allclose(data.observations[start:start + n].numpy(), expected[:-1], rtol=1e-6)
+        np.testing.assert_allclose(data.next_observations[start:start + n].numpy(), expected[1:], rtol=1e-6)
+
+
+def test_antmaze_evaluation_gives_the_policy_the_position(antmaze):
+    data = common.load_dataset(antmaze)
+    seen = []
+
+    def policy(obs):
+        seen.append(obs.clone())
+        return torch.zeros(obs.shape[0], data.act_dim)
+
+    common.evaluate(data, policy, n_episodes=2, seed=3)
+    assert seen[0].shape == (2, 31)
+    for i in range(2):  # the same rollout by hand: the first two columns are the env's x, y
+        env = data.minari_dataset.recover_environment(eval_env=True)
+        obs, _ = env.reset(seed=3 + i)
+        for t in range(5):
+            np.testing.assert_allclose(seen[t][i, :2].numpy(), obs["achieved_goal"], rtol=1e-6)
+            np.testing.assert_allclose(seen[t][i, 29:].numpy(), obs["desired_goal"], rtol=1e-6)
+            obs, *_ = env.step(np.zeros(data.act_dim, dtype=np.float32))
+        env.close()
 
 
 def test_actions_are_rescaled_to_unit_box(datasets_path):
@@ -174,6 +218,65 @@ def test_evaluate_handles_dict_observations(datasets_path):
 
     common.evaluate(data, policy, n_episodes=2, seed=0)
     assert seen[0] == (2, 6)
+
+
+class Countdown(gym.Env):
+    """Terminates after a number of steps drawn at reset (2 to 9; a time limit of 7 truncates the
+    longer episodes), with a reward that depends on the step and the action."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.left, self.t = int(self.np_random.integers(2, 10)), 0
+        return self._obs(), {}
+
+    def _obs(self):
+        return np.array([self.left, self.t], dtype=np.float32)
+
+    def step(self, action):
+        self.left, self.t = self.left - 1, self.t + 1
+        return self._obs(), 1.0 + self.t + float(action[0]), self.left == 0, False, {}
+
+
+def make_countdown():
+    return gym.wrappers.TimeLimit(Countdown(), max_episode_steps=7)
+
+
+def test_evaluate_counts_each_episode_once_when_they_end_at_different_steps(datasets_path):
+    """Episodes that end (by termination or the time limit) at different steps each count once,
+    with their own return: the vector env's autoreset must not add a next episode's rewards."""
+    class Dataset:  # what evaluate needs of a MinariDataset
+        env_spec = None
+
+        @staticmethod
+        def recover_environment(eval_env=False):
+            return make_countdown()
+
+    data = dataclasses.replace(common.load_dataset("test/pendulum/noref-v0"), dataset_id="test/countdown/v0",
+                               minari_dataset=Dataset(), action_low=np.float32([-1.0]),
+                               action_high=np.float32([1.0]))
+
+    def policy(obs):
+        return torch.tanh(0.3 * obs[:, :1] - 0.1 * obs[:, 1:])
+
+    n, seed = 6, 11
+    result = common.evaluate(data, policy, n_episodes=n, seed=seed)
+    returns, lengths = [], []
+    for i in range(n):
+        env = make_countdown()
+        obs, _ = env.reset(seed=seed + i)
+        total, steps, done = 0.0, 0, False
+        while not done:
+            a = policy(torch.as_tensor(obs)[None])[0].numpy()
+            obs, r, term, trunc, _ = env.step(a)
+            total, steps, done = total + r, steps + 1, term or trunc
+        returns.append(total)
+        lengths.append(steps)
+    assert len(set(lengths)) >= 3, lengths  # the seeds give episodes of different lengths
+    assert result["return_mean"] == pytest.approx(np.mean(returns), rel=1e-6)
+    assert result["return_std"] == pytest.approx(np.std(returns), rel=1e-6)
 
 
 def test_replay_buffer_samples_rows_of_the_dataset(datasets_path):

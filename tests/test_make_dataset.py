@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 import common
 from tools import make_dataset as md
@@ -191,6 +191,49 @@ def test_hopper_random_uses_d4rl_reference_scores(tmp_path, minari_path):
     assert (meta["ref_min_score"], meta["ref_max_score"]) == common.D4RL_REF_SCORES["hopper"]
 
 
+def test_random_kind_rolls_out_a_randomly_initialised_policy(tmp_path, monkeypatch):
+    """D4RL's random data: a freshly initialised SAC actor, sampled; uniform actions behind a flag."""
+    actions, metadata = {}, {}
+    for policy in ("init", "uniform"):
+        monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / policy))
+        torch_state = torch.get_rng_state()
+        md.build_datasets("Pendulum-v1", ("random",), transitions=300, snapshot_dir=str(tmp_path / "none"),
+                          random_policy=policy)
+        assert torch.equal(torch.get_rng_state(), torch_state)  # the global stream is left alone
+        dataset, eps = episodes("local/pendulum/random-v0")
+        actions[policy] = np.concatenate([ep.actions for ep in eps])
+        metadata[policy] = dataset.storage.metadata
+    assert metadata["init"]["algorithm_name"] == "randomly initialised SAC actor"
+    assert "randomly initialised policy" in metadata["init"]["description"]
+    assert metadata["uniform"]["algorithm_name"] == "uniform random"
+    assert "uniform random actions" in metadata["uniform"]["description"]
+    assert not np.allclose(actions["init"], actions["uniform"])
+    # The uniform build is the uniform policy's stream ...
+    uniform = md.uniform_policy(np.float32([-2.0]), np.float32([2.0]), md.sub_seed(0, md.STREAM_RANDOM, 1))
+    np.testing.assert_array_equal(actions["uniform"], np.stack([uniform(None) for _ in range(300)]))
+    # ... the default one is tanh(Gaussian) samples of the fresh actor, taken along the episodes' states.
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "init"))
+    _, eps = episodes("local/pendulum/random-v0")
+    actor = md.random_init_actor(3, 1, md.sub_seed(0, md.STREAM_RANDOM, 2))
+    act = md.stochastic_policy(actor, np.float32([-2.0]), np.float32([2.0]), md.sub_seed(0, md.STREAM_RANDOM, 1))
+    replayed = np.stack([act(obs) for ep in eps for obs in ep.observations[:-1]])
+    np.testing.assert_allclose(actions["init"], replayed, atol=1e-6)
+    assert np.all(np.abs(actions["init"]) < 2.0)
+    mode = md.deterministic_policy(actor, np.float32([-2.0]), np.float32([2.0]))
+    assert not np.allclose(actions["init"], np.stack([mode(o) for ep in eps for o in ep.observations[:-1]]))
+
+
+def test_random_policy_flag_on_the_command_line(minari_path, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_dataset.py"), "--env",
+                             "Pendulum-v1", "--kind", "random", "--random-policy", "uniform", "--transitions",
+                             "20", "--snapshot-dir", str(tmp_path / "none")],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    dataset, _ = episodes("local/pendulum/random-v0")
+    assert dataset.storage.metadata["algorithm_name"] == "uniform random"
+
+
 def test_existing_dataset_needs_force(trained, minari_path):
     snapshot_dir, _, _ = trained
     md.build_datasets("Pendulum-v1", ("random",), transitions=10, snapshot_dir=snapshot_dir)
@@ -215,6 +258,24 @@ def test_loader_builds_local_dataset_on_first_use(minari_path, monkeypatch, caps
     assert data.ref_min_score + 100 < data.episode_returns[0] < data.ref_max_score - 100
     again = common.load_dataset("local/pendulum/medium-v0")
     assert "building" not in capsys.readouterr().out and len(again) == 300
+
+
+def test_first_use_build_leaves_the_run_seeded_stream_alone(minari_path, monkeypatch, tmp_path):
+    """The run that builds its local dataset and a later run that finds it built, same seed: same
+    initial weights and batches, hence the same evaluations."""
+    monkeypatch.setenv("LOCAL_DATASET_TRANSITIONS", "300")
+    evaluations = []
+    for name in ("builds", "cached"):
+        result = run_script([os.path.join(ROOT, "algorithms", "bc.py"), "--env", "local/pendulum/medium-v0",
+                             "--total-steps", "30", "--eval-every", "15", "--eval-episodes", "2",
+                             "--batch-size", "16", "--device", "cpu", "--output-dir", str(tmp_path),
+                             "--run-name", name], str(minari_path))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert ("building it from the shipped snapshots" in result.stdout) == (name == "builds")
+        with open(tmp_path / name / "results.json") as f:
+            results = json.load(f)["evaluations"]
+        evaluations.append([{k: v for k, v in e.items() if k != "wall_time"} for e in results])
+    assert len(evaluations[0]) == 2 and evaluations[0] == evaluations[1]
 
 
 @pytest.mark.parametrize("dataset_id", ["local/nosuchenv/medium-v0", "local/pendulum/bogus-v0"])

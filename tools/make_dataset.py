@@ -4,11 +4,15 @@
     python tools/make_dataset.py --env Hopper-v5 --kind medium expert --transitions 200000
     python tools/make_dataset.py --env Hopper-v5 --train-steps 200000 --snapshot-every 10000
     python tools/make_dataset.py --env Pendulum-v1 --train-steps 15000 --kind medium-replay
+    python tools/make_dataset.py --env Hopper-v5 --kind random --random-policy uniform
 
 Writes `local/<env>/<kind>-v0` (env id lower-cased without its `-vN` suffix) into
 MINARI_DATASETS_PATH (default ~/.minari/datasets). The recipe follows D4RL:
 
-- random:        uniform random actions over the action Box.
+- random:        rollouts of a randomly initialised policy (a fresh actor of this tool's SAC, PyTorch's
+                 default initialisation, seeded from its own stream), sampling from its stochastic
+                 policy, as D4RL did with a randomly initialised SAC actor. `--random-policy uniform`
+                 draws uniform random actions over the action Box instead.
 - medium:        rollouts of a SAC snapshot at about one third of the expert return.
 - expert:        rollouts of the best SAC snapshot (the final policy of a converged run).
 - medium-expert: the medium rollouts followed by the expert rollouts (twice --transitions).
@@ -59,6 +63,7 @@ from common import UserError  # noqa: E402
 
 Kind = Literal["random", "medium", "medium-replay", "expert", "medium-expert"]
 KINDS: tuple[str, ...] = Kind.__args__
+RandomPolicy = Literal["init", "uniform"]
 SNAPSHOTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "snapshots")
 D4RL_TRANSITIONS = 1_000_000
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
@@ -74,6 +79,9 @@ class Args:
     """Gymnasium env id (needs a Box action space and flat Box observations)"""
     kind: tuple[Kind, ...] = ()
     """dataset kinds to write (several allowed); empty with --train-steps trains only"""
+    random_policy: RandomPolicy = "init"
+    """policy of the random kind: init (a randomly initialised actor, sampled; D4RL's recipe) or
+    uniform (uniform random actions over the action Box)"""
     seed: int = 0
     """seed of the agent, the envs and the rollouts"""
     transitions: Optional[int] = None
@@ -269,6 +277,15 @@ def deterministic_policy(actor: Actor, low, high) -> Callable[[np.ndarray], np.n
         return to_env_action(actor.mode(torch.as_tensor(obs, dtype=torch.float32)[None])[0].numpy(), low, high)
 
     return act
+
+
+def random_init_actor(obs_dim: int, act_dim: int, seed: int) -> Actor:
+    """A freshly initialised actor whose weights come from `seed` alone: the global torch stream is
+    neither read nor advanced (the build may run inside a training script, common.resolve_dataset)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        actor = Actor(obs_dim, act_dim)
+    return actor.eval()
 
 
 def uniform_policy(low, high, seed: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -523,21 +540,24 @@ def replay_segments(manifest: dict, medium_step: int) -> list[tuple[Optional[dic
 def build_datasets(env_id: str, kinds: tuple[str, ...], seed: int = 0, transitions: Optional[int] = None,
                    snapshot_dir: Optional[str] = None, medium_step: Optional[int] = None,
                    expert_step: Optional[int] = None, training_buffer: Optional[dict] = None,
-                   force: bool = False) -> list[str]:
+                   force: bool = False, random_policy: str = "init") -> list[str]:
     """Write one Minari dataset per kind; returns their ids."""
+    if random_policy not in RandomPolicy.__args__:
+        raise UserError(f"unknown random policy '{random_policy}'; choose one of "
+                        f"{', '.join(RandomPolicy.__args__)}")
     # Rollouts call a small network on one row at a time: one thread is fastest, and more threads
     # spin-wait against any other process on the cores. The caller's setting comes back after.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         return _build_datasets(env_id, kinds, seed, transitions, snapshot_dir, medium_step, expert_step,
-                               training_buffer, force)
+                               training_buffer, force, random_policy)
     finally:
         torch.set_num_threads(threads)
 
 
 def _build_datasets(env_id, kinds, seed, transitions, snapshot_dir, medium_step, expert_step,
-                    training_buffer, force) -> list[str]:
+                    training_buffer, force, random_policy) -> list[str]:
     import minari
 
     env = make_env(env_id)
@@ -573,6 +593,7 @@ def _build_datasets(env_id, kinds, seed, transitions, snapshot_dir, medium_step,
 
     cache: dict[str, list[dict]] = {}
     replay_how = ""
+    random_name = "uniform random" if random_policy == "uniform" else "randomly initialised SAC actor"
 
     def policy_rollouts(snap: dict, stream: int, n: int, label: str) -> list[dict]:
         actor = load_actor(os.path.join(snapshot_dir, snap["file"]), obs_dim, act_dim)
@@ -612,10 +633,16 @@ def _build_datasets(env_id, kinds, seed, transitions, snapshot_dir, medium_step,
     for kind, dataset_id in zip(kinds, ids):
         label = dataset_id
         print(f"[collect] {dataset_id}: {kind} data for {env_id}", flush=True)
-        if kind == "random":
+        if kind == "random" and random_policy == "uniform":
             episodes = rollout(env, uniform_policy(low, high, sub_seed(seed, STREAM_RANDOM, 1)), size,
                                sub_seed(seed, STREAM_RANDOM), label)
-            how = "uniform random actions over the action Box"
+            how = "uniform random actions over the action Box (--random-policy uniform)"
+        elif kind == "random":
+            actor = random_init_actor(obs_dim, act_dim, sub_seed(seed, STREAM_RANDOM, 2))
+            act = stochastic_policy(actor, low, high, sub_seed(seed, STREAM_RANDOM, 1))
+            episodes = rollout(env, act, size, sub_seed(seed, STREAM_RANDOM), label)
+            how = ("rollouts sampling from a randomly initialised policy (a fresh SAC actor, PyTorch's "
+                   "default initialisation; D4RL's recipe)")
         elif kind == "medium":
             episodes = medium_episodes(label)
             how = "rollouts sampling from the stochastic medium policy"
@@ -648,7 +675,7 @@ def _build_datasets(env_id, kinds, seed, transitions, snapshot_dir, medium_step,
             minari.delete_dataset(dataset_id)
         minari.create_dataset_from_buffers(
             dataset_id, buffers, env=env, eval_env=env_id,
-            algorithm_name="uniform random" if kind == "random" else "SAC (tools/make_dataset.py)",
+            algorithm_name=random_name if kind == "random" else "SAC (tools/make_dataset.py)",
             author="offline-rl tools/make_dataset.py", author_email="offline-rl@localhost",
             code_permalink="tools/make_dataset.py (this repository)", description=" ".join(parts), **refs)
         print(f"[collect] wrote {dataset_id}: {n_steps} transitions, {len(episodes)} episodes, mean "
@@ -719,7 +746,8 @@ def main(args: Args) -> None:
         _, training_buffer = train_agent(args, snapshot_dir)
     if args.kind:
         build_datasets(args.env, tuple(args.kind), args.seed, args.transitions, snapshot_dir,
-                       args.medium_snapshot, args.expert_snapshot, training_buffer, args.force)
+                       args.medium_snapshot, args.expert_snapshot, training_buffer, args.force,
+                       args.random_policy)
 
 
 if __name__ == "__main__":
