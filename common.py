@@ -660,3 +660,54 @@ class Run:
             self.wandb.finish()
         print(f"[{self.algorithm}] done: final return {self.results['final_return']}, "
               f"normalised score {self.results['final_normalized_score']}; results in {self.dir}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretraining cache (behaviour models that take an hour are trained once, not once per seed)
+# ----------------------------------------------------------------------------------------------
+def pretraining_key(args, fields: tuple[str, ...], data: OfflineData) -> str:
+    """Hash of what a pretrained model depends on: the dataset id, the bytes of the (normalised)
+    states and actions it is trained on, and the named fields of `args`. --seed is not one of them,
+    so every seed and every setting of the later phases shares the model."""
+    import hashlib
+
+    digest = hashlib.sha256(args.env.encode())
+    digest.update(data.observations.cpu().numpy().tobytes())
+    digest.update(data.actions.cpu().numpy().tobytes())
+    digest.update(repr([(f, getattr(args, f)) for f in fields]).encode())
+    return digest.hexdigest()[:20]
+
+
+def separate_rng(seed: int, device: torch.device):
+    """A block with its own torch random stream, seeded with `seed`; the run's stream is restored
+    afterwards. A pretraining phase run inside it draws the same numbers whether or not the run
+    later loads it from the cache, so cached and uncached runs continue identically."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def block():
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
+
+    return block()
+
+
+def load_pretrained(path: str, modules: dict, device: torch.device) -> bool:
+    """Load the state dicts of `modules` from a cache file; False (with a notice) if it is absent
+    or unreadable, in which case the caller trains them and calls `save_pretrained`."""
+    if not os.path.exists(path):
+        return False
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        for name, module in modules.items():
+            module.load_state_dict(state[name])
+    except Exception as exc:  # a truncated or foreign file is only a cache miss
+        print(f"cache {path} is unreadable ({type(exc).__name__}); training it again", flush=True)
+        return False
+    print(f"reusing the cached pretrained model {path}", flush=True)
+    return True
+
+
+def save_pretrained(path: str, modules: dict) -> None:
+    save_checkpoint(path, {name: module.state_dict() for name, module in modules.items()})

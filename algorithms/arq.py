@@ -26,9 +26,9 @@ Algorithm 1 of the paper, in four stages:
    is exact (one backward pass per action dimension) when |A| <= --exact-divergence-max-dim, else
    Hutchinson with --hutchinson-probes Rademacher vectors fixed along the path (official code: 10).
    The log-likelihood is that of the *standardised* action (as in the official code), so the
-   threshold epsilon = e^-5 applies in that space. Samples are clipped to the action box [-1, 1]
-   before they are scored. A sample is kept if log-likelihood > -5; the dataset's own action is never
-   dropped (official code: never_filter_gt_acs).
+   threshold epsilon = e^-5 applies in that space. Samples are scored as sampled, then clipped to
+   the action box [-1, 1] for use (official code). A sample is kept if log-likelihood > -5; the
+   dataset's own action is never dropped (official code: never_filter_gt_acs).
 3. Q-learning, eq. (5), twin Q with a target network (official code: min over the two target Qs):
      y = r + gamma (1 - d) max( K-th_(a' in supp(s')) min_i Q_targ_i(s', a'),  min_i Q_targ_i(s', a'_D) )
    where a'_D is the dataset's action at s' and K-th is the K-th largest over the kept support (or its
@@ -418,10 +418,11 @@ class ScoreModel(nn.Module):
                                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """n actions in [-1, 1] per state and their log-likelihoods (standardised space): (B, n, A), (B, n)."""
         s = self.condition(obs).repeat_interleave(n, 0)
-        act = self.to_action(self.sample(s, args.sampler, args.sampler_steps, args.snr, n, gen))
-        ll = self.log_likelihood(s, self.to_x(act), args.likelihood_steps, args.exact_divergence_max_dim,
+        x = self.sample(s, args.sampler, args.sampler_steps, args.snr, n, gen)
+        # the likelihood of the sample itself; the clip to the action box comes after (official code)
+        ll = self.log_likelihood(s, x, args.likelihood_steps, args.exact_divergence_max_dim,
                                  args.hutchinson_probes, gen)
-        return act.view(len(obs), n, -1), ll.view(len(obs), n)
+        return self.to_action(x).view(len(obs), n, -1), ll.view(len(obs), n)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ Hyperparameters (CORL's AWAC): lambda = 1/3, w_max = 100, 3x256 networks, lr 3e-
 batch 256. Gaussian policy with a state-independent log-std in [-20, 2] and an unsquashed mean;
 sampled actions are clamped to [-1, 1]; evaluation uses the mean.
 
-Deviation from CORL: states are standardised (as in every file here; CORL's AWAC leaves them raw).
+States are standardised with the dataset's mean and std (+1e-3), as CORL's AWAC does.
 """
 
 import copy

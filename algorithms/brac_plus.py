@@ -29,7 +29,9 @@ Critic, eq. (10), with f the Heaviside step and lambda = 0.1:
 
 Paper vs official code (vermouth1992/bracp); the paper is the default, the code behind a flag:
 - --alpha-mode state: alpha(s) network, 3x256, softplus output (paper 3.2, appendix F);
-  --alpha-mode global: one scalar (code). Both start at 10 (--alpha-init) and are capped at 1e4 (code's values).
+  --alpha-mode global: one scalar (code). Both start at 10 (--alpha-init) and are capped at 1e4 (code's
+  values); the cap clips the pre-softplus value but lets its gradient through, as the code's
+  clip_by_value_preserve_gradient does, so a multiplier at the cap can come back down (beta too).
   Line 8 steps alpha(s) itself; with a network we take that dual step on its pre-softplus output
   x(s), as SAC steps log alpha rather than alpha, and keep alpha(s) in [1 / alpha_max, alpha_max]
   by regressing x(s) on clip(x(s) + KL(s) - delta_KL) (deviation: the paper gives neither this
@@ -41,7 +43,8 @@ Paper vs official code (vermouth1992/bracp); the paper is the default, the code 
   With the step on x(s), the KL bound stayed under delta_KL (batch mean 4.6-5.4 vs 5.8).
 - --gp-mode paper: as above; --gp-mode official: weight softplus(KL(s) - eps_GP) divided by its batch
   maximum, on the (unsquared) norm ||grad_a min_j Q_j||, and lambda itself a Lagrange multiplier
-  (softplus, never below --gp-weight) that drives the mean gated norm to --gp-target 0.01.
+  (softplus, never below --gp-weight) that drives the mean gated norm to --gp-target 0.01; the TD
+  loss is the code's 0.5 * sum_i (Q_i - y)^2.
 - --max-q-backup: y uses the max over the K samples of min_j Q_targ_j (code) instead of the mean
   (eq. 10). The code's target policy network is not reproduced: the paper has none.
 Not followed from the code: it keeps training the VAE during the RL phase (the paper trains it
@@ -74,6 +77,8 @@ Where the paper is silent (values from the code unless said otherwise):
 - Networks (paper, appendix F): policy 3x512, Q 3x256, VAE encoder and decoder 3x512 (code: 256);
   the decoder is one Gaussian (section 3.1 "in practice"; the appendix's "mixture" would break the
   closed-form KL). VAE scales softplus(clip(x, -10, 5)), policy log-std clipped to [-20, 2].
+Caching: the VAE ensemble is cached like Fisher-BRC's behaviour model (--cache-dir, --bc-seed,
+--no-reuse-cache); pi_0 and Q_0 depend on --seed and are trained in every run.
 Rewards min-max scaled to [0, 1] (appendix F). Deviation: states are standardised (as in every file
 here; the code does not).
 """
@@ -162,6 +167,12 @@ class Args:
     """gradient steps of each initialisation phase: pi_0 (min KL), then Q_0 (TD on pi_0)"""
     bc_lr: float = 1e-3
     """initial Adam learning rate of the VAEs and of pi_0 (x0.5, 0.1, 0.05, 0.01 at each fifth)"""
+    bc_seed: int = 0
+    """seed of the VAE ensemble's initialisation and training (not --seed, so that seeds share the cache)"""
+    cache_dir: Optional[str] = None
+    """where trained VAE ensembles are cached (default <output_dir>/pretrained_cache)"""
+    reuse_cache: bool = True
+    """load the VAE ensemble from the cache when one was trained with the same data and flags"""
     reward_transform: str = "min-max"
     """one of common.REWARD_TRANSFORMS; min-max is the paper's scaling into [0, 1]"""
     gamma: float = 0.99
@@ -216,6 +227,13 @@ def tanh_log_det(u: torch.Tensor) -> torch.Tensor:
 
 def clipped_atanh(act: torch.Tensor) -> torch.Tensor:
     return torch.atanh(act.clamp(-1.0 + 1e-6, 1.0 - 1e-6))
+
+
+def clip_preserve_gradient(x: torch.Tensor, low: float | None, high: float | None) -> torch.Tensor:
+    """The value of clamp(x, low, high) with the gradient of x (TFP's clip_by_value_preserve_gradient,
+    which the official code applies to its multipliers' raw values): a multiplier at its cap can
+    still be pushed back down."""
+    return x + (x.clamp(low, high) - x).detach()
 
 
 def inverse_softplus(x: float) -> float:
@@ -381,7 +399,8 @@ class BRACPlus:
             raise common.UserError(f"--alpha-max must be above 1 (alpha(s) is kept in [1/alpha_max, alpha_max]), not {args.alpha_max}")
         self.args = args
         self.act_dim = act_dim
-        self.behavior = VAEEnsemble(obs_dim, act_dim, args.vae_hidden_dim, args.n_ensembles).to(device)
+        with common.separate_rng(args.bc_seed, device):  # independent of --seed: the model is cached
+            self.behavior = VAEEnsemble(obs_dim, act_dim, args.vae_hidden_dim, args.n_ensembles).to(device)
         self.behavior_optimizer = torch.optim.Adam(self.behavior.parameters(), lr=args.bc_lr)
         self.behavior_scheduler = piecewise_decay(self.behavior_optimizer, args.bc_steps)
         self.actor = TanhGaussian(obs_dim, act_dim, args.actor_hidden_dim).to(device)
@@ -408,14 +427,11 @@ class BRACPlus:
 
     def alpha(self, obs: torch.Tensor) -> torch.Tensor:
         """alpha(s) per state, (N,); the global mode broadcasts its scalar."""
-        if self.args.alpha_mode == "state":
-            alpha = self.alpha_net(obs)
-        else:
-            alpha = F.softplus(self.alpha_raw).expand(obs.shape[0])
-        return alpha.clamp(max=self.args.alpha_max)
+        raw = self.alpha_net.net(obs).squeeze(-1) if self.args.alpha_mode == "state" else self.alpha_raw.expand(obs.shape[0])
+        return F.softplus(clip_preserve_gradient(raw, None, inverse_softplus(self.args.alpha_max)))
 
     def beta(self) -> torch.Tensor:
-        return F.softplus(self.beta_raw).clamp(max=self.args.alpha_max)
+        return F.softplus(clip_preserve_gradient(self.beta_raw, None, inverse_softplus(self.args.alpha_max)))
 
     def gp_weight(self) -> torch.Tensor:
         """lambda; in the official mode a multiplier never below --gp-weight (the code's min_value)."""
@@ -458,7 +474,7 @@ class BRACPlus:
 
     def update_beta(self, log_pi: torch.Tensor) -> torch.Tensor:
         """Line 9: beta rises while H(pi) > H_0, which keeps the entropy below H_0."""
-        beta_loss = (F.softplus(self.beta_raw) * (log_pi.detach().mean() + self.target_entropy))
+        beta_loss = (self.beta() * (log_pi.detach().mean() + self.target_entropy))
         self.beta_optimizer.zero_grad(set_to_none=True)
         beta_loss.backward()
         self.beta_optimizer.step()
@@ -499,7 +515,9 @@ class BRACPlus:
             target_q = critic_target(rewards, terminals, next_q1.view(-1, k), next_q2.view(-1, k),
                                      self.args.gamma, self.args.max_q_backup)
         q1, q2 = self.critic(obs, actions)
-        return F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q), q1
+        # the official code's TD loss is 0.5 * sum_i (Q_i - y)^2; eq. (10) has no 1/2
+        scale = 0.5 if self.args.gp_mode == "official" else 1.0
+        return scale * (F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)), q1
 
     def update_target(self) -> None:
         with torch.no_grad():
@@ -620,10 +638,16 @@ if __name__ == "__main__":
 
     agent = BRACPlus(args, data.obs_dim, data.act_dim, device)
     run = common.Run(args, "brac_plus", data)
-    for step in range(1, args.bc_steps + 1):
-        metrics = agent.train_behavior(buffer.sample(args.batch_size))
-        if step % args.log_every == 0 or step == args.bc_steps:
-            run.log(step, metrics, phase="behaviour model")
+    key = common.pretraining_key(args, ("bc_steps", "bc_lr", "bc_seed", "vae_hidden_dim", "n_ensembles", "batch_size"), data)
+    cache_path = os.path.join(args.cache_dir or os.path.join(args.output_dir, "pretrained_cache"),
+                              f"brac_plus_behavior_{key}.pt")
+    if not (args.reuse_cache and common.load_pretrained(cache_path, {"behavior": agent.behavior}, device)):
+        with common.separate_rng(args.bc_seed, device):
+            for step in range(1, args.bc_steps + 1):
+                metrics = agent.train_behavior(buffer.sample(args.batch_size))
+                if step % args.log_every == 0 or step == args.bc_steps:
+                    run.log(step, metrics, phase="behaviour model")
+        common.save_pretrained(cache_path, {"behavior": agent.behavior})
     agent.behavior.requires_grad_(False)
     target_entropy = agent.set_target_entropy(subset_obs, data.actions[subset])
     print(f"[brac_plus] entropy upper bound H_0 = {target_entropy:.3f}")

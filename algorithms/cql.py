@@ -8,7 +8,8 @@ where the 3M actions a_j (M = 10 of each) are uniform on [-1, 1]^|A| (log q = |A
 from pi(.|s) and from pi(.|s') (both evaluated at s, log q = log pi, detached). The dataset action
 is not inside the log-sum-exp (official code). Target (deterministic backup, no entropy term):
     y = r + gamma * (1 - d) * min_i Q_targ_i(s', a'),  a' ~ pi(s')
-or, with --max-q-backup, the max over 10 sampled a' of min_i Q_targ_i(s', a').
+or, with --max-q-backup, min_i max_j Q_targ_i(s', a'_j) over M sampled a'_j (each critic's own max,
+then the smaller of the two, as the official code does).
 Lagrange variant (paper eq. 30, used for antmaze): w is replaced by alpha' = exp(log alpha'),
 clipped to [0, 1e6], trained to keep the gap term at --lagrange-threshold.
 Actor: SAC with automatic entropy (target -|A|); for the first --bc-steps steps it maximises
@@ -18,9 +19,9 @@ Hyperparameters (official MuJoCo settings): w = 5.0 (the paper also reports 10.0
 networks, Q lr 3e-4, policy lr 1e-4, tau 0.005, batch 256, rewards untouched. Antmaze, picked
 from the dataset id: Lagrange with threshold 5.0 and rewards (r - 0.5) * 4.
 
-Deviations: the actor and alpha are updated before the critic in each step (as CORL does); the
-official code computes the policy loss first but steps the critics first, an order that recent
-PyTorch rejects as an in-place modification. States are standardised (CORL's option).
+Order of a step, as in the official code: every sample the critic loss needs is drawn from the
+current policy first; then the entropy temperature, the actor (with the updated temperature), and
+the critics are stepped, in that order. Deviation: states are standardised (CORL's option).
 """
 
 import copy
@@ -168,6 +169,11 @@ def cql_logsumexp(q_rand: torch.Tensor, log_density_rand: float, q_pi: torch.Ten
     return torch.logsumexp(torch.cat([q_rand - log_density_rand, q_pi - log_pi, q_next_pi - log_next_pi], 1), 1)
 
 
+def max_q_backup(next_q1: torch.Tensor, next_q2: torch.Tensor) -> torch.Tensor:
+    """min_i max_j Q_targ_i(s', a'_j) from (B, M) values: each critic's max first (official code)."""
+    return torch.min(next_q1.max(1).values, next_q2.max(1).values)
+
+
 class CQL:
     def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
         self.args = args
@@ -190,8 +196,26 @@ class CQL:
         batch_size, act_dim = actions.shape
         m = args.n_actions
 
-        # Actor and entropy temperature (SAC), behaviour cloning during the first bc_steps.
+        # The critic loss's samples come from the current policy, drawn before the actor's update.
+        with torch.no_grad():
+            if args.max_q_backup:
+                next_rep = next_obs.repeat_interleave(m, 0)
+                next_q1, next_q2 = self.critic_target(next_rep, self.actor.sample(next_rep)[0])
+                target_q = max_q_backup(next_q1.view(batch_size, m), next_q2.view(batch_size, m))
+            else:
+                target_q = torch.min(*self.critic_target(next_obs, self.actor.sample(next_obs)[0]))
+            target_q = rewards + args.gamma * (1.0 - terminals) * target_q
+            obs_rep = obs.repeat_interleave(m, 0)
+            rand_actions = torch.rand(batch_size * m, act_dim, device=obs.device) * 2.0 - 1.0
+            pi_actions, log_pi_rep = self.actor.sample(obs_rep)
+            next_pi_actions, log_next_pi_rep = self.actor.sample(next_obs.repeat_interleave(m, 0))
+
+        # Entropy temperature, then the actor (SAC; behaviour cloning during the first bc_steps).
         pi, log_pi = self.actor.sample(obs)
+        alpha_loss = -(self.log_alpha * (log_pi.detach() + self.target_entropy)).mean()
+        self.alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_optimizer.step()
         alpha = self.log_alpha.exp().detach()
         if self.total_it <= args.bc_steps:
             actor_loss = (alpha * log_pi - self.actor.log_prob(obs, actions)).mean()
@@ -200,29 +224,11 @@ class CQL:
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()
-        alpha_loss = -(self.log_alpha * (log_pi.detach() + self.target_entropy)).mean()
-        self.alpha_optimizer.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        self.alpha_optimizer.step()
 
-        # Bellman target, deterministic backup (no entropy term).
-        with torch.no_grad():
-            if args.max_q_backup:
-                next_rep = next_obs.repeat_interleave(m, 0)
-                target_q = torch.min(*self.critic_target(next_rep, self.actor.sample(next_rep)[0]))
-                target_q = target_q.view(batch_size, m).max(1).values
-            else:
-                target_q = torch.min(*self.critic_target(next_obs, self.actor.sample(next_obs)[0]))
-            target_q = rewards + args.gamma * (1.0 - terminals) * target_q
         q1, q2 = self.critic(obs, actions)
         td_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
 
         # Conservative term: all 3M actions per state go through the critics in one call.
-        with torch.no_grad():
-            obs_rep = obs.repeat_interleave(m, 0)
-            rand_actions = torch.rand(batch_size * m, act_dim, device=obs.device) * 2.0 - 1.0
-            pi_actions, log_pi_rep = self.actor.sample(obs_rep)
-            next_pi_actions, log_next_pi_rep = self.actor.sample(next_obs.repeat_interleave(m, 0))
         q1_all, q2_all = self.critic(obs_rep.repeat(3, 1), torch.cat([rand_actions, pi_actions, next_pi_actions]))
         log_density_rand = act_dim * math.log(0.5)
         gaps = []

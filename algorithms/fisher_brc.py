@@ -5,7 +5,11 @@ Algorithm 1 of the paper:
 1. Behaviour model mu(a|s) by entropy-regularised maximum likelihood (appendix A): per action
    dimension a mixture of 5 tanh-squashed Gaussians (dimensions independent, as in the official
    code), loss -E_D[log mu(a|s)] - alpha_mu * H(mu(.|s)) with alpha_mu tuned to a target entropy
-   of -|A|; Adam 1e-3, divided by 10 at 80% and 90% of --bc-steps (paper: 1M). Frozen afterwards.
+   of -|A|. H is estimated as -log mu(a~mu|s) at one sample whose mixture component is drawn without
+   gradient and whose Gaussian draw is reparameterised (TFP's MixtureSameFamily sample in the
+   official code), so the entropy term trains the component means and scales. Adam 1e-3 for the
+   model and its temperature, both divided by 10 at 80% and 90% of --bc-steps (official code:
+   800k and 900k of 1M). Frozen afterwards; cached on disk (below).
 2. Critic as offset plus log behaviour density, eq. (5): Q_i(s,a) = O_i(s,a) + log mu(a|s), trained
    with eq. (7):
      L(O_i) = E[(O_i(s,a) + log mu(a|s) - y)^2] + lambda * E_(s~D, a~pi(s)) ||grad_a O_i(s,a)||^2
@@ -19,6 +23,10 @@ Algorithm 1 of the paper:
 Networks: actor and offsets 3x256 (appendix A), behaviour model 2x256 (official code), orthogonal
 initialisation (gain sqrt 2, output 1e-2; official code, the paper says nothing). Adam 3e-4,
 tau 0.005, batch 256. Actions are clipped to +-(1 - 1e-6) before any log mu, as the official code does.
+
+Caching: the behaviour model is written to --cache-dir, keyed by the dataset's (normalised) states
+and actions and the behaviour-model flags (not --seed: it is trained on its own random stream,
+--bc-seed), so further seeds and gradient-penalty weights reuse it; --no-reuse-cache retrains it.
 
 Deviation: states are standardised (as in every file here; the official code does not).
 """
@@ -72,7 +80,13 @@ class Args:
     bc_steps: int = 1_000_000
     """gradient steps of the behaviour model before the actor-critic phase (paper: 1M)"""
     bc_lr: float = 1e-3
-    """initial Adam learning rate of the behaviour model (x0.1 at 80% and 90% of bc_steps)"""
+    """initial Adam learning rate of the behaviour model and its temperature (x0.1 at 80% and 90% of bc_steps)"""
+    bc_seed: int = 0
+    """seed of the behaviour model's initialisation and training (not --seed, so that seeds share the cache)"""
+    cache_dir: Optional[str] = None
+    """where trained behaviour models are cached (default <output_dir>/pretrained_cache)"""
+    reuse_cache: bool = True
+    """load the behaviour model from the cache when one was trained with the same data and flags"""
     n_components: int = 5
     """Gaussian components per action dimension of the behaviour mixture"""
     gp_weight: float = 0.1
@@ -146,22 +160,30 @@ class BehaviorModel(nn.Module):
         self.net = mlp(obs_dim, 3 * act_dim * n_components, hidden_dim, n_hidden=2)
 
     def components(self, obs: torch.Tensor):
+        """Per action dimension: mixture log-weights, means and log-stds, each (N, |A|, K)."""
         logits, mean, log_std = self.net(obs).view(-1, self.act_dim, 3 * self.k).chunk(3, dim=-1)
         return torch.log_softmax(logits, -1), mean, log_std.clamp(-20.0, 2.0)
 
-    def log_prob(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def mixture_log_prob(log_w, mean, log_std, act: torch.Tensor) -> torch.Tensor:
         """log mu(a|s), summed over the independent action dimensions."""
-        log_w, mean, log_std = self.components(obs)
         u = clipped_atanh(act)
         log_normal = torch.distributions.Normal(mean, log_std.exp()).log_prob(u.unsqueeze(-1))
         return (torch.logsumexp(log_w + log_normal, -1) - tanh_log_det(u)).sum(-1)
 
-    @torch.no_grad()
-    def sample(self, obs: torch.Tensor) -> torch.Tensor:
-        log_w, mean, log_std = self.components(obs)
-        k = torch.distributions.Categorical(logits=log_w).sample().unsqueeze(-1)
+    @staticmethod
+    def mixture_sample(log_w, mean, log_std) -> torch.Tensor:
+        """a ~ mu(.|s): the component is drawn without gradient, its Gaussian draw is reparameterised,
+        so the gradient reaches the chosen component's mean and scale (as TFP's mixture sample)."""
+        k = torch.distributions.Categorical(logits=log_w.detach()).sample().unsqueeze(-1)
         u = mean.gather(-1, k) + log_std.gather(-1, k).exp() * torch.randn_like(k, dtype=mean.dtype)
         return torch.tanh(u.squeeze(-1))
+
+    def log_prob(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return self.mixture_log_prob(*self.components(obs), act)
+
+    def sample(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.mixture_sample(*self.components(obs))
 
 
 class Offsets(nn.Module):
@@ -193,12 +215,14 @@ class FisherBRC:
     def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
         self.args = args
         self.target_entropy = -float(act_dim)
-        self.behavior = BehaviorModel(obs_dim, act_dim, args.hidden_dim, args.n_components).to(device)
+        with common.separate_rng(args.bc_seed, device):  # independent of --seed: the model is cached
+            self.behavior = BehaviorModel(obs_dim, act_dim, args.hidden_dim, args.n_components).to(device)
         self.behavior_log_alpha = torch.zeros((), device=device, requires_grad=True)
         self.behavior_optimizer = torch.optim.Adam(self.behavior.parameters(), lr=args.bc_lr)
         self.behavior_alpha_optimizer = torch.optim.Adam([self.behavior_log_alpha], lr=args.bc_lr)
-        self.behavior_scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            self.behavior_optimizer, [int(0.8 * args.bc_steps), int(0.9 * args.bc_steps)], gamma=0.1)
+        milestones = [int(0.8 * args.bc_steps), int(0.9 * args.bc_steps)]
+        self.behavior_schedulers = [torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
+                                    for opt in (self.behavior_optimizer, self.behavior_alpha_optimizer)]
         self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
         self.offsets = Offsets(obs_dim, act_dim, args.hidden_dim).to(device)
         self.offsets_target = copy.deepcopy(self.offsets)
@@ -208,21 +232,24 @@ class FisherBRC:
         self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=args.lr)
 
     def train_behavior(self, batch: common.Batch) -> dict:
-        """Step 1: entropy-regularised maximum likelihood. The entropy is estimated with a sample
-        that carries no gradient, -log mu(stop_grad(a~mu)|s), as in the official code."""
+        """Step 1: entropy-regularised maximum likelihood, H(mu(.|s)) ~ -log mu(a~mu|s) with the
+        sample's reparameterised gradient; the temperature's loss alpha * (H - target) is the
+        official code's (its gradient is scaled by alpha, not the log alpha form)."""
         obs, actions = batch.observations, batch.actions
-        log_prob = self.behavior.log_prob(obs, actions)
-        entropy = -self.behavior.log_prob(obs, self.behavior.sample(obs))
+        components = self.behavior.components(obs)  # one forward for both terms, as the official code
+        log_prob = self.behavior.mixture_log_prob(*components, actions)
+        entropy = -self.behavior.mixture_log_prob(*components, self.behavior.mixture_sample(*components))
         alpha = self.behavior_log_alpha.exp().detach()
         loss = -(log_prob + alpha * entropy).mean()
         self.behavior_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.behavior_optimizer.step()
-        self.behavior_scheduler.step()
-        alpha_loss = (self.behavior_log_alpha * (entropy.detach() - self.target_entropy)).mean()
+        alpha_loss = (self.behavior_log_alpha.exp() * (entropy.detach() - self.target_entropy)).mean()
         self.behavior_alpha_optimizer.zero_grad(set_to_none=True)
         alpha_loss.backward()
         self.behavior_alpha_optimizer.step()
+        for scheduler in self.behavior_schedulers:
+            scheduler.step()
         return {"losses/behavior_nll": -log_prob.mean().detach(), "charts/behavior_entropy": entropy.mean().detach(),
                 "charts/behavior_alpha": alpha}
 
@@ -293,10 +320,16 @@ if __name__ == "__main__":
 
     agent = FisherBRC(args, data.obs_dim, data.act_dim, device)
     run = common.Run(args, "fisher_brc", data)
-    for step in range(1, args.bc_steps + 1):
-        metrics = agent.train_behavior(buffer.sample(args.batch_size))
-        if step % args.log_every == 0 or step == args.bc_steps:
-            run.log(step, metrics, phase="behaviour model")
+    key = common.pretraining_key(args, ("bc_steps", "bc_lr", "bc_seed", "n_components", "hidden_dim", "batch_size"), data)
+    cache_path = os.path.join(args.cache_dir or os.path.join(args.output_dir, "pretrained_cache"),
+                              f"fisher_brc_behavior_{key}.pt")
+    if not (args.reuse_cache and common.load_pretrained(cache_path, {"behavior": agent.behavior}, device)):
+        with common.separate_rng(args.bc_seed, device):
+            for step in range(1, args.bc_steps + 1):
+                metrics = agent.train_behavior(buffer.sample(args.batch_size))
+                if step % args.log_every == 0 or step == args.bc_steps:
+                    run.log(step, metrics, phase="behaviour model")
+        common.save_pretrained(cache_path, {"behavior": agent.behavior})
     agent.behavior.requires_grad_(False)
     run.reset_clock()
     for step in range(1, args.total_steps + 1):

@@ -11,25 +11,27 @@ With samples, for a dataset transition (s, a, r, s') and a'_k ~ pi(s'), k = 1..K
     KL_hat(s) = mean_k [log pi(a_k|s) - log pi_beta(a_k|s)],
     actor: min E_s [ alpha * KL_hat(s) - min_i mean_k Q_i(s, a_k) ],  a_k ~ pi(s) reparameterised.
 By Theorem 1 this is BRAC with a KL to the previous policy (weight tau * alpha) and a KL to
-pi_beta (weight (1 - tau) * alpha); --tau 0 is the paper's "without reshaping" ablation (plain
-BRAC value penalty). Per step the actor is updated first and the critic then uses it, the order
-of eq. (5).
+pi_beta (weight (1 - tau) * alpha); --shaping-tau 0 is the paper's "without reshaping" ablation
+(plain BRAC value penalty). --update-order actor-first (default) updates the actor first and the
+critic then uses it, the order of eq. (5); critic-first is the candidate code's order.
 
-From the candidate public code (JackZhangY/offorRL, "IKL"; *unverified* that it is the AAAI code;
-the hyperparameters are not in our copy of the paper):
-- alpha 0.03, tau 0.9; survival bonus r + 5 (r - 1 on antmaze);
+From the candidate public code (JackZhangY/offorRL, "IKL": rlkit/torch/sac/ikl_trainer.py and
+configs/trainer/ikl.yaml; *unverified* that it is the AAAI code; the hyperparameters are not in our
+copy of the paper). The code's names are swapped relative to the paper's: its `tau = 0.9`
+multiplies the KL terms (the paper's alpha) and its `alpha = 0.03` is the extra factor of the
+shaping term (the paper's tau). In the paper's names, used here:
+- alpha 0.9 (--alpha), tau 0.03 (--shaping-tau): shaping coefficient tau * alpha = 0.027;
+- survival bonus r + 5 (r - 1 on antmaze);
 - the critic loss adds 0.1 * ||grad_a Q_i(s, a~pi(s))||^2 for both critics;
-- the shaping log-ratio is clipped below at -1. Eq. (5) has no clip, but our copy of the paper lacks
-  the implementation appendix, and without it the critic diverges as soon as the policy narrows:
-  log pi(a|s) of a dataset action a far from pi's mode goes to -infinity (measured on
-  local/hopper/medium-replay-v0: mean shaping -0.4 at step 100, -24 at step 800 as pi's mean
-  log-std fell to -3; critic loss 1e8 and mean Q -2000 at step 1000). So the clip is the default;
+- the shaping log-ratio is clipped below at -1 (the code's l_clip; eq. 5 has none);
   --shaping-clip None gives the unclipped eq. (5);
+- policy and behaviour log-std clipped to [-5, 2] (rlkit's TanhGaussianPolicy);
 - behaviour model: tanh-Gaussian, 2x256, maximum likelihood with a tuned entropy bonus (target
-  -|A|), Adam 1e-3 divided by 10 at 80% and 90% of --bc-steps (1M, as in Fisher-BRC's code).
-Actor and critics 3x256, Adam 3e-4, Polyak step 0.005 (`--polyak`: here `--tau` is the paper's
-shaping factor), batch 256. Deviation: states are standardised (as in every file here). The entropy
-bonus of the behaviour model uses a reparameterised sample.
+  -|A|, reparameterised sample, temperature loss alpha * (H - target)), Adam 1e-3 for the model and
+  its temperature, both divided by 10 at 80% and 90% of --bc-steps (code: 800k and 900k of 1M).
+  Cached on disk like Fisher-BRC's (--cache-dir, --bc-seed, --no-reuse-cache).
+Actor and critics 3x256, Adam 3e-4, Polyak step tau 0.005, batch 256, 1M steps.
+Deviation: states are standardised (as in every file here; the code's obs_norm is False).
 """
 
 import copy
@@ -37,7 +39,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -78,12 +80,14 @@ class Args:
     wandb_project: str = "offline-rl"
     """wandb project name, with --track"""
     # --- iTRPO ---
-    alpha: float = 0.03
-    """alpha: weight of the KL value penalty and of the shaping term (candidate code: 0.03)"""
-    tau: float = 0.9
-    """tau of eq. (5): scale of the reward shaping; 0 = plain BRAC value penalty (paper's ablation)"""
+    alpha: float = 0.9
+    """alpha of eq. (5): weight of the KL terms (the candidate code's `tau`: 0.9)"""
+    shaping_tau: float = 0.03
+    """tau of eq. (5): extra factor of the shaping term, tau * alpha (the code's `alpha`: 0.03); 0 = plain BRAC"""
     shaping_clip: Optional[float] = -1.0
-    """clip the shaping log-ratio below at this value (candidate code: -1); None: unclipped eq. (5), unstable"""
+    """clip the shaping log-ratio below at this value (candidate code: -1); None: the unclipped eq. (5)"""
+    update_order: Literal["actor-first", "critic-first"] = "actor-first"
+    """actor-first: eq. (5), the critic uses pi_{k+1}; critic-first: the candidate code's order"""
     n_samples: int = 10
     """K: policy samples per state for the KL estimate and the expected next Q"""
     gp_weight: float = 0.1
@@ -91,13 +95,19 @@ class Args:
     bc_steps: int = 1_000_000
     """gradient steps of the behaviour model before the actor-critic phase"""
     bc_lr: float = 1e-3
-    """initial Adam learning rate of the behaviour model (x0.1 at 80% and 90% of bc_steps)"""
+    """initial Adam learning rate of the behaviour model and its temperature (x0.1 at 80% and 90% of bc_steps)"""
+    bc_seed: int = 0
+    """seed of the behaviour model's initialisation and training (not --seed, so that seeds share the cache)"""
+    cache_dir: Optional[str] = None
+    """where trained behaviour models are cached (default <output_dir>/pretrained_cache)"""
+    reuse_cache: bool = True
+    """load the behaviour model from the cache when one was trained with the same data and flags"""
     reward_transform: Optional[str] = None
     """one of common.REWARD_TRANSFORMS (default: minus-one on antmaze, else plus-five)"""
     gamma: float = 0.99
     """discount"""
-    polyak: float = 0.005
-    """Polyak step of the target critic (called tau in the other files)"""
+    tau: float = 0.005
+    """Polyak step of the target critic"""
     lr: float = 3e-4
     """Adam learning rate of actor and critics"""
     hidden_dim: int = 256
@@ -129,7 +139,8 @@ def tanh_log_det(u: torch.Tensor) -> torch.Tensor:
 
 
 class TanhGaussian(nn.Module):
-    """Tanh-squashed Gaussian with state-dependent log-std in [-20, 2]: the policy and pi_beta."""
+    """Tanh-squashed Gaussian with state-dependent log-std in [-5, 2] (the candidate code's rlkit
+    bounds): the policy and pi_beta."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, n_hidden: int):
         super().__init__()
@@ -137,7 +148,7 @@ class TanhGaussian(nn.Module):
 
     def forward(self, obs: torch.Tensor):
         mean, log_std = self.net(obs).chunk(2, dim=-1)
-        return mean, log_std.clamp(-20.0, 2.0)
+        return mean, log_std.clamp(-5.0, 2.0)
 
     def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reparameterised action in (-1, 1) and its log-density."""
@@ -189,12 +200,14 @@ class ITRPO:
     def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
         self.args = args
         self.target_entropy = -float(act_dim)
-        self.behavior = TanhGaussian(obs_dim, act_dim, args.hidden_dim, n_hidden=2).to(device)
+        with common.separate_rng(args.bc_seed, device):  # independent of --seed: the model is cached
+            self.behavior = TanhGaussian(obs_dim, act_dim, args.hidden_dim, n_hidden=2).to(device)
         self.behavior_log_alpha = torch.zeros((), device=device, requires_grad=True)
         self.behavior_optimizer = torch.optim.Adam(self.behavior.parameters(), lr=args.bc_lr)
         self.behavior_alpha_optimizer = torch.optim.Adam([self.behavior_log_alpha], lr=args.bc_lr)
-        self.behavior_scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            self.behavior_optimizer, [int(0.8 * args.bc_steps), int(0.9 * args.bc_steps)], gamma=0.1)
+        milestones = [int(0.8 * args.bc_steps), int(0.9 * args.bc_steps)]
+        self.behavior_schedulers = [torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
+                                    for opt in (self.behavior_optimizer, self.behavior_alpha_optimizer)]
         self.actor = TanhGaussian(obs_dim, act_dim, args.hidden_dim, n_hidden=3).to(device)
         self.critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
         self.critic_target = copy.deepcopy(self.critic)
@@ -211,11 +224,12 @@ class ITRPO:
         self.behavior_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.behavior_optimizer.step()
-        self.behavior_scheduler.step()
-        alpha_loss = (self.behavior_log_alpha * (entropy.detach() - self.target_entropy)).mean()
+        alpha_loss = (self.behavior_log_alpha.exp() * (entropy.detach() - self.target_entropy)).mean()
         self.behavior_alpha_optimizer.zero_grad(set_to_none=True)
         alpha_loss.backward()
         self.behavior_alpha_optimizer.step()
+        for scheduler in self.behavior_schedulers:
+            scheduler.step()
         return {"losses/behavior_nll": -log_prob.mean().detach(), "charts/behavior_entropy": entropy.mean().detach(),
                 "charts/behavior_alpha": alpha}
 
@@ -228,21 +242,22 @@ class ITRPO:
         q1, q2 = critic(obs_rep, actions)
         return kl, q1.view(-1, k), q2.view(-1, k)
 
-    def train(self, batch: common.Batch) -> dict:
-        args = self.args
-        obs, actions, rewards, next_obs, terminals = batch
-
-        # pi_{k+1}: maximise Q - alpha * KL(pi || pi_beta).
+    def update_actor(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pi_{k+1}: maximise Q - alpha * KL(pi || pi_beta)."""
         kl, q1_pi, q2_pi = self.kl_and_q(obs, self.critic)
-        actor_loss = (args.alpha * kl - torch.min(q1_pi.mean(1), q2_pi.mean(1))).mean()
+        actor_loss = (self.args.alpha * kl - torch.min(q1_pi.mean(1), q2_pi.mean(1))).mean()
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()
+        return actor_loss.detach(), kl.detach()
 
-        # Q_{k+1}: shaped reward at the dataset action, KL value penalty at s'.
+    def update_critic(self, batch: common.Batch) -> dict:
+        """Q_{k+1}: shaped reward at the dataset action, KL value penalty at s', gradient penalty."""
+        args = self.args
+        obs, actions, rewards, next_obs, terminals = batch
         with torch.no_grad():
             shaping = shaping_reward(self.actor.log_prob(obs, actions), self.behavior.log_prob(obs, actions),
-                                     args.alpha, args.tau, args.shaping_clip)
+                                     args.alpha, args.shaping_tau, args.shaping_clip)
             next_kl, next_q1, next_q2 = self.kl_and_q(next_obs, self.critic_target)
             target_q = critic_target(rewards, shaping, terminals, next_q1, next_q2, next_kl, args.gamma, args.alpha)
             gp_actions = self.actor.sample(obs)[0]
@@ -259,12 +274,19 @@ class ITRPO:
         self.critic_optimizer.step()
         with torch.no_grad():
             for p, tp in zip(self.critic.parameters(), self.critic_target.parameters()):
-                tp.lerp_(p, args.polyak)
-
+                tp.lerp_(p, args.tau)
         return {"losses/critic_loss": critic_loss.detach(), "losses/td_loss": td_loss.detach(),
-                "losses/gradient_penalty": gp.detach(), "losses/actor_loss": actor_loss.detach(),
-                "losses/q1": q1.mean().detach(), "charts/kl": kl.mean().detach(),
+                "losses/gradient_penalty": gp.detach(), "losses/q1": q1.mean().detach(),
                 "charts/shaping_reward": shaping.mean()}
+
+    def train(self, batch: common.Batch) -> dict:
+        if self.args.update_order == "actor-first":
+            actor_loss, kl = self.update_actor(batch.observations)
+            metrics = self.update_critic(batch)
+        else:
+            metrics = self.update_critic(batch)
+            actor_loss, kl = self.update_actor(batch.observations)
+        return {**metrics, "losses/actor_loss": actor_loss, "charts/kl": kl.mean()}
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -298,10 +320,16 @@ if __name__ == "__main__":
 
     agent = ITRPO(args, data.obs_dim, data.act_dim, device)
     run = common.Run(args, "itrpo", data)
-    for step in range(1, args.bc_steps + 1):
-        metrics = agent.train_behavior(buffer.sample(args.batch_size))
-        if step % args.log_every == 0 or step == args.bc_steps:
-            run.log(step, metrics, phase="behaviour model")
+    key = common.pretraining_key(args, ("bc_steps", "bc_lr", "bc_seed", "hidden_dim", "batch_size"), data)
+    cache_path = os.path.join(args.cache_dir or os.path.join(args.output_dir, "pretrained_cache"),
+                              f"itrpo_behavior_{key}.pt")
+    if not (args.reuse_cache and common.load_pretrained(cache_path, {"behavior": agent.behavior}, device)):
+        with common.separate_rng(args.bc_seed, device):
+            for step in range(1, args.bc_steps + 1):
+                metrics = agent.train_behavior(buffer.sample(args.batch_size))
+                if step % args.log_every == 0 or step == args.bc_steps:
+                    run.log(step, metrics, phase="behaviour model")
+        common.save_pretrained(cache_path, {"behavior": agent.behavior})
     agent.behavior.requires_grad_(False)
     run.reset_clock()
     for step in range(1, args.total_steps + 1):

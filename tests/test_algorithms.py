@@ -307,7 +307,7 @@ def test_itrpo_actor_loss_trades_q_against_kl():
     obs = torch.randn(32, 2)
     with torch.no_grad():
         kl_before = agent.kl_and_q(obs, agent.critic)[0].mean()
-    batch = (obs, torch.zeros(32, 1), torch.zeros(32), obs, torch.ones(32))
+    batch = itrpo.common.Batch(obs, torch.zeros(32, 1), torch.zeros(32), obs, torch.ones(32))
     for _ in range(200):
         for p in agent.critic.parameters():  # keep Q constant: only the KL term remains
             torch.nn.init.zeros_(p)

@@ -1,0 +1,142 @@
+"""Details where the files follow the authors' public code: checked on hand-made inputs (CQL's
+max-Q backup and update order, BRAC+'s multiplier caps and TD scale, ARQ's likelihood of unclipped
+samples, iTRPO's parameter names, log-std bounds and update order)."""
+
+import pytest
+import torch
+
+from conftest import load_algorithm
+
+
+# ----------------------------------------------------------------------------------------------
+# CQL (aviralkumar2907/CQL, d4rl/rlkit/torch/sac/cql.py)
+# ----------------------------------------------------------------------------------------------
+def test_cql_max_q_backup_takes_each_critics_max_then_the_min():
+    cql = load_algorithm("cql")
+    q1 = torch.tensor([[0.0, 10.0], [1.0, 2.0]])
+    q2 = torch.tensor([[10.0, 0.0], [3.0, 0.5]])
+    # max over actions of min over critics would give 0 and 1
+    torch.testing.assert_close(cql.max_q_backup(q1, q2), torch.tensor([10.0, 2.0]))
+
+
+def test_cql_draws_the_critic_losss_samples_before_the_actor_is_stepped():
+    """The official step computes every loss with the current policy, then steps the temperature,
+    the policy and the critics."""
+    cql = load_algorithm("cql")
+    agent = cql.CQL(cql.Args(hidden_dim=16, n_actions=3, bc_steps=0, max_q_backup=True), 3, 2, torch.device("cpu"))
+    events = []
+    sample = agent.actor.sample
+    agent.actor.sample = lambda obs: (events.append(("sample", len(obs))), sample(obs))[1]
+    for name in ("alpha_optimizer", "actor_optimizer", "critic_optimizer"):
+        opt = getattr(agent, name)
+        opt.step = (lambda step, name: lambda *a, **k: (events.append((name, None)), step(*a, **k))[1])(opt.step, name)
+    batch = cql.common.Batch(torch.randn(8, 3), torch.rand(8, 2) * 2 - 1, torch.randn(8), torch.randn(8, 3),
+                             torch.zeros(8))
+    agent.train(batch)
+    actor_step = events.index(("actor_optimizer", None))
+    assert events.index(("alpha_optimizer", None)) < actor_step < events.index(("critic_optimizer", None))
+    # the target (3 per next state), the CQL samples at s and s' (3 each), then the actor's own sample
+    assert [n for e, n in events[:actor_step] if e == "sample"] == [24, 24, 24, 8]
+    assert all(e != "sample" for e, _ in events[actor_step:])
+
+
+# ----------------------------------------------------------------------------------------------
+# BRAC+ (vermouth1992/bracp, bracp.py: LagrangeLayer, _update_q_nets)
+# ----------------------------------------------------------------------------------------------
+def brac_agent(**overrides):
+    bp = load_algorithm("brac_plus")
+    args = bp.Args(hidden_dim=16, actor_hidden_dim=16, vae_hidden_dim=16, n_ensembles=2, **overrides)
+    torch.manual_seed(0)
+    return bp, bp.BRACPlus(args, obs_dim=3, act_dim=2, device=torch.device("cpu"))
+
+
+def test_brac_plus_global_alpha_at_its_cap_comes_back_down_when_the_constraint_is_met():
+    bp, agent = brac_agent(alpha_mode="global", alpha_max=100.0)
+    with torch.no_grad():
+        agent.alpha_raw.fill_(bp.inverse_softplus(100.0) + 5.0)  # beyond the cap
+    obs = torch.randn(16, 3)
+    assert agent.alpha(obs)[0].item() == pytest.approx(100.0, rel=1e-4)
+    before = agent.alpha_raw.item()
+    agent.kl_threshold = 10.0
+    agent.update_alpha(obs, torch.zeros(16))  # KL below the threshold everywhere: alpha should fall
+    assert agent.alpha_raw.item() < before
+
+
+def test_brac_plus_beta_at_its_cap_keeps_its_gradient():
+    bp, agent = brac_agent(alpha_max=100.0)
+    with torch.no_grad():
+        agent.beta_raw.fill_(bp.inverse_softplus(100.0) + 5.0)
+    assert agent.beta().item() == pytest.approx(100.0, rel=1e-4)
+    agent.target_entropy = 0.0
+    before = agent.beta_raw.item()
+    agent.update_beta(torch.full((16, 5), 3.0))  # H = -3 < H_0 = 0: beta should fall
+    assert agent.beta_raw.item() < before
+
+
+def test_brac_plus_official_gp_mode_halves_the_td_loss():
+    bp, paper = brac_agent(gp_mode="paper")
+    _, official = brac_agent(gp_mode="official")
+    official.critic.load_state_dict(paper.critic.state_dict())
+    official.critic_target.load_state_dict(paper.critic_target.state_dict())
+    official.actor.load_state_dict(paper.actor.state_dict())
+    batch = bp.common.Batch(torch.randn(8, 3), torch.rand(8, 2) * 2 - 1, torch.randn(8), torch.randn(8, 3),
+                            torch.zeros(8))
+    torch.manual_seed(1)
+    loss_paper, _ = paper.td_loss(batch)
+    torch.manual_seed(1)
+    loss_official, _ = official.td_loss(batch)
+    torch.testing.assert_close(loss_official, 0.5 * loss_paper)
+
+
+# ----------------------------------------------------------------------------------------------
+# ARQ (hiwonjoon/ARQ-public): samples are scored as sampled, clipped afterwards
+# ----------------------------------------------------------------------------------------------
+def test_arq_scores_the_unclipped_sample_and_returns_the_clipped_action():
+    arq = load_algorithm("arq")
+    args = arq.Args(score_hidden_dim=16, score_blocks=1, sampler="ode", sampler_steps=2, likelihood_steps=2)
+    model = arq.ScoreModel(2, 1, args)
+    x = torch.tensor([[3.0], [-4.0], [0.2]])  # standardised space: mean 0, std 1, so 3 and -4 leave [-1, 1]
+    model.sample = lambda s, *a, **k: x
+    seen = []
+    model.log_likelihood = lambda s, x_in, *a, **k: (seen.append(x_in), torch.zeros(len(x_in)))[1]
+    act, _ = model.sample_with_likelihood(torch.zeros(3, 2), 1, args, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(seen[0], x)
+    torch.testing.assert_close(act.view(-1), torch.tensor([1.0, -1.0, 0.2]))
+
+
+# ----------------------------------------------------------------------------------------------
+# iTRPO (JackZhangY/offorRL, ikl_trainer.py and ikl.yaml; the code's tau/alpha are swapped)
+# ----------------------------------------------------------------------------------------------
+def test_itrpo_defaults_are_the_codes_values_in_the_papers_names():
+    itrpo = load_algorithm("itrpo")
+    args = itrpo.Args()
+    assert args.alpha == 0.9  # the code's `tau`: weight of the KL terms
+    assert args.shaping_tau == 0.03  # the code's `alpha`: the shaping term's extra factor
+    assert args.tau == 0.005  # the Polyak step, named as in every other file
+    assert args.shaping_tau * args.alpha == pytest.approx(0.027)
+
+
+def test_itrpo_log_std_is_bounded_as_in_rlkit():
+    itrpo = load_algorithm("itrpo")
+    policy = itrpo.TanhGaussian(2, 1, 8, n_hidden=1)
+    with torch.no_grad():
+        policy.net[-1].bias.copy_(torch.tensor([0.0, -50.0]))
+        policy.net[-1].weight.zero_()
+    assert policy(torch.zeros(1, 2))[1].item() == -5.0
+
+
+@pytest.mark.parametrize("order", ["actor-first", "critic-first"])
+def test_itrpo_update_order(order):
+    itrpo = load_algorithm("itrpo")
+    agent = itrpo.ITRPO(itrpo.Args(hidden_dim=16, n_samples=2, bc_steps=10, update_order=order), 3, 2,
+                        torch.device("cpu"))
+    events = []
+    for name in ("actor_optimizer", "critic_optimizer"):
+        opt = getattr(agent, name)
+        opt.step = (lambda step, name: lambda *a, **k: (events.append(name), step(*a, **k))[1])(opt.step, name)
+    batch = itrpo.common.Batch(torch.randn(8, 3), torch.rand(8, 2) * 2 - 1, torch.randn(8), torch.randn(8, 3),
+                               torch.zeros(8))
+    metrics = agent.train(batch)
+    expected = ["actor_optimizer", "critic_optimizer"]
+    assert events == (expected if order == "actor-first" else expected[::-1])
+    assert {"losses/actor_loss", "losses/critic_loss", "charts/kl"} <= set(metrics)

@@ -1,0 +1,92 @@
+"""Behaviour models: Fisher-BRC's training step as in the authors' code, and the on-disk cache that
+lets seeds and settings share one behaviour model (Fisher-BRC, iTRPO, BRAC+)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import load_algorithm, run_script
+
+
+def fisher_brc_agent(**overrides):
+    fbrc = load_algorithm("fisher_brc")
+    args = fbrc.Args(hidden_dim=16, n_components=3, **overrides)
+    return fbrc, fbrc.FisherBRC(args, obs_dim=3, act_dim=2, device=torch.device("cpu"))
+
+
+def test_fisher_brc_behaviour_sample_is_reparameterised_through_the_chosen_component_only():
+    """TFP's mixture sample: the component choice carries no gradient, the Gaussian draw does, so
+    the entropy estimate -log mu(a~mu|s) trains the chosen component's mean and scale."""
+    _, agent = fisher_brc_agent()
+    actions = agent.behavior.sample(torch.randn(64, 3))
+    assert actions.requires_grad
+    actions.sum().backward()
+    # last layer rows per action dimension: 3 logits, 3 means, 3 log-stds
+    last = agent.behavior.net[-1].weight.grad.view(2, 9, -1)
+    assert last[:, :3].abs().sum() == 0
+    assert (last[:, 3:6].abs().sum(-1) > 0).any() and (last[:, 6:].abs().sum(-1) > 0).any()
+
+
+def test_fisher_brc_behaviour_temperature_follows_the_learning_rate_schedule():
+    fbrc, agent = fisher_brc_agent(bc_steps=10, bc_lr=1e-3)
+    obs, act = torch.randn(32, 3), torch.rand(32, 2) * 2 - 1
+    batch = fbrc.common.Batch(obs, act, torch.zeros(32), obs, torch.zeros(32))
+    for _ in range(10):
+        agent.train_behavior(batch)
+    for optimizer in (agent.behavior_optimizer, agent.behavior_alpha_optimizer):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)
+
+
+def test_fisher_brc_temperature_step_is_scaled_by_alpha_as_in_the_official_code():
+    fbrc, agent = fisher_brc_agent(bc_steps=10)
+    with torch.no_grad():
+        agent.behavior_log_alpha.fill_(-3.0)
+    obs, act = torch.randn(32, 3), torch.rand(32, 2) * 2 - 1
+    batch = fbrc.common.Batch(obs, act, torch.zeros(32), obs, torch.zeros(32))
+    metrics = agent.train_behavior(batch)  # the gradient stays in .grad after the step
+    expected = torch.exp(torch.tensor(-3.0)) * (metrics["charts/behavior_entropy"] - agent.target_entropy)
+    torch.testing.assert_close(agent.behavior_log_alpha.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+SMALL = {"brac_plus": ["--pretrain-steps", "10", "--epoch-steps", "10", "--kl-states", "64", "--batch-size", "16",
+                       "--hidden-dim", "32", "--actor-hidden-dim", "32", "--vae-hidden-dim", "32",
+                       "--n-samples", "2", "--n-latent", "2"]}
+
+
+def pretraining_run(datasets_path, tmp_path, algorithm, name, extra=()):
+    out = tmp_path / "runs"
+    result = run_script([f"algorithms/{algorithm}.py", "--env", "test/hopper/random-v0", "--total-steps", "20",
+                         "--eval-every", "20", "--eval-episodes", "1", "--bc-steps", "30", "--device", "cpu",
+                         "--output-dir", str(out), "--run-name", name, *SMALL.get(algorithm, []), *extra],
+                        datasets_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(out / name / "results.json") as f:
+        return result.stdout, json.load(f)["evaluations"], out
+
+
+@pytest.mark.parametrize("algorithm", ["fisher_brc", "itrpo", "brac_plus"])
+def test_behaviour_model_is_cached_and_a_cached_run_continues_identically(algorithm, datasets_path, tmp_path):
+    first_log, first, out = pretraining_run(datasets_path, tmp_path, algorithm, "first")
+    cached = sorted(os.listdir(out / "pretrained_cache"))
+    assert len(cached) == 1 and cached[0].startswith(f"{algorithm}_behavior_")
+    assert "behaviour model step" in first_log
+    second_log, second, _ = pretraining_run(datasets_path, tmp_path, algorithm, "second")
+    assert "reusing the cached pretrained model" in second_log
+    assert "behaviour model step" not in second_log
+    assert [e["return_mean"] for e in second] == [e["return_mean"] for e in first]
+    # another --seed shares the behaviour model; --no-reuse-cache trains it again
+    third_log, _, _ = pretraining_run(datasets_path, tmp_path, algorithm, "third", ["--seed", "3"])
+    assert "reusing the cached pretrained model" in third_log
+    fourth_log, _, _ = pretraining_run(datasets_path, tmp_path, algorithm, "fourth", ["--no-reuse-cache"])
+    assert "behaviour model step" in fourth_log
+
+
+def test_a_damaged_behaviour_cache_is_retrained_with_a_notice(datasets_path, tmp_path):
+    _, first, out = pretraining_run(datasets_path, tmp_path, "fisher_brc", "first")
+    (path,) = (out / "pretrained_cache").iterdir()
+    path.write_bytes(path.read_bytes()[:100])
+    log, again, _ = pretraining_run(datasets_path, tmp_path, "fisher_brc", "again")
+    assert "is unreadable" in log and "behaviour model step" in log
+    assert [e["return_mean"] for e in again] == [e["return_mean"] for e in first]
