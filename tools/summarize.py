@@ -35,6 +35,7 @@ RULES = {
 # A cell is flagged when our mean lies outside paper mean +- max(2 x paper std, 5 points): the papers'
 # stds are over few seeds (and absent for borrowed columns), so a floor keeps noise from flagging.
 FLAG_STDS, FLAG_MIN_POINTS = 2.0, 5.0
+MISSING = "n/a"
 
 
 def load_runs(folders: list[str]) -> list[dict]:
@@ -71,11 +72,16 @@ def fmt(mean: float, std: float | None) -> str:
 
 
 def paper_cell(row: dict) -> str:
-    """The paper's number as the paper printed it (ARQ prints integers)."""
+    """The paper's number as the paper printed it (ARQ prints integers); "n/a" where the paper has a
+    number that our copy of its text lost (empty score_mean)."""
+    if not row["score_mean"]:
+        return MISSING
     return row["score_mean"] + (f" ± {row['score_std']}" if row["score_std"] else "")
 
 
 def out_of_range(ours: float, row: dict) -> str:
+    if not row["score_mean"]:
+        return ""  # nothing to compare with
     paper = float(row["score_mean"])
     half_width = max(FLAG_STDS * float(row["score_std"] or 0.0), FLAG_MIN_POINTS)
     if ours < paper - half_width:
@@ -110,6 +116,16 @@ def table_protocol(rows: list[dict]) -> tuple[str, int, int]:
     return rules.pop(), max(int(r["seeds"]) for r in own), max(int(r["steps"]) for r in own)
 
 
+def inferred_notes(rows: list[dict]) -> list[str]:
+    """'methods: why' for the table's own methods whose rule (or seeds, steps) the paper implies
+    without stating it (rule_basis "inferred: why")."""
+    by_reason: dict[str, list[str]] = {}
+    for r in rows:
+        if r["final_score_rule"] in RULES and r["rule_basis"].startswith("inferred"):
+            by_reason.setdefault(r["rule_basis"].split(":", 1)[1].strip(), []).append(r["method"])
+    return [f"{', '.join(dict.fromkeys(methods))}: {why}" for why, methods in by_reason.items()]
+
+
 def pick_dataset(mapping_row: dict, by_dataset: dict) -> str | None:
     """The data that stood in for a paper dataset: the full stand-in if it has runs, else the quick one."""
     for column in ("minari_id", "quick_id"):
@@ -124,9 +140,11 @@ def table_markdown(rows: list[dict], mapping: dict, by_dataset: dict, algo_order
     datasets = list(dict.fromkeys(r["paper_dataset"] for r in rows))
     used = {ds: pick_dataset(mapping[ds], by_dataset) for ds in datasets if ds in mapping}
     with_runs = [ds for ds in datasets if used.get(ds)]
+    inferred = inferred_notes(rows)
     out = [f"### {paper}: {table}", "",
-           f"Paper protocol: {seeds} seeds, {steps:,} steps, score = {RULES[rule]}. Our cells use the same rule "
-           f"over our first {seeds} seeds. Cell: ours, paper's number in brackets."]
+           f"Paper protocol: {seeds} seeds, {steps:,} steps, score = {RULES[rule]}"
+           + (f" (inferred, not stated by the paper: {'; '.join(inferred)})" if inferred else "")
+           + f". Our cells use the same rule over our first {seeds} seeds. Cell: ours, paper's number in brackets."]
     if not with_runs:
         return out + ["", f"No runs on this table's {len(datasets)} datasets yet.", ""]
     ours_algos = {a for ds in with_runs for a in by_dataset[used[ds]]}
@@ -157,6 +175,9 @@ def table_markdown(rows: list[dict], mapping: dict, by_dataset: dict, algo_order
             cells.append(paper_cell(paper_row) if paper_row else "")
         out.append("| " + " | ".join(cells) + " |")
     out += ["", f"Rows: {len(with_runs)} of the table's {len(datasets)} datasets (the others have no runs)."]
+    if any(not r["score_mean"] for r in rows if r["paper_dataset"] in with_runs):
+        out.append(f"{MISSING}: the paper has a number here that our copy of its text lost "
+                   "(benchmarks/TRANSCRIPTION.md).")
     if notes:
         out.append("† fewer seeds, steps or evaluations than the paper: " + "; ".join(sorted(notes)) + ".")
     return out + [""]
