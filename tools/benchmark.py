@@ -27,7 +27,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import KNOWN_REMOTE_DATASETS, UserError  # noqa: E402  (also installs the one-line error hook)
+from common import KNOWN_REMOTE_DATASETS, UserError, dataset_task  # noqa: E402  (also installs the one-line error hook)
 
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
 PAPER_STEPS = 1_000_000  # every paper table trains for 1M gradient steps
@@ -35,7 +35,7 @@ PAPER_STEPS = 1_000_000  # every paper table trains for 1M gradient steps
 # scoring rules only iTRPO's (the last 10 evaluations) depends on it.
 FULL_EVAL_EVERY = 5_000
 # Episodes per evaluation in the full benchmark: the count the paper of each file states, per domain
-# (the dataset id's task; "adroit" = pen, door, hammer, relocate; "*" = any other). Where a paper
+# (common.dataset_task; "adroit" = pen, door, hammer, relocate; "*" = any other). Where a paper
 # counts only the final policy's episodes (ARQ, BRAC+), every evaluation here uses it, so the last
 # one matches.
 # BRAC+'s 1000 Adroit episodes run as 1000 envs at once (~8 MB each).
@@ -165,10 +165,8 @@ def resolve_algos(names: list[str] | None, quick: bool, steps_given: bool) -> li
 
 
 def paper_eval_episodes(algo: str, dataset: str) -> int:
-    """Episodes per evaluation that `algo`'s paper used on `dataset`'s domain (FULL_EVAL_EPISODES if unstated).
-    The domain is the task of a `namespace/task/name-vN` id: 'D4RL/pen/human-v2' -> 'pen' -> 'adroit'."""
-    parts = dataset.lower().split("/")
-    task = parts[-2] if len(parts) > 1 else parts[0].split("-")[0]
+    """Episodes per evaluation that `algo`'s paper used on `dataset`'s domain (FULL_EVAL_EPISODES if unstated)."""
+    task = dataset_task(dataset)
     counts = PAPER_EVAL_EPISODES.get(algo, {})
     return counts.get("adroit" if task in ADROIT_TASKS else task, counts.get("*", FULL_EVAL_EPISODES))
 
