@@ -215,12 +215,13 @@ DEFAULT_SAMPLER_STEPS = {"pc": 500, "ode": 20}
 # ----------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------
-def mlp(in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim), nn.ReLU(),
-        nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
-        nn.Linear(hidden_dim, out_dim),
-    )
+def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
+    """n_hidden ReLU layers of width hidden_dim, then a linear output layer."""
+    layers, d = [], in_dim
+    for _ in range(n_hidden):
+        layers += [nn.Linear(d, hidden_dim), nn.ReLU()]
+        d = hidden_dim
+    return nn.Sequential(*layers, nn.Linear(d, out_dim))
 
 
 class Actor(nn.Module):
@@ -228,7 +229,7 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.mean = mlp(obs_dim, act_dim, hidden_dim)
+        self.mean = mlp(obs_dim, act_dim, hidden_dim, 2)
         self.log_std = nn.Parameter(torch.zeros(act_dim))
 
     def log_prob(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
@@ -242,8 +243,8 @@ class Critic(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim)
-        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim)
+        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim, 2)
+        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim, 2)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.cat([obs, act], dim=-1)

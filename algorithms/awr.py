@@ -80,7 +80,8 @@ class Args:
 # ----------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------
-def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int = 3) -> nn.Sequential:
+def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
+    """n_hidden ReLU layers of width hidden_dim, then a linear output layer."""
     layers, d = [], in_dim
     for _ in range(n_hidden):
         layers += [nn.Linear(d, hidden_dim), nn.ReLU()]
@@ -93,7 +94,7 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.mean = mlp(obs_dim, act_dim, hidden_dim)
+        self.mean = mlp(obs_dim, act_dim, hidden_dim, 3)
         self.log_std = nn.Parameter(torch.zeros(act_dim))
 
     def distribution(self, obs: torch.Tensor) -> torch.distributions.Normal:
@@ -111,8 +112,8 @@ class Critic(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim)
-        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim)
+        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim, 3)
+        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim, 3)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.cat([obs, act], dim=-1)

@@ -62,17 +62,22 @@ class Args:
 # ----------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------
+def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
+    """n_hidden ReLU layers of width hidden_dim, then a linear output layer."""
+    layers, d = [], in_dim
+    for _ in range(n_hidden):
+        layers += [nn.Linear(d, hidden_dim), nn.ReLU()]
+        d = hidden_dim
+    return nn.Sequential(*layers, nn.Linear(d, out_dim))
+
+
 class Actor(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(obs_dim, hidden_dim), nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
-            nn.Linear(hidden_dim, act_dim), nn.Tanh(),
-        )
+        self.net = mlp(obs_dim, act_dim, hidden_dim, 2)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs)
+        return torch.tanh(self.net(obs))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -212,7 +212,8 @@ def domain_defaults(dataset_id: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------
-def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int = 3) -> nn.Sequential:
+def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
+    """n_hidden ReLU layers of width hidden_dim, then a linear output layer."""
     layers, d = [], in_dim
     for _ in range(n_hidden):
         layers += [nn.Linear(d, hidden_dim), nn.ReLU()]
@@ -258,7 +259,7 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
-def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int = 3) -> nn.Sequential:
+def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
     layers, d = [], in_dim
     for _ in range(n_hidden):
         layers += [EnsembleLinear(n, d, hidden_dim), nn.ReLU()]
@@ -277,8 +278,8 @@ class VAEEnsemble(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, n_ensembles: int):
         super().__init__()
         self.n, self.latent_dim = n_ensembles, 2 * act_dim
-        self.encoder = ensemble_mlp(n_ensembles, act_dim + obs_dim, 2 * self.latent_dim, hidden_dim)
-        self.decoder = ensemble_mlp(n_ensembles, self.latent_dim + obs_dim, 2 * act_dim, hidden_dim)
+        self.encoder = ensemble_mlp(n_ensembles, act_dim + obs_dim, 2 * self.latent_dim, hidden_dim, 3)
+        self.decoder = ensemble_mlp(n_ensembles, self.latent_dim + obs_dim, 2 * act_dim, hidden_dim, 3)
 
     def encode(self, obs: torch.Tensor, u: torch.Tensor):
         """q(z|u,s) of every member: (B, N, latent) means and stds for (N, .) inputs."""
@@ -315,7 +316,7 @@ class TanhGaussian(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.net = mlp(obs_dim, 2 * act_dim, hidden_dim)
+        self.net = mlp(obs_dim, 2 * act_dim, hidden_dim, 3)
 
     def forward(self, obs: torch.Tensor):
         mean, log_std = self.net(obs).chunk(2, dim=-1)
@@ -335,8 +336,8 @@ class Critic(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim)
-        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim)
+        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim, 3)
+        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim, 3)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.cat([obs, act], dim=-1)
@@ -348,7 +349,7 @@ class AlphaNet(nn.Module):
 
     def __init__(self, obs_dim: int, hidden_dim: int, alpha_init: float):
         super().__init__()
-        self.net = mlp(obs_dim, 1, hidden_dim)
+        self.net = mlp(obs_dim, 1, hidden_dim, 3)
         nn.init.zeros_(self.net[-1].weight)
         nn.init.constant_(self.net[-1].bias, inverse_softplus(alpha_init))
 

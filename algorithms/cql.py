@@ -106,7 +106,8 @@ def domain_defaults(dataset_id: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------
-def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int = 3) -> nn.Sequential:
+def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
+    """n_hidden ReLU layers of width hidden_dim, then a linear output layer."""
     layers, d = [], in_dim
     for _ in range(n_hidden):
         layers += [nn.Linear(d, hidden_dim), nn.ReLU()]
@@ -124,7 +125,7 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.net = mlp(obs_dim, 2 * act_dim, hidden_dim)
+        self.net = mlp(obs_dim, 2 * act_dim, hidden_dim, 3)
 
     def forward(self, obs: torch.Tensor):
         mean, log_std = self.net(obs).chunk(2, dim=-1)
@@ -148,8 +149,8 @@ class Critic(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim)
-        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim)
+        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim, 3)
+        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim, 3)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.cat([obs, act], dim=-1)

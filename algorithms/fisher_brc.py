@@ -110,14 +110,19 @@ class Args:
 # ----------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------
-def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int = 3) -> nn.Sequential:
+def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
+    """n_hidden ReLU layers of width hidden_dim, then a linear output layer."""
     layers, d = [], in_dim
     for _ in range(n_hidden):
         layers += [nn.Linear(d, hidden_dim), nn.ReLU()]
         d = hidden_dim
-    net = nn.Sequential(*layers, nn.Linear(d, out_dim))
+    return nn.Sequential(*layers, nn.Linear(d, out_dim))
+
+
+def orthogonal_init(net: nn.Sequential) -> nn.Sequential:
+    """The official code's initialisation: orthogonal weights (gain sqrt 2, output layer 1e-2), zero biases."""
     linears = [m for m in net if isinstance(m, nn.Linear)]
-    for i, layer in enumerate(linears):  # official code's orthogonal initialisation
+    for i, layer in enumerate(linears):
         nn.init.orthogonal_(layer.weight, gain=1e-2 if i == len(linears) - 1 else math.sqrt(2.0))
         nn.init.zeros_(layer.bias)
     return net
@@ -137,7 +142,7 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.net = mlp(obs_dim, 2 * act_dim, hidden_dim)
+        self.net = orthogonal_init(mlp(obs_dim, 2 * act_dim, hidden_dim, 3))
 
     def forward(self, obs: torch.Tensor):
         mean, log_std = self.net(obs).chunk(2, dim=-1)
@@ -157,7 +162,7 @@ class BehaviorModel(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, n_components: int):
         super().__init__()
         self.act_dim, self.k = act_dim, n_components
-        self.net = mlp(obs_dim, 3 * act_dim * n_components, hidden_dim, n_hidden=2)
+        self.net = orthogonal_init(mlp(obs_dim, 3 * act_dim * n_components, hidden_dim, 2))
 
     def components(self, obs: torch.Tensor):
         """Per action dimension: mixture log-weights, means and log-stds, each (N, |A|, K)."""
@@ -191,8 +196,8 @@ class Offsets(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.o1 = mlp(obs_dim + act_dim, 1, hidden_dim)
-        self.o2 = mlp(obs_dim + act_dim, 1, hidden_dim)
+        self.o1 = orthogonal_init(mlp(obs_dim + act_dim, 1, hidden_dim, 3))
+        self.o2 = orthogonal_init(mlp(obs_dim + act_dim, 1, hidden_dim, 3))
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.cat([obs, act], dim=-1)

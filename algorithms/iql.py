@@ -106,13 +106,14 @@ def domain_defaults(dataset_id: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------
-def mlp(in_dim: int, out_dim: int, hidden_dim: int, dropout: float = 0.0) -> nn.Sequential:
-    drop = [nn.Dropout(dropout)] if dropout > 0 else []
-    return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim), nn.ReLU(), *drop,
-        nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), *drop,
-        nn.Linear(hidden_dim, out_dim),
-    )
+def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int, dropout: float = 0.0) -> nn.Sequential:
+    """n_hidden ReLU layers of width hidden_dim (each followed by dropout if dropout > 0: the actor on
+    kitchen and adroit), then a linear output layer."""
+    layers, d = [], in_dim
+    for _ in range(n_hidden):
+        layers += [nn.Linear(d, hidden_dim), nn.ReLU(), *([nn.Dropout(dropout)] if dropout > 0 else [])]
+        d = hidden_dim
+    return nn.Sequential(*layers, nn.Linear(d, out_dim))
 
 
 class Actor(nn.Module):
@@ -120,7 +121,7 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, dropout: float):
         super().__init__()
-        self.mean = mlp(obs_dim, act_dim, hidden_dim, dropout)
+        self.mean = mlp(obs_dim, act_dim, hidden_dim, 2, dropout)
         self.log_std = nn.Parameter(torch.zeros(act_dim))
 
     def log_prob(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
@@ -134,8 +135,8 @@ class Critic(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim)
-        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim)
+        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim, 2)
+        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim, 2)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.cat([obs, act], dim=-1)
@@ -157,7 +158,7 @@ class IQL:
         self.actor = Actor(obs_dim, act_dim, args.hidden_dim, args.dropout).to(device)
         self.critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
         self.critic_target = copy.deepcopy(self.critic)
-        self.value = mlp(obs_dim, 1, args.hidden_dim).to(device)
+        self.value = mlp(obs_dim, 1, args.hidden_dim, 2).to(device)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.lr)
         self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=args.lr)
