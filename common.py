@@ -81,8 +81,10 @@ def _excepthook(exc_type, exc, tb):
     sys.__excepthook__(exc_type, exc, tb)
 
 
-# Uncaught UserErrors end a script with one clear line and exit status 1.
-sys.excepthook = _excepthook
+def install_user_error_hook() -> None:
+    """Make an uncaught UserError end the script with one line ("error: ...") and exit status 1
+    instead of a traceback. Every script calls this first; importing common changes nothing."""
+    sys.excepthook = _excepthook
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,11 +492,14 @@ def preserved_global_rngs():
         np.random.set_state(numpy_state)
 
 
-def resolve_device(name: str) -> torch.device:
-    # CPU: flush denormal floats to zero. A multiplier that decays towards zero (the behaviour
-    # models' entropy temperature reaches ~1e-40 after ~90k steps) otherwise makes every matmul it
-    # touches ~10x slower (measured: Fisher-BRC's behaviour model 175 -> 16 steps/s).
+def flush_denormals() -> None:
+    """Treat denormal floats as zero on the CPU (CUDA is unaffected). A multiplier that decays
+    towards zero, such as a behaviour model's entropy temperature (~1e-40 after ~90k steps), would
+    otherwise make every matmul it touches about ten times slower (docs/results.md, "Speed")."""
     torch.set_flush_denormal(True)
+
+
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -632,8 +632,10 @@ class ARQ:
 # Training loop
 # ----------------------------------------------------------------------------------------------
 if __name__ == "__main__":
+    common.install_user_error_hook()
     args = tyro.cli(Args)
     device = common.resolve_device(args.device)
+    common.flush_denormals()
     common.seed_everything(args.seed)
     chosen = {k: v for k, v in domain_defaults(args.env).items() if getattr(args, k) is None}
     for k, v in chosen.items():

@@ -108,8 +108,10 @@ class BC:
 # Training loop
 # ----------------------------------------------------------------------------------------------
 if __name__ == "__main__":
+    common.install_user_error_hook()
     args = tyro.cli(Args)
     device = common.resolve_device(args.device)
+    common.flush_denormals()
     common.seed_everything(args.seed)
 
     data = common.load_dataset(args.env, device)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common
+from conftest import ROOT
 
 
 def test_flattening_aligns_transitions_within_episodes(datasets_path):
@@ -324,9 +325,15 @@ def test_known_remote_ids_exclude_nothing_we_benchmark():
         assert dataset_id in common.KNOWN_REMOTE_DATASETS
 
 
-def test_resolving_the_device_flushes_denormals_on_cpu():
+def test_flush_denormals_flushes_and_importing_common_has_no_side_effects():
     # a multiplier decaying into float32's denormal range slowed the behaviour models ~10x
     torch.set_flush_denormal(False)
     assert (torch.tensor(1e-39) * 1.0).item() != 0.0
     common.resolve_device("cpu")
+    assert (torch.tensor(1e-39) * 1.0).item() != 0.0  # only when asked for
+    common.flush_denormals()
     assert (torch.tensor(1e-39) * 1.0).item() == 0.0
+    import subprocess, sys
+    out = subprocess.run([sys.executable, "-c", "import sys; hook = sys.excepthook; import common; "
+                          "print(sys.excepthook is hook)"], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip() == "True", out.stderr

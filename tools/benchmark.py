@@ -27,7 +27,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import KNOWN_REMOTE_DATASETS, UserError, dataset_task  # noqa: E402  (also installs the one-line error hook)
+from common import KNOWN_REMOTE_DATASETS, UserError, dataset_task, install_user_error_hook  # noqa: E402
 
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
 PAPER_STEPS = 1_000_000  # every paper table trains for 1M gradient steps
@@ -416,4 +416,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    install_user_error_hook()
     sys.exit(main())

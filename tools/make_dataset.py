@@ -751,4 +751,5 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
+    common.install_user_error_hook()
     main(tyro.cli(Args))

@@ -23,7 +23,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import UserError, atomic_write_bytes  # noqa: E402  (also installs the one-line error hook)
+from common import UserError, atomic_write_bytes, install_user_error_hook  # noqa: E402
 
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
 
@@ -309,4 +309,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    install_user_error_hook()
     main()
