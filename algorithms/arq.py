@@ -176,7 +176,7 @@ class Args:
     """discount"""
     tau: float = 0.005
     """Polyak step of the target critic (paper: polyak coefficient 0.995)"""
-    lr: Optional[float] = None
+    critic_lr: Optional[float] = None
     """Adam learning rate of the critic (default: 1e-4 kitchen/adroit, else 3e-4)"""
     actor_lr: float = 3e-4
     """Adam learning rate of the AWR policy"""
@@ -196,16 +196,16 @@ def domain_defaults(dataset_id: str) -> dict:
     task = common.dataset_task(dataset_id)
     if task == "antmaze":
         return {"bc_steps": 1_000_000, "kth": 3, "alpha": 10.0, "deterministic_policy": True,
-                "reward_transform": "minus-one", "lr": 3e-4}
+                "reward_transform": "minus-one", "critic_lr": 3e-4}
     if task == "kitchen":
         return {"bc_steps": 300_000, "kth": 9, "alpha": 1.0, "deterministic_policy": False,
-                "reward_transform": "none", "lr": 1e-4}
+                "reward_transform": "none", "critic_lr": 1e-4}
     if task in ("door", "hammer", "pen", "relocate"):
         return {"bc_steps": 300_000, "kth": 9, "alpha": 10.0, "deterministic_policy": False,
-                "reward_transform": "none", "lr": 1e-4}
+                "reward_transform": "none", "critic_lr": 1e-4}
     transform = "return-range" if task in ("halfcheetah", "hopper", "walker2d") else "none"
     return {"bc_steps": 1_000_000, "kth": 9, "alpha": 1.0, "deterministic_policy": False,
-            "reward_transform": transform, "lr": 3e-4}
+            "reward_transform": transform, "critic_lr": 3e-4}
 
 
 SAMPLERS = ("pc", "ode")
@@ -553,7 +553,7 @@ class ARQ:
         self.score_optimizer = torch.optim.Adam(self.score.net.parameters(), lr=args.score_lr)
         self.critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
         self.critic_target = copy.deepcopy(self.critic)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.lr)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr)
         self.actor = None
         if args.policy == "awr":
             self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)

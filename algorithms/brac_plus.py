@@ -181,7 +181,7 @@ class Args:
     """Polyak step of the target critic (official code)"""
     actor_lr: float = 5e-6
     """Adam learning rate of the policy in the RL phase (official code)"""
-    lr: float = 3e-4
+    critic_lr: float = 3e-4
     """Adam learning rate of the critics"""
     hidden_dim: int = 256
     """width of the hidden layers of the critics and alpha(s) (3 each)"""
@@ -410,7 +410,7 @@ class BRACPlus:
         self.pretrain_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.bc_lr)
         self.pretrain_scheduler = piecewise_decay(self.pretrain_optimizer, args.pretrain_steps)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.lr)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr)
         if args.alpha_mode == "state":
             self.alpha_net = AlphaNet(obs_dim, args.hidden_dim, args.alpha_init).to(device)
             alpha_params = list(self.alpha_net.parameters())

@@ -12,7 +12,7 @@ or, with --max-q-backup, min_i max_j Q_targ_i(s', a'_j) over M sampled a'_j (eac
 then the smaller of the two, as the official code does).
 Lagrange variant (paper eq. 30, used for antmaze): w is replaced by alpha' = exp(log alpha'),
 clipped to [0, 1e6], trained to keep the gap term at --lagrange-threshold.
-Actor: SAC with automatic entropy (target -|A|); for the first --bc-steps steps it maximises
+Actor: SAC with automatic entropy (target -|A|); for the first --bc-warmup-steps steps it maximises
 log pi(a|s) of dataset actions instead of Q (official code's policy_eval_start, 40k steps).
 
 Hyperparameters (official MuJoCo settings): w = 5.0 (the paper also reports 10.0), 3x256
@@ -78,8 +78,8 @@ class Args:
     """M: actions of each kind (uniform, pi(s), pi(s')) in the log-sum-exp"""
     max_q_backup: bool = False
     """target = max over n_actions sampled a' of min_i Q_targ(s', a')"""
-    bc_steps: int = 40_000
-    """steps during which the actor does behaviour cloning (max log pi(a|s)) instead of max Q"""
+    bc_warmup_steps: int = 40_000
+    """first steps of the joint loop in which the actor does behaviour cloning (max log pi(a|s)) instead of max Q"""
     reward_transform: Optional[str] = None
     """one of common.REWARD_TRANSFORMS (default: cql-antmaze on antmaze, else none)"""
     gamma: float = 0.99
@@ -211,14 +211,14 @@ class CQL:
             pi_actions, log_pi_rep = self.actor.sample(obs_rep)
             next_pi_actions, log_next_pi_rep = self.actor.sample(next_obs.repeat_interleave(m, 0))
 
-        # Entropy temperature, then the actor (SAC; behaviour cloning during the first bc_steps).
+        # Entropy temperature, then the actor (SAC; behaviour cloning during the first bc_warmup_steps).
         pi, log_pi = self.actor.sample(obs)
         alpha_loss = -(self.log_alpha * (log_pi.detach() + self.target_entropy)).mean()
         self.alpha_optimizer.zero_grad(set_to_none=True)
         alpha_loss.backward()
         self.alpha_optimizer.step()
         alpha = self.log_alpha.exp().detach()
-        if self.total_it <= args.bc_steps:
+        if self.total_it <= args.bc_warmup_steps:
             actor_loss = (alpha * log_pi - self.actor.log_prob(obs, actions)).mean()
         else:
             actor_loss = (alpha * log_pi - torch.min(*self.critic(obs, pi))).mean()

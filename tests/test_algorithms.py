@@ -11,7 +11,7 @@ from conftest import ROOT, load_algorithm, run_script
 
 ALGORITHMS = ["bc", "td3_bc", "awr", "iql", "cql", "fisher_brc", "itrpo"]
 # flags that shrink the pretraining phases so that an end-to-end run takes seconds
-SMOKE_FLAGS = {"cql": ["--bc-steps", "100"], "fisher_brc": ["--bc-steps", "100"], "itrpo": ["--bc-steps", "100"]}
+SMOKE_FLAGS = {"cql": ["--bc-warmup-steps", "100"], "fisher_brc": ["--bc-steps", "100"], "itrpo": ["--bc-steps", "100"]}
 
 
 
@@ -94,7 +94,7 @@ NOT_ADROIT_IDS = ["local/pendulum/medium-v0", "D4RL/pointmaze/open-v2", "D4RL/po
 
 
 @pytest.mark.parametrize("algorithm, adroit", [("iql", {"beta": 0.5, "dropout": 0.1}),
-                                               ("arq", {"alpha": 10.0, "bc_steps": 300_000, "lr": 1e-4})])
+                                               ("arq", {"alpha": 10.0, "bc_steps": 300_000, "critic_lr": 1e-4})])
 def test_adroit_settings_go_to_the_adroit_tasks_only(algorithm, adroit):
     """'pen' is a task, not a substring: pendulum and pointmaze/open* are not Adroit."""
     module = load_algorithm(algorithm)
@@ -174,7 +174,7 @@ def test_cql_lagrange_multiplier_grows_while_the_gap_exceeds_the_threshold():
 
 def test_cql_conservative_term_pushes_down_out_of_data_actions():
     """Critic-only training on a fixed batch: Q at the data actions ends above Q at random actions."""
-    _, agent = cql_agent(bc_steps=10**9)
+    _, agent = cql_agent(bc_warmup_steps=10**9)
     batch = random_batch(32)
     obs, actions = batch[0], batch[1]
     for _ in range(300):
@@ -185,20 +185,20 @@ def test_cql_conservative_term_pushes_down_out_of_data_actions():
     assert q_data > q_rand + 0.5
 
 
-def test_cql_actor_clones_behaviour_during_bc_steps():
+def test_cql_actor_clones_behaviour_during_the_warmup():
     """During the BC phase the actor's loss ignores Q: scaling the critic changes nothing."""
-    _, agent = cql_agent(bc_steps=5)
+    _, agent = cql_agent(bc_warmup_steps=5)
     batch = random_batch()
     torch.manual_seed(3)
     loss_a = agent.train(batch)["losses/actor_loss"]
-    _, agent2 = cql_agent(bc_steps=5)
+    _, agent2 = cql_agent(bc_warmup_steps=5)
     with torch.no_grad():
         for p in agent2.critic.parameters():
             p.mul_(3.0)
     torch.manual_seed(3)
     loss_b = agent2.train(batch)["losses/actor_loss"]
     assert loss_a.item() == pytest.approx(loss_b.item())
-    _, agent3 = cql_agent(bc_steps=0)
+    _, agent3 = cql_agent(bc_warmup_steps=0)
     torch.manual_seed(3)
     loss_c = agent3.train(batch)["losses/actor_loss"]
     assert loss_c.item() != pytest.approx(loss_a.item())

@@ -23,7 +23,7 @@ def test_cql_draws_the_critic_losss_samples_before_the_actor_is_stepped():
     """The official step computes every loss with the current policy, then steps the temperature,
     the policy and the critics."""
     cql = load_algorithm("cql")
-    agent = cql.CQL(cql.Args(hidden_dim=16, n_actions=3, bc_steps=0, max_q_backup=True), 3, 2, torch.device("cpu"))
+    agent = cql.CQL(cql.Args(hidden_dim=16, n_actions=3, bc_warmup_steps=0, max_q_backup=True), 3, 2, torch.device("cpu"))
     events = []
     sample = agent.actor.sample
     agent.actor.sample = lambda obs: (events.append(("sample", len(obs))), sample(obs))[1]

@@ -42,7 +42,7 @@ class Args:
 
 
 # files with a pretraining phase: it is shrunk, since train_seconds counts only the RL phase
-PRETRAINING = {"cql": ["--bc-steps"], "fisher_brc": ["--bc-steps"], "itrpo": ["--bc-steps"],
+PRETRAINING = {"cql": ["--bc-warmup-steps"], "fisher_brc": ["--bc-steps"], "itrpo": ["--bc-steps"],
                "brac_plus": ["--bc-steps", "--pretrain-steps"]}
 
 
