@@ -27,7 +27,7 @@ import random
 import sys
 import tempfile
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -351,7 +351,8 @@ def normalize_obs(data: OfflineData, mean: torch.Tensor, std: torch.Tensor) -> N
     data.next_observations = (data.next_observations - mean) / std
 
 
-REWARD_TRANSFORMS = ("none", "return-range", "minus-one", "cql-antmaze", "min-max", "plus-five")
+RewardTransform = Literal["none", "return-range", "minus-one", "cql-antmaze", "min-max", "plus-five"]
+REWARD_TRANSFORMS = get_args(RewardTransform)
 
 
 def transform_rewards(data: OfflineData, name: str) -> None:

@@ -76,7 +76,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -142,7 +142,7 @@ class Args:
     """N, actions sampled per dataset state"""
     log_likelihood_threshold: float = -5.0
     """log epsilon: samples with log-likelihood <= this are dropped (standardised action space)"""
-    sampler: str = "pc"
+    sampler: Literal["pc", "ode"] = "pc"
     """pc (the paper's predictor-corrector) or ode (probability-flow ODE, DDIM solver; fast)"""
     sampler_steps: Optional[int] = None
     """time steps of the sampler (default: 500 pc, 20 ode)"""
@@ -161,14 +161,14 @@ class Args:
     # --- ARQ: Q-learning and policy ---
     kth: Optional[int] = None
     """K of the K-th largest backup (default per domain: 3 antmaze, else 9)"""
-    policy: str = "awr"
+    policy: Literal["awr", "implicit"] = "awr"
     """awr (a policy network) or implicit (resample the support with softmax(alpha * A))"""
     alpha: Optional[float] = None
     """inverse temperature of AWR and of the implicit policy (default: 10 adroit/antmaze, else 1)"""
     deterministic_policy: Optional[bool] = None
     """AWR with a deterministic policy and weighted squared error (default: antmaze only)"""
-    reward_transform: Optional[str] = None
-    """one of common.REWARD_TRANSFORMS (default: minus-one antmaze, return-range hopper/walker2d/halfcheetah,
+    reward_transform: Optional[common.RewardTransform] = None
+    """reward transform (default: minus-one antmaze, return-range hopper/walker2d/halfcheetah,
     else none)"""
     max_weight: float = 100.0
     """advantage weights are clipped at this value"""
@@ -208,7 +208,6 @@ def domain_defaults(dataset_id: str) -> dict:
             "reward_transform": transform, "critic_lr": 3e-4}
 
 
-SAMPLERS = ("pc", "ode")
 DEFAULT_SAMPLER_STEPS = {"pc": 500, "ode": 20}
 
 
@@ -642,10 +641,6 @@ if __name__ == "__main__":
         setattr(args, k, v)
     if chosen:
         print(f"[arq] per-domain defaults for {args.env}: {chosen}")
-    if args.sampler not in SAMPLERS:
-        raise common.UserError(f"--sampler {args.sampler}: choose one of {', '.join(SAMPLERS)}")
-    if args.policy not in ("awr", "implicit"):
-        raise common.UserError(f"--policy {args.policy}: choose awr or implicit")
     args.sampler_steps = args.sampler_steps or DEFAULT_SAMPLER_STEPS[args.sampler]
     cache_dir = args.cache_dir or os.path.join(args.output_dir, "arq_support_cache")
 

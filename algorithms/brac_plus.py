@@ -88,7 +88,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -131,7 +131,7 @@ class Args:
     # --- BRAC+ ---
     kl_margin: Optional[float] = None
     """delta_KL = mean KL(pi_0 || pi_b) + this margin (default: per task from the dataset id)"""
-    alpha_mode: str = "state"
+    alpha_mode: Literal["state", "global"] = "state"
     """state: Lagrange multiplier network alpha(s) (paper); global: one scalar (official code)"""
     alpha_init: float = 10.0
     """initial value of the KL multiplier alpha (official code)"""
@@ -141,7 +141,7 @@ class Args:
     """upper clip of alpha and beta (official code); the update pulls alpha(s) back into [1 / this, this]"""
     multiplier_lr: float = 1e-3
     """Adam learning rate of alpha and beta (official code)"""
-    gp_mode: str = "paper"
+    gp_mode: Literal["paper", "official"] = "paper"
     """paper: indicator gate, fixed lambda, squared norms; official: softplus gate, tuned lambda"""
     gp_weight: float = 0.1
     """lambda of eq. (10); with --gp-mode official its initial value and lower bound"""
@@ -173,8 +173,8 @@ class Args:
     """where trained VAE ensembles are cached (default <output_dir>/pretrained_cache)"""
     reuse_cache: bool = True
     """load the VAE ensemble from the cache when one was trained with the same data and flags"""
-    reward_transform: str = "min-max"
-    """one of common.REWARD_TRANSFORMS; min-max is the paper's scaling into [0, 1]"""
+    reward_transform: common.RewardTransform = "min-max"
+    """reward transform; min-max is the paper's scaling into [0, 1]"""
     gamma: float = 0.99
     """discount"""
     tau: float = 1e-3
@@ -392,10 +392,6 @@ def gated_gradient_penalty(critic: Critic, obs: torch.Tensor, actions: torch.Ten
 
 class BRACPlus:
     def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
-        if args.alpha_mode not in ("state", "global"):
-            raise common.UserError(f"--alpha-mode must be state or global, not '{args.alpha_mode}'")
-        if args.gp_mode not in ("paper", "official"):
-            raise common.UserError(f"--gp-mode must be paper or official, not '{args.gp_mode}'")
         if args.alpha_max <= 1.0:
             raise common.UserError(f"--alpha-max must be above 1 (alpha(s) is kept in [1/alpha_max, alpha_max]), not {args.alpha_max}")
         self.args = args

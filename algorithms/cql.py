@@ -80,8 +80,8 @@ class Args:
     """target = max over n_actions sampled a' of min_i Q_targ(s', a')"""
     bc_warmup_steps: int = 40_000
     """first steps of the joint loop in which the actor does behaviour cloning (max log pi(a|s)) instead of max Q"""
-    reward_transform: Optional[str] = None
-    """one of common.REWARD_TRANSFORMS (default: cql-antmaze on antmaze, else none)"""
+    reward_transform: Optional[common.RewardTransform] = None
+    """reward transform (default: cql-antmaze on antmaze, else none)"""
     gamma: float = 0.99
     """discount"""
     tau: float = 0.005

@@ -93,8 +93,8 @@ class Args:
     """lambda of eq. (7), weight of the gradient penalty on the offsets (on local Hopper medium-replay 0.1 collapsed, 1.0 trained: README)"""
     gp_on_data: bool = False
     """take the gradient penalty at dataset actions instead of a ~ pi(s)"""
-    reward_transform: str = "plus-five"
-    """one of common.REWARD_TRANSFORMS; plus-five is the paper's survival bonus r + 5"""
+    reward_transform: common.RewardTransform = "plus-five"
+    """reward transform; plus-five is the paper's survival bonus r + 5"""
     gamma: float = 0.99
     """discount"""
     tau: float = 0.005

@@ -71,8 +71,8 @@ class Args:
     """inverse temperature of the advantage weights (default: 10 antmaze, 0.5 kitchen/adroit, else 3)"""
     dropout: Optional[float] = None
     """dropout rate in the policy (default: 0.1 kitchen/adroit, else none)"""
-    reward_transform: Optional[str] = None
-    """one of common.REWARD_TRANSFORMS (default: minus-one antmaze, return-range hopper/walker2d/halfcheetah,
+    reward_transform: Optional[common.RewardTransform] = None
+    """reward transform (default: minus-one antmaze, return-range hopper/walker2d/halfcheetah,
     else none)"""
     max_weight: float = 100.0
     """advantage weights are clipped at this value"""

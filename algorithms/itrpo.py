@@ -102,8 +102,8 @@ class Args:
     """where trained behaviour models are cached (default <output_dir>/pretrained_cache)"""
     reuse_cache: bool = True
     """load the behaviour model from the cache when one was trained with the same data and flags"""
-    reward_transform: Optional[str] = None
-    """one of common.REWARD_TRANSFORMS (default: minus-one on antmaze, else plus-five)"""
+    reward_transform: Optional[common.RewardTransform] = None
+    """reward transform (default: minus-one on antmaze, else plus-five)"""
     gamma: float = 0.99
     """discount"""
     tau: float = 0.005

@@ -346,13 +346,33 @@ def test_algorithm_end_to_end(algorithm, datasets_path, tmp_path):
     assert "step 300/300" in result.stdout
 
 
-def test_help_lists_the_shared_flags(datasets_path):
-    for algorithm in ALGORITHMS:
-        result = run_script([os.path.join("algorithms", f"{algorithm}.py"), "--help"], datasets_path)
-        assert result.returncode == 0
-        for flag in ("--env", "--seed", "--total-steps", "--batch-size", "--eval-every",
-                     "--eval-episodes", "--device", "--output-dir", "--save-model", "--track"):
-            assert flag in result.stdout, (algorithm, flag)
+ALL_FILES = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "algorithms")) if f.endswith(".py"))
+
+
+def shared_args_block(algorithm: str) -> str:
+    """The lines of Args from '# --- shared by every algorithm ---' to the algorithm's own section."""
+    with open(os.path.join(ROOT, "algorithms", f"{algorithm}.py")) as f:
+        text = f.read()
+    start = text.index("    # --- shared by every algorithm ---")
+    return text[start:text.index("    # --- ", start + 10)]
+
+
+def test_every_file_has_the_same_shared_flags_block():
+    """The README's promise that `diff td3_bc.py iql.py` shows only the algorithm rests on this."""
+    assert len(ALL_FILES) == 9
+    reference = shared_args_block("bc")
+    for algorithm in ALL_FILES:
+        assert shared_args_block(algorithm) == reference, algorithm
+
+
+@pytest.mark.parametrize("algorithm", ALL_FILES)
+def test_help_works_and_lists_the_shared_flags(algorithm, datasets_path):
+    result = run_script([os.path.join("algorithms", f"{algorithm}.py"), "--help"], datasets_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for flag in ("--env", "--seed", "--total-steps", "--batch-size", "--eval-every", "--eval-episodes",
+                 "--log-every", "--device", "--output-dir", "--run-name", "--save-model", "--track",
+                 "--wandb-project"):
+        assert flag in result.stdout, (algorithm, flag)
 
 
 def test_dict_observation_dataset_trains(datasets_path, tmp_path):
