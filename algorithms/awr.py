@@ -1,17 +1,21 @@
-"""AWR in its offline actor-critic form (AWAC): Peng et al. 2019, "Advantage-Weighted Regression",
-with the critic of Nair et al. 2020, "AWAC", as configured for offline data by CORL.
+"""AWR in its offline actor-critic form (AWAC): Peng, Kumar, Zhang & Levine, "Advantage-Weighted
+Regression", 2019, with the critic of Nair, Gupta, Dalal & Levine, "AWAC: Accelerating Online
+Reinforcement Learning with Offline Datasets", 2020, as configured for offline data by CORL.
 
-The policy step is the AWR objective of the lecture in papers/ (eq. 16), weighted behaviour cloning
+Implements the AWR policy step (weighted behaviour cloning),
     pi = argmax_pi E_(s,a)~D [ min(exp(A(s,a) / lambda), w_max) * log pi(a|s) ],
 with the advantage from a learned Q function instead of Monte-Carlo returns (the original AWR
 regresses V on returns of on-policy rollouts, which offline data does not have):
-    A(s, a) = min_i Q_i(s, a) - min_i Q_i(s, a~pi(s))     (V(s) estimated with one policy sample)
-    Q_i <- r + gamma * (1 - d) * min_j Q_targ_j(s', a'~pi(s'))   (no entropy term)
-Hyperparameters (CORL's AWAC): lambda = 1/3, w_max = 100, 3x256 networks, lr 3e-4, tau 0.005,
-batch 256. Gaussian policy with a state-independent log-std in [-20, 2] and an unsquashed mean;
-sampled actions are clamped to [-1, 1]; evaluation uses the mean.
+    A(s, a) = min_i Q_i(s, a) - min_i Q_i(s, a~pi(s))            (V(s) from one policy sample)
+    Q_i <- r + gamma * (1 - d) * min_j Q_targ_j(s', a'~pi(s'))    (no entropy term)
 
-States are standardised with the dataset's mean and std (+1e-3), as CORL's AWAC does.
+Hyperparameters (CORL's AWAC): lambda 1/3, w_max 100, 3x256 networks, Adam 3e-4, tau 0.005, batch
+256, 1M steps. Gaussian policy with a state-independent log-std in [-20, 2] and an unsquashed mean;
+sampled actions are clamped to [-1, 1]; evaluation uses the mean. States standardised (std + 1e-3),
+as CORL's AWAC does.
+
+Deviations:
+- none from CORL's AWAC.
 """
 
 import copy

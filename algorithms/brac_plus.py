@@ -145,8 +145,8 @@ class Args:
     """paper: indicator gate, fixed lambda, squared norms; official: softplus gate, tuned lambda"""
     gp_weight: float = 0.1
     """lambda of eq. (10); with --gp-mode official its initial value and lower bound"""
-    gp_target: float = 0.01
-    """--gp-mode official: lambda rises while the mean gated gradient norm exceeds this"""
+    gp_target: Optional[float] = None
+    """--gp-mode official: lambda rises while the mean gated gradient norm exceeds this (default: 0.1 halfcheetah, else 0.01)"""
     max_q_backup: bool = False
     """target: max over the K samples of min_j Q_targ_j (official code) instead of the mean (eq. 10)"""
     n_samples: int = 5
@@ -193,20 +193,19 @@ class Args:
     """standardise states with the dataset's mean and std"""
 
 
-# The notes' per-task KL margins; the code's default margin for any other dataset.
+# Per-dataset settings of the official run script (examples/d4rl_bracp.py): the KL margin
+# (generalization_threshold; 0.1 for any other dataset) and, on halfcheetah, a gradient-norm
+# target (max_ood_grad_norm) of 0.1 instead of 0.01.
 KL_MARGINS = {"medium-expert": 0.2, "medium-replay": 3.0, "random": 3.0,
               "hopper/medium": 0.2, "walker2d/medium": 1.0, "halfcheetah/medium": 7.0}
 DEFAULT_KL_MARGIN = 0.1
 
 
 def domain_defaults(dataset_id: str) -> dict:
-    parts = dataset_id.lower().split("/")
-    kind = parts[-1].rsplit("-v", 1)[0]
+    kind = dataset_id.lower().split("/")[-1].rsplit("-v", 1)[0]
     task = common.dataset_task(dataset_id)
-    for key in (kind, f"{task}/{kind}"):
-        if key in KL_MARGINS:
-            return {"kl_margin": KL_MARGINS[key]}
-    return {"kl_margin": DEFAULT_KL_MARGIN}
+    margin = next((KL_MARGINS[k] for k in (kind, f"{task}/{kind}") if k in KL_MARGINS), DEFAULT_KL_MARGIN)
+    return {"kl_margin": margin, "gp_target": 0.1 if task == "halfcheetah" else 0.01}
 
 
 # ----------------------------------------------------------------------------------------------

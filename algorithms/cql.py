@@ -1,27 +1,26 @@
 """CQL: Kumar, Zhou, Tucker & Levine, "Conservative Q-Learning for Offline Reinforcement Learning",
-NeurIPS 2020 (the CQL(H) variant with SAC, as in the official code aviralkumar2907/CQL).
+NeurIPS 2020; the CQL(H) variant with SAC of the official code (aviralkumar2907/CQL).
 
-Critic loss for each Q_i (paper eq. 4 with the importance-sampled log-sum-exp of appendix F):
+Implements, for each critic Q_i, eq. (4) with the importance-sampled log-sum-exp of appendix F:
     L(Q_i) = E_D[(Q_i(s,a) - y)^2]
              + w * ( E_s[ log sum_j exp(Q_i(s, a_j) - log q(a_j)) ] - E_(s,a)~D[Q_i(s,a)] ),
-where the 3M actions a_j (M = 10 of each) are uniform on [-1, 1]^|A| (log q = |A| log 0.5), drawn
-from pi(.|s) and from pi(.|s') (both evaluated at s, log q = log pi, detached). The dataset action
-is not inside the log-sum-exp (official code). Target (deterministic backup, no entropy term):
+over 3M actions a_j (M = 10 of each): uniform on [-1, 1]^|A| (log q = |A| log 0.5), from pi(.|s)
+and from pi(.|s') (both evaluated at s; log q = log pi, detached). The dataset action is not inside
+the log-sum-exp. Target (deterministic backup, no entropy term):
     y = r + gamma * (1 - d) * min_i Q_targ_i(s', a'),  a' ~ pi(s')
-or, with --max-q-backup, min_i max_j Q_targ_i(s', a'_j) over M sampled a'_j (each critic's own max,
-then the smaller of the two, as the official code does).
-Lagrange variant (paper eq. 30, used for antmaze): w is replaced by alpha' = exp(log alpha'),
-clipped to [0, 1e6], trained to keep the gap term at --lagrange-threshold.
-Actor: SAC with automatic entropy (target -|A|); for the first --bc-warmup-steps steps it maximises
-log pi(a|s) of dataset actions instead of Q (official code's policy_eval_start, 40k steps).
+or, with --max-q-backup, min_i max_j Q_targ_i(s', a'_j) over M samples a'_j (each critic's max first).
+Lagrange variant (eq. 30, antmaze): w becomes alpha' = exp(log alpha') in [0, 1e6], trained to
+hold the gap at --lagrange-threshold. Actor: SAC with automatic entropy (target -|A|); during the
+first --bc-warmup-steps it maximises log pi(a|s) of dataset actions instead of Q (the code's
+policy_eval_start). A step draws every sample the critic loss needs from the current policy, then
+steps the temperature, the actor (with the updated temperature) and the critics, as the code does.
 
-Hyperparameters (official MuJoCo settings): w = 5.0 (the paper also reports 10.0), 3x256
-networks, Q lr 3e-4, policy lr 1e-4, tau 0.005, batch 256, rewards untouched. Antmaze, picked
-from the dataset id: Lagrange with threshold 5.0 and rewards (r - 0.5) * 4.
+Hyperparameters (official MuJoCo settings): w 5.0 (the paper also reports 10.0), 3x256 networks,
+critic Adam 3e-4, actor Adam 1e-4, tau 0.005, batch 256, warm-up 40k steps, rewards untouched, 1M
+steps. Antmaze, from the dataset id: Lagrange threshold 5.0, rewards (r - 0.5) * 4.
 
-Order of a step, as in the official code: every sample the critic loss needs is drawn from the
-current policy first; then the entropy temperature, the actor (with the updated temperature), and
-the critics are stepped, in that order. Deviation: states are standardised (CORL's option).
+Deviations:
+- States are standardised (CORL's option; the official code does not).
 """
 
 import copy

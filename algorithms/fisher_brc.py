@@ -1,34 +1,30 @@
 """Fisher-BRC: Kostrikov, Fergus, Tompson & Nachum, "Offline Reinforcement Learning with Fisher
 Divergence Critic Regularization", ICML 2021.
 
-Algorithm 1 of the paper:
+Implements Algorithm 1:
 1. Behaviour model mu(a|s) by entropy-regularised maximum likelihood (appendix A): per action
-   dimension a mixture of 5 tanh-squashed Gaussians (dimensions independent, as in the official
-   code), loss -E_D[log mu(a|s)] - alpha_mu * H(mu(.|s)) with alpha_mu tuned to a target entropy
-   of -|A|. H is estimated as -log mu(a~mu|s) at one sample whose mixture component is drawn without
-   gradient and whose Gaussian draw is reparameterised (TFP's MixtureSameFamily sample in the
-   official code), so the entropy term trains the component means and scales. Adam 1e-3 for the
-   model and its temperature, both divided by 10 at 80% and 90% of --bc-steps (official code:
-   800k and 900k of 1M). Frozen afterwards; cached on disk (below).
-2. Critic as offset plus log behaviour density, eq. (5): Q_i(s,a) = O_i(s,a) + log mu(a|s), trained
-   with eq. (7):
+   dimension an independent mixture of 5 tanh-squashed Gaussians; loss
+   -E_D[log mu(a|s)] - alpha_mu * H(mu(.|s)), alpha_mu tuned to a target entropy of -|A|.
+   H ~ -log mu(a~mu|s) at one sample whose component is drawn without gradient and whose Gaussian
+   draw is reparameterised (TFP's mixture sample in the official code). Frozen afterwards.
+2. Critic as an offset on the log behaviour density, eq. (5), Q_i(s,a) = O_i(s,a) + log mu(a|s),
+   trained with eq. (7):
      L(O_i) = E[(O_i(s,a) + log mu(a|s) - y)^2] + lambda * E_(s~D, a~pi(s)) ||grad_a O_i(s,a)||^2
      y = (r + 5) + gamma * (1 - d) * min_i (O_targ_i(s',a') + log mu(a'|s')),  a' ~ pi(s')
-   (no entropy in the target, as in CQL; the +5 is the paper's survival bonus, appendix A).
-   lambda = 0.1. --gp-on-data takes the penalty at dataset actions instead (the alternative of
-   section 4.2, which the authors found to perform about the same).
-3. Actor (SAC, step 3 of Algorithm 1): min E[alpha * log pi(a|s) - min_i(O_i(s,a) + log mu(a|s))],
-   a ~ pi(s) reparameterised, so the gradient flows through log mu as in eq. (6); alpha tuned to a
-   target entropy of -|A|.
-Networks: actor and offsets 3x256 (appendix A), behaviour model 2x256 (official code), orthogonal
-initialisation (gain sqrt 2, output 1e-2; official code, the paper says nothing). Adam 3e-4,
-tau 0.005, batch 256. Actions are clipped to +-(1 - 1e-6) before any log mu, as the official code does.
+   with no entropy term in the target and the survival bonus +5 of appendix A. --gp-on-data takes
+   the penalty at dataset actions (the alternative of section 4.2).
+3. Actor (SAC): min E[alpha * log pi(a|s) - min_i(O_i(s,a) + log mu(a|s))], a ~ pi(s)
+   reparameterised so that the gradient flows through log mu, eq. (6); alpha tuned to -|A|.
 
-Caching: the behaviour model is written to --cache-dir, keyed by the dataset's (normalised) states
-and actions and the behaviour-model flags (not --seed: it is trained on its own random stream,
---bc-seed), so further seeds and gradient-penalty weights reuse it; --no-reuse-cache retrains it.
+Hyperparameters: lambda 0.1; actor and offsets 3x256 (appendix A), behaviour model 2x256, orthogonal
+initialisation (gain sqrt 2, output 1e-2), actions clipped to +-(1 - 1e-6) before any log mu (all
+from the official code, google-research fisher_brc); Adam 3e-4, tau 0.005, batch 256, 1M steps;
+behaviour model and its temperature Adam 1e-3, both x0.1 at 80% and 90% of --bc-steps (code: 800k
+and 900k of 1M). The behaviour model is cached in --cache-dir, keyed by the data and its flags; it
+is trained on its own stream (--bc-seed), so every --seed and lambda reuses it.
 
-Deviation: states are standardised (as in every file here; the official code does not).
+Deviations:
+- States are standardised (as in every file here; the official code does not).
 """
 
 import copy
@@ -90,7 +86,7 @@ class Args:
     n_components: int = 5
     """Gaussian components per action dimension of the behaviour mixture"""
     gp_weight: float = 0.1
-    """lambda of eq. (7), weight of the gradient penalty on the offsets (on local Hopper medium-replay 0.1 collapsed, 1.0 trained: README)"""
+    """lambda of eq. (7): weight of the gradient penalty on the offsets (docs/results.md compares values)"""
     gp_on_data: bool = False
     """take the gradient penalty at dataset actions instead of a ~ pi(s)"""
     reward_transform: common.RewardTransform = "plus-five"

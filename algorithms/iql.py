@@ -1,23 +1,24 @@
 """IQL: Kostrikov, Nair & Levine, "Offline Reinforcement Learning with Implicit Q-Learning", ICLR 2022.
 
-Implements the paper's three losses (eqs. 5-7 of the paper; eqs. 21-23 of the lecture in papers/),
-in the order of the official code (ikostrikov/implicit_q_learning), one gradient step each:
+Implements the paper's three losses (eqs. 5-7), one gradient step each, in the order of the
+official code (ikostrikov/implicit_q_learning): V first, then the actor and Q with the updated V:
     V:  L_V = E_(s,a)~D [ L2^tau( min_i Q_targ_i(s, a) - V(s) ) ],  L2^tau(u) = |tau - 1(u < 0)| u^2
     pi: L_pi = -E_(s,a)~D [ min(exp(beta * (min_i Q_targ_i(s, a) - V(s))), 100) * log pi(a|s) ]
     Q:  L_Q = E_(s,a,s')~D [ (r + gamma * (1 - d) * V(s') - Q_i(s, a))^2 ]   for both Q_i
-(V is updated first, and the actor and Q use the updated V.) Policy: Gaussian with tanh on the mean,
-state-independent log-std clipped to [-5, 2], cosine learning-rate decay for the actor only; the
-mean action at evaluation. 2x256 networks, Adam 3e-4, tau 0.005, batch 256.
 
-Per-domain settings (the paper's appendix and the official code), picked from the dataset id:
-    antmaze:         tau 0.9, beta 10.0, rewards r - 1
-    kitchen, adroit: tau 0.7, beta 0.5,  actor dropout 0.1, rewards untouched
-    halfcheetah, hopper, walker2d: tau 0.7, beta 3.0, rewards * 1000 / (max - min episode return)
-    otherwise:       tau 0.7, beta 3.0,  rewards untouched (the official code scales only those three)
+Hyperparameters: 2x256 networks, Adam 3e-4 with cosine decay for the actor only, tau 0.005, batch
+256, 1M steps; Gaussian policy with tanh on the mean and a state-independent log-std in [-5, 2],
+the mean action at evaluation. Per domain (paper appendix and official code), from the dataset id:
+    antmaze:                        tau 0.9, beta 10.0, rewards r - 1
+    kitchen, adroit:                tau 0.7, beta 0.5,  actor dropout 0.1, rewards untouched
+    halfcheetah, hopper, walker2d:  tau 0.7, beta 3.0,  rewards * 1000 / (max - min episode return)
+    anything else:                  tau 0.7, beta 3.0,  rewards untouched (the code scales only those three)
 Each can be overridden by its flag.
 
-Deviations: PyTorch default initialisation instead of the official orthogonal one (CORL does the
-same and reproduces the scores); states are standardised (CORL's default; the official code does not).
+Deviations:
+- PyTorch's default initialisation instead of the official orthogonal one (CORL does the same and
+  reproduces the scores).
+- States are standardised (CORL's default; the official code does not).
 """
 
 import copy

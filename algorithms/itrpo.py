@@ -1,37 +1,34 @@
 """iTRPO: Zhang & Tan, "An Implicit Trust Region Approach to Behavior Regularized Offline
 Reinforcement Learning", AAAI 2024.
 
-BRAC with a value penalty (Wu et al. 2019) plus the paper's reward shaping, eq. (5):
+Implements BRAC with a value penalty (Wu, Tucker & Nachum 2019) plus the reward shaping of eq. (5):
     pi_{k+1} = argmax_pi < pi, Q_k - alpha log(pi / pi_beta) >
     Q_{k+1}  = r + tau * alpha * log(pi_{k+1} / pi_beta)(a|s)
                + gamma * P < pi_{k+1}, Q_k - alpha log(pi_{k+1} / pi_beta) >
-With samples, for a dataset transition (s, a, r, s') and a'_k ~ pi(s'), k = 1..K (K = 10):
+With samples, for a transition (s, a, r, s') and a'_k ~ pi(s'), k = 1..K:
     y = r + tau * alpha * [log pi(a|s) - log pi_beta(a|s)]
           + gamma * (1 - d) * ( min_i mean_k Q_targ_i(s', a'_k) - alpha * KL_hat(s') ),
     KL_hat(s) = mean_k [log pi(a_k|s) - log pi_beta(a_k|s)],
     actor: min E_s [ alpha * KL_hat(s) - min_i mean_k Q_i(s, a_k) ],  a_k ~ pi(s) reparameterised.
-By Theorem 1 this is BRAC with a KL to the previous policy (weight tau * alpha) and a KL to
-pi_beta (weight (1 - tau) * alpha); --shaping-tau 0 is the paper's "without reshaping" ablation
-(plain BRAC value penalty). --update-order actor-first (default) updates the actor first and the
-critic then uses it, the order of eq. (5); critic-first is the candidate code's order.
+By Theorem 1 this is BRAC with a KL to the previous policy (weight tau * alpha) and to pi_beta
+(weight (1 - tau) * alpha); --shaping-tau 0 is the paper's "without reshaping" ablation.
+--update-order actor-first (default) is eq. (5)'s order: the critic's target uses pi_{k+1}.
 
-From the candidate public code (JackZhangY/offorRL, "IKL": rlkit/torch/sac/ikl_trainer.py and
-configs/trainer/ikl.yaml; *unverified* that it is the AAAI code; the hyperparameters are not in our
-copy of the paper). The code's names are swapped relative to the paper's: its `tau = 0.9`
-multiplies the KL terms (the paper's alpha) and its `alpha = 0.03` is the extra factor of the
-shaping term (the paper's tau). In the paper's names, used here:
-- alpha 0.9 (--alpha), tau 0.03 (--shaping-tau): shaping coefficient tau * alpha = 0.027;
-- survival bonus r + 5 (r - 1 on antmaze);
-- the critic loss adds 0.1 * ||grad_a Q_i(s, a~pi(s))||^2 for both critics;
-- the shaping log-ratio is clipped below at -1 (the code's l_clip; eq. 5 has none);
-  --shaping-clip None gives the unclipped eq. (5);
-- policy and behaviour log-std clipped to [-5, 2] (rlkit's TanhGaussianPolicy);
-- behaviour model: tanh-Gaussian, 2x256, maximum likelihood with a tuned entropy bonus (target
-  -|A|, reparameterised sample, temperature loss alpha * (H - target)), Adam 1e-3 for the model and
-  its temperature, both divided by 10 at 80% and 90% of --bc-steps (code: 800k and 900k of 1M).
-  Cached on disk like Fisher-BRC's (--cache-dir, --bc-seed, --no-reuse-cache).
-Actor and critics 3x256, Adam 3e-4, Polyak step tau 0.005, batch 256, 1M steps.
-Deviation: states are standardised (as in every file here; the code's obs_norm is False).
+Hyperparameters, from the candidate public code (JackZhangY/offorRL, "IKL": ikl_trainer.py and
+ikl.yaml; not confirmed to be the AAAI code; our copy of the paper lacks its hyperparameter
+appendix). The code's names are swapped relative to the paper's (its `tau` is the paper's alpha and
+its `alpha` the paper's tau); in the paper's names: alpha 0.9 (--alpha), tau 0.03 (--shaping-tau),
+so the shaping coefficient is 0.027; K 10; survival bonus r + 5 (r - 1 on antmaze); critic gradient
+penalty 0.1 * ||grad_a Q_i(s, a~pi(s))||^2 for both critics; shaping log-ratio clipped below at -1;
+policy and behaviour log-std in [-5, 2]; actor and critics 3x256, Adam 3e-4, tau 0.005, batch 256,
+1M steps. Behaviour model: tanh-Gaussian 2x256, maximum likelihood with a tuned entropy bonus
+(target -|A|), Adam 1e-3 for it and its temperature, both x0.1 at 80% and 90% of --bc-steps;
+cached like Fisher-BRC's (--cache-dir, --bc-seed, --no-reuse-cache).
+
+Deviations:
+- The shaping log-ratio's clip at -1 is the code's, not eq. (5)'s (--shaping-clip None removes it).
+- Actor before critic by default (eq. 5); the code updates the critic first (--update-order critic-first).
+- States are standardised (as in every file here; the code's obs_norm is False).
 """
 
 import copy

@@ -1,16 +1,17 @@
 """TD3+BC: Fujimoto & Gu, "A Minimalist Approach to Offline Reinforcement Learning", NeurIPS 2021.
 
 Implements TD3 (clipped double-Q target with target-policy smoothing, delayed actor and target
-updates) with the paper's one change to the actor (eq. 3):
-
+updates) with the paper's one change to the actor, eq. (3):
     pi = argmax_pi  E_(s,a)~D [ lambda * Q1(s, pi(s)) - (pi(s) - a)^2 ],
-    lambda = alpha / ( (1/N) sum |Q1(s_i, pi(s_i))| )          (detached, computed per batch)
+    lambda = alpha / ( (1/N) sum_i |Q1(s_i, pi(s_i))| )          (detached, per batch)
+and state normalisation (mean and std over the dataset, std + 1e-3).
 
-and state normalisation (mean/std over the dataset, std + 1e-3). Hyperparameters are the paper's
-(and sfujim/TD3_BC's): alpha 2.5, 2x256 networks, lr 3e-4, batch 256, gamma 0.99, tau 0.005,
-policy noise 0.2 clipped at 0.5, actor and targets every 2 steps, rewards untouched.
+Hyperparameters (the paper's and sfujim/TD3_BC's): alpha 2.5, 2x256 networks, Adam 3e-4, batch 256,
+gamma 0.99, tau 0.005, policy noise 0.2 clipped at 0.5, actor and targets every 2 steps, rewards
+untouched, 1M steps.
 
-Deviation: none known. Actions are in [-1, 1] (common.py rescales them), so max_action is 1.
+Deviations:
+- none. Actions are in [-1, 1] (common.py rescales them), so max_action is 1.
 """
 
 import copy

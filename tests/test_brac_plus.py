@@ -255,14 +255,19 @@ def test_critic_target_mean_or_max_of_the_min_over_critics():
     torch.testing.assert_close(bp.critic_target(rewards, terminals, q1, q2, 0.5, True), torch.tensor([2.5, 2.0]))
 
 
-def test_per_task_kl_margins_come_from_the_dataset_id():
-    assert bp.domain_defaults("mujoco/hopper/medium-v0") == {"kl_margin": 0.2}
-    assert bp.domain_defaults("mujoco/walker2d/medium-v0") == {"kl_margin": 1.0}
-    assert bp.domain_defaults("mujoco/halfcheetah/medium-v0") == {"kl_margin": 7.0}
-    assert bp.domain_defaults("D4RL/halfcheetah/medium-expert-v2") == {"kl_margin": 0.2}
-    assert bp.domain_defaults("D4RL/walker2d/medium-replay-v2") == {"kl_margin": 3.0}
-    assert bp.domain_defaults("test/hopper/random-v0") == {"kl_margin": 3.0}
-    assert bp.domain_defaults("mujoco/ant/expert-v0") == {"kl_margin": bp.DEFAULT_KL_MARGIN}
+def test_per_task_settings_come_from_the_dataset_id():
+    """examples/d4rl_bracp.py of the official code: KL margins, and halfcheetah's gradient-norm target."""
+    def margin(dataset_id):
+        return bp.domain_defaults(dataset_id)["kl_margin"]
+    assert margin("mujoco/hopper/medium-v0") == 0.2
+    assert margin("mujoco/walker2d/medium-v0") == 1.0
+    assert margin("mujoco/halfcheetah/medium-v0") == 7.0
+    assert margin("D4RL/halfcheetah/medium-expert-v2") == 0.2
+    assert margin("D4RL/walker2d/medium-replay-v2") == 3.0
+    assert margin("test/hopper/random-v0") == 3.0
+    assert margin("mujoco/ant/expert-v0") == bp.DEFAULT_KL_MARGIN
+    assert bp.domain_defaults("D4RL/halfcheetah/medium-replay-v2")["gp_target"] == 0.1
+    assert bp.domain_defaults("D4RL/hopper/medium-replay-v2")["gp_target"] == 0.01
 
 
 def test_thresholds_from_the_per_state_kl():
