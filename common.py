@@ -4,6 +4,24 @@ Only infrastructure lives here: loading a Minari dataset into flat tensors, stat
 reward transforms, batch sampling, evaluation, seeding, logging and atomic file writing.
 No algorithmic code: every loss lives in its algorithm's file.
 
+What the algorithm files can rely on:
+- Importing this module has no side effects. A script calls `install_user_error_hook()` first (an
+  uncaught `UserError` then ends it with one line, not a traceback) and `flush_denormals()` before
+  it trains.
+- `load_dataset(id)` is the only way data comes in: a local Minari dataset; a `local/...` id, built
+  on first use from the snapshots shipped in tools/ (by tools/make_dataset.py, leaving the global
+  random streams as they were); or a known remote id, downloaded.
+- Actions are in [-1, 1]: rescaled from the dataset's Box on loading, and `evaluate` maps the
+  policy's actions back to the Box before stepping the env, so a tanh policy needs no bounds.
+- Of the functions given an `OfflineData`, only `normalize_obs` (observations, next_observations)
+  and `transform_rewards` (rewards) change it, in place; `episode_returns` stays raw.
+- `Run(args, algorithm, data)` takes the script's `Args` with the fields every file shares. It reads
+  env, seed, total_steps, eval_episodes, output_dir, run_name, save_model, track and wandb_project;
+  the script's loop uses batch_size, eval_every, device and log_every (call `Run.log` every
+  log_every steps: it is where device scalars are synced). All fields go into results.json.
+The conventions the algorithm files share (names, per-domain defaults, caches) are described in
+docs/implementation_notes.md.
+
 Data conventions:
 - A Minari episode stores T+1 observations and T of everything else. Transition t is
   (obs[t], actions[t], rewards[t], obs[t+1]).
@@ -12,8 +30,7 @@ Data conventions:
   is correct). `timeouts` marks them.
 - Goal-conditioned Dict observations are flattened to concat(observation, desired_goal), and for
   AntMaze to concat(achieved_goal, observation, desired_goal) (see `goal_obs_keys`).
-- Actions are rescaled to [-1, 1] from the dataset's Box bounds so that every tanh policy works
-  unchanged; evaluation maps them back. For the usual MuJoCo tasks the bounds already are [-1, 1].
+- For the usual MuJoCo tasks the action bounds already are [-1, 1], so the rescaling is the identity.
 """
 
 from __future__ import annotations
@@ -21,26 +38,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import json
 import os
 import random
-import sys
-import tempfile
 import time
 from typing import Any, Callable, Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
 
-# D4RL's reference returns (random and expert policies on the v2 MuJoCo envs). Minari's
-# `mujoco/*-v0` datasets carry no reference scores, so these are the usual fallback; they were
-# measured on older environment versions, which is why the log flags their use.
-D4RL_REF_SCORES = {
-    "halfcheetah": (-280.178953, 12135.0),
-    "hopper": (-20.272305, 3234.3),
-    "walker2d": (1.629008, 4592.3),
-    "ant": (-325.6, 3879.7),
-}
+# These live in basics.py because tools/make_dataset.py, which resolve_dataset runs to build a local/*
+# dataset on first use, needs them too and must not import this module. Scripts use them as common.<name>.
+from basics import (  # noqa: F401
+    D4RL_REF_SCORES,
+    UserError,
+    atomic_write_bytes,
+    atomic_write_json,
+    install_user_error_hook,
+    save_checkpoint,
+)
 
 # Remote Minari datasets with continuous actions that we know of. An id that is neither local nor
 # listed here is reported as unknown (with close matches) instead of waiting on the network.
@@ -68,23 +83,6 @@ KNOWN_REMOTE_DATASETS = sorted(
                                           "large", "large-dense", "open", "open-dense")]
     + ["D4RL/minigrid/fourrooms-v0", "D4RL/minigrid/fourrooms-random-v0"]
 )
-
-
-class UserError(Exception):
-    """A problem with the user's input. Scripts print it as one line, without a traceback."""
-
-
-def _excepthook(exc_type, exc, tb):
-    if issubclass(exc_type, UserError):
-        print(f"error: {exc}", file=sys.stderr)
-        return
-    sys.__excepthook__(exc_type, exc, tb)
-
-
-def install_user_error_hook() -> None:
-    """Make an uncaught UserError end the script with one line ("error: ...") and exit status 1
-    instead of a traceback. Every script calls this first; importing common changes nothing."""
-    sys.excepthook = _excepthook
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,38 +504,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available; use --device cpu.")
     return torch.device(name)
-
-
-def atomic_write_bytes(path: str, payload: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private (0600); results are meant to be shared
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2).encode())
-
-
-def save_checkpoint(path: str, obj: dict) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The algorithm files: key math on hand-made inputs, and each one end to end as a user runs it."""
 
+import dataclasses
 import json
 import math
 import os
@@ -8,10 +9,9 @@ import pytest
 import torch
 
 from conftest import ROOT, load_algorithm, run_script
+from tools.pretraining import BC_WARMUP, PRETRAINING, shrink_flags
 
 ALGORITHMS = ["bc", "td3_bc", "awr", "iql", "cql", "fisher_brc", "itrpo"]
-# flags that shrink the pretraining phases so that an end-to-end run takes seconds
-SMOKE_FLAGS = {"cql": ["--bc-warmup-steps", "100"], "fisher_brc": ["--bc-steps", "100"], "itrpo": ["--bc-steps", "100"]}
 
 
 
@@ -327,7 +327,7 @@ def test_algorithm_end_to_end(algorithm, datasets_path, tmp_path):
         [os.path.join(ROOT, "algorithms", f"{algorithm}.py"), "--env", "test/hopper/random-v0",
          "--total-steps", "300", "--eval-every", "150", "--log-every", "50", "--eval-episodes", "2",
          "--batch-size", "32", "--output-dir", str(out), "--run-name", "r", "--save-model",
-         *SMOKE_FLAGS.get(algorithm, [])],
+         *shrink_flags(algorithm, 100)],
         datasets_path, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "r" / "results.json").read_text())
@@ -363,6 +363,18 @@ def test_every_file_has_the_same_shared_flags_block():
     reference = shared_args_block("bc")
     for algorithm in ALL_FILES:
         assert shared_args_block(algorithm) == reference, algorithm
+
+
+def test_the_pretraining_list_names_every_phase_and_only_real_flags():
+    """tools/pretraining.py is how the benchmark, tools/bench_cpu.py and these tests size the phases
+    besides the RL updates; a renamed flag would otherwise be passed to nothing, or not passed."""
+    for algorithm in ALL_FILES:
+        fields = {f.name for f in dataclasses.fields(load_algorithm(algorithm).Args)}
+        flags = {"--" + name.replace("_", "-") for name in fields}
+        phases = fields & {"bc_steps", "pretrain_steps"}
+        assert set(PRETRAINING.get(algorithm, ())) == {"--" + name.replace("_", "-") for name in phases}, algorithm
+        assert (algorithm in BC_WARMUP) == ("bc_warmup_steps" in fields), algorithm
+        assert {x for x in shrink_flags(algorithm, 1) if x.startswith("--")} <= flags, algorithm
 
 
 @pytest.mark.parametrize("algorithm", ALL_FILES)

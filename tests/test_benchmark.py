@@ -57,8 +57,10 @@ def test_bc_steps_reach_every_file_with_a_behaviour_phase(capsys, tmp_path):
     algos = ["bc", "iql", "cql", "fisher_brc", "itrpo", "brac_plus", "arq"]
     lines = dry_run(capsys, "--algos", *algos, "--datasets", "local/hopper/medium-v0", "--seeds", "0",
                     "--steps", "100", "--bc-steps", "7", "--output-dir", str(tmp_path))
-    with_bc = {line.split("algorithms/")[1].split(".py")[0] for line in lines if "--bc-steps 7" in line}
-    assert with_bc == {"cql", "fisher_brc", "itrpo", "brac_plus", "arq"}
+    flags = {line.split("algorithms/")[1].split(".py")[0]: line for line in lines}
+    assert {algo for algo, line in flags.items() if "--bc-steps 7" in line} == {"fisher_brc", "itrpo", "brac_plus", "arq"}
+    # CQL's behaviour cloning is a warm-up inside the RL loop, under its own name
+    assert "--bc-warmup-steps 7 " in flags["cql"] and "--bc-steps" not in flags["cql"]
 
 
 def test_quick_dry_run_uses_the_documented_budgets(capsys, tmp_path):
@@ -71,7 +73,8 @@ def test_quick_dry_run_uses_the_documented_budgets(capsys, tmp_path):
         steps, bc_steps = benchmark.QUICK_BUDGETS[algo]
         assert f"--total-steps {steps} --" in line
         assert f"--eval-every {steps // 10} --eval-episodes 5" in line
-        assert (f"--bc-steps {bc_steps}" in line) == (bc_steps is not None)
+        bc_flag = "--bc-warmup-steps" if algo == "cql" else "--bc-steps"  # else the quick CQL run is all warm-up
+        assert (f"{bc_flag} {bc_steps} " in line) == (bc_steps is not None), line
 
 
 @pytest.mark.parametrize("argv, message", [

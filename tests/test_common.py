@@ -334,6 +334,56 @@ def test_flush_denormals_flushes_and_importing_common_has_no_side_effects():
     common.flush_denormals()
     assert (torch.tensor(1e-39) * 1.0).item() == 0.0
     import subprocess, sys
-    out = subprocess.run([sys.executable, "-c", "import sys; hook = sys.excepthook; import common; "
-                          "print(sys.excepthook is hook)"], cwd=ROOT, capture_output=True, text=True)
-    assert out.stdout.strip() == "True", out.stderr
+    # what common.load_dataset may import (tools.make_dataset) must not change anything either
+    code = ("import sys, torch; torch.set_flush_denormal(False); hook = sys.excepthook; "
+            "import common, tools.make_dataset; "
+            "print(sys.excepthook is hook, (torch.tensor(1e-39) * 1.0).item() != 0.0)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip() == "True True", out.stderr
+
+
+def repository_imports(path: str) -> set[str]:
+    """The repository's modules (common, basics, tools.<name>) that a file imports, wherever the
+    import statement is (imports inside functions count: they run when the function does)."""
+    import ast
+
+    tools = {f[:-3] for f in os.listdir(os.path.join(ROOT, "tools")) if f.endswith(".py")}
+    found = set()
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            # `from tools import make_dataset` imports tools.make_dataset
+            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] in ("common", "basics"):
+                found.add(parts[0])
+            elif parts[0] == "tools" and len(parts) > 1 and parts[1] in tools:
+                found.add(f"tools.{parts[1]}")
+    return found
+
+
+def test_common_and_the_tools_import_each_other_in_one_direction_only():
+    files = {"common": "common.py", "basics": "basics.py"}
+    files.update({f"tools.{f[:-3]}": os.path.join("tools", f) for f in os.listdir(os.path.join(ROOT, "tools"))
+                  if f.endswith(".py") and f != "__init__.py"})
+    graph = {module: repository_imports(os.path.join(ROOT, path)) - {module} for module, path in files.items()}
+    assert "tools.make_dataset" in graph["common"]  # the first-use build is still reached from common
+
+    def cycle_from(module, path):
+        if module in path:
+            return path[path.index(module):] + [module]
+        for imported in sorted(graph.get(module, ())):
+            found = cycle_from(imported, path + [module])
+            if found:
+                return found
+        return None
+
+    for module in graph:
+        cycle = cycle_from(module, [])
+        assert cycle is None, " -> ".join(cycle)

@@ -2,6 +2,7 @@
 
 A few hundred SAC steps on Pendulum-v1 give real (if weak) snapshots to build every kind from."""
 
+import io
 import json
 import os
 import subprocess
@@ -34,7 +35,7 @@ def trained(tmp_path_factory, one_torch_thread):
     """Snapshots of a tiny Pendulum SAC run and its training buffer."""
     snapshot_dir = str(tmp_path_factory.mktemp("snapshots"))
     args = md.Args(env="Pendulum-v1", train_steps=TRAIN_STEPS, warmup_steps=WARMUP, snapshot_every=EVERY,
-                   eval_episodes=1, log_every=EVERY, batch_size=32)
+                   eval_episodes=1, batch_size=32)
     manifest, buffer = md.train_agent(args, snapshot_dir)
     return snapshot_dir, manifest, buffer
 
@@ -157,6 +158,38 @@ def test_medium_replay_approximation_from_snapshots(trained, minari_path):
     # A smaller size shares the transitions among the segments in proportion.
     assert md.split_quota([100, 100, 200], 100) == [25, 25, 50]
     assert md.split_quota([3, 3, 3], 4) == [2, 1, 1]
+
+
+def test_long_builds_print_a_line_per_tenth_when_not_on_a_terminal(minari_path, tmp_path, capsys):
+    """A log file gets ten progress lines per loop however long it is, not one per thousand steps."""
+    shipped = os.path.join(md.SNAPSHOTS_DIR, "Pendulum-v1")  # medium-replay: 3 segments of rollouts
+    md.build_datasets("Pendulum-v1", ("medium-replay",), transitions=300, snapshot_dir=shipped)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) <= 12 and sum("300/300 transitions (100%)" in line for line in lines) == 1, lines
+    # 30k steps of SAC training (uniform warm-up, so no updates): the header, ten lines, the snapshot
+    args = md.Args(env="Pendulum-v1", train_steps=30_000, warmup_steps=30_000, snapshot_every=30_000,
+                   eval_episodes=1, batch_size=8)
+    md.train_agent(args, str(tmp_path / "snapshots"))
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) <= 12 and "[train] snapshot" in lines[-1], lines
+
+
+def test_progress_on_a_terminal_is_one_line_redrawn_in_place(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    progress = md.Progress("[x]", 1000)
+    for _ in range(500):
+        progress.advance()
+    progress.print("[x] an evaluation")  # a line of its own, over the live line
+    for _ in range(500):
+        progress.advance()
+    first, second, rest = sys.stdout.getvalue().split("\n")
+    assert first.startswith("\r[x] ") and first.split("\r")[-1].rstrip() == "[x] an evaluation"
+    assert second.startswith("\r[x] ") and "1000/1000 transitions (100%)" in second.split("\r")[-1]
+    assert rest == ""
 
 
 def _arrays(dataset_id):

@@ -23,6 +23,8 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import common  # noqa: E402
+from tools.pretraining import shrink_flags  # noqa: E402
 
 
 @dataclass
@@ -38,12 +40,7 @@ class Args:
     device: str = "auto"
     """--device passed to the algorithms"""
     bc_steps: int = 100
-    """--bc-steps for the files with a behaviour/pretraining phase (only the RL phase is timed)"""
-
-
-# files with a pretraining phase: it is shrunk, since train_seconds counts only the RL phase
-PRETRAINING = {"cql": ["--bc-warmup-steps"], "fisher_brc": ["--bc-steps"], "itrpo": ["--bc-steps"],
-               "brac_plus": ["--bc-steps", "--pretrain-steps"]}
+    """steps of every phase besides the RL updates (tools/pretraining.py), which are what is timed"""
 
 
 def build(dataset_id: str, transitions: int, episode_length: int) -> None:
@@ -52,6 +49,7 @@ def build(dataset_id: str, transitions: int, episode_length: int) -> None:
     from minari.data_collector import EpisodeBuffer
 
     env = gym.make("Hopper-v5")
+    ref_min, ref_max = common.D4RL_REF_SCORES["hopper"]
     rng = np.random.default_rng(0)
     buffers = []
     for i in range(transitions // episode_length):
@@ -63,15 +61,18 @@ def build(dataset_id: str, transitions: int, episode_length: int) -> None:
             rewards=rng.standard_normal(n), terminations=np.zeros(n, dtype=bool), truncations=truncations))
     minari.create_dataset_from_buffers(dataset_id, buffers, env=env, eval_env=env.spec, author="bench",
                                        author_email="bench@localhost", algorithm_name="synthetic",
-                                       ref_min_score=-20.272305, ref_max_score=3234.3)
+                                       ref_min_score=ref_min, ref_max_score=ref_max)
 
 
 if __name__ == "__main__":
+    common.install_user_error_hook()
     args = tyro.cli(Args)
+    available = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "algorithms")) if f.endswith(".py"))
+    unknown = [a for a in args.algorithms if a not in available]
+    if unknown:
+        raise common.UserError(f"unknown algorithm '{unknown[0]}'; choose from {', '.join(available)}")
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MINARI_DATASETS_PATH"] = tmp
-        import common
-
         dataset_id = "bench/hopper/synthetic-v0"
         t0 = time.time()
         build(dataset_id, args.transitions, args.episode_length)
@@ -89,7 +90,7 @@ if __name__ == "__main__":
                  "--total-steps", str(args.steps), "--eval-every", str(args.steps), "--eval-episodes", "1",
                  "--log-every", str(args.steps), "--device", args.device, "--output-dir", out,
                  "--run-name", algorithm,
-                 *[x for flag in PRETRAINING.get(algorithm, []) for x in (flag, str(args.bc_steps))]],
+                 *shrink_flags(algorithm, args.bc_steps)],
                 check=True, capture_output=True)
             with open(os.path.join(out, algorithm, "results.json")) as f:
                 results = json.load(f)

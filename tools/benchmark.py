@@ -28,6 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from common import KNOWN_REMOTE_DATASETS, UserError, dataset_task, install_user_error_hook  # noqa: E402
+from tools.pretraining import behaviour_flag  # noqa: E402
 
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
 PAPER_STEPS = 1_000_000  # every paper table trains for 1M gradient steps
@@ -55,7 +56,9 @@ FULL_SEEDS = 5  # the most any table uses (Fisher-BRC); the summary takes each p
 
 # --quick: offline, on local stand-ins, sized for a 2-core CPU. Budgets from the measured single-
 # thread gradient steps per second (lower end, README "Speed" and tools/bench_cpu.py) so that each
-# run trains for about 1.5 minutes; a behaviour phase (--bc-steps) is counted separately.
+# run trains for about 1.5 minutes. The second number sizes the file's behaviour phase
+# (tools/pretraining.py): --bc-steps before the RL loop, counted separately, or CQL's
+# --bc-warmup-steps, the first of its steps.
 #   algo        steps  bc-steps  SPS (RL / behaviour)  training time
 #   bc          20000     -      450                   44 s
 #   td3_bc      10000     -      120                   83 s
@@ -90,12 +93,6 @@ QUICK_TRANSITIONS = 50_000
 def algorithm_names() -> list[str]:
     folder = os.path.join(ROOT, "algorithms")
     return sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
-
-
-def has_bc_phase(algo: str) -> bool:
-    """Whether algorithms/<algo>.py takes --bc-steps (read from its Args, without importing torch)."""
-    with open(os.path.join(ROOT, "algorithms", f"{algo}.py")) as f:
-        return re.search(r"^\s+bc_steps: (Optional\[)?int", f.read(), re.MULTILINE) is not None
 
 
 def read_dataset_map() -> list[dict]:
@@ -214,8 +211,8 @@ def build_runs(args, algos: list[str], datasets: list[str], out_dir: str) -> lis
                 name = run_name(algo, dataset, seed)
                 argv = ["python", f"algorithms/{algo}.py", "--env", dataset, "--seed", str(seed),
                         "--total-steps", str(steps)]
-                if bc_steps is not None and has_bc_phase(algo):
-                    argv += ["--bc-steps", str(bc_steps)]
+                if bc_steps is not None and behaviour_flag(algo):
+                    argv += [behaviour_flag(algo), str(bc_steps)]
                 argv += ["--eval-every", str(eval_every), "--eval-episodes", str(eval_episodes),
                          "--output-dir", out_dir, "--run-name", name]
                 env = {"OMP_NUM_THREADS": str(threads)}
@@ -327,7 +324,8 @@ def parse_args(argv):
     p.add_argument("--steps", type=int,
                    help=f"gradient steps of every run (default: {PAPER_STEPS}; --quick: per algorithm)")
     p.add_argument("--bc-steps", type=int,
-                   help="behaviour phase of the files that have one (default: theirs; --quick: per algorithm)")
+                   help="behaviour phase of the files that have one: --bc-steps, or CQL's --bc-warmup-steps "
+                        "(default: theirs; --quick: per algorithm)")
     p.add_argument("--eval-every", type=int,
                    help=f"(default: {FULL_EVAL_EVERY}; --quick: steps / {QUICK_EVALUATIONS})")
     p.add_argument("--eval-episodes", type=int,

@@ -32,7 +32,7 @@ a uniform-random warm-up). Training saves the actor's state_dict every --snapsho
 its deterministic evaluation return, in `<snapshot-dir>/manifest.json`, rewritten after every
 snapshot so that a run stopped early still leaves a usable manifest.
 
-Reference scores: halfcheetah/hopper/walker2d/ant use D4RL's constants (common.D4RL_REF_SCORES) so
+Reference scores: halfcheetah/hopper/walker2d/ant use D4RL's constants (basics.D4RL_REF_SCORES) so
 that scores are on the familiar scale; other envs use the uniform random policy's mean return and
 the expert snapshot's mean evaluation return.
 
@@ -58,8 +58,14 @@ import torch.nn.functional as F
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
-from common import UserError  # noqa: E402
+# Not common: common.load_dataset imports this file to build local/* datasets on first use.
+from basics import (  # noqa: E402
+    D4RL_REF_SCORES,
+    UserError,
+    atomic_write_json,
+    install_user_error_hook,
+    save_checkpoint,
+)
 
 Kind = Literal["random", "medium", "medium-replay", "expert", "medium-expert"]
 KINDS: tuple[str, ...] = Kind.__args__
@@ -96,8 +102,6 @@ class Args:
     """uniform-random env steps before SAC starts acting and updating"""
     eval_episodes: int = 10
     """episodes per snapshot evaluation (deterministic policy) and for the random reference return"""
-    log_every: int = 2_000
-    """print training progress every this many env steps"""
     snapshot_dir: Optional[str] = None
     """folder of the snapshots and manifest.json (default tools/snapshots/<env id>)"""
     medium_snapshot: Optional[int] = None
@@ -350,8 +354,8 @@ def choose_snapshots(snapshots: list[dict], random_return: float, env_id: str) -
     negative-return envs such as Pendulum."""
     best = max(snapshots, key=lambda s: s["eval_return"])
     top, floor, reached = best["eval_return"], random_return, None
-    if env_name(env_id) in common.D4RL_REF_SCORES:
-        floor, d4rl_expert = common.D4RL_REF_SCORES[env_name(env_id)]
+    if env_name(env_id) in D4RL_REF_SCORES:
+        floor, d4rl_expert = D4RL_REF_SCORES[env_name(env_id)]
         reached = top >= d4rl_expert
         top = min(top, d4rl_expert)
     target = floor + (top - floor) / 3.0
@@ -416,6 +420,9 @@ def train_agent(args: Args, snapshot_dir: str) -> tuple[dict, dict]:
     episode, episode_return, recent_returns = 0, 0.0, []
     obs, _ = env.reset(seed=sub_seed(args.seed, STREAM_TRAIN, episode))
     start = time.time()
+    progress = Progress("[train]", n, "env steps", note=lambda: (
+        f"recent return (last {len(recent_returns)} episodes) {np.mean(recent_returns):.1f}"
+        if recent_returns else "no episode finished yet"))
     for step in range(n):
         if step < args.warmup_steps:
             action = rng.uniform(-1.0, 1.0, act_dim).astype(np.float32)
@@ -440,22 +447,19 @@ def train_agent(args: Args, snapshot_dir: str) -> tuple[dict, dict]:
                          generator)
 
         done_steps = step + 1
-        if done_steps % args.log_every == 0 or done_steps == n:
-            recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
-            print(f"[train] step {done_steps}/{n} | {done_steps / (time.time() - start):.0f} SPS | "
-                  f"recent return (last {len(recent_returns)} episodes) {recent}", flush=True)
+        progress.advance()
         if done_steps % args.snapshot_every == 0 or done_steps == n:
             ret, std = mean_return(eval_env, deterministic_policy(agent.actor, low, high),
                                    args.eval_episodes, eval_seed)
             file = f"actor_{done_steps:07d}.pt"
-            common.save_checkpoint(os.path.join(snapshot_dir, file), agent.actor.state_dict())
+            save_checkpoint(os.path.join(snapshot_dir, file), agent.actor.state_dict())
             manifest["snapshots"].append({"step": done_steps, "file": file, "eval_return": ret,
                                           "eval_return_std": std, "wall_time_s": round(time.time() - start, 1)})
             manifest["steps_completed"] = done_steps
             manifest.update(choose_snapshots(manifest["snapshots"], random_return, args.env))
-            common.atomic_write_json(os.path.join(snapshot_dir, "manifest.json"), manifest)
-            print(f"[train] snapshot {file}: eval return {ret:.1f} ± {std:.1f} | medium = step "
-                  f"{manifest['medium']}, expert = step {manifest['expert']}", flush=True)
+            atomic_write_json(os.path.join(snapshot_dir, "manifest.json"), manifest)
+            progress.print(f"[train] snapshot {file}: eval return {ret:.1f} ± {std:.1f} | medium = step "
+                           f"{manifest['medium']}, expert = step {manifest['expert']}")
     env.close()
     eval_env.close()
     buf["actions"] = to_env_action(buf["actions"], low, high)
@@ -465,10 +469,51 @@ def train_agent(args: Args, snapshot_dir: str) -> tuple[dict, dict]:
 # ----------------------------------------------------------------------------------------------
 # Collection
 # ----------------------------------------------------------------------------------------------
+class Progress:
+    """One line for a long loop: redrawn in place on a terminal; elsewhere (a log file) printed at
+    each tenth of the way, so that a build of 1M transitions writes ten lines, not thousands. The
+    line ends when `total` is reached. `note` adds the loop's own figures (called when drawing)."""
+
+    def __init__(self, label: str, total: int, unit: str = "transitions",
+                 note: Optional[Callable[[], str]] = None):
+        self.label, self.total, self.unit, self.note = label, max(total, 1), unit, note
+        self.done, self.tenths, self.start = 0, 0, time.time()
+        self.live = sys.stdout.isatty()
+        self.drawn_at, self.width = 0.0, 0  # width > 0: a live line is on screen
+
+    def advance(self, steps: int = 1) -> None:
+        self.done += steps
+        if self.live:
+            # five redraws a second at most: a print costs as much as a rollout step
+            if self.done >= self.total or time.time() - self.drawn_at > 0.2:
+                text = self.text()
+                print("\r" + text.ljust(self.width), end="", flush=True)
+                self.drawn_at, self.width = time.time(), len(text)
+                if self.done >= self.total:
+                    print(flush=True)
+                    self.width = 0
+        elif self.done * 10 // self.total > self.tenths:
+            self.tenths = self.done * 10 // self.total
+            print(self.text(), flush=True)
+
+    def text(self) -> str:
+        elapsed = time.time() - self.start
+        rate = self.done / max(elapsed, 1e-9)
+        eta = int((self.total - self.done) / max(rate, 1e-9))
+        text = (f"{self.label} {self.done}/{self.total} {self.unit} ({self.done / self.total:.0%}) | "
+                f"{rate:.0f}/s | ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}")
+        return text + (f" | {self.note()}" if self.note else "")
+
+    def print(self, line: str) -> None:
+        """Print a line of its own (an evaluation) over the live line, which the next update draws below it."""
+        print("\r" + line.ljust(self.width) if self.width else line, flush=True)
+        self.width = 0
+
+
 def rollout(env, act: Callable[[np.ndarray], np.ndarray], n_transitions: int, seed: int,
-            label: str) -> list[dict]:
+            progress: Progress) -> list[dict]:
     """Whole episodes until `n_transitions`; the last one is cut (and marked truncated) to fit."""
-    episodes, total, report_every = [], 0, max(n_transitions // 10, 1)
+    episodes, total = [], 0
     while total < n_transitions:
         obs, _ = env.reset(seed=(seed + len(episodes)) % 2**32)
         observations, actions, rewards, terms, truncs = [obs], [], [], [], []
@@ -476,8 +521,7 @@ def rollout(env, act: Callable[[np.ndarray], np.ndarray], n_transitions: int, se
             a = act(obs)
             obs, r, term, trunc, _ = env.step(a)
             total += 1
-            if total % report_every == 0:
-                print(f"[{label}] {total}/{n_transitions} transitions", flush=True)
+            progress.advance()
             trunc = trunc or (total == n_transitions and not term)
             observations.append(obs)
             actions.append(a)
@@ -580,8 +624,8 @@ def _build_datasets(env_id, kinds, seed, transitions, snapshot_dir, medium_step,
         expert = snapshot_by_step(manifest, expert_step or manifest["expert"])
     size = transitions or D4RL_TRANSITIONS
 
-    if name in common.D4RL_REF_SCORES:
-        ref_min, ref_max = common.D4RL_REF_SCORES[name]
+    if name in D4RL_REF_SCORES:
+        ref_min, ref_max = D4RL_REF_SCORES[name]
         ref_note = "D4RL's reference constants (measured on the v2 envs)"
     elif manifest is not None:
         ref_min, ref_max = manifest["random_return"], expert["eval_return"]
@@ -595,19 +639,19 @@ def _build_datasets(env_id, kinds, seed, transitions, snapshot_dir, medium_step,
     replay_how = ""
     random_name = "uniform random" if random_policy == "uniform" else "randomly initialised SAC actor"
 
-    def policy_rollouts(snap: dict, stream: int, n: int, label: str) -> list[dict]:
+    def policy_rollouts(snap: dict, stream: int, n: int, progress: Progress) -> list[dict]:
         actor = load_actor(os.path.join(snapshot_dir, snap["file"]), obs_dim, act_dim)
         return rollout(env, stochastic_policy(actor, low, high, sub_seed(seed, stream, 1)), n,
-                       sub_seed(seed, stream), label)
+                       sub_seed(seed, stream), progress)
 
     def medium_episodes(label):
         if "medium" not in cache:
-            cache["medium"] = policy_rollouts(medium, STREAM_MEDIUM, size, label)
+            cache["medium"] = policy_rollouts(medium, STREAM_MEDIUM, size, Progress(f"[{label}]", size))
         return cache["medium"]
 
     def expert_episodes(label):
         if "expert" not in cache:
-            cache["expert"] = policy_rollouts(expert, STREAM_EXPERT, size, label)
+            cache["expert"] = policy_rollouts(expert, STREAM_EXPERT, size, Progress(f"[{label}]", size))
         return cache["expert"]
 
     def medium_replay_episodes(label):
@@ -616,7 +660,7 @@ def _build_datasets(env_id, kinds, seed, transitions, snapshot_dir, medium_step,
         # The kind's description is built here, where the quotas are known.
         nonlocal replay_how
         replay_how = replay_description(segments, medium["step"], training_buffer is not None, sum(quotas))
-        episodes = []
+        episodes, progress = [], Progress(f"[{label}]", sum(quotas))  # one line for all the segments
         for i, ((snap, first, _), quota) in enumerate(zip(segments, quotas)):
             if quota == 0:
                 continue
@@ -624,10 +668,9 @@ def _build_datasets(env_id, kinds, seed, transitions, snapshot_dir, medium_step,
                 episodes += episodes_from_buffer(training_buffer, first, first + quota)
             elif snap is None:
                 episodes += rollout(env, uniform_policy(low, high, sub_seed(seed, STREAM_REPLAY_WARMUP, 1)),
-                                    quota, sub_seed(seed, STREAM_REPLAY_WARMUP), f"{label} warm-up")
+                                    quota, sub_seed(seed, STREAM_REPLAY_WARMUP), progress)
             else:
-                episodes += policy_rollouts(snap, STREAM_REPLAY_SEGMENT + i, quota,
-                                            f"{label} snapshot {snap['step']}")
+                episodes += policy_rollouts(snap, STREAM_REPLAY_SEGMENT + i, quota, progress)
         return episodes
 
     for kind, dataset_id in zip(kinds, ids):
@@ -635,12 +678,12 @@ def _build_datasets(env_id, kinds, seed, transitions, snapshot_dir, medium_step,
         print(f"[collect] {dataset_id}: {kind} data for {env_id}", flush=True)
         if kind == "random" and random_policy == "uniform":
             episodes = rollout(env, uniform_policy(low, high, sub_seed(seed, STREAM_RANDOM, 1)), size,
-                               sub_seed(seed, STREAM_RANDOM), label)
+                               sub_seed(seed, STREAM_RANDOM), Progress(f"[{label}]", size))
             how = "uniform random actions over the action Box (--random-policy uniform)"
         elif kind == "random":
             actor = random_init_actor(obs_dim, act_dim, sub_seed(seed, STREAM_RANDOM, 2))
             act = stochastic_policy(actor, low, high, sub_seed(seed, STREAM_RANDOM, 1))
-            episodes = rollout(env, act, size, sub_seed(seed, STREAM_RANDOM), label)
+            episodes = rollout(env, act, size, sub_seed(seed, STREAM_RANDOM), Progress(f"[{label}]", size))
             how = ("rollouts sampling from a randomly initialised policy (a fresh SAC actor, PyTorch's "
                    "default initialisation; D4RL's recipe)")
         elif kind == "medium":
@@ -751,5 +794,5 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    common.install_user_error_hook()
+    install_user_error_hook()
     main(tyro.cli(Args))

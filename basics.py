@@ -1,0 +1,76 @@
+"""What `common.py` and `tools/make_dataset.py` both need: the user-error type and its hook, D4RL's
+reference returns, and atomic file writes.
+
+It sits below both so that `common.load_dataset` can build a `local/...` dataset on first use with
+tools/make_dataset.py without the two importing each other. The algorithm files reach these names
+through `common` (common.UserError, common.save_checkpoint, ...). Importing it changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from typing import Any
+
+# D4RL's reference returns (random and expert policies on the v2 MuJoCo envs). Minari's
+# `mujoco/*-v0` datasets carry no reference scores, so these are the usual fallback; they were
+# measured on older environment versions, which is why the log flags their use.
+D4RL_REF_SCORES = {
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+}
+
+
+class UserError(Exception):
+    """A problem with the user's input. Scripts print it as one line, without a traceback."""
+
+
+def _excepthook(exc_type, exc, tb):
+    if issubclass(exc_type, UserError):
+        print(f"error: {exc}", file=sys.stderr)
+        return
+    sys.__excepthook__(exc_type, exc, tb)
+
+
+def install_user_error_hook() -> None:
+    """Make an uncaught UserError end the script with one line ("error: ...") and exit status 1
+    instead of a traceback. Every script calls this first; importing common changes nothing."""
+    sys.excepthook = _excepthook
+
+
+def atomic_write_bytes(path: str, payload: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private (0600); results are meant to be shared
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2).encode())
+
+
+def save_checkpoint(path: str, obj: dict) -> None:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
