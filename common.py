@@ -16,9 +16,13 @@ What the algorithm files can rely on:
 - Of the functions given an `OfflineData`, only `normalize_obs` (observations, next_observations)
   and `transform_rewards` (rewards) change it, in place; `episode_returns` stays raw.
 - `Run(args, algorithm, data)` takes the script's `Args` with the fields every file shares. It reads
-  env, seed, total_steps, eval_episodes, output_dir, run_name, save_model, track and wandb_project;
-  the script's loop uses batch_size, eval_every, device and log_every (call `Run.log` every
+  env, seed, total_steps, eval_episodes, output_dir, run_name, save_model, track, wandb_project and
+  resume; the script's loop uses batch_size, eval_every, device and log_every (call `Run.log` every
   log_every steps: it is where device scalars are synced). All fields go into results.json.
+- Resuming: the loop starts at `Run.resume(agent)`, calls `Run.checkpoint(step, agent)` after each
+  evaluation and `Run.stop_if_signalled(step, agent)` after each step. A checkpoint holds whatever
+  `training_state(agent)` finds on the agent object (networks, optimisers, schedulers, tensors,
+  generators, numbers), the random streams and the evaluations.
 The conventions the algorithm files share (names, per-domain defaults, caches) are described in
 docs/implementation_notes.md.
 
@@ -38,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import json
 import os
 import random
 import time
@@ -514,12 +519,23 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint.pt", "checkpoint.prev.pt"
+# Flags that may differ between a run and its resumption: none of them changes what is trained.
+RESUME_FREE_FLAGS = {"run_name", "output_dir", "resume", "track", "wandb_project", "log_every", "save_model",
+                     "total_steps"}
+
+
 class Run:
     """One training run: `<output_dir>/<run_name>/` with tensorboard events and results.json.
 
     `log()` takes a dict of (possibly device) scalars and is the only place they are synced, so
     call it every `log_every` steps, not every step. Losses that are not finite stop the run with a
-    clear message instead of training on NaNs."""
+    clear message instead of training on NaNs.
+
+    Resuming (--resume auto, the default): a run folder that holds a finished results.json ends the
+    script at once; one that holds a checkpoint is continued from it by `resume(agent)`, which also
+    makes SIGTERM, SIGINT and SIGUSR1 (Slurm's warnings before preemption) write a checkpoint and
+    stop at the next step. `checkpoint(step, agent)` is called at every evaluation."""
 
     def __init__(self, args, algorithm: str, data: OfflineData):
         from torch.utils.tensorboard import SummaryWriter
@@ -527,8 +543,17 @@ class Run:
         self.args, self.algorithm, self.data = args, algorithm, data
         run_name = args.run_name or f"{args.env.replace('/', '__')}__{algorithm}__{args.seed}__{int(time.time())}"
         self.dir = os.path.join(args.output_dir, run_name)
+        self.saved = None
+        if args.resume == "auto":
+            if _finished(os.path.join(self.dir, "results.json")):
+                print(f"[{algorithm}] {self.dir} holds a finished run: nothing to do (--resume never starts it over)")
+                raise SystemExit(0)
+            self.saved = self._read_checkpoint()
+        else:
+            _remove_checkpoints(self.dir)
         os.makedirs(self.dir, exist_ok=True)
-        self.writer = SummaryWriter(self.dir)
+        # a resumed run drops the events logged after its checkpoint, which it is about to log again
+        self.writer = SummaryWriter(self.dir, purge_step=None if self.saved is None else self.saved["step"] + 1)
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
             f"|{k}|{v}|" for k, v in vars(args).items()))
         self.wandb = None
@@ -554,6 +579,9 @@ class Run:
         }
         self.last_metrics: dict[str, float] = {}
         self.start = time.time()
+        self.signalled: int | None = None
+        self.handlers_installed = False
+        self.train_seconds_before = 0.0
         self.reset_clock()
         print(f"[{algorithm}] {args.env}: {len(data)} transitions, {len(data.episode_lengths)} episodes, "
               f"obs {data.obs_dim}, act {data.act_dim}, device {data.observations.device}; run dir {self.dir}")
@@ -575,7 +603,7 @@ class Run:
             )
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
-        sps = step / max(time.time() - self.clock - self.eval_time, 1e-9)
+        sps = (step - self.clock_step) / max(time.time() - self.clock - self.eval_time, 1e-9)
         if phase is None:
             self.writer.add_scalar("charts/SPS", sps, step)
             self.last_metrics = values
@@ -583,10 +611,89 @@ class Run:
             print(f"{phase} step {step} | {sps:.0f} SPS | " + " ".join(
                 f"{k.split('/')[-1]} {v:.3g}" for k, v in values.items()), flush=True)
 
-    def reset_clock(self) -> None:
-        """Start SPS and ETA afresh, e.g. after a pretraining phase."""
-        self.clock = time.time()
+    def reset_clock(self, step: int = 0) -> None:
+        """Start SPS and ETA afresh at `step`, e.g. after a pretraining phase."""
+        self.clock, self.clock_step = time.time(), step
         self.eval_time = 0.0
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _read_checkpoint(self) -> dict | None:
+        for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+            path = os.path.join(self.dir, name)
+            if not os.path.exists(path):
+                continue
+            try:  # our own file: it holds numpy and python random states, hence weights_only=False
+                saved = torch.load(path, map_location="cpu", weights_only=False)
+                saved["step"], saved["agent"], saved["rng"]
+            except Exception as exc:
+                print(f"[{self.algorithm}] {path} is unreadable ({type(exc).__name__}); trying the previous "
+                      f"checkpoint", flush=True)
+                continue
+            now = vars(self.args)
+            differ = [k for k in sorted(set(saved["args"]) | set(now))
+                      if k not in RESUME_FREE_FLAGS and saved["args"].get(k) != now.get(k)]
+            if differ:
+                flags = ", ".join(f"--{k.replace('_', '-')} {saved['args'].get(k)} (now {now.get(k)})" for k in differ)
+                raise UserError(f"{path} was written with other flags: {flags}. Pass another --run-name, or "
+                                f"--resume never to start this run over.")
+            saved["path"] = path
+            return saved
+        return None
+
+    def resume(self, agent) -> int:
+        """Restore `agent`, the random streams and the evaluations from the checkpoint, if there is
+        one. Returns the step it was written at (0 for a fresh run): the loop continues after it."""
+        if self.saved is None:
+            return 0
+        load_training_state(agent, self.saved["agent"])
+        set_rng_states(self.saved["rng"])
+        step = self.saved["step"]
+        self.results["evaluations"] = self.saved["evaluations"]
+        self.train_seconds_before = self.saved["train_seconds"]
+        self.start -= self.saved["wall_time"]
+        self.reset_clock(step)
+        print(f"[{self.algorithm}] resuming from step {step} ({self.saved['path']})", flush=True)
+        self.saved = None
+        return step
+
+    def train_seconds(self) -> float:
+        return self.train_seconds_before + time.time() - self.clock - self.eval_time
+
+    def checkpoint(self, step: int, agent) -> None:
+        """Write everything needed to continue after `step`; the previous checkpoint is kept until
+        the new one is whole (a reader falls back to it)."""
+        import io
+
+        state = {"step": step, "args": dict(vars(self.args)), "agent": training_state(agent), "rng": rng_states(),
+                 "evaluations": self.results["evaluations"], "train_seconds": self.train_seconds(),
+                 "wall_time": time.time() - self.start}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        path = os.path.join(self.dir, CHECKPOINT)
+        if os.path.exists(path):
+            os.replace(path, os.path.join(self.dir, PREVIOUS_CHECKPOINT))
+        atomic_write_bytes(path, buffer.getvalue())
+
+    def stop_if_signalled(self, step: int, agent) -> None:
+        """Called after every training step. Its first call makes SIGTERM, SIGINT and SIGUSR1 set a
+        flag instead of killing the process; once one has come, checkpoint at `step` and exit
+        (status 128 + signal number)."""
+        import signal
+
+        if not self.handlers_installed:
+            def handler(signum, frame):
+                self.signalled = signum
+
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+                signal.signal(signum, handler)
+            self.handlers_installed = True
+        if self.signalled is None:
+            return
+        self.checkpoint(step, agent)
+        self.writer.close()
+        print(f"[{self.algorithm}] stopped by {signal.Signals(self.signalled).name} after step {step}; "
+              f"checkpoint written: the same command resumes the run", flush=True)
+        raise SystemExit(128 + self.signalled)
 
     def evaluate(self, step: int, policy: Callable[[torch.Tensor], torch.Tensor],
                  obs_mean: torch.Tensor | None = None, obs_std: torch.Tensor | None = None) -> dict:
@@ -603,7 +710,7 @@ class Run:
         atomic_write_json(os.path.join(self.dir, "results.json"), self.results)
 
         train_time = max(time.time() - self.clock - self.eval_time, 1e-9)
-        sps = step / train_time
+        sps = (step - self.clock_step) / train_time
         eta = (self.args.total_steps - step) / max(sps, 1e-9)
         losses = " ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in self.last_metrics.items()
                           if k.startswith("losses/"))
@@ -620,18 +727,81 @@ class Run:
             self.results["final_return"] = evals[-1]["return_mean"]
             self.results["final_normalized_score"] = evals[-1]["normalized_score_mean"]
         self.results["finished"] = True
-        self.results["train_seconds"] = time.time() - self.clock - self.eval_time
+        self.results["train_seconds"] = self.train_seconds()
         if checkpoint is not None and self.args.save_model:
             save_checkpoint(os.path.join(self.dir, "model.pt"), {
                 "algorithm": self.algorithm, "args": vars(self.args),
                 "action_low": self.data.action_low, "action_high": self.data.action_high,
                 **checkpoint})
         atomic_write_json(os.path.join(self.dir, "results.json"), self.results)
+        _remove_checkpoints(self.dir)  # a finished run is never resumed; results.json says it finished
         self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
         print(f"[{self.algorithm}] done: final return {self.results['final_return']}, "
               f"normalised score {self.results['final_normalized_score']}; results in {self.dir}")
+
+
+def _finished(results_path: str) -> bool:
+    try:
+        with open(results_path) as f:
+            return bool(json.load(f).get("finished"))
+    except (OSError, ValueError):
+        return False
+
+
+def _remove_checkpoints(folder: str) -> None:
+    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+
+
+def training_state(agent) -> dict:
+    """What training changes in an agent object: the state dicts of its networks, optimisers and
+    schedulers (also in lists), its tensors (multipliers, in place), generators and numbers."""
+    state = {}
+    for name, value in vars(agent).items():
+        if hasattr(value, "state_dict"):
+            state[name] = value.state_dict()
+        elif isinstance(value, list) and value and all(hasattr(v, "state_dict") for v in value):
+            state[name] = [v.state_dict() for v in value]
+        elif isinstance(value, torch.Tensor):
+            state[name] = value.detach().clone()
+        elif isinstance(value, torch.Generator):
+            state[name] = value.get_state()
+        elif isinstance(value, (bool, int, float)):
+            state[name] = value
+    return state
+
+
+def load_training_state(agent, state: dict) -> None:
+    for name, saved in state.items():
+        value = getattr(agent, name)
+        if hasattr(value, "load_state_dict"):
+            value.load_state_dict(saved)
+        elif isinstance(value, list):
+            for item, item_state in zip(value, saved):
+                item.load_state_dict(item_state)
+        elif isinstance(value, torch.Tensor):
+            with torch.no_grad():  # in place: the optimisers hold these very tensors
+                value.copy_(saved)
+        elif isinstance(value, torch.Generator):
+            value.set_state(saved)
+        else:
+            setattr(agent, name, saved)
+
+
+def rng_states() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 # ----------------------------------------------------------------------------------------------

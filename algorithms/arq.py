@@ -1,71 +1,54 @@
 """ARQ: Goo & Niekum, "Know Your Boundaries: The Necessity of Explicit Behavioral Cloning in Offline
-RL" (Action-Restricted Q-learning), 2022.
+RL" (Action-Restricted Q-learning), arXiv 2206.00695, 2022.
 
-Algorithm 1 of the paper, in four stages:
-1. Score model s_psi(a|s) ~ grad_a log beta(a|s) (appendix A.2, following Song et al. 2021): VP-SDE
+Implements Algorithm 1, in four stages:
+1. Score model s_psi(a|s) ~ grad_a log beta(a|s) (appendix A.2, after Song et al. 2021): VP-SDE
    dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw, beta(t) = 0.1 + t (20 - 0.1), on standardised actions
-   conditioned on standardised states (std floored at 0.05, official code). Network: concat(x, s) ->
-   256, 3 residual blocks of two Dense(256) with swish, a Gaussian Fourier embedding of t (scale 30,
-   projected by a Dense layer) added before every activation; it predicts the noise epsilon and
-   s_psi = -eps_hat / sigma(t). Loss E_(t ~ U(1e-5, 1)) ||eps_hat(x_t, s, t) - z||^2 (the official
-   code's "marginal_std" weighting), Adam 1e-4, batch 512, EMA 0.999 used for everything afterwards.
-   --bc-steps (paper: 1M locomotion/antmaze, 300k kitchen/adroit).
-2. Support set: for every dataset state, N = 30 actions a ~ beta_psi(.|s) with their log-likelihoods.
-   Samplers (--sampler):
-     pc:  the paper's predictor-corrector: 500 reverse-SDE Euler-Maruyama steps on t in [1e-3, 1],
-          each preceded by one Langevin corrector step with step 2 (snr ||z|| / ||s_psi||)^2, snr 0.16;
-          returns the last noise-free mean. Deviation: the norms are averaged over the N samples of
-          one state (official configs: per sample, which diverges where the score vanishes; Song et
-          al.: over the whole batch, which couples unrelated states).
-     ode: the probability-flow ODE dx = [f - 1/2 g^2 s_psi] dt with its exact first-order solver in
-          the (alpha, sigma) parametrisation (DDIM, eta = 0) on a uniform grid of --sampler-steps
-          points in [1e-3, 1], then the denoised x0 estimate. Far fewer network calls (default 20).
-   Log-likelihood by the instantaneous change of variables along the probability-flow ODE from
-   t = 1e-5 to 1: log p0(x0) = log N(x1; 0, I) + int div f~(x(t), t) dt, with a fixed-step RK4
-   (--likelihood-steps, on a grid quadratic in t) instead of the paper's scipy RK45; the divergence
-   is exact (one backward pass per action dimension) when |A| <= --exact-divergence-max-dim, else
-   Hutchinson with --hutchinson-probes Rademacher vectors fixed along the path (official code: 10).
-   The log-likelihood is that of the *standardised* action (as in the official code), so the
-   threshold epsilon = e^-5 applies in that space. Samples are scored as sampled, then clipped to
-   the action box [-1, 1] for use (official code). A sample is kept if log-likelihood > -5; the
-   dataset's own action is never dropped (official code: never_filter_gt_acs).
-3. Q-learning, eq. (5), twin Q with a target network (official code: min over the two target Qs):
+   conditioned on standardised states; it predicts the noise, s_psi = -eps_hat / sigma(t), trained by
+   E_(t ~ U(1e-5, 1)) ||eps_hat(x_t, s, t) - z||^2, with an EMA of the weights used afterwards.
+2. Support set: for every dataset state, N actions a ~ beta_psi(.|s) with their log-likelihoods from
+   the probability-flow ODE, log p0(x0) = log N(x1; 0, I) + int div f~(x(t), t) dt (in the
+   standardised action space, as the code). A sample is kept if its log-likelihood > -5; the
+   dataset's own action is always kept (the code's never_filter_gt_acs). Samples are scored as
+   sampled and clipped to the action box [-1, 1] afterwards (code). Samplers (--sampler):
+     pc:  the paper's predictor-corrector, reverse-SDE Euler-Maruyama steps on t in [1e-3, 1], each
+          after one Langevin corrector step of size 2 (snr ||z|| / ||s_psi||)^2;
+     ode: the probability-flow ODE solved exactly to first order (DDIM, eta = 0), far fewer calls.
+3. Q-learning, eq. (5), twin Q with a target network:
      y = r + gamma (1 - d) max( K-th_(a' in supp(s')) min_i Q_targ_i(s', a'),  min_i Q_targ_i(s', a'_D) )
-   where a'_D is the dataset's action at s' and K-th is the K-th largest over the kept support (or its
-   smallest member when fewer than K survive; the max with the dataset action is the official code's
-   floor). K = 9 (3 antmaze). 2x256 ReLU MLPs, polyak 0.995 (tau 0.005), Adam 3e-4 (1e-4 kitchen,
-   adroit). Rewards: * 1000 / (max - min episode return) for halfcheetah/hopper/walker2d, r - 1 for antmaze.
+   a'_D the dataset's action at s'; K-th largest over the kept support (its smallest member when
+   fewer than K survive); the max with the dataset action is the code's floor.
 4. Policy (--policy):
-     awr:      L = -E_(s,a)~D[min(exp(alpha A(s,a)), 100) log pi(a|s)], A(s,a) = Q(s,a) - mean over the
-               kept support (dataset action included) of Q(s,.), Q = min of the target Qs; IQL's
-               state-independent Gaussian 2x256 (tanh on the mean, mean action at evaluation), a
-               deterministic policy with weighted squared error for antmaze; Adam 3e-4.
-     implicit: eq. (6) with advantages: at every evaluation step N actions are sampled for each
-               *visited* state with the chosen sampler, scored and filtered as in stage 2, and one
-               is drawn from softmax(alpha A) over the kept ones. No policy network is trained.
-   alpha = 1 (locomotion, kitchen), 10 (adroit, antmaze).
+     awr:      L = -E_(s,a)~D[min(exp(alpha A(s,a)), 100) log pi(a|s)], A(s,a) = Q(s,a) minus the mean
+               of Q(s,.) over the kept support (dataset action included), Q = min of the target Qs;
+               IQL's Gaussian policy (tanh on the mean, state-independent log-std, mean action at
+               evaluation); a deterministic policy with weighted squared error on antmaze.
+     implicit: eq. (6): at every evaluation step N actions are sampled for each visited state,
+               scored and filtered as in stage 2, and one is drawn from softmax(alpha A). It costs
+               eval_episodes * N samples per environment step (docs/results.md, "Speed").
 
-Caching: the score model and the support are written (atomically) to --cache-dir (default
-<output_dir>/arq_support_cache/). The score model's key hashes the dataset id, the bytes of the
-states and actions it is trained on (so any change of the data files or of the state normalisation
-changes it), its hyperparameters and --score-seed; the support's key hashes the score-model file's
-bytes, the sampler and likelihood settings, N and --score-seed. Neither depends on --seed, so further
-seeds and runs reuse both. States at which a time-limit truncation ends an episode have no dataset
-action; they get a support of their own (and keep their most likely sample if none passes the
-threshold), so bootstrapping from them never sees an empty set.
+Hyperparameters (paper tables A.1-A.3 and hiwonjoon/ARQ-public): state and action std floored at
+0.05; score network concat(x, s) -> 256, 3 residual blocks of two Dense(256) with swish, a Gaussian
+Fourier time embedding (scale 30) added before every activation; Adam 1e-4, batch 512, EMA 0.999,
+--bc-steps 1M (300k kitchen, adroit); N 30; pc 500 steps, snr 0.16; Hutchinson divergence with 10
+Rademacher vectors above --exact-divergence-max-dim; K 9 (3 antmaze); Q and policy 2x256 ReLU, critic
+Adam 3e-4 (1e-4 kitchen, adroit), policy Adam 3e-4, tau 0.005; alpha 1 (locomotion, kitchen), 10
+(adroit, antmaze); rewards * 1000 / (max - min episode return) on halfcheetah/hopper/walker2d,
+r - 1 on antmaze, else untouched. The score model and the support are cached in --cache-dir
+(keyed by the data, their flags and --score-seed, not --seed), so seeds and runs share them.
 
-Cost of the implicit policy at evaluation: every environment step runs the sampler and the likelihood
-ODE for eval_episodes * N actions (batched over the vector env), i.e. the per-sample cost measured by
-tools/bench_arq_sampler.py times eval_episodes * N per step. With 10 episodes of 1000 steps that is
-300,000 samples per evaluation, minutes to hours on a CPU (README, "ARQ": measured throughput); use
---sampler ode and a large --eval-every with it.
-
-Deviations: policy and Q are trained together in one loop, each step of Q followed by one AWR step
-with the current target Qs (the official train_arq.py does this when given a policy; Algorithm 1 runs
-them one after the other); the adroit/robomimic score-model ensembles (3 members) are not implemented;
-the RK45 likelihood solver is replaced by fixed-step RK4 (tools/bench_arq_sampler.py measures the
-difference); the shared --batch-size default stays 256 (paper: 512 for Q and policy); states are
-standardised for the Q and policy networks as in every file here.
+Deviations:
+- Policy and Q are trained together, each Q step followed by one AWR step with the current target
+  Qs (the code does this when given a policy; Algorithm 1 runs them one after the other).
+- Fixed-step RK4 (--likelihood-steps, grid quadratic in t) instead of the code's scipy RK45
+  (tools/bench_arq_sampler.py measures the difference); exact divergence for small |A|.
+- pc's Langevin step averages the norms over the N samples of one state (the code: per sample,
+  which diverges where the score vanishes; Song et al.: over the whole batch, coupling states).
+- The adroit/robomimic score-model ensembles (3 members) are not implemented.
+- --batch-size stays the shared default 256 (paper: 512 for Q and policy).
+- States at which a time-limit truncation ends an episode have no dataset action: they get a
+  support of their own and keep their most likely sample if none passes the threshold.
+- States are standardised for the Q and policy networks (as in every file here).
 """
 
 import copy
@@ -116,6 +99,8 @@ class Args:
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "offline-rl"
     """wandb project name, with --track"""
+    resume: Literal["auto", "never"] = "auto"
+    """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
     # --- ARQ: score model ---
     bc_steps: Optional[int] = None
     """score-model training steps (default per domain: 300k kitchen/adroit, else 1M)"""
@@ -695,10 +680,13 @@ if __name__ == "__main__":
     buffer = SupportReplayBuffer(data, support)
 
     run.reset_clock()
-    for step in range(1, args.total_steps + 1):
+    start = run.resume(agent)
+    for step in range(start + 1, args.total_steps + 1):
         metrics = agent.train(buffer.sample(args.batch_size))
         if step % args.log_every == 0 or step == args.total_steps:
             run.log(step, metrics)
         if step % args.eval_every == 0 or step == args.total_steps:
             run.evaluate(step, agent.act, obs_mean, obs_std)
+            run.checkpoint(step, agent)
+        run.stop_if_signalled(step, agent)
     run.finish({"obs_mean": obs_mean, "obs_std": obs_std, **agent.state_dict()})

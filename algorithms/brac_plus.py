@@ -1,86 +1,60 @@
 """BRAC+: Zhang, Kuppannagari & Prasanna, "BRAC+: Improved Behavior Regularized Actor Critic for
-Offline Reinforcement Learning", ACML 2021 (arXiv title "BRAC+: Going Deeper with Behavior
-Regularized Offline Reinforcement Learning").
+Offline Reinforcement Learning", ACML 2021 (arXiv: "BRAC+: Going Deeper with Behavior Regularized
+Offline Reinforcement Learning").
 
-Algorithm 1 of the paper, in four phases:
-1. Behaviour model pi_b: an ensemble of B = 3 conditional VAEs over the pre-tanh action u = atanh(a)
-   (appendix F; pre-tanh as in the official code), Gaussian encoder q(z|u,s) and decoder p(u|z,s),
-   prior N(0, I), latent dim 2|A| (code), trained by maximising the ELBO (appendix C).
-2. Initial policy pi_0 = argmin_pi KL(pi || pi_b) (Algorithm 1 line 2, appendix F "Initialization").
-3. Initial critic Q^{pi_0} by policy evaluation of the frozen pi_0 (line 3, eq. 2).
+Implements Algorithm 1, in four phases:
+1. Behaviour model pi_b: an ensemble of B = 3 conditional VAEs over the pre-tanh action u = atanh(a),
+   Gaussian encoder q(z|u,s) and decoder p(u|z,s), prior N(0, I), trained by the ELBO (appendix C).
+2. Initial policy pi_0 = argmin_pi KL(pi || pi_b) (line 2), under the entropy bound below.
+3. Initial critic Q^{pi_0} by TD learning with the frozen pi_0 (line 3, eq. 2).
 4. Per step (lines 6-10): critic (eq. 10), policy (eq. 8 with eq. 7), alpha(s), beta, target.
-
-KL upper bound, eq. (7), with u ~ pi(.|s) reparameterised and z_l ~ q(z|u,s), l = 1..L (L = 5):
+KL upper bound, eq. (7), with u ~ pi(.|s) reparameterised and z_l ~ q(z|u,s), l = 1..L:
     KL(pi || pi_b)(s) <= mean_l [ KL(pi(.|s) || p(.|z_l,s)) + KL(q(z|u,s) || N(0, I)) ],
-both KLs in closed form between diagonal Gaussians, averaged over the ensemble members (the
-expectation of the paper's "randomly select one model"; the official code averages too). The KL is
-taken between the pre-tanh Gaussians: tanh is a bijection, so the KL in action space is the same.
-Note: eq. (7) swaps the sampled u for a fresh sample inside the decoder term, which is an identity
-only when z is independent of u; with an exact posterior the bound exceeds KL(pi || pi_b) by
-E[log p(u|z,s)] - E[E_{u'~pi} log p(u'|z,s)] (tests/test_brac_plus.py checks this in closed form).
-Policy, eq. (8) plus the entropy bound (appendix F "Entropy regularization"), K policy samples:
+closed-form Gaussian KLs in pre-tanh space (tanh is a bijection), averaged over the ensemble.
+(Eq. 7 swaps the sampled u for a fresh sample inside the decoder term, an identity only when z is
+independent of u; tests/test_brac_plus.py checks the resulting gap in closed form.)
+Policy, eq. (8), with K policy samples and the entropy bound of appendix F:
     min E_s [ -mean_k min_i Q_i(s, a_k) + alpha(s) * KL(s) - beta * mean_k log pi(a_k|s) ]
-    alpha(s) <- alpha(s) + lr * (KL(s) - delta_KL)            (line 8: rises where KL > delta_KL)
-    beta     <- beta + lr * (H(pi(.|s)) - H_0)               (line 9: an UPPER bound H <= H_0)
-Critic, eq. (10), with f the Heaviside step and lambda = 0.1:
+    alpha(s) <- alpha(s) + lr * (KL(s) - delta_KL)     (line 8)
+    beta     <- beta + lr * (H(pi(.|s)) - H_0)        (line 9: an upper bound H <= H_0)
+Critic, eq. (10), f the Heaviside step, lambda 0.1:
     min (Q_i(s,a) - y)^2 + lambda * 1[KL(s) > eps_GP] * ||grad_a Q_i(s, a~pi(s))||^2
     y = r + gamma * (1 - d) * mean_k min_j Q_targ_j(s', a'_k),  a'_k ~ pi(s')
     eps_GP = mean + std of the per-state KL at the end of the previous epoch (section 3.3).
+Paper by default, the official code (vermouth1992/bracp) behind flags:
+    --alpha-mode state (alpha(s) network, paper) | global (one scalar, code);
+    --gp-mode paper | official (softplus gate normalised by its batch maximum on the unsquared
+      norm of grad_a min_j Q_j, lambda a multiplier never below --gp-weight driving the mean gated
+      norm to --gp-target, and the code's 0.5 * sum_i (Q_i - y)^2 TD loss);
+    --max-q-backup (the code's max over the K samples instead of eq. 10's mean).
 
-Paper vs official code (vermouth1992/bracp); the paper is the default, the code behind a flag:
-- --alpha-mode state: alpha(s) network, 3x256, softplus output (paper 3.2, appendix F);
-  --alpha-mode global: one scalar (code). Both start at 10 (--alpha-init) and are capped at 1e4 (code's
-  values); the cap clips the pre-softplus value but lets its gradient through, as the code's
-  clip_by_value_preserve_gradient does, so a multiplier at the cap can come back down (beta too).
-  Line 8 steps alpha(s) itself; with a network we take that dual step on its pre-softplus output
-  x(s), as SAC steps log alpha rather than alpha, and keep alpha(s) in [1 / alpha_max, alpha_max]
-  by regressing x(s) on clip(x(s) + KL(s) - delta_KL) (deviation: the paper gives neither this
-  detail nor a learning rate; --multiplier-lr, shared with beta). Why, measured on
-  local/hopper/medium-replay-v0 at reduced sizes: a step on alpha(s) through Adam drove alpha(s) to
-  ~1e-15 within 100 RL steps (Adam moves all the network's weights at once while every state meets
-  the constraint) and left it there (the softplus gradient vanishes in its tail) while the KL bound
-  grew without check (300 after 3k steps; 6,290 in a 10k-step run that fell to a score of 0.5).
-  With the step on x(s), the KL bound stayed under delta_KL (batch mean 4.6-5.4 vs 5.8).
-- --gp-mode paper: as above; --gp-mode official: weight softplus(KL(s) - eps_GP) divided by its batch
-  maximum, on the (unsquared) norm ||grad_a min_j Q_j||, and lambda itself a Lagrange multiplier
-  (softplus, never below --gp-weight) that drives the mean gated norm to --gp-target 0.01; the TD
-  loss is the code's 0.5 * sum_i (Q_i - y)^2.
-- --max-q-backup: y uses the max over the K samples of min_j Q_targ_j (code) instead of the mean
-  (eq. 10). The code's target policy network is not reproduced: the paper has none.
-Not followed from the code: it keeps training the VAE during the RL phase (the paper trains it
-once, line 1); it evaluates with the best of 20 clipped samples under Q (here: tanh of the mean).
+Hyperparameters (the code's values where the paper gives none): VAE latent 2|A|, scales
+softplus(clip(x, -10, 5)); L = K = 5; the gradient penalty and its gate use one sample per state;
+alpha and beta start at 10 (--alpha-init, --beta-init; 1 is the code's agent-class default for
+beta), capped at 1e4 by clipping the raw value with its gradient kept (the code's
+clip_by_value_preserve_gradient), Adam 1e-3; delta_KL = mean KL(pi_0 || pi_b) + a per-dataset
+margin and halfcheetah's gradient-norm target 0.1 (the code's run script; --kl-margin, --gp-target);
+H_0 = NLL_b - |A| log 4, NLL_b the dataset's negative ELBO in action space; an "epoch" is
+--epoch-steps 2000 (Figure 2); VAE 400k steps (paper), pi_0 and Q_0 100k each; VAE and pi_0 Adam
+1e-3 x (1, 0.5, 0.1, 0.05, 0.01) over the fifths of their phase; policy Adam 5e-6 in the RL phase,
+critic 3e-4, tau 1e-3, batch 256 (code: 100); policy 3x512, critic 3x256, VAEs 3x512 (paper;
+code: 256); rewards min-max scaled into [0, 1]. The VAE ensemble is cached like Fisher-BRC's
+behaviour model (--cache-dir, --bc-seed, --no-reuse-cache).
 
-Where the paper is silent (values from the code unless said otherwise):
-- delta_KL = mean KL(pi_0 || pi_b) of the pretrained policy + a per-task margin (notes): 0.2
-  medium-expert and hopper-medium, 1.0 walker2d-medium, 7.0 halfcheetah-medium, 3.0 random and
-  medium-replay; any other dataset gets the code's default margin 0.1. --kl-margin overrides.
-- H_0 = NLL_b - |A| log 4: the negative ELBO of the dataset actions (in action space), with the
-  std shrunk by 4 per dimension (--entropy-std-scale). beta starts at 10, Adam 1e-3. The entropy
-  bound is also applied while pretraining pi_0, as in the code. While beta > 1 the pi_0 loss
-  KL + beta * H rewards a *lower* entropy without limit (the tanh Jacobian makes the action-space
-  entropy unbounded below as the policy saturates), and beta falls only ~1 per 1,000 steps, so a
-  short pi_0 phase ends with a collapsed, saturated policy (measured on
-  local/hopper/medium-replay-v0 after 5k steps: entropy -73, KL bound 101, normalised score 0.7).
-  The code pretrains for 500k steps; for short runs use --beta-init 1 (the code's agent-class
-  default), which kept the entropy at H_0 and the KL near 3 there.
-- "Epoch" = --epoch-steps 2000 gradient steps (paper Figure 2). The per-state KL statistics (for
-  delta_KL, eps_GP and H_0) are computed over a fixed random subset of --kl-states 10k dataset states
-  in batches under no_grad, not over the whole dataset. eps_GP of the first epoch uses pi_0's
-  statistics (the "previous epoch" of the first one); the code starts it at delta_KL + margin.
-- K = 5 policy samples per state in the policy loss and the target (code's n); the gradient penalty
-  and its gate use one sample per state (code).
-- Policy lr 5e-6 in the RL phase; pi_0 and the VAE: Adam 1e-3 times 1, 0.5, 0.1, 0.05, 0.01 over
-  the fifths of their phase (code). Q lr 3e-4, alpha/beta lr 1e-3, Polyak 1e-3 (code). Q_0: TD on
-  the frozen pi_0 with the Q optimiser, no gradient penalty (line 3 has none).
-- --bc-steps 400k (paper: "400k gradient steps"); --pretrain-steps 100k each for pi_0 and Q_0
-  (the code pretrains pi_0 for 500k steps and has no Q_0 phase). Batch 256 (code: 100).
-- Networks (paper, appendix F): policy 3x512, Q 3x256, VAE encoder and decoder 3x512 (code: 256);
-  the decoder is one Gaussian (section 3.1 "in practice"; the appendix's "mixture" would break the
-  closed-form KL). VAE scales softplus(clip(x, -10, 5)), policy log-std clipped to [-20, 2].
-Caching: the VAE ensemble is cached like Fisher-BRC's behaviour model (--cache-dir, --bc-seed,
---no-reuse-cache); pi_0 and Q_0 depend on --seed and are trained in every run.
-Rewards min-max scaled to [0, 1] (appendix F). Deviation: states are standardised (as in every file
-here; the code does not).
+Deviations:
+- alpha(s)'s dual step (line 8) is taken on its pre-softplus output x(s), as SAC steps log alpha,
+  with alpha(s) kept in [1 / alpha_max, alpha_max] by regressing x(s) on clip(x(s) + KL(s) - delta_KL)
+  (--multiplier-lr): a step on alpha(s) itself vanishes in the softplus tail once alpha(s) is small
+  (docs/results.md, BRAC+). The paper gives neither this detail nor a learning rate.
+- The per-state KL statistics (delta_KL, eps_GP, H_0) use a fixed random subset of --kl-states 10k
+  states; the first epoch's eps_GP comes from pi_0 (the code starts at delta_KL + margin).
+- The entropy bound also applies while pretraining pi_0, as in the code; with beta 10 and a short
+  pi_0 phase the policy collapses (docs/results.md), so short runs use --beta-init 1.
+- The decoder is one Gaussian (section 3.1 "in practice"; the appendix's mixture would break the
+  closed-form KL). Q_0 is a separate phase of --pretrain-steps (the code has none).
+- Not followed from the code: training the VAEs during the RL phase (the paper trains them once),
+  evaluating with the best of 20 clipped samples under Q (here: tanh of the mean).
+- States are standardised (as in every file here; the code does not).
 """
 
 import copy
@@ -128,6 +102,8 @@ class Args:
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "offline-rl"
     """wandb project name, with --track"""
+    resume: Literal["auto", "never"] = "auto"
+    """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
     # --- BRAC+ ---
     kl_margin: Optional[float] = None
     """delta_KL = mean KL(pi_0 || pi_b) + this margin (default: per task from the dataset id)"""
@@ -649,21 +625,23 @@ if __name__ == "__main__":
     agent.behavior.requires_grad_(False)
     target_entropy = agent.set_target_entropy(subset_obs, data.actions[subset])
     print(f"[brac_plus] entropy upper bound H_0 = {target_entropy:.3f}")
-    run.reset_clock()  # each phase's progress lines report that phase's own speed
-    for step in range(1, args.pretrain_steps + 1):
-        metrics = agent.train_initial_policy(buffer.sample(args.batch_size))
-        if step % args.log_every == 0 or step == args.pretrain_steps:
-            run.log(step, metrics, phase="initial policy")
-    kl_threshold, gp_threshold = agent.set_thresholds(subset_obs)
-    print(f"[brac_plus] KL threshold delta_KL = {kl_threshold:.3f}, first gradient-penalty threshold "
-          f"eps_GP = {gp_threshold:.3f}")
-    run.reset_clock()
-    for step in range(1, args.pretrain_steps + 1):
-        metrics = agent.train_initial_critic(buffer.sample(args.batch_size))
-        if step % args.log_every == 0 or step == args.pretrain_steps:
-            run.log(step, metrics, phase="Q initialisation")
-    run.reset_clock()
-    for step in range(1, args.total_steps + 1):
+    start = run.resume(agent)  # a resumed run's checkpoint holds pi_0, Q_0 and the thresholds
+    if start == 0:
+        run.reset_clock()  # each phase's progress lines report that phase's own speed
+        for step in range(1, args.pretrain_steps + 1):
+            metrics = agent.train_initial_policy(buffer.sample(args.batch_size))
+            if step % args.log_every == 0 or step == args.pretrain_steps:
+                run.log(step, metrics, phase="initial policy")
+        kl_threshold, gp_threshold = agent.set_thresholds(subset_obs)
+        print(f"[brac_plus] KL threshold delta_KL = {kl_threshold:.3f}, first gradient-penalty threshold "
+              f"eps_GP = {gp_threshold:.3f}")
+        run.reset_clock()
+        for step in range(1, args.pretrain_steps + 1):
+            metrics = agent.train_initial_critic(buffer.sample(args.batch_size))
+            if step % args.log_every == 0 or step == args.pretrain_steps:
+                run.log(step, metrics, phase="Q initialisation")
+        run.reset_clock()
+    for step in range(start + 1, args.total_steps + 1):
         metrics = agent.train(buffer.sample(args.batch_size))
         if step % args.epoch_steps == 0:
             agent.update_gp_threshold(subset_obs)
@@ -671,4 +649,6 @@ if __name__ == "__main__":
             run.log(step, metrics)
         if step % args.eval_every == 0 or step == args.total_steps:
             run.evaluate(step, agent.act, obs_mean, obs_std)
+            run.checkpoint(step, agent)
+        run.stop_if_signalled(step, agent)
     run.finish({"obs_mean": obs_mean, "obs_std": obs_std, **agent.state_dict()})

@@ -25,7 +25,7 @@ import copy
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -65,6 +65,8 @@ class Args:
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "offline-rl"
     """wandb project name, with --track"""
+    resume: Literal["auto", "never"] = "auto"
+    """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
     # --- IQL ---
     expectile: Optional[float] = None
     """expectile tau of the value loss (default per domain: 0.9 antmaze, else 0.7)"""
@@ -239,10 +241,13 @@ if __name__ == "__main__":
 
     agent = IQL(args, data.obs_dim, data.act_dim, device)
     run = common.Run(args, "iql", data)
-    for step in range(1, args.total_steps + 1):
+    start = run.resume(agent)
+    for step in range(start + 1, args.total_steps + 1):
         metrics = agent.train(buffer.sample(args.batch_size))
         if step % args.log_every == 0 or step == args.total_steps:
             run.log(step, metrics)
         if step % args.eval_every == 0 or step == args.total_steps:
             run.evaluate(step, agent.act, obs_mean, obs_std)
+            run.checkpoint(step, agent)
+        run.stop_if_signalled(step, agent)
     run.finish({"obs_mean": obs_mean, "obs_std": obs_std, **agent.state_dict()})

@@ -150,7 +150,7 @@ def test_support_rows_of_next_states():
 
 
 def test_backup_is_floored_by_the_dataset_action_and_ignores_dropped_samples():
-    args = arq.Args(hidden_dim=8, kth=2, policy="implicit", gamma=0.5, tau=0.0, lr=3e-4)
+    args = arq.Args(hidden_dim=8, kth=2, policy="implicit", gamma=0.5, tau=0.0, critic_lr=3e-4)
     agent = arq.ARQ(args, obs_dim=1, act_dim=1, device=torch.device("cpu"))
 
     class FixedQ(torch.nn.Module):  # Q(s, a) = 10 a for both twins

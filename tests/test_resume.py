@@ -1,0 +1,125 @@
+"""Runs that are killed resume to the same result: checkpoints at every evaluation and on SIGTERM,
+the previous checkpoint when the last one is damaged, and refusals that say what differs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+FLAGS = {
+    "td3_bc": ["--total-steps", "3000", "--eval-every", "300"],
+    "brac_plus": ["--total-steps", "300", "--eval-every", "30", "--bc-steps", "20", "--pretrain-steps", "20",
+                  "--epoch-steps", "25", "--kl-states", "64", "--batch-size", "16", "--hidden-dim", "32",
+                  "--actor-hidden-dim", "32", "--vae-hidden-dim", "32", "--n-samples", "2", "--n-latent", "2"],
+}
+
+
+def command(algorithm: str, out, name: str, extra=()):
+    return [sys.executable, os.path.join(ROOT, "algorithms", f"{algorithm}.py"), "--env", "test/hopper/random-v0",
+            "--eval-episodes", "1", "--device", "cpu", "--output-dir", str(out), "--run-name", name,
+            *FLAGS[algorithm], *extra]
+
+
+def environment(datasets_path):
+    return {**os.environ, "MINARI_DATASETS_PATH": datasets_path, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run(cmd, datasets_path):
+    return subprocess.run(cmd, env=environment(datasets_path), capture_output=True, text=True, timeout=600)
+
+
+def evaluations(out, name):
+    with open(os.path.join(out, name, "results.json")) as f:
+        results = json.load(f)
+    return results, [(e["step"], e["return_mean"]) for e in results["evaluations"]]
+
+
+def start_and_interrupt(cmd, datasets_path, folder, evaluations_before: int, sig=signal.SIGKILL):
+    """Start a run and send `sig` once its checkpoint is written after `evaluations_before` evaluations."""
+    proc = subprocess.Popen(cmd, env=environment(datasets_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    results = os.path.join(folder, "results.json")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with open(results) as f:
+                done = len(json.load(f)["evaluations"])
+        except (OSError, ValueError):
+            done = 0
+        checkpoints = [n for n in ("checkpoint.pt", "checkpoint.prev.pt") if os.path.exists(os.path.join(folder, n))]
+        if done >= evaluations_before and len(checkpoints) >= min(evaluations_before, 2):
+            proc.send_signal(sig)
+            break
+        time.sleep(0.02)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0, "the run finished before it could be interrupted: make it longer"
+    return proc.returncode, stdout, stderr
+
+
+@pytest.mark.parametrize("algorithm", ["td3_bc", "brac_plus"])
+def test_a_killed_run_resumes_to_the_same_evaluations(algorithm, datasets_path, tmp_path):
+    out = tmp_path / "runs"
+    whole = run(command(algorithm, out, "whole"), datasets_path)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    _, expected = evaluations(out, "whole")
+
+    cmd = command(algorithm, out, "killed")
+    start_and_interrupt(cmd, datasets_path, out / "killed", evaluations_before=1)
+    partial, _ = evaluations(out, "killed")
+    assert not partial["finished"]
+    again = run(cmd, datasets_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from step" in again.stdout
+    results, got = evaluations(out, "killed")
+    assert results["finished"] and got == expected
+    assert not os.path.exists(out / "killed" / "checkpoint.pt")  # a finished run keeps no checkpoint
+
+    # a finished run is not run again
+    once_more = run(cmd, datasets_path)
+    assert once_more.returncode == 0 and "nothing to do" in once_more.stdout
+
+
+def test_sigterm_writes_a_checkpoint_and_the_run_continues_from_it(datasets_path, tmp_path):
+    out = tmp_path / "runs"
+    run(command("td3_bc", out, "whole"), datasets_path)
+    _, expected = evaluations(out, "whole")
+    cmd = command("td3_bc", out, "stopped")
+    code, stdout, stderr = start_and_interrupt(cmd, datasets_path, out / "stopped", 1, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "stopped by SIGTERM" in stdout and "Traceback" not in stderr
+    again = run(cmd, datasets_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert evaluations(out, "stopped")[1] == expected
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(datasets_path, tmp_path):
+    out = tmp_path / "runs"
+    run(command("td3_bc", out, "whole"), datasets_path)
+    _, expected = evaluations(out, "whole")
+    cmd = command("td3_bc", out, "damaged")
+    start_and_interrupt(cmd, datasets_path, out / "damaged", evaluations_before=2)
+    latest = out / "damaged" / "checkpoint.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    again = run(cmd, datasets_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "checkpoint.pt is unreadable" in again.stdout and "checkpoint.prev.pt" in again.stdout
+    assert evaluations(out, "damaged")[1] == expected
+
+
+def test_a_checkpoint_from_other_flags_is_refused_naming_them(datasets_path, tmp_path):
+    out = tmp_path / "runs"
+    cmd = command("td3_bc", out, "r")
+    start_and_interrupt(cmd, datasets_path, out / "r", evaluations_before=1)
+    other = run(cmd + ["--lr", "0.001", "--alpha", "3.0"], datasets_path)
+    assert other.returncode != 0
+    lines = other.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--lr 0.0003 (now 0.001)" in lines[0] and "--alpha 2.5 (now 3.0)" in lines[0]
+    # --resume never starts over with the new flags
+    fresh = run(cmd + ["--lr", "0.001", "--resume", "never", "--total-steps", "300"], datasets_path)
+    assert fresh.returncode == 0 and "resuming" not in fresh.stdout, fresh.stderr[-2000:]
