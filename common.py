@@ -10,7 +10,8 @@ What the algorithm files can rely on:
   it trains.
 - `load_dataset(id)` is the only way data comes in: a local Minari dataset; a `local/...` id, built
   on first use from the snapshots shipped in tools/ (by tools/make_dataset.py, leaving the global
-  random streams as they were); or a known remote id, downloaded.
+  random streams as they were); a known remote id, downloaded; or D4RL's own HDF5 file
+  (`d4rl/<name>` or its path, read by d4rl_files.py into the same flat arrays).
 - Actions are in [-1, 1]: rescaled from the dataset's Box on loading, and `evaluate` maps the
   policy's actions back to the Box before stepping the env, so a tanh policy needs no bounds.
 - Of the functions given an `OfflineData`, only `normalize_obs` (observations, next_observations)
@@ -51,6 +52,7 @@ from typing import Any, Callable, Literal, NamedTuple, get_args
 import numpy as np
 import torch
 
+import d4rl_files
 # These live in basics.py because tools/make_dataset.py, which resolve_dataset runs to build a local/*
 # dataset on first use, needs them too and must not import this module. Scripts use them as common.<name>.
 from basics import (  # noqa: F401
@@ -111,8 +113,12 @@ class OfflineData:
     action_high: np.ndarray
     ref_min_score: float | None
     ref_max_score: float | None
-    ref_scores_source: str  # "dataset", "D4RL constants (v2 envs)" or "none"
-    minari_dataset: Any  # the minari.MinariDataset, for recovering the eval env
+    ref_scores_source: str  # "dataset", "D4RL constants (v2 envs)", "D4RL constants (infos.py)" or "none"
+    # the minari.MinariDataset, for recovering the eval env; for a D4RL file, a d4rl_files.D4RLFile,
+    # which offers the same env_spec and recover_environment
+    minari_dataset: Any
+    source: str = "minari"  # or "D4RL file <path>; <where the next observations came from>"
+    eval_env: str | None = None  # the id of the env evaluations run in
 
     @property
     def obs_dim(self) -> int:
@@ -202,7 +208,8 @@ def load_dataset(dataset_id: str, device: str | torch.device = "cpu") -> Offline
     """Load a Minari dataset id into flat float32 tensors on `device` (one pass over episodes)."""
     from gymnasium import spaces
 
-    dataset = resolve_dataset(dataset_id)
+    d4rl_file = d4rl_files.open_file(dataset_id) if d4rl_files.dataset_name(dataset_id) is not None else None
+    dataset = d4rl_file or resolve_dataset(dataset_id)
     action_space = dataset.action_space
     if not isinstance(action_space, spaces.Box):
         raise UserError(
@@ -219,7 +226,7 @@ def load_dataset(dataset_id: str, device: str | torch.device = "cpu") -> Offline
     keys = goal_obs_keys(dataset, dataset_id)
     obs_dim = _flatten_obs_space(dataset.observation_space, dataset_id, keys)
 
-    arrays = _read_flat_cache(dataset, obs_dim)
+    arrays = d4rl_file.read() if d4rl_file else _read_flat_cache(dataset, obs_dim)
     if arrays is None:
         arrays = _read_episodes(dataset, dataset_id, obs_dim, keys)
         _write_flat_cache(dataset, arrays)
@@ -256,7 +263,19 @@ def load_dataset(dataset_id: str, device: str | torch.device = "cpu") -> Offline
         ref_max_score=ref_max,
         ref_scores_source=source,
         minari_dataset=dataset,
+        source=d4rl_file.source if d4rl_file else "minari",
+        eval_env=d4rl_file.eval_env_id if d4rl_file else _eval_env_id(dataset),
     )
+
+
+def _eval_env_id(dataset) -> str | None:
+    spec = dataset.storage.metadata.get("eval_env_spec")
+    if isinstance(spec, str):
+        try:
+            return json.loads(spec)["id"]
+        except (ValueError, KeyError, TypeError):
+            pass
+    return dataset.env_spec.id if dataset.env_spec is not None else None
 
 
 def _read_episodes(dataset, dataset_id: str, obs_dim: int, keys: tuple[str, ...]) -> dict:
@@ -330,6 +349,8 @@ def _write_flat_cache(dataset, arrays: dict) -> None:
 
 
 def _reference_scores(dataset, dataset_id: str):
+    if isinstance(dataset, d4rl_files.D4RLFile):
+        return *dataset.ref_scores, "D4RL constants (infos.py)"
     meta = dataset.storage.metadata
     if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
         return float(meta["ref_min_score"]), float(meta["ref_max_score"]), "dataset"
@@ -391,7 +412,11 @@ def dataset_task(dataset_id: str) -> str:
 
     Minari ids are `namespace/task/name-vN` (or `task/name-vN`); per-domain settings match this
     component exactly, so that 'pendulum' is not 'pen'. An id without '/' (Minari's older
-    'task-name-vN' form) gives the part before its first '-'."""
+    'task-name-vN' form), and a D4RL file's name ('d4rl/hopper-medium-v2' or its path), give the
+    part before its first '-'."""
+    d4rl_name = d4rl_files.dataset_name(dataset_id)
+    if d4rl_name:
+        return d4rl_name.split("-")[0].lower()
     parts = dataset_id.lower().split("/")
     return parts[-2] if len(parts) > 1 else parts[0].split("-")[0]
 
@@ -571,7 +596,8 @@ class Run:
             "args": {k: v for k, v in vars(args).items()},
             "dataset": {"transitions": len(data), "episodes": len(data.episode_lengths),
                         "ref_min_score": data.ref_min_score, "ref_max_score": data.ref_max_score,
-                        "ref_scores_source": data.ref_scores_source},
+                        "ref_scores_source": data.ref_scores_source, "source": data.source,
+                        "eval_env": data.eval_env},
             "evaluations": [],
             "final_normalized_score": None,
             "final_return": None,

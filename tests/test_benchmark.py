@@ -3,11 +3,15 @@
 import csv
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
 from conftest import ROOT
+from test_d4rl_files import write_file as write_d4rl_file
 from common import UserError
 from tools import benchmark, summarize
 
@@ -130,6 +134,102 @@ def test_slurm_script_runs_the_same_commands(capsys, tmp_path):
     write_results(out, "bc", "local/hopper/medium-v0", 0, [1.0], total_steps=50)
     done = subprocess.run(["bash", script], env={**env, "SLURM_ARRAY_TASK_ID": "0"}, capture_output=True, text=True)
     assert done.returncode == 0 and "already finished" in done.stdout
+
+
+def test_slurm_script_requeues_on_usr1(capsys, tmp_path):
+    script = str(tmp_path / "job.sbatch")
+    assert benchmark.main(["--algos", "bc", "--datasets", "local/hopper/medium-v0", "--seeds", "0", "--steps", "50",
+                           "--output-dir", str(tmp_path / "runs"), "--slurm", script]) == 0
+    text = open(script).read()
+    for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@300", "#SBATCH --open-mode=append",
+                 "trap 'forward USR1' USR1", "trap 'forward TERM' TERM", 'scontrol requeue "${SLURM_JOB_ID}"'):
+        assert line in [t.strip() for t in text.splitlines()], line
+    assert 'eval "exec ${COMMANDS[$i]}" &' in text  # python in the background, as the shell's child itself
+
+
+def test_a_slurm_task_stopped_by_usr1_checkpoints_requeues_and_resumes(tmp_path, monkeypatch):
+    """The generated script's body, run by bash with a fake scontrol, on a tiny real run (on a D4RL
+    file, larger than the default batch)."""
+    (tmp_path / "d4rl").mkdir()
+    write_d4rl_file(tmp_path / "d4rl" / "hopper_medium_replay-v2.hdf5", 400)
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
+    out = tmp_path / "runs"
+    script = str(tmp_path / "job.sbatch")
+    assert benchmark.main(["--algos", "bc", "--datasets", "d4rl/hopper-medium-replay-v2", "--seeds", "0", "--steps", "3000",
+                           "--eval-every", "300", "--eval-episodes", "1", "--output-dir", str(out),
+                           "--slurm", script]) == 0
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "scontrol").write_text("#!/bin/sh\necho \"$@\" >> \"$RECORD\"\n")
+    (fake_bin / "scontrol").chmod(0o755)
+    record = tmp_path / "scontrol_calls"
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+           "RECORD": str(record), "SLURM_ARRAY_TASK_ID": "0", "SLURM_JOB_ID": "4242", "PYTHONUNBUFFERED": "1"}
+    run_dir = out / benchmark.run_name("bc", "d4rl/hopper-medium-replay-v2", 0)
+    task = subprocess.Popen(["bash", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoint.pt").exists() and task.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert task.poll() is None, "the run ended before it could be signalled: " + "".join(task.communicate())[-3000:]
+    task.send_signal(signal.SIGUSR1)  # what Slurm sends the batch shell (B:) before the time limit
+    stdout, stderr = task.communicate(timeout=120)
+    assert task.returncode == 128 + signal.SIGUSR1, stdout[-2000:] + stderr[-2000:]
+    assert "stopped by SIGUSR1" in stdout and "requeueing" in stdout
+    assert record.read_text().split() == ["requeue", "4242"]
+    with open(run_dir / "results.json") as f:
+        assert not json.load(f)["finished"]
+    # Slurm runs the requeued task again: the run continues from its checkpoint and finishes.
+    record.unlink()
+    again = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from step" in again.stdout and not record.exists()
+    with open(run_dir / "results.json") as f:
+        results = json.load(f)
+    assert results["finished"] and results["evaluations"][-1]["step"] == 3000
+
+
+def test_the_d4rl_file_of_a_paper_dataset_is_preferred_to_its_stand_in(capsys, tmp_path, monkeypatch):
+    d4rl_dir = tmp_path / "d4rl"
+    d4rl_dir.mkdir()
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(d4rl_dir))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    argv = ["--algos", "bc", "--seeds", "0", "--output-dir", str(tmp_path / "runs"), "--datasets",
+            "hopper-medium-replay-v2", "antmaze-umaze-v2"]
+
+    def envs(*extra):
+        return [line.split("--env ")[1].split()[0] for line in dry_run(capsys, *argv, *extra)]
+
+    assert envs() == ["local/hopper/medium-replay-v0", "D4RL/antmaze/umaze-v1"]
+    for name in ("hopper_medium_replay-v2.hdf5", "walker2d_random-v2.hdf5",
+                 "Ant_maze_u-maze_noisy_multistart_False_multigoal_False_sparse_fixed.hdf5"):
+        (d4rl_dir / name).write_bytes(b"")  # only its presence matters to the selection
+    # AntMaze files cannot be evaluated here (d4rl_files.REFUSED): the Minari port stays.
+    assert envs() == ["d4rl/hopper-medium-replay-v2", "D4RL/antmaze/umaze-v1"]
+    # A paper dataset without a stand-in becomes available; the default selection takes the file too.
+    assert envs("walker2d-random-v2") == ["d4rl/hopper-medium-replay-v2", "D4RL/antmaze/umaze-v1",
+                                          "d4rl/walker2d-random-v2"]
+    assert "d4rl/hopper-medium-replay-v2" in benchmark.resolve_datasets(None, quick=False)
+    # Quick mode keeps its small local datasets, sized for its budgets.
+    assert benchmark.resolve_datasets(["hopper-medium-replay-v2"], quick=True) == ["local/hopper/medium-replay-v0"]
+
+
+def test_summary_says_which_data_each_cell_used(tmp_path):
+    runs, results = str(tmp_path / "runs"), str(tmp_path / "results")
+    for seed in range(5):
+        write_results(runs, "iql", "d4rl/hopper-medium-replay-v2", seed, [70.0 + seed])
+        write_results(runs, "td3_bc", "local/hopper/medium-replay-v0", seed, [20.0])
+    summarize.main([runs, "--out", results])
+    md = open(os.path.join(results, "summary.md")).read()
+    section = md.split("### corl: D4RL v2 last")[1].split("###")[0]
+    header = next(line for line in section.splitlines() if line.startswith("| paper dataset"))
+    line = next(line for line in section.splitlines() if line.startswith("| hopper-medium-replay-v2 |"))
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in line.split("|")]))
+    assert cells["our data"] == ("`d4rl/hopper-medium-replay-v2` (same data: D4RL's file), "
+                                 "`local/hopper/medium-replay-v0` (stand-in)")
+    # CORL's rule: the last evaluation of its 4 seeds (70..73), on the D4RL file; td3_bc only ran on the stand-in.
+    assert cells["iql"].startswith("71.5 ± 1.1") and cells["iql"].endswith("on `d4rl/hopper-medium-replay-v2`")
+    assert cells["td3_bc"].endswith("on `local/hopper/medium-replay-v0`")
+    assert "| `d4rl/hopper-medium-replay-v2` | hopper-medium-replay-v2 | same data: D4RL's file |" in md
 
 
 def test_summary_numbers_and_flags(tmp_path):

@@ -7,7 +7,9 @@ and the same lines are run here by a pool of --workers processes, printed by --d
 to a Slurm array job by --slurm. A run whose results.json says `"finished": true` is skipped, so an
 interrupted benchmark resumes where it stopped. At the end, tools/summarize.py writes the tables.
 
-Which data stands in for which paper dataset is in benchmarks/datasets.csv; the papers' numbers
+Which data stands in for which paper dataset is in benchmarks/datasets.csv; where D4RL's own file
+of a paper dataset is in $D4RL_DATASET_DIR or ~/.d4rl/datasets (and d4rl_files.py can evaluate it),
+the runs use that file instead (`--env d4rl/<paper dataset>`): the same data. The papers' numbers
 are in benchmarks/paper_scores.csv.
 """
 
@@ -27,6 +29,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import d4rl_files  # noqa: E402
 from common import KNOWN_REMOTE_DATASETS, UserError, dataset_task, install_user_error_hook  # noqa: E402
 from tools.pretraining import behaviour_flag  # noqa: E402
 
@@ -112,8 +115,16 @@ def local_buildable(dataset_id: str) -> bool:
     return match is not None and match[1] in shipped_manifests() and match[2] in KINDS
 
 
+def d4rl_file_id(paper_dataset: str) -> str | None:
+    """`d4rl/<paper dataset>` when the user has D4RL's own file of it and d4rl_files.py reads it."""
+    readable = paper_dataset in d4rl_files.FILE_PATHS
+    return f"d4rl/{paper_dataset}" if readable and d4rl_files.find_file(paper_dataset) else None
+
+
 def resolve_datasets(names: list[str] | None, quick: bool, folder: str | None = None) -> list[str]:
-    """Minari ids for --datasets: ids as they are, paper dataset names through datasets.csv.
+    """Dataset ids for --datasets: ids as they are, paper dataset names through datasets.csv, except
+    that D4RL's own file of a paper dataset, where the user has it, is preferred to its stand-in
+    (not in quick mode, whose budgets are sized for its small local datasets).
     `folder`: the Minari folder the runs will use (default: the user's)."""
     folder = folder or minari_root()
     mapping = read_dataset_map()
@@ -121,26 +132,31 @@ def resolve_datasets(names: list[str] | None, quick: bool, folder: str | None = 
     if not names:
         if quick:
             return list(QUICK_DATASETS)
-        return list(dict.fromkeys(row["minari_id"] for row in mapping if row["minari_id"]))
+        ids = [d4rl_file_id(row["paper_dataset"]) or row["minari_id"] for row in mapping]
+        return list(dict.fromkeys(i for i in ids if i))
     by_paper = {row["paper_dataset"]: row for row in mapping}
     mapped = {row[c] for row in mapping for c in ("minari_id", "quick_id") if row[c]}
     result = []
     for name in names:
         if name in by_paper:
             row = by_paper[name]
+            if not quick and d4rl_file_id(name):
+                result.append(d4rl_file_id(name))
+                continue
             if not row[column]:
                 raise UserError(f"paper dataset '{name}' has no {'offline (quick) ' if quick else ''}stand-in: "
                                 f"{row['note'] or 'see benchmarks/datasets.csv'}")
             result.append(row[column])
             continue
-        known = (name in mapped or name in KNOWN_REMOTE_DATASETS or local_buildable(name)
+        d4rl_id = d4rl_files.dataset_name(name) is not None  # checked, with a clear message, when fetched
+        known = (d4rl_id or name in mapped or name in KNOWN_REMOTE_DATASETS or local_buildable(name)
                  or os.path.isdir(os.path.join(folder, name)))
         if not known:
             close = difflib.get_close_matches(name, sorted(set(by_paper) | mapped | set(KNOWN_REMOTE_DATASETS)), n=4)
             hint = f"; close matches: {', '.join(close)}" if close else ""
             raise UserError(f"unknown dataset '{name}'{hint} (give a Minari id or a paper dataset name "
                             f"from benchmarks/datasets.csv)")
-        if quick and not (name.startswith("local/") or os.path.isdir(os.path.join(folder, name))):
+        if quick and not (d4rl_id or name.startswith("local/") or os.path.isdir(os.path.join(folder, name))):
             raise UserError(f"--quick runs offline, but '{name}' is neither local/* nor in {folder}")
         result.append(name)
     return list(dict.fromkeys(result))
@@ -252,7 +268,10 @@ def fetch_datasets(datasets: list[str]) -> None:
 
     for dataset in datasets:
         print(f"[benchmark] dataset {dataset}", flush=True)
-        common.resolve_dataset(dataset)
+        if d4rl_files.dataset_name(dataset) is not None:
+            d4rl_files.open_file(dataset)  # nothing to fetch: only says so, in one line, if it is missing
+        else:
+            common.resolve_dataset(dataset)
 
 
 def write_slurm(runs: list[dict], out_dir: str, path: str, workers: int) -> None:
@@ -261,12 +280,23 @@ def write_slurm(runs: list[dict], out_dir: str, path: str, workers: int) -> None
         "#!/usr/bin/env bash",
         "# Written by tools/benchmark.py --slurm: one array task per run. Edit the #SBATCH lines for",
         "# your cluster (partition, time limit, GPUs), then: sbatch " + path,
-        "# The datasets must already be in the cluster's MINARI_DATASETS_PATH: run the same selection",
-        "# with --fetch-only on a machine with network access first.",
+        "# The datasets must already be in the cluster's MINARI_DATASETS_PATH (D4RL files in its",
+        "# D4RL_DATASET_DIR or ~/.d4rl/datasets): run the same selection with --fetch-only on a machine",
+        "# with network access first.",
+        "# A task stopped by a signal resumes from its checkpoint when it runs again: Slurm sends USR1",
+        "# before the time limit (and, with PreemptParameters=send_user_signal, on preemption), the run",
+        "# checkpoints and exits, and the task requeues itself. A SIGTERM also stops the run with a",
+        "# checkpoint but does not requeue (it may be scancel); preemption by SIGTERM is requeued by",
+        "# Slurm itself (--requeue, PreemptMode=REQUEUE). Set --time to your partition's limit.",
         "#SBATCH --job-name=offline-rl-benchmark",
         f"#SBATCH --array=0-{len(runs) - 1}%{workers}",
         f"#SBATCH --cpus-per-task={threads}",
         "# #SBATCH --gres=gpu:1",
+        "#SBATCH --requeue",
+        # B: signals the batch shell only (python is not a job step): the trap below passes it on.
+        # 300 s: time for an evaluation under way to end before the checkpoint is written.
+        "#SBATCH --signal=B:USR1@300",
+        "#SBATCH --open-mode=append",  # a requeued task adds to its log instead of replacing it
         f"#SBATCH --output={os.path.join(ROOT, out_dir)}/slurm-%A_%a.log",  # sbatch reads it before the cd
         "set -euo pipefail",
         f"cd {shlex.quote(ROOT)}",
@@ -279,11 +309,27 @@ def write_slurm(runs: list[dict], out_dir: str, path: str, workers: int) -> None
         *[f"  {shlex.quote(command_line(r, with_env=False))}" for r in runs],
         ")",
         "i=${SLURM_ARRAY_TASK_ID}",
-        "# Resume: a run that already finished is skipped.",
+        "# Resume: a run that already finished is skipped; an unfinished one continues from its checkpoint.",
         f"if grep -qs '\"finished\": true' {shlex.quote(out_dir)}/\"${{RUN_NAMES[$i]}}\"/results.json; then",
         "  echo \"${RUN_NAMES[$i]} already finished\"; exit 0",
         "fi",
-        "eval \"${COMMANDS[$i]}\"",
+        "# python runs in the background so that the shell handles signals while it runs: bash runs",
+        "# a trap only between commands, and a foreground python would delay it until the end.",
+        "child=",
+        "forward() { if [ -n \"$child\" ]; then kill -s \"$1\" \"$child\" 2>/dev/null || true; fi; }",
+        "trap 'forward USR1' USR1",
+        "trap 'forward TERM' TERM",
+        "eval \"exec ${COMMANDS[$i]}\" &",  # exec: $! is python itself, not a subshell around it
+        "child=$!",
+        "status=0",
+        "wait \"$child\" || status=$?",
+        "# wait returns early when a trapped signal arrives: wait again until python has exited.",
+        "while kill -0 \"$child\" 2>/dev/null; do status=0; wait \"$child\" || status=$?; done",
+        "if [ \"$status\" -eq $((128 + $(kill -l USR1))) ]; then",
+        "  echo \"${RUN_NAMES[$i]} stopped by USR1 with a checkpoint: requeueing\"",
+        "  scontrol requeue \"${SLURM_JOB_ID}\"",
+        "fi",
+        "exit \"$status\"",
     ]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     os.makedirs(os.path.join(ROOT, out_dir), exist_ok=True)  # Slurm does not create the log folder
@@ -297,7 +343,7 @@ def execute(runs: list[dict], out_dir: str, workers: int) -> list[str]:
         folder = os.path.join(ROOT, out_dir, run["name"])
         os.makedirs(folder, exist_ok=True)
         start = time.time()
-        with open(os.path.join(folder, "stdout.log"), "w") as log:
+        with open(os.path.join(folder, "stdout.log"), "a") as log:  # a resumed run adds to its log
             rc = subprocess.run([sys.executable, *run["argv"][1:]], cwd=ROOT, env={**os.environ, **run["env"]},
                                 stdout=log, stderr=subprocess.STDOUT).returncode
         return run, rc, time.time() - start

@@ -5,8 +5,9 @@
 Reads every results.json under the folders and writes, in --out:
 - summary.md: for each paper table (benchmarks/paper_scores.csv), paper dataset x algorithm, our
   mean +- std of the normalised score computed with that paper's rule and number of seeds, next to
-  the paper's number, flagged when outside the paper's range; which data stood in for which paper
-  dataset (benchmarks/datasets.csv); and the runs on datasets no paper reports.
+  the paper's number, flagged when outside the paper's range; which data each cell used (D4RL's own
+  file `d4rl/<paper dataset>` where there are runs on it, else the stand-in of benchmarks/datasets.csv);
+  and the runs on datasets no paper reports.
 - runs.csv: one row per run.
 - curves/<dataset>.png: learning curves, every algorithm on one figure (mean +- std over seeds).
 """
@@ -126,11 +127,23 @@ def inferred_notes(rows: list[dict]) -> list[str]:
     return [f"{', '.join(dict.fromkeys(methods))}: {why}" for why, methods in by_reason.items()]
 
 
-def pick_dataset(mapping_row: dict, by_dataset: dict) -> str | None:
-    """The data that stood in for a paper dataset: the full stand-in if it has runs, else the quick one."""
-    for column in ("minari_id", "quick_id"):
-        if mapping_row[column] and mapping_row[column] in by_dataset:
-            return mapping_row[column]
+def data_candidates(mapping_row: dict) -> list[str]:
+    """The data that can stand for a paper dataset, preferred first: D4RL's own file of it (the same
+    data), the full stand-in, the quick one."""
+    ids = (f"d4rl/{mapping_row['paper_dataset']}", mapping_row["minari_id"], mapping_row["quick_id"])
+    return list(dict.fromkeys(d for d in ids if d))
+
+
+def relation(mapping_row: dict, dataset: str) -> str:
+    return "same data: D4RL's file" if dataset.startswith("d4rl/") else mapping_row["relation"]
+
+
+def pick_dataset(mapping_row: dict, by_dataset: dict, algo: str | None = None) -> str | None:
+    """The data that stood in for a paper dataset (in `algo`'s runs, if given): the first of
+    `data_candidates` with runs."""
+    for dataset in data_candidates(mapping_row):
+        if dataset in by_dataset and (algo is None or algo in by_dataset[dataset]):
+            return dataset
     return None
 
 
@@ -147,7 +160,7 @@ def table_markdown(rows: list[dict], mapping: dict, by_dataset: dict, algo_order
            + f". Our cells use the same rule over our first {seeds} seeds. Cell: ours, paper's number in brackets."]
     if not with_runs:
         return out + ["", f"No runs on this table's {len(datasets)} datasets yet.", ""]
-    ours_algos = {a for ds in with_runs for a in by_dataset[used[ds]]}
+    ours_algos = {a for ds in with_runs for d in data_candidates(mapping[ds]) for a in by_dataset.get(d, {})}
     mapped = list(dict.fromkeys(r["algo"] for r in rows if r["algo"]))
     algos = [a for a in algo_order if a in ours_algos or a in mapped]
     reference = list(dict.fromkeys(r["method"] for r in rows if not r["algo"]))
@@ -155,10 +168,15 @@ def table_markdown(rows: list[dict], mapping: dict, by_dataset: dict, algo_order
     out += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes = set()
     for ds in with_runs:
-        cells = [ds, f"`{used[ds]}` ({mapping[ds]['relation']})"]
+        # Each cell takes its algorithm's runs on the preferred data that has them; a row whose cells
+        # used different data names it in each cell.
+        cell_data = {algo: pick_dataset(mapping[ds], by_dataset, algo) for algo in algos}
+        row_data = list(dict.fromkeys(d for d in cell_data.values() if d)) or [used[ds]]
+        cells = [ds, ", ".join(f"`{d}` ({relation(mapping[ds], d)})" for d in row_data)]
         for algo in algos:
             paper_row = next((r for r in rows if r["paper_dataset"] == ds and r["algo"] == algo), None)
-            ours = aggregate(by_dataset[used[ds]].get(algo, []), rule, seeds)
+            data = cell_data[algo]
+            ours = aggregate(by_dataset[data].get(algo, []) if data else [], rule, seeds)
             text = "—" if ours is None else fmt(ours["mean"], ours["std"])
             if ours is not None:
                 if paper_row is not None:
@@ -169,6 +187,8 @@ def table_markdown(rows: list[dict], mapping: dict, by_dataset: dict, algo_order
                               + (", fewer than 10 evaluations" if ours["short"] else ""))
             if paper_row is not None:
                 text += f" ({paper_cell(paper_row)})"
+            if ours is not None and len(row_data) > 1:
+                text += f" on `{data}`"
             cells.append(text)
         for method in reference:
             paper_row = next((r for r in rows if r["paper_dataset"] == ds and r["method"] == method), None)
@@ -195,6 +215,7 @@ def run_rows(runs: list[dict]) -> list[dict]:
             "mean_last_10_normalized_score": float(np.mean(last10)) if last10 else None,
             "final_return": run.get("final_return"), "train_seconds": run.get("train_seconds"),
             "transitions": run["dataset"]["transitions"], "ref_scores_source": run["dataset"]["ref_scores_source"],
+            "data_source": run["dataset"].get("source", ""), "eval_env": run["dataset"].get("eval_env", ""),
         })
     return rows
 
@@ -274,19 +295,21 @@ def main(argv=None) -> None:
     for rows_of_table in tables.values():
         md += table_markdown(rows_of_table, mapping, by_dataset, algo_order)
 
-    md += ["## Data", "", "| dataset | stands in for | relation | transitions | reference scores | note |",
-           "|---|---|---|---|---|---|"]
+    md += ["## Data", "", "| dataset | stands in for | relation | transitions | reference scores | evaluated in | note |",
+           "|---|---|---|---|---|---|---|"]
     for dataset, by_algo in sorted(by_dataset.items()):
         info = next(iter(by_algo.values()))[0]["dataset"]
-        papers = [r for r in mapping.values() if dataset in (r["minari_id"], r["quick_id"])]
+        papers = [r for r in mapping.values() if dataset in data_candidates(r)]
         note = next((r["note"] if dataset == r["minari_id"] else r["quick_note"] for r in papers), "")
-        if not note and dataset.startswith("local/"):
+        if dataset.startswith("d4rl/"):
+            note = info.get("source", "D4RL's own file")
+        elif not note and dataset.startswith("local/"):
             note = "built by tools/make_dataset.py from the shipped snapshots"
         md.append(f"| `{dataset}` | {', '.join(r['paper_dataset'] for r in papers) or '(no paper dataset)'} | "
-                  f"{papers[0]['relation'] if papers else '—'} | {info['transitions']:,} | "
-                  f"{info['ref_scores_source']} | {note} |")
+                  f"{relation(papers[0], dataset) if papers else '—'} | {info['transitions']:,} | "
+                  f"{info['ref_scores_source']} | {info.get('eval_env') or '—'} | {note} |")
 
-    others = [d for d in sorted(by_dataset) if not any(d in (r["minari_id"], r["quick_id"]) for r in mapping.values())]
+    others = [d for d in sorted(by_dataset) if not any(d in data_candidates(r) for r in mapping.values())]
     if others:
         md += ["", "## Runs on datasets without paper numbers", "",
                "Last evaluation, mean ± std over seeds (normalised score, or return without reference scores).", "",
