@@ -5,8 +5,10 @@ A few hundred SAC steps on Pendulum-v1 give real (if weak) snapshots to build ev
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import minari
 import numpy as np
@@ -332,3 +334,198 @@ def test_unknown_env_is_one_line_error(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: Gymnasium does not know env id 'Hoper-v5'"), result.stderr
     assert "Hopper-v5" in lines[-1]  # close match
+
+
+# ----------------------------------------------------------------------------------------------
+# Resumable training
+# ----------------------------------------------------------------------------------------------
+RESUME_FLAGS = dict(env="Pendulum-v1", warmup_steps=100, snapshot_every=100, checkpoint_every=150, eval_episodes=1,
+                    batch_size=32)
+
+
+def resume_args(train_steps, **changes):
+    return md.Args(train_steps=train_steps, **{**RESUME_FLAGS, **changes})
+
+
+def cli(snapshot_dir, train_steps, *extra):
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in RESUME_FLAGS.items()]
+    return [sys.executable, os.path.join(ROOT, "tools", "make_dataset.py"), *flags, f"--train-steps={train_steps}",
+            f"--snapshot-dir={snapshot_dir}", *extra]
+
+
+def cli_env(datasets_path):
+    return {**os.environ, "MINARI_DATASETS_PATH": str(datasets_path), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, one_torch_thread):
+    """An uninterrupted 800-step run. Training does not depend on --train-steps, only stops there, so
+    its first 600 steps are also what an uninterrupted 600-step run gives."""
+    snapshot_dir = str(tmp_path_factory.mktemp("uninterrupted"))
+    manifest, buffer = md.train_agent(resume_args(800), snapshot_dir)
+    return snapshot_dir, manifest, buffer
+
+
+def snapshot_returns(manifest):
+    return [(s["step"], s["eval_return"], s["eval_return_std"]) for s in manifest["snapshots"]]
+
+
+def manifest_of(snapshot_dir):
+    with open(os.path.join(snapshot_dir, "manifest.json")) as f:
+        return json.load(f)
+
+
+def assert_same_actors(dir_a, dir_b, steps):
+    for step in steps:
+        a, b = (torch.load(os.path.join(d, f"actor_{step:07d}.pt"), weights_only=True) for d in (dir_a, dir_b))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"actor at step {step} differs"
+
+
+def start_and_signal(cmd, datasets_path, snapshot_dir, sig):
+    """Start a training and send `sig` as soon as its first checkpoint is on disk."""
+    proc = subprocess.Popen(cmd, env=cli_env(datasets_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    checkpoint = os.path.join(snapshot_dir, "checkpoint", "checkpoint.npz")
+    while proc.poll() is None and not os.path.exists(checkpoint):
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0, "the training finished before the signal: make it longer"
+    return proc.returncode, stdout, stderr
+
+
+def checkpoint_state(snapshot_dir, name="checkpoint.npz"):
+    with np.load(os.path.join(snapshot_dir, "checkpoint", name)) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    return torch.load(io.BytesIO(arrays.pop("state").tobytes()), weights_only=True), arrays
+
+
+def test_killed_training_resumes_to_the_same_snapshots(uninterrupted, tmp_path, minari_path):
+    ref_dir, ref_manifest, ref_buffer = uninterrupted
+    snapshot_dir = tmp_path / "killed"
+    cmd = cli(snapshot_dir, 600, "--kind", "medium-replay")
+    code, _, _ = start_and_signal(cmd, minari_path, snapshot_dir, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    again = subprocess.run(cmd, env=cli_env(minari_path), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    [line] = [line for line in again.stdout.splitlines() if "resuming" in line]
+    assert "checkpoint.npz at step " in line and " of 600 " in line, line
+    manifest = manifest_of(snapshot_dir)
+    assert snapshot_returns(manifest) == snapshot_returns(ref_manifest)[:6]
+    assert_same_actors(ref_dir, snapshot_dir, range(100, 700, 100))
+    # The medium-replay dataset of the same call is the agent's real buffer, restored from the checkpoint.
+    dataset, eps = episodes("local/pendulum/medium-replay-v0")
+    assert dataset.total_steps == manifest["medium"]
+    for key in ("observations", "actions", "rewards"):
+        got = np.concatenate([getattr(ep, key)[:len(ep.rewards)] for ep in eps])
+        np.testing.assert_array_equal(got, ref_buffer[key][:manifest["medium"]])
+    # The buffer is stored compactly: the filled rows, and next observations only where episodes end.
+    state, arrays = checkpoint_state(snapshot_dir)
+    assert state["step"] == 600 and arrays["observations"].shape == (600, 3)
+    assert arrays["next_observation_rows"].tolist() == [199, 399, 599]
+
+
+def test_sigterm_writes_a_checkpoint_and_stops_in_one_line(uninterrupted, tmp_path):
+    ref_dir, ref_manifest, _ = uninterrupted
+    snapshot_dir = tmp_path / "stopped"
+    cmd = cli(snapshot_dir, 600)
+    code, stdout, stderr = start_and_signal(cmd, tmp_path / "minari", snapshot_dir, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-2000:]
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("[train] stopped by SIGTERM at step ") and "the same command continues" in last
+    stopped_at = int(last.split(" at step ")[1].split(":")[0])
+    assert checkpoint_state(snapshot_dir)[0]["step"] == stopped_at
+    again = subprocess.run(cmd, env=cli_env(tmp_path / "minari"), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"at step {stopped_at} of 600" in again.stdout, again.stderr[-2000:]
+    assert snapshot_returns(manifest_of(snapshot_dir)) == snapshot_returns(ref_manifest)[:6]
+    assert_same_actors(ref_dir, snapshot_dir, range(100, 700, 100))
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(uninterrupted, tmp_path, capsys):
+    ref_dir, ref_manifest, _ = uninterrupted
+    snapshot_dir = str(tmp_path / "damaged")
+    md.train_agent(resume_args(600), snapshot_dir)  # checkpoints at 150, 300, 450 and 600
+    latest = tmp_path / "damaged" / "checkpoint" / "checkpoint.npz"
+    payload = bytearray(latest.read_bytes())
+    payload[len(payload) // 2] ^= 0xFF  # one flipped byte: the zip members' CRCs find it
+    latest.write_bytes(bytes(payload))
+    capsys.readouterr()
+    md.train_agent(resume_args(600), snapshot_dir)
+    lines = capsys.readouterr().out.splitlines()
+    assert "checkpoint.npz is unreadable" in lines[0] and "using the previous checkpoint" in lines[0], lines
+    assert "checkpoint.prev.npz at step 450 of 600" in lines[1], lines
+    assert snapshot_returns(manifest_of(snapshot_dir)) == snapshot_returns(ref_manifest)[:6]
+    assert_same_actors(ref_dir, snapshot_dir, [500, 600])
+    # with both damaged there is nothing to continue from: one line, not a silent restart
+    for name in ("checkpoint.npz", "checkpoint.prev.npz"):
+        path = tmp_path / "damaged" / "checkpoint" / name
+        path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(common.UserError, match="no readable checkpoint in .*; delete it to train from the start"):
+        md.train_agent(resume_args(600), snapshot_dir)
+
+
+def test_raising_train_steps_continues_from_the_last_step(uninterrupted, tmp_path, capsys):
+    ref_dir, ref_manifest, ref_buffer = uninterrupted
+    snapshot_dir = str(tmp_path / "raised")
+    md.train_agent(resume_args(600), snapshot_dir)
+    capsys.readouterr()
+    manifest, buffer = md.train_agent(resume_args(600), snapshot_dir)
+    assert "at step 600 = --train-steps: nothing to train" in capsys.readouterr().out
+    assert manifest["steps_completed"] == 600 and len(buffer["rewards"]) == 600
+    manifest, buffer = md.train_agent(resume_args(800), snapshot_dir)
+    assert "at step 600 of 800" in capsys.readouterr().out
+    assert manifest["steps_completed"] == 800 and manifest["train_steps_requested"] == 800
+    assert snapshot_returns(manifest) == snapshot_returns(ref_manifest)
+    assert_same_actors(ref_dir, snapshot_dir, [700, 800])
+    for key in ref_buffer:
+        assert buffer[key].tobytes() == ref_buffer[key].tobytes(), key
+    with pytest.raises(common.UserError, match="at step 800, past --train-steps 700"):
+        md.train_agent(resume_args(700), snapshot_dir)
+
+
+def test_a_checkpoint_from_other_flags_or_in_use_is_refused(tmp_path):
+    snapshot_dir = str(tmp_path / "run")
+    md.train_agent(resume_args(150), snapshot_dir)
+    with pytest.raises(common.UserError, match=r"other flags: --lr 0.0003 \(now 0.001\), --batch-size 32 \(now 64\)"):
+        md.train_agent(resume_args(300, lr=1e-3, batch_size=64), snapshot_dir)
+    lock = md.lock_folder(os.path.join(snapshot_dir, "checkpoint"))  # as a training still running holds it
+    try:
+        with pytest.raises(common.UserError, match="another process is training into"):
+            md.train_agent(resume_args(300), snapshot_dir)
+    finally:
+        lock.close()
+    with open(os.path.join(snapshot_dir, "checkpoint", ".gitignore")) as f:
+        assert f.read() == "*\n"  # hundreds of MB that must not be committed with the snapshots
+
+
+def test_an_episode_the_env_does_not_replay_ends_at_the_checkpoint(tmp_path, capsys):
+    snapshot_dir = str(tmp_path / "run")
+    md.train_agent(resume_args(150), snapshot_dir)  # in the middle of the first 200-step episode
+    folder = os.path.join(snapshot_dir, "checkpoint")
+    saved = md.read_checkpoint(folder, resume_args(150))
+    saved["arrays"]["observations"][120, 0] += 1e-3  # as if the env had given another state back
+    md.write_checkpoint(folder, saved["state"], saved["arrays"])
+    capsys.readouterr()
+    _, buffer = md.train_agent(resume_args(300), snapshot_dir)
+    assert "did not replay the episode in progress identically" in capsys.readouterr().out
+    assert buffer["truncations"][149] and not buffer["truncations"][:149].any()
+    env = md.make_env("Pendulum-v1")
+    first_obs, _ = env.reset(seed=md.sub_seed(0, md.STREAM_TRAIN, 1))  # the second episode starts at step 150
+    np.testing.assert_array_equal(buffer["observations"][150], first_obs)
+    env.close()
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one(tmp_path, monkeypatch):
+    folder = str(tmp_path)
+    arrays = {"rewards": np.arange(3.0)}
+    md.write_checkpoint(folder, {"step": 3}, arrays)
+    before = (tmp_path / "checkpoint.npz").read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(md.np, "savez", full_disk)
+    with pytest.raises(common.UserError, match="could not write the checkpoint .*: No space left on device"):
+        md.write_checkpoint(folder, {"step": 4}, arrays)
+    assert sorted(os.listdir(folder)) == ["checkpoint.npz"]  # no temporary file left behind
+    assert (tmp_path / "checkpoint.npz").read_bytes() == before

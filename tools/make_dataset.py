@@ -2,7 +2,7 @@
 
     python tools/make_dataset.py --env Hopper-v5 --kind medium-replay        # from shipped snapshots
     python tools/make_dataset.py --env Hopper-v5 --kind medium expert --transitions 200000
-    python tools/make_dataset.py --env Hopper-v5 --train-steps 200000 --snapshot-every 10000
+    python tools/make_dataset.py --env Hopper-v5 --train-steps 200000 --snapshot-every 10000  # rerun to resume
     python tools/make_dataset.py --env Pendulum-v1 --train-steps 15000 --kind medium-replay
     python tools/make_dataset.py --env Hopper-v5 --kind random --random-policy uniform
 
@@ -32,6 +32,16 @@ a uniform-random warm-up). Training saves the actor's state_dict every --snapsho
 its deterministic evaluation return, in `<snapshot-dir>/manifest.json`, rewritten after every
 snapshot so that a run stopped early still leaves a usable manifest.
 
+Training is resumable: `<snapshot-dir>/checkpoint/checkpoint.npz` holds everything the run needs to
+go on (the SAC networks, target critics, optimisers and entropy temperature; the filled part of the
+replay buffer; the env step and episode counters; the numpy and torch random streams; the manifest).
+It is written every --checkpoint-every env steps, at the end of training and on SIGTERM or SIGINT
+(which then stop the run), each time to a temporary file that is renamed into place once whole; the
+one before is kept as `checkpoint.prev.npz` (read when the last one is damaged). Rerunning the same
+command continues from it, and a higher --train-steps trains further. The episode in progress is
+restored by resetting the env with its seed and replaying its actions from the buffer, so a resumed
+run gives the same snapshots as an uninterrupted one (on the same machine and library versions).
+
 Reference scores: halfcheetah/hopper/walker2d/ant use D4RL's constants (basics.D4RL_REF_SCORES) so
 that scores are on the familiar scale; other envs use the uniform random policy's mean return and
 the expert snapshot's mean evaluation return.
@@ -43,6 +53,7 @@ seed, and every random stream (numpy and torch) comes from its own explicitly se
 from __future__ import annotations
 
 import difflib
+import io
 import json
 import os
 import re
@@ -98,6 +109,10 @@ class Args:
     """if > 0, first train the SAC behaviour agent for this many env steps, saving snapshots"""
     snapshot_every: int = 10_000
     """save and evaluate an actor snapshot every this many env steps"""
+    checkpoint_every: int = 10_000
+    """write a resumable checkpoint of the training (SAC state, replay buffer, random streams,
+    manifest) into <snapshot-dir>/checkpoint every this many env steps, at the end and on
+    SIGTERM/SIGINT; the same command continues from it, also with a higher --train-steps"""
     warmup_steps: int = 5_000
     """uniform-random env steps before SAC starts acting and updating"""
     eval_episodes: int = 10
@@ -379,7 +394,194 @@ def snapshot_by_step(manifest: dict, step: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
+# Flags that change what training does: a checkpoint written with other values is refused. The
+# others (--train-steps, --checkpoint-every, the dataset flags) may differ between a run and its resumption.
+TRAINING_FLAGS = ("env", "seed", "warmup_steps", "snapshot_every", "eval_episodes", "lr", "batch_size", "gamma",
+                  "tau")
+CHECKPOINT_DIR, CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint", "checkpoint.npz", "checkpoint.prev.npz"
+BUFFER_KEYS = ("observations", "actions", "rewards", "terminations", "truncations")
+
+
+def empty_buffer(n: int, obs_dim: int, act_dim: int, obs_dtype) -> dict:
+    """Every transition the agent collects, in order: SAC's replay buffer and the real medium-replay
+    data. Observations keep the env's dtype (float64 for MuJoCo), as Minari would."""
+    return {"observations": np.zeros((n, obs_dim), obs_dtype),
+            "next_observations": np.zeros((n, obs_dim), obs_dtype),
+            "actions": np.zeros((n, act_dim), np.float32),  # policy space [-1, 1] until the end
+            "rewards": np.zeros(n, np.float64),
+            "terminations": np.zeros(n, bool),
+            "truncations": np.zeros(n, bool)}
+
+
+def buffer_arrays(buf: dict, step: int) -> dict:
+    """The filled part of the buffer, without the next observations that repeat the following row's
+    observation: only those of the rows that end an episode, and of the last row, are kept."""
+    arrays = {k: buf[k][:step] for k in BUFFER_KEYS}
+    ends = np.flatnonzero(buf["terminations"][:step] | buf["truncations"][:step])
+    if not len(ends) or ends[-1] != step - 1:
+        ends = np.append(ends, step - 1)
+    arrays["next_observation_rows"] = ends.astype(np.int64)
+    arrays["next_observations"] = buf["next_observations"][ends]
+    return arrays
+
+
+def restore_buffer(buf: dict, arrays: dict, step: int) -> None:
+    for k in BUFFER_KEYS:
+        buf[k][:step] = arrays[k]
+    buf["next_observations"][:step - 1] = arrays["observations"][1:]
+    buf["next_observations"][arrays["next_observation_rows"]] = arrays["next_observations"]
+
+
+def write_checkpoint(folder: str, state: dict, arrays: dict) -> None:
+    """Write the checkpoint whole to a temporary file, then rename the last one to the previous one
+    and the new one into place: at every moment one whole checkpoint is on disk. A failure (a full
+    disk) leaves the checkpoints as they were and is a one-line UserError."""
+    import tempfile
+
+    blob = io.BytesIO()
+    torch.save(state, blob)
+    path, tmp = os.path.join(folder, CHECKPOINT), None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=CHECKPOINT)
+        with os.fdopen(fd, "wb") as f:
+            # np.savez stores the arrays uncompressed: compressing hundreds of MB of floats costs
+            # seconds per checkpoint for little gain.
+            np.savez(f, state=np.frombuffer(blob.getbuffer(), np.uint8), **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            os.replace(path, os.path.join(folder, PREVIOUS_CHECKPOINT))
+        os.replace(tmp, path)
+        dir_fd = os.open(folder, os.O_RDONLY)  # make the renames themselves survive a crash
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(exc, OSError):
+            raise UserError(f"could not write the checkpoint {path}: {exc.strerror or exc}") from None
+        raise
+
+
+def read_checkpoint(folder: str, args: Args) -> Optional[dict]:
+    """The last readable checkpoint in `folder` (state and buffer arrays), or None if there is none.
+    A damaged one is reported in one line and the previous one is read instead."""
+    paths = [os.path.join(folder, name) for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)]
+    paths = [path for path in paths if os.path.exists(path)]
+    for path in paths:
+        try:
+            with np.load(path) as npz:  # reading every member checks its CRC: a damaged file raises here
+                arrays = {k: npz[k] for k in npz.files}
+            state = torch.load(io.BytesIO(arrays.pop("state").tobytes()), weights_only=True)
+            missing = {"step", "args", "sac", "rng", "manifest", "episode"} - set(state)
+            if missing:
+                raise KeyError(", ".join(sorted(missing)))
+            if arrays["rewards"].shape != (state["step"],):
+                raise ValueError(f"{arrays['rewards'].shape[0]} buffer rows for step {state['step']}")
+        except Exception as exc:
+            print(f"[train] {path} is unreadable ({type(exc).__name__}: {str(exc)[:100]}); "
+                  f"{'using the previous checkpoint' if path != paths[-1] else 'no other checkpoint left'}",
+                  flush=True)
+            continue
+        differ = [k for k in TRAINING_FLAGS if state["args"].get(k) != getattr(args, k)]
+        if differ:
+            flags = ", ".join(f"--{k.replace('_', '-')} {state['args'].get(k)} (now {getattr(args, k)})"
+                              for k in differ)
+            raise UserError(f"{path} was written with other flags: {flags}. Rerun with those to continue it, or "
+                            f"pass another --snapshot-dir to train a new agent.")
+        return {"path": path, "state": state, "arrays": arrays}
+    if paths:
+        raise UserError(f"no readable checkpoint in {folder}; delete it to train from the start")
+    return None
+
+
+def lock_folder(folder: str):
+    """Hold a lock on `folder` for this process (released when it exits, killed or not), so that the
+    same command started again while the first still runs is refused instead of both writing."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        return None
+    handle = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise UserError(f"another process is training into {os.path.dirname(folder)}; wait for it or stop it "
+                        f"(it writes a checkpoint on SIGTERM)") from None
+    return handle
+
+
+def replay_episode(env, buf: dict, first: int, step: int, seed: int, low, high) -> Optional[np.ndarray]:
+    """Bring `env` to where the episode in progress stood after `step` env steps: reset it with the
+    episode's seed and step it through the episode's actions in the buffer (rows first..step-1).
+    Returns the current observation, or None if the env did not give the stored transitions back."""
+    obs, _ = env.reset(seed=seed)
+    for i in range(first, step):
+        if not np.array_equal(obs, buf["observations"][i]):
+            return None
+        obs, reward, term, trunc, _ = env.step(to_env_action(buf["actions"][i], low, high))
+        if (np.float64(reward) != buf["rewards"][i] or term != buf["terminations"][i]
+                or trunc != buf["truncations"][i]):
+            return None
+    if first < step and not np.array_equal(obs, buf["next_observations"][step - 1]):
+        return None
+    return obs
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT only set `signum`: the training loop then writes a checkpoint
+    and stops at the end of its step. A signal the process was started ignoring (SIGINT of a job
+    started with `&` by a script) stays ignored. The previous handlers come back on exit."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.signum, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
 def train_agent(args: Args, snapshot_dir: str) -> tuple[dict, dict]:
+    """Train (or continue training) the SAC behaviour agent to --train-steps env steps; returns the
+    manifest and the whole replay buffer (actions in the env's units)."""
+    if args.checkpoint_every <= 0:
+        raise UserError(f"--checkpoint-every must be positive, got {args.checkpoint_every}")
+    checkpoint_dir = os.path.join(snapshot_dir, CHECKPOINT_DIR)
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    # The checkpoints (hundreds of MB for 1M steps) must never be committed with the snapshots.
+    with open(os.path.join(checkpoint_dir, ".gitignore"), "w") as f:
+        f.write("*\n")
+    lock = lock_folder(checkpoint_dir)
+    try:
+        with StopSignals() as signals:
+            return _train_agent(args, snapshot_dir, checkpoint_dir, signals)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train_agent(args: Args, snapshot_dir: str, checkpoint_dir: str, signals: StopSignals) -> tuple[dict, dict]:
+    import signal
+
+    for name in os.listdir(checkpoint_dir):  # left by a run killed while writing (this process holds the lock)
+        if name.startswith(".tmp-") and name.endswith(CHECKPOINT):
+            os.remove(os.path.join(checkpoint_dir, name))
     env, eval_env = make_env(args.env), make_env(args.env)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     low, high = env.action_space.low, env.action_space.high
@@ -387,43 +589,97 @@ def train_agent(args: Args, snapshot_dir: str) -> tuple[dict, dict]:
     rng = np.random.default_rng(sub_seed(args.seed, STREAM_TRAIN))
     generator = torch.Generator().manual_seed(sub_seed(args.seed, STREAM_TRAIN))
     agent = SAC(obs_dim, act_dim, args)
+    modules = {"actor": agent.actor, "critic": agent.critic, "critic_target": agent.critic_target,
+               "actor_opt": agent.actor_opt, "critic_opt": agent.critic_opt, "alpha_opt": agent.alpha_opt}
 
     n = args.train_steps
-    # Every transition the agent collected, in order: SAC's replay buffer and the real
-    # medium-replay data. Observations keep the env's dtype (float64 for MuJoCo), as Minari would.
-    obs_dtype = env.observation_space.dtype
-    buf = {"observations": np.zeros((n, obs_dim), obs_dtype),
-           "next_observations": np.zeros((n, obs_dim), obs_dtype),
-           "actions": np.zeros((n, act_dim), np.float32),  # policy space [-1, 1] until the end
-           "rewards": np.zeros(n, np.float64),
-           "terminations": np.zeros(n, bool),
-           "truncations": np.zeros(n, bool)}
-
+    buf = empty_buffer(n, obs_dim, act_dim, env.observation_space.dtype)
     eval_seed = sub_seed(args.seed, STREAM_EVAL)
-    random_return, _ = mean_return(eval_env, uniform_policy(low, high, sub_seed(args.seed, STREAM_RANDOM_REF)),
-                                   args.eval_episodes, eval_seed)
-    print(f"[train] {args.env}: SAC for {n} env steps ({args.warmup_steps} uniform-random warm-up), "
-          f"snapshots every {args.snapshot_every} into {snapshot_dir}; random policy return "
-          f"{random_return:.1f}", flush=True)
-    os.makedirs(snapshot_dir, exist_ok=True)
-    manifest = {
-        "env_id": args.env, "seed": args.seed, "command": "python " + " ".join(sys.argv),
-        "train_steps_requested": n, "steps_completed": 0, "warmup_steps": args.warmup_steps,
-        "snapshot_every": args.snapshot_every, "eval_episodes": args.eval_episodes,
-        "eval": "deterministic (tanh of the mean) policy, env seeds from the run's seed",
-        "hidden_dim": 256, "obs_dim": obs_dim, "act_dim": act_dim,
-        "sac": {"lr": args.lr, "batch_size": args.batch_size, "gamma": args.gamma, "tau": args.tau,
-                "target_entropy": -act_dim},
-        "random_return": random_return, "snapshots": [],
-    }
+    saved = read_checkpoint(checkpoint_dir, args)
+    if saved is None:
+        random_return, _ = mean_return(eval_env, uniform_policy(low, high, sub_seed(args.seed, STREAM_RANDOM_REF)),
+                                       args.eval_episodes, eval_seed)
+        print(f"[train] {args.env}: SAC for {n} env steps ({args.warmup_steps} uniform-random warm-up), "
+              f"snapshots every {args.snapshot_every} into {snapshot_dir}; random policy return "
+              f"{random_return:.1f}", flush=True)
+        manifest = {
+            "env_id": args.env, "seed": args.seed, "command": "python " + " ".join(sys.argv),
+            "train_steps_requested": n, "steps_completed": 0, "warmup_steps": args.warmup_steps,
+            "snapshot_every": args.snapshot_every, "eval_episodes": args.eval_episodes,
+            "eval": "deterministic (tanh of the mean) policy, env seeds from the run's seed",
+            "hidden_dim": 256, "obs_dim": obs_dim, "act_dim": act_dim,
+            "sac": {"lr": args.lr, "batch_size": args.batch_size, "gamma": args.gamma, "tau": args.tau,
+                    "target_entropy": -act_dim},
+            "random_return": random_return, "snapshots": [],
+        }
+        first_step, episode, episode_start, episode_return, recent_returns, wall_before = 0, 0, 0, 0.0, [], 0.0
+        obs, _ = env.reset(seed=sub_seed(args.seed, STREAM_TRAIN, episode))
+    else:
+        state = saved["state"]
+        first_step = state["step"]
+        if first_step > n:
+            raise UserError(f"{saved['path']} is at step {first_step}, past --train-steps {n}: pass --train-steps "
+                            f"{first_step} or more to continue this run, or another --snapshot-dir")
+        for name, module in modules.items():
+            module.load_state_dict(state["sac"][name])
+        with torch.no_grad():
+            agent.log_alpha.copy_(state["sac"]["log_alpha"])  # in place: alpha_opt holds this tensor
+        rng.bit_generator.state = state["rng"]["numpy"]
+        generator.set_state(state["rng"]["torch"])
+        torch.set_rng_state(state["rng"]["torch_global"])
+        restore_buffer(buf, saved["arrays"], first_step)
+        manifest, wall_before = state["manifest"], state["wall_time_s"]
+        manifest["train_steps_requested"] = n
+        episode, episode_start = state["episode"], state["episode_start"]
+        episode_return, recent_returns = state["episode_return"], state["recent_returns"]
+        if first_step < n:
+            # Snapshots written after the checkpoint are trained again (to the same weights) and re-listed.
+            atomic_write_json(os.path.join(snapshot_dir, "manifest.json"), manifest)
+        obs = replay_episode(env, buf, episode_start, first_step, sub_seed(args.seed, STREAM_TRAIN, episode),
+                             low, high)
+        replay_note = f"episode {episode} replayed to its step {first_step - episode_start}"
+        if obs is None:  # a nondeterministic env: its episode cannot be restored, so it ends here
+            buf["truncations"][first_step - 1] = True
+            episode, episode_start, episode_return = episode + 1, first_step, 0.0
+            obs, _ = env.reset(seed=sub_seed(args.seed, STREAM_TRAIN, episode))
+            replay_note = ("the env did not replay the episode in progress identically, so it ends at the "
+                           "checkpoint and this run will differ from an uninterrupted one")
+        print(f"[train] resuming {args.env} from {saved['path']} at step {first_step} of {n} (SAC state, replay "
+              f"buffer, random streams and manifest restored; {replay_note})"
+              if first_step < n else
+              f"[train] {saved['path']} is at step {n} = --train-steps: nothing to train (a higher --train-steps "
+              f"continues)", flush=True)
 
-    episode, episode_return, recent_returns = 0, 0.0, []
-    obs, _ = env.reset(seed=sub_seed(args.seed, STREAM_TRAIN, episode))
+    def checkpoint(done_steps: int) -> None:
+        write_checkpoint(checkpoint_dir, {
+            "step": done_steps, "args": {k: getattr(args, k) for k in TRAINING_FLAGS},
+            "sac": {**{name: module.state_dict() for name, module in modules.items()},
+                    "log_alpha": agent.log_alpha.detach().clone()},
+            "rng": {"numpy": rng.bit_generator.state, "torch": generator.get_state(),
+                    "torch_global": torch.get_rng_state()},
+            "episode": episode, "episode_start": episode_start, "episode_return": episode_return,
+            "recent_returns": recent_returns, "manifest": manifest,
+            "wall_time_s": wall_before + time.time() - start}, buffer_arrays(buf, done_steps))
+
+    def stop_if_signalled(done_steps: int, checkpointed: bool) -> None:
+        if signals.signum is None:
+            return
+        name = signal.Signals(signals.signum).name
+        if done_steps == 0:
+            print(f"[train] stopped by {name} before the first env step: nothing to continue from", flush=True)
+        else:
+            if not checkpointed:
+                checkpoint(done_steps)
+            print(f"[train] stopped by {name} at step {done_steps}: checkpoint in {checkpoint_dir}; the same "
+                  f"command continues from it", flush=True)
+        raise SystemExit(128 + signals.signum)
+
     start = time.time()
-    progress = Progress("[train]", n, "env steps", note=lambda: (
+    progress = Progress("[train]", n, "env steps", start=first_step, note=lambda: (
         f"recent return (last {len(recent_returns)} episodes) {np.mean(recent_returns):.1f}"
         if recent_returns else "no episode finished yet"))
-    for step in range(n):
+    stop_if_signalled(first_step, checkpointed=saved is not None)
+    for step in range(first_step, n):
         if step < args.warmup_steps:
             action = rng.uniform(-1.0, 1.0, act_dim).astype(np.float32)
         else:
@@ -437,7 +693,7 @@ def train_agent(args: Args, snapshot_dir: str) -> tuple[dict, dict]:
         obs = next_obs
         if term or trunc:
             recent_returns = (recent_returns + [episode_return])[-10:]
-            episode, episode_return = episode + 1, 0.0
+            episode, episode_start, episode_return = episode + 1, step + 1, 0.0
             obs, _ = env.reset(seed=sub_seed(args.seed, STREAM_TRAIN, episode))
 
         if step + 1 >= args.warmup_steps:
@@ -454,12 +710,17 @@ def train_agent(args: Args, snapshot_dir: str) -> tuple[dict, dict]:
             file = f"actor_{done_steps:07d}.pt"
             save_checkpoint(os.path.join(snapshot_dir, file), agent.actor.state_dict())
             manifest["snapshots"].append({"step": done_steps, "file": file, "eval_return": ret,
-                                          "eval_return_std": std, "wall_time_s": round(time.time() - start, 1)})
+                                          "eval_return_std": std,
+                                          "wall_time_s": round(wall_before + time.time() - start, 1)})
             manifest["steps_completed"] = done_steps
-            manifest.update(choose_snapshots(manifest["snapshots"], random_return, args.env))
+            manifest.update(choose_snapshots(manifest["snapshots"], manifest["random_return"], args.env))
             atomic_write_json(os.path.join(snapshot_dir, "manifest.json"), manifest)
             progress.print(f"[train] snapshot {file}: eval return {ret:.1f} ± {std:.1f} | medium = step "
                            f"{manifest['medium']}, expert = step {manifest['expert']}")
+        checkpointed = done_steps % args.checkpoint_every == 0 or done_steps == n
+        if checkpointed:
+            checkpoint(done_steps)
+        stop_if_signalled(done_steps, checkpointed)
     env.close()
     eval_env.close()
     buf["actions"] = to_env_action(buf["actions"], low, high)
@@ -472,12 +733,14 @@ def train_agent(args: Args, snapshot_dir: str) -> tuple[dict, dict]:
 class Progress:
     """One line for a long loop: redrawn in place on a terminal; elsewhere (a log file) printed at
     each tenth of the way, so that a build of 1M transitions writes ten lines, not thousands. The
-    line ends when `total` is reached. `note` adds the loop's own figures (called when drawing)."""
+    line ends when `total` is reached. `note` adds the loop's own figures (called when drawing).
+    `start` is where a resumed loop begins: the rate counts only the steps done since."""
 
     def __init__(self, label: str, total: int, unit: str = "transitions",
-                 note: Optional[Callable[[], str]] = None):
+                 note: Optional[Callable[[], str]] = None, start: int = 0):
         self.label, self.total, self.unit, self.note = label, max(total, 1), unit, note
-        self.done, self.tenths, self.start = 0, 0, time.time()
+        self.done, self.first, self.start = start, start, time.time()
+        self.tenths = start * 10 // self.total
         self.live = sys.stdout.isatty()
         self.drawn_at, self.width = 0.0, 0  # width > 0: a live line is on screen
 
@@ -498,7 +761,7 @@ class Progress:
 
     def text(self) -> str:
         elapsed = time.time() - self.start
-        rate = self.done / max(elapsed, 1e-9)
+        rate = (self.done - self.first) / max(elapsed, 1e-9)
         eta = int((self.total - self.done) / max(rate, 1e-9))
         text = (f"{self.label} {self.done}/{self.total} {self.unit} ({self.done / self.total:.0%}) | "
                 f"{rate:.0f}/s | ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}")
