@@ -8,10 +8,12 @@ through `common` (common.UserError, common.save_checkpoint, ...). Importing it c
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
 import tempfile
+import threading
 from typing import Any
 
 # D4RL's reference returns (random and expert policies on the v2 MuJoCo envs). Minari's
@@ -29,36 +31,65 @@ class UserError(Exception):
     """A problem with the user's input. Scripts print it as one line, without a traceback."""
 
 
+# A write the disk refused (full, over a quota or a file-size limit, read-only). Our own writes turn
+# it into a UserError (atomic_write_bytes); a library's (tensorboard's event writer) is reported the
+# same way by the hooks below.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _refused_write(exc) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS
+
+
 def _excepthook(exc_type, exc, tb):
     if issubclass(exc_type, UserError):
         print(f"error: {exc}", file=sys.stderr)
         return
+    if _refused_write(exc):
+        print(f"error: could not write {exc.filename or 'a file'}: {exc.strerror}", file=sys.stderr)
+        return
     sys.__excepthook__(exc_type, exc, tb)
 
 
+def _thread_excepthook(hook_args):
+    # tensorboard's writer thread keeps the error and raises it again in the main thread at the next
+    # write, where _excepthook reports it: printing it here as well would make it two tracebacks.
+    if _refused_write(hook_args.exc_value):
+        return
+    threading.__excepthook__(hook_args)
+
+
 def install_user_error_hook() -> None:
-    """Make an uncaught UserError end the script with one line ("error: ...") and exit status 1
-    instead of a traceback. Every script calls this first; importing common changes nothing."""
+    """Make an uncaught UserError, or a write the disk refused, end the script with one line
+    ("error: ...") and exit status 1 instead of a traceback. Every script calls this first;
+    importing common changes nothing."""
     sys.excepthook = _excepthook
+    threading.excepthook = _thread_excepthook
 
 
 def atomic_write_bytes(path: str, payload: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    """Write to a temporary file in the same folder, then rename: readers never see half a file.
+
+    A failure (no permission, a full disk) leaves the previous file as it was and no temporary file,
+    and is a UserError naming the file: the one line a user needs, whichever script was writing."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private (0600); results are meant to be shared
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private (0600); results are meant to be shared
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(exc, OSError):
+            raise UserError(f"could not write {path}: {exc.strerror or exc}") from None
         raise
 
 

@@ -8,12 +8,20 @@ What the algorithm files can rely on:
 - Importing this module has no side effects. A script calls `install_user_error_hook()` first (an
   uncaught `UserError` then ends it with one line, not a traceback) and `flush_denormals()` before
   it trains.
+- Flags are checked right after parsing, before any work: `check_args(args)` the shared ones, then
+  the file's own `check_args(args)` its own, with `check_positive`, `check_nonnegative`,
+  `check_interval` and `check_seed`. Flags left None (per-domain defaults) are not checked. `Run`
+  refuses a batch size larger than the dataset, the first point where both are known.
 - `load_dataset(id)` is the only way data comes in: a local Minari dataset; a `local/...` id, built
   on first use from the snapshots shipped in tools/ (by tools/make_dataset.py, leaving the global
   random streams as they were); a known remote id, downloaded; or D4RL's own HDF5 file
   (`d4rl/<name>` or its path, read by d4rl_files.py into the same flat arrays).
 - Actions are in [-1, 1]: rescaled from the dataset's Box on loading, and `evaluate` maps the
   policy's actions back to the Box before stepping the env, so a tanh policy needs no bounds.
+- Whatever their source, `load_dataset` checks the flat arrays once: values that are not finite are
+  refused, episodes of length zero dropped and actions beyond the Box clipped, each with one line. A
+  damaged dataset file is one line that says how to rebuild or re-download it; a damaged or stale
+  cache (flat arrays, pretrained models) is rebuilt with a notice.
 - Of the functions given an `OfflineData`, only `normalize_obs` (observations, next_observations)
   and `transform_rewards` (rewards) change it, in place; `episode_returns` stays raw.
 - `Run(args, algorithm, data)` takes the script's `Args` with the fields every file shares. It reads
@@ -41,12 +49,15 @@ Data conventions:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import json
+import math
 import os
 import random
 import time
+import warnings
 from typing import Any, Callable, Literal, NamedTuple, get_args
 
 import numpy as np
@@ -90,6 +101,84 @@ KNOWN_REMOTE_DATASETS = sorted(
                                           "large", "large-dense", "open", "open-dense")]
     + ["D4RL/minigrid/fourrooms-v0", "D4RL/minigrid/fourrooms-random-v0"]
 )
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking flags: right after parsing, so that a bad value is one line before any work, not a
+# traceback (or a silently useless run) after the dataset has loaded
+# ----------------------------------------------------------------------------------------------
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _given(args, names: tuple[str, ...]):
+    for name in names:
+        value = getattr(args, name)
+        if value is not None:  # None: a per-domain default, chosen later
+            yield name, value
+
+
+def check_positive(args, *names: str) -> None:
+    """Counts, periods, sizes (at least 1) and rates, scales (above 0)."""
+    for name, value in _given(args, names):
+        if value <= 0:
+            raise UserError(f"{_flag(name)} must be {'at least 1' if isinstance(value, int) else 'above 0'}, "
+                            f"got {value}")
+
+
+def check_nonnegative(args, *names: str) -> None:
+    """Weights, noise scales and step counts for which 0 means "off"."""
+    for name, value in _given(args, names):
+        if value < 0:
+            raise UserError(f"{_flag(name)} must be 0 or more, got {value}")
+
+
+def check_interval(args, name: str, low: float, high: float, bounds: str = "[)") -> None:
+    """`low` <= or < the value <= or < `high`, as `bounds` says ("[)": low included, high not)."""
+    for name, value in _given(args, (name,)):
+        above = value >= low if bounds[0] == "[" else value > low
+        below = value <= high if bounds[1] == "]" else value < high
+        if not (above and below):
+            raise UserError(f"{_flag(name)} must be in {bounds[0]}{low}, {high}{bounds[1]}, got {value}")
+
+
+def check_seed(args, *names: str) -> None:
+    """Seeds are unsigned 32-bit numbers for numpy and Gymnasium."""
+    for name in names:
+        check_interval(args, name, 0, 2**32 - 1, "[]")
+
+
+def check_output_dir(path: str, flag: str = "--output-dir") -> None:
+    """`path` is a folder this process can write in, or can be created as one."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} {path} cannot be a folder: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path} is not writable: no permission to write in {existing}")
+
+
+def check_args(args) -> None:
+    """The checks of the flags every file shares (and of every float: finite), before any work."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{_flag(field.name)} must be a finite number, got {value}")
+    check_positive(args, "total_steps", "batch_size", "eval_every", "eval_episodes", "log_every")
+    check_seed(args, "seed")
+    check_output_dir(args.output_dir)
+
+
+def check_batch_sizes(args, data: OfflineData) -> None:
+    """Every *batch_size flag is at most the number of transitions. Minibatches are drawn with
+    replacement, so a larger one would run, but it only repeats transitions within each step at a
+    higher cost: it means a typo or the wrong dataset (and at 1e8, an allocation that fails)."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if field.name.endswith("batch_size") and value is not None and value > len(data):
+            raise UserError(f"{_flag(field.name)} {value} is larger than the dataset '{data.dataset_id}' "
+                            f"({len(data)} transitions); use at most {len(data)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,9 +230,21 @@ def resolve_dataset(dataset_id: str):
     """Return a `minari.MinariDataset`: the local copy if there is one, else download it."""
     import minari
 
-    local = sorted(minari.list_local_datasets().keys())
-    if dataset_id in local:
-        return minari.load_dataset(dataset_id)
+    with warnings.catch_warnings():  # a misconfigured folder is reported below if it is the one asked for
+        warnings.simplefilter("ignore")
+        local = sorted(minari.list_local_datasets().keys())
+    folder = str(minari.storage.get_dataset_path(dataset_id))
+    if dataset_id in local or os.path.isdir(os.path.join(folder, "data")):
+        try:
+            return minari.load_dataset(dataset_id)
+        except Exception as exc:  # json's, h5py's and pyarrow's own errors, among others
+            metadata = os.path.join(folder, "data", "metadata.json")
+            try:
+                with open(metadata) as f:
+                    json.load(f)
+            except (OSError, ValueError):
+                raise _damaged_dataset(dataset_id, folder, metadata, exc) from None
+            raise _damaged_dataset(dataset_id, folder, folder, exc) from None
     if dataset_id.startswith("local/"):
         # local/* ids are never remote: they are built offline from the snapshots in tools/.
         import tools.make_dataset
@@ -230,6 +331,7 @@ def load_dataset(dataset_id: str, device: str | torch.device = "cpu") -> Offline
     if arrays is None:
         arrays = _read_episodes(dataset, dataset_id, obs_dim, keys)
         _write_flat_cache(dataset, arrays)
+    arrays = _check_arrays(arrays, dataset_id, action_space.low, action_space.high)
     # Episode e owns rows [starts[e] + e, starts[e] + e + lengths[e]] of the (N + E)-row observation
     # array; dropping each episode's last row gives obs[t], dropping its first gives obs[t+1].
     lengths = arrays["lengths"]
@@ -281,7 +383,7 @@ def _eval_env_id(dataset) -> str | None:
 def _read_episodes(dataset, dataset_id: str, obs_dim: int, keys: tuple[str, ...]) -> dict:
     """One pass over the episodes; observations keep their T+1 rows per episode."""
     obs, acts, rews, terms, truncs, lengths = [], [], [], [], [], []
-    for ep in dataset.storage.get_episodes(dataset.episode_indices):
+    for ep in _episodes(dataset, dataset_id):
         o = flatten_obs(ep["observations"], keys)
         steps = len(ep["rewards"])
         if o.shape != (steps + 1, obs_dim):
@@ -307,6 +409,36 @@ def _read_episodes(dataset, dataset_id: str, obs_dim: int, keys: tuple[str, ...]
     }
 
 
+def _damaged_dataset(dataset_id: str, folder: str, path: str, exc: Exception) -> UserError:
+    """The one line for a dataset file that cannot be read: which file, why, and how to replace it."""
+    if dataset_id.startswith("local/"):
+        fix = f"delete {folder} and it is rebuilt on first use"
+    elif dataset_id in KNOWN_REMOTE_DATASETS:
+        fix = f"download it again with `minari download --force {dataset_id}`"
+    else:
+        fix = f"rebuild it, or download it again with `minari download --force {dataset_id}` if it is on the hub"
+    reason = (str(exc).strip().splitlines() or [""])[0][:160]
+    return UserError(f"dataset '{dataset_id}' is damaged: {path} could not be read "
+                     f"({type(exc).__name__}: {reason}); {fix}")
+
+
+def _episodes(dataset, dataset_id: str):
+    """The dataset's episodes, one at a time; a data file that cannot be read is a `_damaged_dataset`."""
+    folder = os.path.dirname(os.path.abspath(dataset.storage.data_path))
+    path = getattr(dataset.storage, "_file_path", dataset.storage.data_path)  # HDF5: main_data.hdf5
+    episodes = None
+    while True:
+        try:
+            if episodes is None:
+                episodes = iter(dataset.storage.get_episodes(dataset.episode_indices))
+            episode = next(episodes)
+        except StopIteration:
+            return
+        except Exception as exc:  # h5py's, pyarrow's and numpy's own errors, among others
+            raise _damaged_dataset(dataset_id, folder, str(path), exc) from None
+        yield episode
+
+
 # Reading a Minari HDF5 file costs ~1 ms per episode (h5py's per-dataset overhead), a minute for a
 # random-policy dataset of 50k short episodes. The flat arrays are therefore cached once beside the
 # dataset, keyed by the names, sizes and mtimes of its data files, and later loads take seconds.
@@ -328,12 +460,28 @@ def _cache_path(dataset) -> str:
 
 
 def _read_flat_cache(dataset, obs_dim: int) -> dict | None:
+    """The cached arrays, or None when there is no cache; a stale or damaged one is only a cache
+    miss, with a notice (it is then written again)."""
+    path = _cache_path(dataset)
+    if not os.path.exists(path):
+        return None
     try:
-        with np.load(_cache_path(dataset)) as f:
-            if str(f["key"]) != _cache_key(dataset) or f["observations"].shape[1] != obs_dim:
+        with np.load(path) as f:
+            if str(f["key"]) != _cache_key(dataset):
+                print(f"the flat-array cache {path} is stale (the dataset's files changed); rebuilding it",
+                      flush=True)
                 return None
-            return {k: f[k] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "lengths")}
-    except (OSError, KeyError, ValueError):
+            arrays = {k: f[k] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "lengths")}
+        n, episodes, act_dim = int(arrays["lengths"].sum()), len(arrays["lengths"]), dataset.action_space.shape[0]
+        expected = {"observations": (n + episodes, obs_dim), "actions": (n, act_dim), "rewards": (n,),
+                    "terminals": (n,), "timeouts": (n,)}
+        for name, shape in expected.items():
+            if arrays[name].shape != shape:
+                raise ValueError(f"{name} have shape {arrays[name].shape}, not {shape}")
+        return arrays
+    except Exception as exc:  # zipfile's, numpy's and the checks' errors: whatever it is, rebuild it
+        reason = (str(exc).strip().splitlines() or [""])[0][:120]
+        print(f"the flat-array cache {path} is damaged ({type(exc).__name__}: {reason}); rebuilding it", flush=True)
         return None
 
 
@@ -344,8 +492,59 @@ def _write_flat_cache(dataset, arrays: dict) -> None:
     np.savez(buffer, key=np.array(_cache_key(dataset)), **arrays)
     try:
         atomic_write_bytes(_cache_path(dataset), buffer.getvalue())
-    except OSError:  # a read-only dataset folder: no cache, every load reads the episodes
-        pass
+    except UserError as exc:  # e.g. a read-only dataset folder: no cache, every load reads the episodes
+        print(f"{exc}; the dataset's episodes will be read again on every load", flush=True)
+
+
+# Actions beyond the Box by float rounding are clipped silently; beyond this fraction of the Box's
+# half-width they are the data's, and clipping them changes the data, so it is said.
+ACTION_BOUNDS_TOLERANCE = 1e-3
+
+
+def _locate(row: int, lengths: np.ndarray, extra: int) -> str:
+    """Which episode and step a row of the flat arrays is (observations have extra=1 row per episode)."""
+    ends = np.cumsum(lengths + extra)
+    episode = int(np.searchsorted(ends, row, side="right"))
+    return f"episode {episode}, step {row - (ends[episode] - lengths[episode] - extra)}"
+
+
+def _check_arrays(arrays: dict, dataset_id: str, low: np.ndarray, high: np.ndarray) -> dict:
+    """The checks of the flat arrays, whatever their source, each with one line: values that are
+    not finite are refused (they would only give NaN losses); episodes of length zero are dropped
+    (they hold no transition and would break the per-episode sums); actions beyond the action
+    space's bounds are clipped to them (a tanh policy cannot produce them)."""
+    lengths = arrays["lengths"]
+    bad = []
+    for name, extra in (("observations", 1), ("actions", 0), ("rewards", 0)):
+        finite = np.isfinite(arrays[name])
+        if not finite.all():
+            rows = finite.reshape(len(finite), -1).all(1)
+            first = _locate(int(np.argmin(rows)), lengths, extra)
+            bad.append(f"{finite.size - int(finite.sum())} in {name} (first at {first})")
+    if bad:
+        raise UserError(f"dataset '{dataset_id}' holds values that are not finite (NaN or inf): "
+                        f"{'; '.join(bad)}. Training on them gives NaN losses: repair or drop those episodes.")
+    if (lengths == 0).any():
+        empty = np.flatnonzero(lengths == 0)
+        obs_rows = np.ones(len(arrays["observations"]), dtype=bool)
+        obs_rows[(np.cumsum(lengths + 1) - 1)[empty]] = False  # an empty episode's one observation
+        arrays = {**arrays, "observations": arrays["observations"][obs_rows], "lengths": lengths[lengths > 0]}
+        shown = ", ".join(str(e) for e in empty[:5]) + (", ..." if len(empty) > 5 else "")
+        print(f"dataset '{dataset_id}': dropped {len(empty)} episode(s) of length zero (episode {shown}), which "
+              f"hold no transitions", flush=True)
+    if not len(arrays["lengths"]):
+        raise UserError(f"dataset '{dataset_id}' contains no transitions.")
+    if np.any(high <= low):
+        raise UserError(f"dataset '{dataset_id}' has an action space with no width in some dimension "
+                        f"(low {low}, high {high}); actions cannot be rescaled to [-1, 1].")
+    actions = arrays["actions"]
+    excess = np.maximum(actions - high, low - actions)  # > 0 outside the bounds, in the dataset's units
+    outside = (excess > ACTION_BOUNDS_TOLERANCE * (high - low) / 2).any(1)
+    if outside.any():
+        print(f"dataset '{dataset_id}': {int(outside.sum())} of {len(actions)} actions lie outside the action "
+              f"space's bounds, by up to {float(excess.max()):.3g} (first at "
+              f"{_locate(int(np.argmax(outside)), lengths, 0)}); they are clipped to the bounds", flush=True)
+    return arrays
 
 
 def _reference_scores(dataset, dataset_id: str):
@@ -533,7 +732,14 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available; use --device cpu.")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device torch knows; use auto, cpu, cuda or cuda:<index>.") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"numbered from 0.")
+    return device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -568,6 +774,7 @@ class Run:
         self.args, self.algorithm, self.data = args, algorithm, data
         run_name = args.run_name or f"{args.env.replace('/', '__')}__{algorithm}__{args.seed}__{int(time.time())}"
         self.dir = os.path.join(args.output_dir, run_name)
+        check_batch_sizes(args, data)
         self.saved = None
         if args.resume == "auto":
             if _finished(os.path.join(self.dir, "results.json")):
@@ -576,7 +783,10 @@ class Run:
             self.saved = self._read_checkpoint()
         else:
             _remove_checkpoints(self.dir)
-        os.makedirs(self.dir, exist_ok=True)
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the run folder {self.dir}: {exc.strerror or exc}") from None
         # a resumed run drops the events logged after its checkpoint, which it is about to log again
         self.writer = SummaryWriter(self.dir, purge_step=None if self.saved is None else self.saved["step"] + 1)
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
@@ -625,7 +835,7 @@ class Run:
         if bad:
             raise UserError(
                 f"{', '.join(bad)} became {values[bad[0]]} at step {step}: training diverged. Try a "
-                f"lower learning rate, another --seed, or check the dataset's rewards for NaN/inf."
+                f"lower learning rate or another --seed."
             )
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
@@ -867,15 +1077,39 @@ def load_pretrained(path: str, modules: dict, device: torch.device) -> bool:
     if not os.path.exists(path):
         return False
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
-        for name, module in modules.items():
-            module.load_state_dict(state[name])
+        load_state_dicts(modules, torch.load(path, map_location=device, weights_only=True))
     except Exception as exc:  # a truncated or foreign file is only a cache miss
-        print(f"cache {path} is unreadable ({type(exc).__name__}); training it again", flush=True)
+        print(f"cache {path} is unreadable or does not fit ({type(exc).__name__}); training it again", flush=True)
         return False
     print(f"reusing the cached pretrained model {path}", flush=True)
     return True
 
 
+def load_state_dicts(modules: dict, state: dict) -> None:
+    """Load state[name] into each of `modules`; if one does not fit, raise and leave all of them as
+    they were, so that training them again starts where a run without the cache starts."""
+    before = {name: copy.deepcopy(module.state_dict()) for name, module in modules.items()}
+    try:
+        for name, module in modules.items():
+            module.load_state_dict(state[name])
+    except Exception:
+        for name, module in modules.items():
+            module.load_state_dict(before[name])
+        raise
+
+
+def save_cache(path: str, payload: bytes) -> None:
+    """Write a cache file atomically. One that cannot be written (a read-only or full disk) only
+    costs the next run the time to build it again, so it is a notice, not the end of this run."""
+    try:
+        atomic_write_bytes(path, payload)
+    except UserError as exc:
+        print(f"{exc}; continuing without caching it", flush=True)
+
+
 def save_pretrained(path: str, modules: dict) -> None:
-    save_checkpoint(path, {name: module.state_dict() for name, module in modules.items()})
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({name: module.state_dict() for name, module in modules.items()}, buffer)
+    save_cache(path, buffer.getvalue())

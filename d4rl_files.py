@@ -201,16 +201,21 @@ class D4RLFile:
         every episode limit, counted from each terminal, again as qlearning_dataset does."""
         import h5py
 
-        with h5py.File(self.path, "r") as f:
-            missing = [k for k in ("observations", "actions", "rewards", "terminals") if k not in f]
-            if missing:
-                raise UserError(f"{self.path} is not a D4RL dataset file: it has no {', '.join(missing)}.")
-            obs = np.asarray(f["observations"], dtype=np.float32)
-            actions = np.asarray(f["actions"], dtype=np.float32)
-            rewards = np.asarray(f["rewards"], dtype=np.float32).reshape(-1)
-            terminals = np.asarray(f["terminals"]).reshape(-1).astype(bool)
-            timeouts = np.asarray(f["timeouts"]).reshape(-1).astype(bool) if "timeouts" in f else None
-            next_obs = np.asarray(f["next_observations"], dtype=np.float32) if "next_observations" in f else None
+        try:
+            with h5py.File(self.path, "r") as f:
+                missing = [k for k in ("observations", "actions", "rewards", "terminals") if k not in f]
+                if missing:
+                    raise UserError(f"{self.path} is not a D4RL dataset file: it has no {', '.join(missing)}.")
+                obs = np.asarray(f["observations"], dtype=np.float32)
+                actions = np.asarray(f["actions"], dtype=np.float32)
+                rewards = np.asarray(f["rewards"], dtype=np.float32).reshape(-1)
+                terminals = np.asarray(f["terminals"]).reshape(-1).astype(bool)
+                timeouts = np.asarray(f["timeouts"]).reshape(-1).astype(bool) if "timeouts" in f else None
+                next_obs = np.asarray(f["next_observations"], dtype=np.float32) if "next_observations" in f else None
+        except (OSError, KeyError) as exc:  # h5py's errors for a truncated or corrupted file
+            reason = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise UserError(f"{self.path} is damaged: it could not be read ({type(exc).__name__}: {reason}); "
+                            f"download it again from {_URL}{FILE_PATHS[self.name]}") from None
         n, obs_dim, act_dim = len(rewards), self.observation_space.shape[0], self.action_space.shape[0]
         expected = {"observations": (n, obs_dim), "actions": (n, act_dim), "terminals": (n,)}
         found = {"observations": obs.shape, "actions": actions.shape, "terminals": terminals.shape}

@@ -80,7 +80,7 @@ class Args:
     total_steps: int = 1_000_000
     """gradient steps"""
     batch_size: int = 256
-    """transitions per gradient step"""
+    """transitions per gradient step, drawn with replacement; at most the dataset's size"""
     eval_every: int = 5_000
     """evaluate every this many steps (and at the last step)"""
     eval_episodes: int = 10
@@ -169,6 +169,21 @@ class Args:
     """width of the two hidden layers of critic and policy"""
     normalize_states: bool = True
     """standardise states with the dataset's mean and std"""
+
+
+def check_args(args: Args) -> None:
+    """This file's own flags, right after parsing (common.check_args checks the shared ones)."""
+    common.check_positive(args, "bc_steps", "score_lr", "score_batch_size", "score_hidden_dim", "score_blocks",
+                          "fourier_scale", "beta_min", "n_support", "sampler_steps", "likelihood_steps",
+                          "hutchinson_probes", "sample_batch_states", "kth", "max_weight", "critic_lr", "actor_lr",
+                          "hidden_dim")
+    common.check_nonnegative(args, "snr", "exact_divergence_max_dim", "alpha")
+    common.check_interval(args, "ema", 0, 1, "[)")
+    if args.beta_max < args.beta_min:
+        raise common.UserError(f"--beta-max must be at least --beta-min ({args.beta_min}), got {args.beta_max}")
+    common.check_seed(args, "score_seed")
+    common.check_interval(args, "gamma", 0, 1, "[)")
+    common.check_interval(args, "tau", 0, 1, "(]")
 
 
 def domain_defaults(dataset_id: str) -> dict:
@@ -618,6 +633,8 @@ class ARQ:
 if __name__ == "__main__":
     common.install_user_error_hook()
     args = tyro.cli(Args)
+    common.check_args(args)
+    check_args(args)
     device = common.resolve_device(args.device)
     common.flush_denormals()
     common.seed_everything(args.seed)
@@ -642,12 +659,19 @@ if __name__ == "__main__":
     score_path = os.path.join(cache_dir, f"score_{score_model_key(args, data.observations, data.actions)}.pt")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.score_seed)  # the score model and the support do not depend on --seed
+        score_bytes = None
         if os.path.exists(score_path):
-            with open(score_path, "rb") as f:
-                score_bytes = f.read()
-            agent.score.load_state_dict(torch.load(io.BytesIO(score_bytes), map_location=device))
-            print(f"[arq] reusing cached score model {score_path}")
-        else:
+            try:  # a damaged or foreign file is only a cache miss
+                with open(score_path, "rb") as f:
+                    score_bytes = f.read()
+                common.load_state_dicts({"score": agent.score},
+                                        {"score": torch.load(io.BytesIO(score_bytes), map_location=device)})
+                print(f"[arq] reusing cached score model {score_path}")
+            except Exception as exc:
+                print(f"[arq] cache {score_path} is unreadable or does not fit ({type(exc).__name__}); "
+                      f"training the score model again", flush=True)
+                score_bytes = None
+        if score_bytes is None:
             agent.score.set_normalization(data.observations, data.actions)
             for step in range(1, args.bc_steps + 1):
                 metrics = agent.train_score(buffer.sample(args.score_batch_size))
@@ -656,15 +680,24 @@ if __name__ == "__main__":
             payload = io.BytesIO()
             torch.save(agent.score.state_dict(), payload)
             score_bytes = payload.getvalue()
-            common.atomic_write_bytes(score_path, score_bytes)
+            common.save_cache(score_path, score_bytes)
 
         states, next_row = support_states(data)
         support_path = os.path.join(cache_dir, f"support_{support_key(args, score_bytes, len(states))}.pt")
+        cached = None
         if os.path.exists(support_path):
-            cached = torch.load(support_path, map_location=device)
-            samples, log_likelihoods = cached["samples"], cached["log_likelihoods"]
-            print(f"[arq] reusing cached support {support_path}")
-        else:
+            try:  # a damaged or foreign file is only a cache miss
+                cached = torch.load(support_path, map_location=device)
+                samples, log_likelihoods = cached["samples"], cached["log_likelihoods"]
+                if samples.shape != (len(states), args.n_support, data.act_dim) or \
+                        log_likelihoods.shape != samples.shape[:2]:
+                    raise ValueError(f"samples of shape {tuple(samples.shape)}")
+                print(f"[arq] reusing cached support {support_path}")
+            except Exception as exc:
+                print(f"[arq] cache {support_path} is unreadable or does not fit ({type(exc).__name__}); "
+                      f"generating the support again", flush=True)
+                cached = None
+        if cached is None:
             print(f"[arq] generating the support: {len(states)} states x {args.n_support} samples, sampler "
                   f"{args.sampler} ({args.sampler_steps} steps), likelihood RK4 ({args.likelihood_steps} steps)",
                   flush=True)
@@ -672,7 +705,7 @@ if __name__ == "__main__":
             samples, log_likelihoods = generate_support(agent.score, states, args, gen)
             payload = io.BytesIO()
             torch.save({"samples": samples.cpu(), "log_likelihoods": log_likelihoods.cpu()}, payload)
-            common.atomic_write_bytes(support_path, payload.getvalue())
+            common.save_cache(support_path, payload.getvalue())
     support = build_support(data.actions, samples, log_likelihoods, args.log_likelihood_threshold, next_row)
     kept = support.valid[:, 1:].float().mean().item()
     print(f"[arq] support: {kept:.1%} of the samples have log-likelihood > {args.log_likelihood_threshold}")

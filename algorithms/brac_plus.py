@@ -83,7 +83,7 @@ class Args:
     total_steps: int = 1_000_000
     """gradient steps"""
     batch_size: int = 256
-    """transitions per gradient step"""
+    """transitions per gradient step, drawn with replacement; at most the dataset's size"""
     eval_every: int = 5_000
     """evaluate every this many steps (and at the last step)"""
     eval_episodes: int = 10
@@ -167,6 +167,20 @@ class Args:
     """width of the 3 hidden layers of each encoder and decoder (appendix F)"""
     normalize_states: bool = True
     """standardise states with the dataset's mean and std"""
+
+
+def check_args(args: Args) -> None:
+    """This file's own flags, right after parsing (common.check_args checks the shared ones)."""
+    if args.alpha_max <= 1.0:
+        raise common.UserError(f"--alpha-max must be above 1 (alpha(s) is kept in [1/alpha_max, alpha_max]), "
+                               f"got {args.alpha_max}")
+    common.check_positive(args, "alpha_init", "beta_init", "multiplier_lr", "gp_weight", "gp_target", "n_samples",
+                          "n_latent", "n_ensembles", "entropy_std_scale", "epoch_steps", "kl_states", "bc_steps",
+                          "bc_lr", "actor_lr", "critic_lr", "hidden_dim", "actor_hidden_dim", "vae_hidden_dim")
+    common.check_nonnegative(args, "kl_margin", "pretrain_steps")
+    common.check_seed(args, "bc_seed")
+    common.check_interval(args, "gamma", 0, 1, "[)")
+    common.check_interval(args, "tau", 0, 1, "(]")
 
 
 # Per-dataset settings of the official run script (examples/d4rl_bracp.py): the KL margin
@@ -590,6 +604,8 @@ class BRACPlus:
 if __name__ == "__main__":
     common.install_user_error_hook()
     args = tyro.cli(Args)
+    common.check_args(args)
+    check_args(args)
     device = common.resolve_device(args.device)
     common.flush_denormals()
     common.seed_everything(args.seed)

@@ -49,7 +49,7 @@ class Args:
     total_steps: int = 1_000_000
     """gradient steps"""
     batch_size: int = 256
-    """transitions per gradient step"""
+    """transitions per gradient step, drawn with replacement; at most the dataset's size"""
     eval_every: int = 5_000
     """evaluate every this many steps (and at the last step)"""
     eval_episodes: int = 10
@@ -95,6 +95,14 @@ class Args:
     """width of the three hidden layers of every network"""
     normalize_states: bool = True
     """standardise states with the dataset's mean and std"""
+
+
+def check_args(args: Args) -> None:
+    """This file's own flags, right after parsing (common.check_args checks the shared ones)."""
+    common.check_nonnegative(args, "cql_weight", "lagrange_threshold", "bc_warmup_steps")
+    common.check_positive(args, "n_actions", "actor_lr", "critic_lr", "hidden_dim")
+    common.check_interval(args, "gamma", 0, 1, "[)")
+    common.check_interval(args, "tau", 0, 1, "(]")
 
 
 def domain_defaults(dataset_id: str) -> dict:
@@ -280,6 +288,8 @@ class CQL:
 if __name__ == "__main__":
     common.install_user_error_hook()
     args = tyro.cli(Args)
+    common.check_args(args)
+    check_args(args)
     device = common.resolve_device(args.device)
     common.flush_denormals()
     common.seed_everything(args.seed)

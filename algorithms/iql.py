@@ -46,7 +46,7 @@ class Args:
     total_steps: int = 1_000_000
     """gradient steps"""
     batch_size: int = 256
-    """transitions per gradient step"""
+    """transitions per gradient step, drawn with replacement; at most the dataset's size"""
     eval_every: int = 5_000
     """evaluate every this many steps (and at the last step)"""
     eval_episodes: int = 10
@@ -89,6 +89,16 @@ class Args:
     """width of the two hidden layers of every network"""
     normalize_states: bool = True
     """standardise states with the dataset's mean and std"""
+
+
+def check_args(args: Args) -> None:
+    """This file's own flags, right after parsing (common.check_args checks the shared ones)."""
+    common.check_interval(args, "expectile", 0, 1, "()")
+    common.check_interval(args, "dropout", 0, 1, "[)")
+    common.check_nonnegative(args, "beta")
+    common.check_positive(args, "max_weight", "lr", "hidden_dim")
+    common.check_interval(args, "gamma", 0, 1, "[)")
+    common.check_interval(args, "tau", 0, 1, "(]")
 
 
 def domain_defaults(dataset_id: str) -> dict:
@@ -222,6 +232,8 @@ class IQL:
 if __name__ == "__main__":
     common.install_user_error_hook()
     args = tyro.cli(Args)
+    common.check_args(args)
+    check_args(args)
     device = common.resolve_device(args.device)
     common.flush_denormals()
     common.seed_everything(args.seed)

@@ -39,7 +39,7 @@ class Args:
     total_steps: int = 1_000_000
     """gradient steps"""
     batch_size: int = 256
-    """transitions per gradient step"""
+    """transitions per gradient step, drawn with replacement; at most the dataset's size"""
     eval_every: int = 5_000
     """evaluate every this many steps (and at the last step)"""
     eval_episodes: int = 10
@@ -79,6 +79,14 @@ class Args:
     """width of the two hidden layers of every network"""
     normalize_states: bool = True
     """standardise states with the dataset's mean and std"""
+
+
+def check_args(args: Args) -> None:
+    """This file's own flags, right after parsing (common.check_args checks the shared ones)."""
+    common.check_positive(args, "lr", "policy_freq", "hidden_dim")
+    common.check_nonnegative(args, "alpha", "policy_noise", "noise_clip")
+    common.check_interval(args, "gamma", 0, 1, "[)")
+    common.check_interval(args, "tau", 0, 1, "(]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,6 +192,8 @@ class TD3BC:
 if __name__ == "__main__":
     common.install_user_error_hook()
     args = tyro.cli(Args)
+    common.check_args(args)
+    check_args(args)
     device = common.resolve_device(args.device)
     common.flush_denormals()
     common.seed_everything(args.seed)

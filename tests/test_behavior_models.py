@@ -59,7 +59,8 @@ def pretraining_run(datasets_path, tmp_path, algorithm, name, extra=()):
     out = tmp_path / "runs"
     result = run_script([f"algorithms/{algorithm}.py", "--env", "test/hopper/random-v0", "--total-steps", "20",
                          "--eval-every", "20", "--eval-episodes", "1", "--bc-steps", "30", "--device", "cpu",
-                         "--output-dir", str(out), "--run-name", name, *SMALL.get(algorithm, []), *extra],
+                         "--batch-size", "64", "--output-dir", str(out), "--run-name", name,
+                         *SMALL.get(algorithm, []), *extra],
                         datasets_path)
     assert result.returncode == 0, result.stderr[-2000:]
     with open(out / name / "results.json") as f:
