@@ -636,17 +636,23 @@ class Batch(NamedTuple):
 
 
 class ReplayBuffer:
-    """Uniform minibatches from the flat dataset tensors; everything stays on the device."""
+    """Uniform minibatches from the dataset; everything stays on the device.
+
+    The transition fields are copied into one (N, D) table when the buffer is built, so that a batch
+    is one gather instead of five and its fields are column views of it. The copy costs the dataset's
+    memory once more, and changes made to `data` after the buffer is built are not seen by it."""
 
     def __init__(self, data: OfflineData):
         self.data = data
         self.size = len(data)
+        self.table = torch.cat([data.observations, data.actions, data.rewards[:, None], data.next_observations,
+                                data.terminals[:, None]], 1)
+        self.widths = [data.obs_dim, data.act_dim, 1, data.obs_dim, 1]
 
     def sample(self, batch_size: int) -> Batch:
-        d = self.data
-        idx = torch.randint(0, self.size, (batch_size,), device=d.observations.device)
-        return Batch(d.observations[idx], d.actions[idx], d.rewards[idx], d.next_observations[idx],
-                     d.terminals[idx])
+        idx = torch.randint(0, self.size, (batch_size,), device=self.table.device)
+        obs, actions, rewards, next_obs, terminals = self.table[idx].split(self.widths, dim=1)
+        return Batch(obs, actions, rewards.squeeze(1), next_obs, terminals.squeeze(1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -753,7 +759,7 @@ def _fmt_time(seconds: float) -> str:
 CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint.pt", "checkpoint.prev.pt"
 # Flags that may differ between a run and its resumption: none of them changes what is trained.
 RESUME_FREE_FLAGS = {"run_name", "output_dir", "resume", "track", "wandb_project", "log_every", "save_model",
-                     "total_steps"}
+                     "total_steps", "compile"}
 
 
 class Run:

@@ -101,6 +101,8 @@ class Args:
     """wandb project name, with --track"""
     resume: Literal["auto", "never"] = "auto"
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
+    compile: bool = False
+    """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
     # --- ARQ: score model ---
     bc_steps: Optional[int] = None
     """score-model training steps (default per domain: 300k kitchen/adroit, else 1M)"""
@@ -234,20 +236,44 @@ class Actor(nn.Module):
     def log_prob(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         mean = torch.tanh(self.mean(obs))
         std = self.log_std.clamp(-5.0, 2.0).exp()
-        return torch.distributions.Normal(mean, std).log_prob(act).sum(-1)
+        # validate_args=False: the distribution's argument checks would sync the device on every call
+        return torch.distributions.Normal(mean, std, validate_args=False).log_prob(act).sum(-1)
+
+
+class EnsembleLinear(nn.Module):
+    """E independent linear layers applied to an (E, N, in) batch as one batched matmul; each member
+    is initialised as an nn.Linear would be (uniform in +-1/sqrt(in))."""
+
+    def __init__(self, n: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)
+        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
+    """n independent networks shaped as mlp(in_dim, out_dim, hidden_dim, n_hidden), evaluated together."""
+    layers, d = [], in_dim
+    for _ in range(n_hidden):
+        layers += [EnsembleLinear(n, d, hidden_dim), nn.ReLU()]
+        d = hidden_dim
+    return nn.Sequential(*layers, EnsembleLinear(n, d, out_dim))
 
 
 class Critic(nn.Module):
-    """Twin Q networks, evaluated together."""
+    """Twin Q networks as a 2-member ensemble: every layer is one batched matmul for both."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim, 2)
-        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim, 2)
+        self.net = ensemble_mlp(2, obs_dim + act_dim, 1, hidden_dim, 2)
 
-    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """(2, N): Q1(s, a) and Q2(s, a), which unpack as `q1, q2 = critic(obs, act)`."""
         x = torch.cat([obs, act], dim=-1)
-        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+        return self.net(x.expand(2, -1, -1)).squeeze(-1)
 
 
 class ScoreNet(nn.Module):
@@ -322,8 +348,7 @@ class ScoreModel(nn.Module):
 
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
-        for p, ep in zip(self.net.parameters(), self.ema_net.parameters()):
-            ep.lerp_(p, 1.0 - decay)
+        torch._foreach_lerp_(list(self.ema_net.parameters()), list(self.net.parameters()), 1.0 - decay)
 
     def score(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return -self.ema_net(x, s, t) / self.alpha_sigma(t)[1][:, None]
@@ -549,15 +574,17 @@ class ARQ:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(args.score_seed)  # the score model must not depend on --seed (shared cache)
             self.score = ScoreModel(obs_dim, act_dim, args).to(device)
-        self.score_optimizer = torch.optim.Adam(self.score.net.parameters(), lr=args.score_lr)
+        self.score_optimizer = torch.optim.Adam(self.score.net.parameters(), lr=args.score_lr, fused=True)
         self.critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
         self.critic_target = copy.deepcopy(self.critic)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, fused=True)
         self.actor = None
         if args.policy == "awr":
             self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
-            self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr)
+            self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, fused=True)
         self.eval_gen = torch.Generator(device).manual_seed(args.seed)
+        if args.compile:
+            self.train_score, self.train = torch.compile(self.train_score), torch.compile(self.train)
 
     def train_score(self, batch: common.Batch) -> dict:
         loss = self.score.loss(batch.observations, batch.actions)
@@ -569,7 +596,9 @@ class ARQ:
 
     def target_q(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """min_i Q_targ_i(s, a) for every action of a (B, M, A) set."""
-        return torch.min(*self.critic_target(obs.unsqueeze(1).expand(-1, actions.shape[1], -1), actions))
+        batch_size, m = actions.shape[:2]
+        q = self.critic_target(obs.repeat_interleave(m, 0), actions.flatten(0, 1))
+        return torch.min(*q).view(batch_size, m)
 
     def train(self, batch: SupportBatch) -> dict:
         args = self.args
@@ -585,8 +614,7 @@ class ARQ:
         critic_loss.backward()
         self.critic_optimizer.step()
         with torch.no_grad():
-            for p, tp in zip(self.critic.parameters(), self.critic_target.parameters()):
-                tp.lerp_(p, args.tau)
+            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), args.tau)
         metrics = {"losses/critic_loss": critic_loss.detach(), "losses/q1": q1.mean().detach(),
                    "charts/backup": backup.mean(),
                    "charts/support_kept": batch.next_support_valid.float().sum(1).mean()}

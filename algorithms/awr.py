@@ -19,6 +19,7 @@ Deviations:
 """
 
 import copy
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ class Args:
     """wandb project name, with --track"""
     resume: Literal["auto", "never"] = "auto"
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
+    compile: bool = False
+    """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
     # --- AWR ---
     awr_lambda: float = 1.0 / 3.0
     """temperature lambda: weights are exp(A / lambda); smaller means greedier"""
@@ -111,26 +114,48 @@ class Actor(nn.Module):
         self.log_std = nn.Parameter(torch.zeros(act_dim))
 
     def distribution(self, obs: torch.Tensor) -> torch.distributions.Normal:
-        return torch.distributions.Normal(self.mean(obs), self.log_std.clamp(-20.0, 2.0).exp())
-
-    def log_prob(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        return self.distribution(obs).log_prob(act).sum(-1)
+        std = self.log_std.clamp(-20.0, 2.0).exp()
+        # validate_args=False: the distribution's argument checks would sync the device on every call
+        return torch.distributions.Normal(self.mean(obs), std, validate_args=False)
 
     def sample(self, obs: torch.Tensor) -> torch.Tensor:
         return self.distribution(obs).sample().clamp(-1.0, 1.0)
 
 
+class EnsembleLinear(nn.Module):
+    """E independent linear layers applied to an (E, N, in) batch as one batched matmul; each member
+    is initialised as an nn.Linear would be (uniform in +-1/sqrt(in))."""
+
+    def __init__(self, n: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)
+        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
+    """n independent networks shaped as mlp(in_dim, out_dim, hidden_dim, n_hidden), evaluated together."""
+    layers, d = [], in_dim
+    for _ in range(n_hidden):
+        layers += [EnsembleLinear(n, d, hidden_dim), nn.ReLU()]
+        d = hidden_dim
+    return nn.Sequential(*layers, EnsembleLinear(n, d, out_dim))
+
+
 class Critic(nn.Module):
-    """Twin Q networks, evaluated together."""
+    """Twin Q networks as a 2-member ensemble: every layer is one batched matmul for both."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim, 3)
-        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim, 3)
+        self.net = ensemble_mlp(2, obs_dim + act_dim, 1, hidden_dim, 3)
 
-    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """(2, N): Q1(s, a) and Q2(s, a), which unpack as `q1, q2 = critic(obs, act)`."""
         x = torch.cat([obs, act], dim=-1)
-        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+        return self.net(x.expand(2, -1, -1)).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,8 +172,10 @@ class AWR:
         self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
         self.critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
         self.critic_target = copy.deepcopy(self.critic)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, fused=True)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, fused=True)
+        if args.compile:
+            self.train = torch.compile(self.train)
 
     def train(self, batch: common.Batch) -> dict:
         args = self.args
@@ -164,18 +191,20 @@ class AWR:
         critic_loss.backward()
         self.critic_optimizer.step()
 
+        pi = self.actor.distribution(obs)  # one forward serves the value's sample and the log-likelihood
         with torch.no_grad():
-            v = torch.min(*self.critic(obs, self.actor.sample(obs)))
-            advantages = torch.min(*self.critic(obs, actions)) - v
+            # V(s) from one policy action and Q(s, a) at the dataset action, in one critic call
+            q = torch.min(*self.critic(obs.repeat(2, 1), torch.cat([pi.sample().clamp(-1.0, 1.0), actions])))
+            v, q_data = q.chunk(2)
+            advantages = q_data - v
             weights = awr_weights(advantages, args.awr_lambda, args.max_weight)
-        actor_loss = -(weights * self.actor.log_prob(obs, actions)).mean()
+        actor_loss = -(weights * pi.log_prob(actions).sum(-1)).mean()
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()
 
         with torch.no_grad():
-            for p, tp in zip(self.critic.parameters(), self.critic_target.parameters()):
-                tp.lerp_(p, args.tau)
+            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), args.tau)
 
         return {"losses/critic_loss": critic_loss.detach(), "losses/actor_loss": actor_loss.detach(),
                 "losses/q1": q1.mean().detach(), "charts/advantage": advantages.mean(),

@@ -58,6 +58,8 @@ class Args:
     """wandb project name, with --track"""
     resume: Literal["auto", "never"] = "auto"
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
+    compile: bool = False
+    """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
     # --- BC ---
     lr: float = 3e-4
     """Adam learning rate"""
@@ -100,7 +102,9 @@ class BC:
     def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
         self.args = args
         self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr, fused=True)
+        if args.compile:
+            self.train = torch.compile(self.train)
 
     def train(self, batch: common.Batch) -> dict:
         loss = F.mse_loss(self.actor(batch.observations), batch.actions)

@@ -104,6 +104,8 @@ class Args:
     """wandb project name, with --track"""
     resume: Literal["auto", "never"] = "auto"
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
+    compile: bool = False
+    """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
     # --- BRAC+ ---
     kl_margin: Optional[float] = None
     """delta_KL = mean KL(pi_0 || pi_b) + this margin (default: per task from the dataset id)"""
@@ -236,7 +238,8 @@ def gaussian_kl(mean_p: torch.Tensor, std_p: torch.Tensor, mean_q: torch.Tensor,
 
 
 class EnsembleLinear(nn.Module):
-    """B independent linear layers applied to a (B, N, in) batch; nn.Linear's initialisation."""
+    """E independent linear layers applied to an (E, N, in) batch as one batched matmul; each member
+    is initialised as an nn.Linear would be (uniform in +-1/sqrt(in))."""
 
     def __init__(self, n: int, in_dim: int, out_dim: int):
         super().__init__()
@@ -249,6 +252,7 @@ class EnsembleLinear(nn.Module):
 
 
 def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
+    """n independent networks shaped as mlp(in_dim, out_dim, hidden_dim, n_hidden), evaluated together."""
     layers, d = [], in_dim
     for _ in range(n_hidden):
         layers += [EnsembleLinear(n, d, hidden_dim), nn.ReLU()]
@@ -284,7 +288,8 @@ class VAEEnsemble(nn.Module):
         q_mean, q_std = self.encode(obs, u)
         z = q_mean + q_std * torch.randn_like(q_mean)
         p_mean, p_std = self.decode(obs, z)
-        nll = -torch.distributions.Normal(p_mean, p_std).log_prob(u).sum(-1)
+        # validate_args=False: the distribution's argument checks would sync the device on every call
+        nll = -torch.distributions.Normal(p_mean, p_std, validate_args=False).log_prob(u).sum(-1)
         return nll, gaussian_kl(q_mean, q_std, torch.zeros_like(q_mean), torch.ones_like(q_std))
 
     def kl_upper_bound(self, obs: torch.Tensor, u: torch.Tensor, pi_mean: torch.Tensor, pi_std: torch.Tensor,
@@ -311,26 +316,30 @@ class TanhGaussian(nn.Module):
         mean, log_std = self.net(obs).chunk(2, dim=-1)
         return mean, log_std.clamp(-20.0, 2.0)
 
-    def sample(self, obs: torch.Tensor):
-        """Reparameterised action in (-1, 1), its log-density, the pre-tanh sample, mean and std."""
-        mean, log_std = self(obs)
+    def sample(self, obs: torch.Tensor, n: int = 1):
+        """n reparameterised actions in (-1, 1) per state (rows i * n .. i * n + n - 1 for state i),
+        their log-densities, the pre-tanh samples, means and stds; the network runs once per state."""
+        mean, log_std = (x.repeat_interleave(n, 0) for x in self(obs))
         std = log_std.exp()
         u = mean + std * torch.randn_like(mean)
-        log_prob = (torch.distributions.Normal(mean, std).log_prob(u) - tanh_log_det(u)).sum(-1)
+        log_prob = torch.distributions.Normal(mean, std, validate_args=False).log_prob(u)
+        log_prob = (log_prob - tanh_log_det(u)).sum(-1)
         return torch.tanh(u), log_prob, u, mean, std
 
 
 class Critic(nn.Module):
-    """Twin Q networks, evaluated together."""
+    """Twin Q networks as a 2-member ensemble: every layer is one batched matmul for both."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim, 3)
-        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim, 3)
+        self.net = ensemble_mlp(2, obs_dim + act_dim, 1, hidden_dim, 3)
 
-    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.cat([obs, act], dim=-1)
-        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """(2, N): Q1(s, a) and Q2(s, a), which unpack as `q1, q2 = critic(obs, act)`.
+        `act` is (N, A), or (2, N, A) to give each network its own copy: a gradient penalty then gets
+        both networks' action gradients from one backward pass."""
+        x = torch.cat([obs.expand(*act.shape[:-1], -1), act], dim=-1)
+        return self.net(x.expand(2, -1, -1)).squeeze(-1)
 
 
 class AlphaNet(nn.Module):
@@ -363,17 +372,21 @@ def critic_target(rewards: torch.Tensor, terminals: torch.Tensor, next_q1: torch
     return rewards + gamma * (1.0 - terminals) * next_v
 
 
+# Compiled graphs cannot be differentiated twice: under --compile the penalty runs eagerly.
+@torch.compiler.disable
 def gated_gradient_penalty(critic: Critic, obs: torch.Tensor, actions: torch.Tensor, kl: torch.Tensor,
                            threshold: float, mode: str) -> torch.Tensor:
     """Per-state gradient penalty of eq. (10) at policy actions, differentiable in the critic.
     paper: 1[KL(s) > eps_GP] * (||grad_a Q_1||^2 + ||grad_a Q_2||^2);
     official: softplus(KL(s) - eps_GP) / max_batch(.) * ||grad_a min_j Q_j||."""
+    if mode == "paper":
+        # each critic differentiates its own copy of the actions: one backward pass gives both gradients
+        actions = actions.detach().repeat(2, 1, 1).requires_grad_(True)
+        q1, q2 = critic(obs, actions)
+        g1, g2 = torch.autograd.grad(q1.sum() + q2.sum(), actions, create_graph=True)[0]
+        return (g1.pow(2).sum(-1) + g2.pow(2).sum(-1)) * (kl > threshold).float()
     actions = actions.detach().requires_grad_(True)
     q1, q2 = critic(obs, actions)
-    if mode == "paper":
-        g1 = torch.autograd.grad(q1.sum(), actions, create_graph=True)[0]
-        g2 = torch.autograd.grad(q2.sum(), actions, create_graph=True)[0]
-        return (g1.pow(2).sum(-1) + g2.pow(2).sum(-1)) * (kl > threshold).float()
     g = torch.autograd.grad(torch.min(q1, q2).sum(), actions, create_graph=True)[0]
     gate = F.softplus(kl - threshold)
     return torch.linalg.vector_norm(g, dim=-1) * (gate / gate.max()).detach()
@@ -387,29 +400,32 @@ class BRACPlus:
         self.act_dim = act_dim
         with common.separate_rng(args.bc_seed, device):  # independent of --seed: the model is cached
             self.behavior = VAEEnsemble(obs_dim, act_dim, args.vae_hidden_dim, args.n_ensembles).to(device)
-        self.behavior_optimizer = torch.optim.Adam(self.behavior.parameters(), lr=args.bc_lr)
+        self.behavior_optimizer = torch.optim.Adam(self.behavior.parameters(), lr=args.bc_lr, fused=True)
         self.behavior_scheduler = piecewise_decay(self.behavior_optimizer, args.bc_steps)
         self.actor = TanhGaussian(obs_dim, act_dim, args.actor_hidden_dim).to(device)
         self.critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
         self.critic_target = copy.deepcopy(self.critic)
-        self.pretrain_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.bc_lr)
+        self.pretrain_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.bc_lr, fused=True)
         self.pretrain_scheduler = piecewise_decay(self.pretrain_optimizer, args.pretrain_steps)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, fused=True)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, fused=True)
         if args.alpha_mode == "state":
             self.alpha_net = AlphaNet(obs_dim, args.hidden_dim, args.alpha_init).to(device)
             alpha_params = list(self.alpha_net.parameters())
         else:
             self.alpha_raw = torch.tensor(inverse_softplus(args.alpha_init), device=device, requires_grad=True)
             alpha_params = [self.alpha_raw]
-        self.alpha_optimizer = torch.optim.Adam(alpha_params, lr=args.multiplier_lr)
+        self.alpha_optimizer = torch.optim.Adam(alpha_params, lr=args.multiplier_lr, fused=True)
         self.beta_raw = torch.tensor(inverse_softplus(args.beta_init), device=device, requires_grad=True)
-        self.beta_optimizer = torch.optim.Adam([self.beta_raw], lr=args.multiplier_lr)
+        self.beta_optimizer = torch.optim.Adam([self.beta_raw], lr=args.multiplier_lr, fused=True)
         self.gp_raw = torch.tensor(inverse_softplus(args.gp_weight), device=device, requires_grad=True)
-        self.gp_optimizer = torch.optim.Adam([self.gp_raw], lr=args.multiplier_lr)
+        self.gp_optimizer = torch.optim.Adam([self.gp_raw], lr=args.multiplier_lr, fused=True)
         self.target_entropy = 0.0
         self.kl_threshold = 0.0
         self.gp_threshold = 0.0
+        if args.compile:
+            for name in ("train_behavior", "train_initial_policy", "train_initial_critic", "train"):
+                setattr(self, name, torch.compile(getattr(self, name)))
 
     def alpha(self, obs: torch.Tensor) -> torch.Tensor:
         """alpha(s) per state, (N,); the global mode broadcasts its scalar."""
@@ -448,9 +464,8 @@ class BRACPlus:
 
     def policy_kl(self, obs: torch.Tensor, k: int):
         """K reparameterised samples per state: KL bound (N,), actions (N*K, A), log pi (N, K)."""
-        obs_rep = obs.repeat_interleave(k, 0)
-        actions, log_pi, u, mean, std = self.actor.sample(obs_rep)
-        kl = self.behavior.kl_upper_bound(obs_rep, u, mean, std, self.args.n_latent)
+        actions, log_pi, u, mean, std = self.actor.sample(obs, k)
+        kl = self.behavior.kl_upper_bound(obs.repeat_interleave(k, 0), u, mean, std, self.args.n_latent)
         return kl.view(-1, k).mean(1), actions, log_pi.view(-1, k)
 
     @torch.no_grad()
@@ -496,8 +511,7 @@ class BRACPlus:
         obs, actions, rewards, next_obs, terminals = batch
         k = self.args.n_samples
         with torch.no_grad():
-            next_obs_rep = next_obs.repeat_interleave(k, 0)
-            next_q1, next_q2 = self.critic_target(next_obs_rep, self.actor.sample(next_obs_rep)[0])
+            next_q1, next_q2 = self.critic_target(next_obs.repeat_interleave(k, 0), self.actor.sample(next_obs, k)[0])
             target_q = critic_target(rewards, terminals, next_q1.view(-1, k), next_q2.view(-1, k),
                                      self.args.gamma, self.args.max_q_backup)
         q1, q2 = self.critic(obs, actions)
@@ -507,8 +521,7 @@ class BRACPlus:
 
     def update_target(self) -> None:
         with torch.no_grad():
-            for p, tp in zip(self.critic.parameters(), self.critic_target.parameters()):
-                tp.lerp_(p, self.args.tau)
+            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), self.args.tau)
 
     def train_initial_critic(self, batch: common.Batch) -> dict:
         """Phase 3 (line 3): Q_0 = Q^{pi_0} by TD learning with the frozen pi_0, eq. (2)."""
@@ -559,7 +572,9 @@ class BRACPlus:
 
         # Line 7, eq. (8): maximise Q - alpha(s) KL(s) under the entropy bound H <= H_0.
         kl, actions, log_pi = self.policy_kl(obs, args.n_samples)
+        self.critic.requires_grad_(False)  # the actor's loss moves the actor only: no critic weight gradients
         q1_pi, q2_pi = self.critic(obs.repeat_interleave(args.n_samples, 0), actions)
+        self.critic.requires_grad_(True)
         q_pi = torch.min(q1_pi, q2_pi).view(-1, args.n_samples).mean(1)
         alpha = self.alpha(obs).detach()
         beta = self.beta().detach()

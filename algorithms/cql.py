@@ -70,6 +70,8 @@ class Args:
     """wandb project name, with --track"""
     resume: Literal["auto", "never"] = "auto"
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
+    compile: bool = False
+    """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
     # --- CQL ---
     cql_weight: float = 5.0
     """w: weight of the conservative term (official MuJoCo 5.0; the paper also reports 10.0)"""
@@ -140,30 +142,57 @@ class Actor(nn.Module):
         mean, log_std = self.net(obs).chunk(2, dim=-1)
         return mean, log_std.clamp(-20.0, 2.0)
 
-    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reparameterised action in (-1, 1) and its log-density."""
-        mean, log_std = self(obs)
-        u = mean + log_std.exp() * torch.randn_like(mean)
-        log_prob = torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - tanh_log_det(u)
+    def sample(self, obs: torch.Tensor, n: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """n reparameterised actions in (-1, 1) per state (rows i * n .. i * n + n - 1 for state i) and
+        their log-densities; the network runs once per state, not once per action."""
+        mean, log_std = (x.repeat_interleave(n, 0) for x in self(obs))
+        std = log_std.exp()
+        u = mean + std * torch.randn_like(mean)
+        # validate_args=False: the distribution's argument checks would sync the device on every call
+        log_prob = torch.distributions.Normal(mean, std, validate_args=False).log_prob(u) - tanh_log_det(u)
         return torch.tanh(u), log_prob.sum(-1)
 
     def log_prob(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         mean, log_std = self(obs)
         u = torch.atanh(act.clamp(-1.0 + 1e-6, 1.0 - 1e-6))
-        return (torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - tanh_log_det(u)).sum(-1)
+        log_prob = torch.distributions.Normal(mean, log_std.exp(), validate_args=False).log_prob(u)
+        return (log_prob - tanh_log_det(u)).sum(-1)
+
+
+class EnsembleLinear(nn.Module):
+    """E independent linear layers applied to an (E, N, in) batch as one batched matmul; each member
+    is initialised as an nn.Linear would be (uniform in +-1/sqrt(in))."""
+
+    def __init__(self, n: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)
+        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
+    """n independent networks shaped as mlp(in_dim, out_dim, hidden_dim, n_hidden), evaluated together."""
+    layers, d = [], in_dim
+    for _ in range(n_hidden):
+        layers += [EnsembleLinear(n, d, hidden_dim), nn.ReLU()]
+        d = hidden_dim
+    return nn.Sequential(*layers, EnsembleLinear(n, d, out_dim))
 
 
 class Critic(nn.Module):
-    """Twin Q networks, evaluated together."""
+    """Twin Q networks as a 2-member ensemble: every layer is one batched matmul for both."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim, 3)
-        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim, 3)
+        self.net = ensemble_mlp(2, obs_dim + act_dim, 1, hidden_dim, 3)
 
-    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """(2, N): Q1(s, a) and Q2(s, a), which unpack as `q1, q2 = critic(obs, act)`."""
         x = torch.cat([obs, act], dim=-1)
-        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+        return self.net(x.expand(2, -1, -1)).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,11 +222,13 @@ class CQL:
         self.log_alpha = torch.zeros((), device=device, requires_grad=True)
         self.log_alpha_prime = torch.zeros((), device=device, requires_grad=True)
         self.target_entropy = -float(act_dim)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr)
-        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=args.actor_lr)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr)
-        self.alpha_prime_optimizer = torch.optim.Adam([self.log_alpha_prime], lr=args.critic_lr)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, fused=True)
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=args.actor_lr, fused=True)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, fused=True)
+        self.alpha_prime_optimizer = torch.optim.Adam([self.log_alpha_prime], lr=args.critic_lr, fused=True)
         self.total_it = 0
+        if args.compile:
+            self.train = torch.compile(self.train)
 
     def train(self, batch: common.Batch) -> dict:
         args = self.args
@@ -209,28 +240,32 @@ class CQL:
         # The critic loss's samples come from the current policy, drawn before the actor's update.
         with torch.no_grad():
             if args.max_q_backup:
-                next_rep = next_obs.repeat_interleave(m, 0)
-                next_q1, next_q2 = self.critic_target(next_rep, self.actor.sample(next_rep)[0])
+                next_actions = self.actor.sample(next_obs, m)[0]
+                next_q1, next_q2 = self.critic_target(next_obs.repeat_interleave(m, 0), next_actions)
                 target_q = max_q_backup(next_q1.view(batch_size, m), next_q2.view(batch_size, m))
             else:
                 target_q = torch.min(*self.critic_target(next_obs, self.actor.sample(next_obs)[0]))
             target_q = rewards + args.gamma * (1.0 - terminals) * target_q
             obs_rep = obs.repeat_interleave(m, 0)
             rand_actions = torch.rand(batch_size * m, act_dim, device=obs.device) * 2.0 - 1.0
-            pi_actions, log_pi_rep = self.actor.sample(obs_rep)
-            next_pi_actions, log_next_pi_rep = self.actor.sample(next_obs.repeat_interleave(m, 0))
+            pi_actions, log_pi_rep = self.actor.sample(obs, m)
+            next_pi_actions, log_next_pi_rep = self.actor.sample(next_obs, m)
 
         # Entropy temperature, then the actor (SAC; behaviour cloning during the first bc_warmup_steps).
         pi, log_pi = self.actor.sample(obs)
-        alpha_loss = -(self.log_alpha * (log_pi.detach() + self.target_entropy)).mean()
+        # zero_grad before the loss: with --compile it closes the compiled graph that made log_pi, so
+        # that this backward pass does not free the graph the actor's loss needs
         self.alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss = -(self.log_alpha * (log_pi.detach() + self.target_entropy)).mean()
         alpha_loss.backward()
         self.alpha_optimizer.step()
         alpha = self.log_alpha.exp().detach()
         if self.total_it <= args.bc_warmup_steps:
             actor_loss = (alpha * log_pi - self.actor.log_prob(obs, actions)).mean()
         else:
+            self.critic.requires_grad_(False)  # the actor's loss moves the actor only: no critic weight gradients
             actor_loss = (alpha * log_pi - torch.min(*self.critic(obs, pi))).mean()
+            self.critic.requires_grad_(True)
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()
@@ -238,7 +273,7 @@ class CQL:
         q1, q2 = self.critic(obs, actions)
         td_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
 
-        # Conservative term: all 3M actions per state go through the critics in one call.
+        # Conservative term: all 3M actions per state go through both critics in one call.
         q1_all, q2_all = self.critic(obs_rep.repeat(3, 1), torch.cat([rand_actions, pi_actions, next_pi_actions]))
         log_density_rand = act_dim * math.log(0.5)
         gaps = []
@@ -252,10 +287,10 @@ class CQL:
             alpha_prime = torch.tensor(args.cql_weight)
         else:
             # Dual ascent on alpha' >= 0: it grows while the weighted gap exceeds the threshold.
+            self.alpha_prime_optimizer.zero_grad(set_to_none=True)  # first, as the temperature's (--compile)
             alpha_prime = self.log_alpha_prime.exp().clamp(0.0, 1e6)
             slack = [gap.detach() - args.lagrange_threshold for gap in gaps]
             alpha_prime_loss = -0.5 * alpha_prime * (slack[0] + slack[1])
-            self.alpha_prime_optimizer.zero_grad(set_to_none=True)
             alpha_prime_loss.backward()
             self.alpha_prime_optimizer.step()
             alpha_prime = alpha_prime.detach()
@@ -266,8 +301,7 @@ class CQL:
         self.critic_optimizer.step()
 
         with torch.no_grad():
-            for p, tp in zip(self.critic.parameters(), self.critic_target.parameters()):
-                tp.lerp_(p, args.tau)
+            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), args.tau)
 
         return {"losses/critic_loss": critic_loss.detach(), "losses/td_loss": td_loss.detach(),
                 "losses/cql_gap": (gaps[0] + gaps[1]).detach() / 2, "losses/actor_loss": actor_loss.detach(),

@@ -74,6 +74,8 @@ class Args:
     """wandb project name, with --track"""
     resume: Literal["auto", "never"] = "auto"
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
+    compile: bool = False
+    """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
     # --- Fisher-BRC ---
     bc_steps: int = 1_000_000
     """gradient steps of the behaviour model before the actor-critic phase (paper: 1M)"""
@@ -126,12 +128,38 @@ def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequent
     return nn.Sequential(*layers, nn.Linear(d, out_dim))
 
 
+class EnsembleLinear(nn.Module):
+    """E independent linear layers applied to an (E, N, in) batch as one batched matmul; each member
+    is initialised as an nn.Linear would be (uniform in +-1/sqrt(in))."""
+
+    def __init__(self, n: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)
+        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
+    """n independent networks shaped as mlp(in_dim, out_dim, hidden_dim, n_hidden), evaluated together."""
+    layers, d = [], in_dim
+    for _ in range(n_hidden):
+        layers += [EnsembleLinear(n, d, hidden_dim), nn.ReLU()]
+        d = hidden_dim
+    return nn.Sequential(*layers, EnsembleLinear(n, d, out_dim))
+
+
 def orthogonal_init(net: nn.Sequential) -> nn.Sequential:
-    """The official code's initialisation: orthogonal weights (gain sqrt 2, output layer 1e-2), zero biases."""
-    linears = [m for m in net if isinstance(m, nn.Linear)]
-    for i, layer in enumerate(linears):
-        nn.init.orthogonal_(layer.weight, gain=1e-2 if i == len(linears) - 1 else math.sqrt(2.0))
-        nn.init.zeros_(layer.bias)
+    """The official code's initialisation: orthogonal weights (gain sqrt 2, output layer 1e-2), zero
+    biases; each member of an ensemble layer gets its own orthogonal matrix."""
+    linears = [m for m in net if isinstance(m, (nn.Linear, EnsembleLinear))]
+    with torch.no_grad():
+        for i, layer in enumerate(linears):
+            for weight in layer.weight if isinstance(layer, EnsembleLinear) else [layer.weight]:
+                nn.init.orthogonal_(weight, gain=1e-2 if i == len(linears) - 1 else math.sqrt(2.0))
+            nn.init.zeros_(layer.bias)
     return net
 
 
@@ -158,8 +186,10 @@ class Actor(nn.Module):
     def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reparameterised action in (-1, 1) and its log-density."""
         mean, log_std = self(obs)
-        u = mean + log_std.exp() * torch.randn_like(mean)
-        log_prob = torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - tanh_log_det(u)
+        std = log_std.exp()
+        u = mean + std * torch.randn_like(mean)
+        # validate_args=False: the distribution's argument checks would sync the device on every call
+        log_prob = torch.distributions.Normal(mean, std, validate_args=False).log_prob(u) - tanh_log_det(u)
         return torch.tanh(u), log_prob.sum(-1)
 
 
@@ -180,14 +210,14 @@ class BehaviorModel(nn.Module):
     def mixture_log_prob(log_w, mean, log_std, act: torch.Tensor) -> torch.Tensor:
         """log mu(a|s), summed over the independent action dimensions."""
         u = clipped_atanh(act)
-        log_normal = torch.distributions.Normal(mean, log_std.exp()).log_prob(u.unsqueeze(-1))
+        log_normal = torch.distributions.Normal(mean, log_std.exp(), validate_args=False).log_prob(u.unsqueeze(-1))
         return (torch.logsumexp(log_w + log_normal, -1) - tanh_log_det(u)).sum(-1)
 
     @staticmethod
     def mixture_sample(log_w, mean, log_std) -> torch.Tensor:
         """a ~ mu(.|s): the component is drawn without gradient, its Gaussian draw is reparameterised,
         so the gradient reaches the chosen component's mean and scale (as TFP's mixture sample)."""
-        k = torch.distributions.Categorical(logits=log_w.detach()).sample().unsqueeze(-1)
+        k = torch.distributions.Categorical(logits=log_w.detach(), validate_args=False).sample().unsqueeze(-1)
         u = mean.gather(-1, k) + log_std.gather(-1, k).exp() * torch.randn_like(k, dtype=mean.dtype)
         return torch.tanh(u.squeeze(-1))
 
@@ -199,27 +229,32 @@ class BehaviorModel(nn.Module):
 
 
 class Offsets(nn.Module):
-    """Twin offset networks O_1, O_2 (the critic minus log mu), evaluated together."""
+    """Twin offset networks O_1, O_2 (the critic minus log mu) as a 2-member ensemble: every layer is
+    one batched matmul for both."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.o1 = orthogonal_init(mlp(obs_dim + act_dim, 1, hidden_dim, 3))
-        self.o2 = orthogonal_init(mlp(obs_dim + act_dim, 1, hidden_dim, 3))
+        self.net = orthogonal_init(ensemble_mlp(2, obs_dim + act_dim, 1, hidden_dim, 3))
 
-    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.cat([obs, act], dim=-1)
-        return self.o1(x).squeeze(-1), self.o2(x).squeeze(-1)
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """(2, N): O_1(s, a) and O_2(s, a), which unpack as `o1, o2 = offsets(obs, act)`. `act` is
+        (N, A), or (2, N, A) to give each network its own copy: the gradient penalty then gets both
+        networks' action gradients from one backward pass."""
+        x = torch.cat([obs.expand(*act.shape[:-1], -1), act], dim=-1)
+        return self.net(x.expand(2, -1, -1)).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------
 # Algorithm
 # ----------------------------------------------------------------------------------------------
+# Compiled graphs cannot be differentiated twice: under --compile the penalty runs eagerly.
+@torch.compiler.disable
 def gradient_penalty(offsets: Offsets, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-    """E ||grad_a O_1(s,a)||^2 + E ||grad_a O_2(s,a)||^2 (squared norms, eq. 7), differentiable in O."""
-    act = act.detach().requires_grad_(True)
+    """E ||grad_a O_1(s,a)||^2 + E ||grad_a O_2(s,a)||^2 (squared norms, eq. 7), differentiable in O.
+    Each network differentiates its own copy of the actions, so one backward pass gives both gradients."""
+    act = act.detach().repeat(2, 1, 1).requires_grad_(True)
     o1, o2 = offsets(obs, act)
-    g1 = torch.autograd.grad(o1.sum(), act, create_graph=True)[0]
-    g2 = torch.autograd.grad(o2.sum(), act, create_graph=True)[0]
+    g1, g2 = torch.autograd.grad(o1.sum() + o2.sum(), act, create_graph=True)[0]
     return (g1.pow(2).sum(-1) + g2.pow(2).sum(-1)).mean()
 
 
@@ -230,8 +265,8 @@ class FisherBRC:
         with common.separate_rng(args.bc_seed, device):  # independent of --seed: the model is cached
             self.behavior = BehaviorModel(obs_dim, act_dim, args.hidden_dim, args.n_components).to(device)
         self.behavior_log_alpha = torch.zeros((), device=device, requires_grad=True)
-        self.behavior_optimizer = torch.optim.Adam(self.behavior.parameters(), lr=args.bc_lr)
-        self.behavior_alpha_optimizer = torch.optim.Adam([self.behavior_log_alpha], lr=args.bc_lr)
+        self.behavior_optimizer = torch.optim.Adam(self.behavior.parameters(), lr=args.bc_lr, fused=True)
+        self.behavior_alpha_optimizer = torch.optim.Adam([self.behavior_log_alpha], lr=args.bc_lr, fused=True)
         milestones = [int(0.8 * args.bc_steps), int(0.9 * args.bc_steps)]
         self.behavior_schedulers = [torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
                                     for opt in (self.behavior_optimizer, self.behavior_alpha_optimizer)]
@@ -239,9 +274,11 @@ class FisherBRC:
         self.offsets = Offsets(obs_dim, act_dim, args.hidden_dim).to(device)
         self.offsets_target = copy.deepcopy(self.offsets)
         self.log_alpha = torch.zeros((), device=device, requires_grad=True)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr)
-        self.offsets_optimizer = torch.optim.Adam(self.offsets.parameters(), lr=args.lr)
-        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=args.lr)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr, fused=True)
+        self.offsets_optimizer = torch.optim.Adam(self.offsets.parameters(), lr=args.lr, fused=True)
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=args.lr, fused=True)
+        if args.compile:
+            self.train_behavior, self.train = torch.compile(self.train_behavior), torch.compile(self.train)
 
     def train_behavior(self, batch: common.Batch) -> dict:
         """Step 1: entropy-regularised maximum likelihood, H(mu(.|s)) ~ -log mu(a~mu|s) with the
@@ -274,7 +311,8 @@ class FisherBRC:
             next_actions, _ = self.actor.sample(next_obs)
             target_q = torch.min(*self.offsets_target(next_obs, next_actions)) + self.behavior.log_prob(next_obs, next_actions)
             target_q = rewards + args.gamma * (1.0 - terminals) * target_q
-            log_mu_data = self.behavior.log_prob(obs, actions)
+            mu_components = self.behavior.components(obs)  # mu is frozen: one forward serves a and pi(s)
+            log_mu_data = self.behavior.mixture_log_prob(*mu_components, actions)
             gp_actions = actions if args.gp_on_data else self.actor.sample(obs)[0]
         o1, o2 = self.offsets(obs, actions)
         td_loss = F.mse_loss(o1 + log_mu_data, target_q) + F.mse_loss(o2 + log_mu_data, target_q)
@@ -284,12 +322,13 @@ class FisherBRC:
         offsets_loss.backward()
         self.offsets_optimizer.step()
         with torch.no_grad():
-            for p, tp in zip(self.offsets.parameters(), self.offsets_target.parameters()):
-                tp.lerp_(p, args.tau)
+            torch._foreach_lerp_(list(self.offsets_target.parameters()), list(self.offsets.parameters()), args.tau)
 
         # Step 3: actor and its entropy temperature (SAC); gradients reach a through O and log mu.
         pi, log_pi = self.actor.sample(obs)
-        q_pi = torch.min(*self.offsets(obs, pi)) + self.behavior.log_prob(obs, pi)
+        self.offsets.requires_grad_(False)  # the actor's loss moves the actor only: no offset weight gradients
+        q_pi = torch.min(*self.offsets(obs, pi)) + self.behavior.mixture_log_prob(*mu_components, pi)
+        self.offsets.requires_grad_(True)
         alpha = self.log_alpha.exp().detach()
         actor_loss = (alpha * log_pi - q_pi).mean()
         self.actor_optimizer.zero_grad(set_to_none=True)

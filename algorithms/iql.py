@@ -22,6 +22,7 @@ Deviations:
 """
 
 import copy
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -67,6 +68,8 @@ class Args:
     """wandb project name, with --track"""
     resume: Literal["auto", "never"] = "auto"
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
+    compile: bool = False
+    """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
     # --- IQL ---
     expectile: Optional[float] = None
     """expectile tau of the value loss (default per domain: 0.9 antmaze, else 0.7)"""
@@ -140,20 +143,44 @@ class Actor(nn.Module):
     def log_prob(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         mean = torch.tanh(self.mean(obs))
         std = self.log_std.clamp(-5.0, 2.0).exp()
-        return torch.distributions.Normal(mean, std).log_prob(act).sum(-1)
+        # validate_args=False: the distribution's argument checks would sync the device on every call
+        return torch.distributions.Normal(mean, std, validate_args=False).log_prob(act).sum(-1)
+
+
+class EnsembleLinear(nn.Module):
+    """E independent linear layers applied to an (E, N, in) batch as one batched matmul; each member
+    is initialised as an nn.Linear would be (uniform in +-1/sqrt(in))."""
+
+    def __init__(self, n: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)
+        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
+    """n independent networks shaped as mlp(in_dim, out_dim, hidden_dim, n_hidden), evaluated together."""
+    layers, d = [], in_dim
+    for _ in range(n_hidden):
+        layers += [EnsembleLinear(n, d, hidden_dim), nn.ReLU()]
+        d = hidden_dim
+    return nn.Sequential(*layers, EnsembleLinear(n, d, out_dim))
 
 
 class Critic(nn.Module):
-    """Twin Q networks, evaluated together."""
+    """Twin Q networks as a 2-member ensemble: every layer is one batched matmul for both."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim, 2)
-        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim, 2)
+        self.net = ensemble_mlp(2, obs_dim + act_dim, 1, hidden_dim, 2)
 
-    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """(2, N): Q1(s, a) and Q2(s, a), which unpack as `q1, q2 = critic(obs, act)`."""
         x = torch.cat([obs, act], dim=-1)
-        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+        return self.net(x.expand(2, -1, -1)).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,10 +199,12 @@ class IQL:
         self.critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
         self.critic_target = copy.deepcopy(self.critic)
         self.value = mlp(obs_dim, 1, args.hidden_dim, 2).to(device)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.lr)
-        self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=args.lr)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr, fused=True)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.lr, fused=True)
+        self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=args.lr, fused=True)
         self.actor_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.actor_optimizer, args.total_steps)
+        if args.compile:
+            self.train = torch.compile(self.train)
 
     def train(self, batch: common.Batch) -> dict:
         args = self.args
@@ -190,7 +219,8 @@ class IQL:
         self.value_optimizer.step()
 
         with torch.no_grad():
-            v = self.value(obs).squeeze(-1)
+            # the updated V at s (actor weights) and at s' (critic target), in one call
+            v, next_v = self.value(torch.cat([obs, next_obs])).squeeze(-1).chunk(2)
             weights = torch.exp(args.beta * (target_q - v)).clamp(max=args.max_weight)
         actor_loss = -(weights * self.actor.log_prob(obs, actions)).mean()
         self.actor_optimizer.zero_grad(set_to_none=True)
@@ -198,8 +228,7 @@ class IQL:
         self.actor_optimizer.step()
         self.actor_scheduler.step()
 
-        with torch.no_grad():
-            target = rewards + args.gamma * (1.0 - terminals) * self.value(next_obs).squeeze(-1)
+        target = rewards + args.gamma * (1.0 - terminals) * next_v
         q1, q2 = self.critic(obs, actions)
         critic_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
         self.critic_optimizer.zero_grad(set_to_none=True)
@@ -207,8 +236,7 @@ class IQL:
         self.critic_optimizer.step()
 
         with torch.no_grad():
-            for p, tp in zip(self.critic.parameters(), self.critic_target.parameters()):
-                tp.lerp_(p, args.tau)
+            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), args.tau)
 
         return {"losses/value_loss": value_loss.detach(), "losses/actor_loss": actor_loss.detach(),
                 "losses/critic_loss": critic_loss.detach(), "losses/q1": q1.mean().detach(),

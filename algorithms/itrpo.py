@@ -78,6 +78,8 @@ class Args:
     """wandb project name, with --track"""
     resume: Literal["auto", "never"] = "auto"
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
+    compile: bool = False
+    """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
     # --- iTRPO ---
     alpha: float = 0.9
     """alpha of eq. (5): weight of the KL terms (the candidate code's `tau`: 0.9)"""
@@ -147,9 +149,26 @@ def tanh_log_det(u: torch.Tensor) -> torch.Tensor:
     return 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
 
 
+def tanh_gaussian_sample(mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reparameterised action in (-1, 1) of the tanh-squashed Gaussian, and its log-density."""
+    std = log_std.exp()
+    u = mean + std * torch.randn_like(mean)
+    # validate_args=False: the distribution's argument checks would sync the device on every call
+    log_prob = torch.distributions.Normal(mean, std, validate_args=False).log_prob(u) - tanh_log_det(u)
+    return torch.tanh(u), log_prob.sum(-1)
+
+
+def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """Log-density of actions in [-1, 1] (clipped to +-(1 - 1e-6) first, where atanh is finite)."""
+    u = torch.atanh(act.clamp(-1.0 + 1e-6, 1.0 - 1e-6))
+    log_prob = torch.distributions.Normal(mean, log_std.exp(), validate_args=False).log_prob(u)
+    return (log_prob - tanh_log_det(u)).sum(-1)
+
+
 class TanhGaussian(nn.Module):
     """Tanh-squashed Gaussian with state-dependent log-std in [-5, 2] (the candidate code's rlkit
-    bounds): the policy and pi_beta."""
+    bounds): the policy and pi_beta. With n > 1, `sample` and `log_prob` concern n actions per state
+    (rows i * n .. i * n + n - 1 for state i), and the network still runs once per state."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, n_hidden: int):
         super().__init__()
@@ -159,30 +178,49 @@ class TanhGaussian(nn.Module):
         mean, log_std = self.net(obs).chunk(2, dim=-1)
         return mean, log_std.clamp(-5.0, 2.0)
 
-    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reparameterised action in (-1, 1) and its log-density."""
-        mean, log_std = self(obs)
-        u = mean + log_std.exp() * torch.randn_like(mean)
-        log_prob = torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - tanh_log_det(u)
-        return torch.tanh(u), log_prob.sum(-1)
+    def sample(self, obs: torch.Tensor, n: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        return tanh_gaussian_sample(*(x.repeat_interleave(n, 0) for x in self(obs)))
 
-    def log_prob(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        mean, log_std = self(obs)
-        u = torch.atanh(act.clamp(-1.0 + 1e-6, 1.0 - 1e-6))
-        return (torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - tanh_log_det(u)).sum(-1)
+    def log_prob(self, obs: torch.Tensor, act: torch.Tensor, n: int = 1) -> torch.Tensor:
+        return tanh_gaussian_log_prob(*(x.repeat_interleave(n, 0) for x in self(obs)), act)
+
+
+class EnsembleLinear(nn.Module):
+    """E independent linear layers applied to an (E, N, in) batch as one batched matmul; each member
+    is initialised as an nn.Linear would be (uniform in +-1/sqrt(in))."""
+
+    def __init__(self, n: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)
+        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
+    """n independent networks shaped as mlp(in_dim, out_dim, hidden_dim, n_hidden), evaluated together."""
+    layers, d = [], in_dim
+    for _ in range(n_hidden):
+        layers += [EnsembleLinear(n, d, hidden_dim), nn.ReLU()]
+        d = hidden_dim
+    return nn.Sequential(*layers, EnsembleLinear(n, d, out_dim))
 
 
 class Critic(nn.Module):
-    """Twin Q networks, evaluated together."""
+    """Twin Q networks as a 2-member ensemble: every layer is one batched matmul for both."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim, 3)
-        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim, 3)
+        self.net = ensemble_mlp(2, obs_dim + act_dim, 1, hidden_dim, 3)
 
-    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.cat([obs, act], dim=-1)
-        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """(2, N): Q1(s, a) and Q2(s, a), which unpack as `q1, q2 = critic(obs, act)`.
+        `act` is (N, A), or (2, N, A) to give each network its own copy: a gradient penalty then gets
+        both networks' action gradients from one backward pass."""
+        x = torch.cat([obs.expand(*act.shape[:-1], -1), act], dim=-1)
+        return self.net(x.expand(2, -1, -1)).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,6 +243,17 @@ def critic_target(rewards: torch.Tensor, shaping: torch.Tensor, terminals: torch
     return rewards + shaping + gamma * (1.0 - terminals) * next_v
 
 
+# Compiled graphs cannot be differentiated twice: under --compile the penalty runs eagerly.
+@torch.compiler.disable
+def gradient_penalty(critic: Critic, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """E ||grad_a Q_1(s,a)||^2 + E ||grad_a Q_2(s,a)||^2 at the given actions, differentiable in Q. Each
+    critic differentiates its own copy of the actions, so one backward pass gives both gradients."""
+    actions = actions.detach().repeat(2, 1, 1).requires_grad_(True)
+    q1, q2 = critic(obs, actions)
+    g1, g2 = torch.autograd.grad(q1.sum() + q2.sum(), actions, create_graph=True)[0]
+    return (g1.pow(2).sum(-1) + g2.pow(2).sum(-1)).mean()
+
+
 class ITRPO:
     def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
         self.args = args
@@ -212,22 +261,25 @@ class ITRPO:
         with common.separate_rng(args.bc_seed, device):  # independent of --seed: the model is cached
             self.behavior = TanhGaussian(obs_dim, act_dim, args.hidden_dim, n_hidden=2).to(device)
         self.behavior_log_alpha = torch.zeros((), device=device, requires_grad=True)
-        self.behavior_optimizer = torch.optim.Adam(self.behavior.parameters(), lr=args.bc_lr)
-        self.behavior_alpha_optimizer = torch.optim.Adam([self.behavior_log_alpha], lr=args.bc_lr)
+        self.behavior_optimizer = torch.optim.Adam(self.behavior.parameters(), lr=args.bc_lr, fused=True)
+        self.behavior_alpha_optimizer = torch.optim.Adam([self.behavior_log_alpha], lr=args.bc_lr, fused=True)
         milestones = [int(0.8 * args.bc_steps), int(0.9 * args.bc_steps)]
         self.behavior_schedulers = [torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
                                     for opt in (self.behavior_optimizer, self.behavior_alpha_optimizer)]
         self.actor = TanhGaussian(obs_dim, act_dim, args.hidden_dim, n_hidden=3).to(device)
         self.critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
         self.critic_target = copy.deepcopy(self.critic)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.lr)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr, fused=True)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.lr, fused=True)
+        if args.compile:
+            self.train_behavior, self.train = torch.compile(self.train_behavior), torch.compile(self.train)
 
     def train_behavior(self, batch: common.Batch) -> dict:
         """Maximum likelihood of dataset actions plus a tuned entropy bonus (target -|A|)."""
         obs, actions = batch.observations, batch.actions
-        log_prob = self.behavior.log_prob(obs, actions)
-        entropy = -self.behavior.sample(obs)[1]
+        params = self.behavior(obs)  # one forward for both terms
+        log_prob = tanh_gaussian_log_prob(*params, actions)
+        entropy = -tanh_gaussian_sample(*params)[1]
         alpha = self.behavior_log_alpha.exp().detach()
         loss = -(log_prob + alpha * entropy).mean()
         self.behavior_optimizer.zero_grad(set_to_none=True)
@@ -245,15 +297,16 @@ class ITRPO:
     def kl_and_q(self, obs: torch.Tensor, critic: Critic) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """KL_hat(s) and Q_i(s, a_k) of K reparameterised samples a_k ~ pi(s); Q values are (B, K)."""
         k = self.args.n_samples
-        obs_rep = obs.repeat_interleave(k, 0)
-        actions, log_pi = self.actor.sample(obs_rep)
-        kl = (log_pi - self.behavior.log_prob(obs_rep, actions)).view(-1, k).mean(1)
-        q1, q2 = critic(obs_rep, actions)
+        actions, log_pi = self.actor.sample(obs, k)
+        kl = (log_pi - self.behavior.log_prob(obs, actions, k)).view(-1, k).mean(1)
+        q1, q2 = critic(obs.repeat_interleave(k, 0), actions)
         return kl, q1.view(-1, k), q2.view(-1, k)
 
     def update_actor(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """pi_{k+1}: maximise Q - alpha * KL(pi || pi_beta)."""
+        self.critic.requires_grad_(False)  # the actor's loss moves the actor only: no critic weight gradients
         kl, q1_pi, q2_pi = self.kl_and_q(obs, self.critic)
+        self.critic.requires_grad_(True)
         actor_loss = (self.args.alpha * kl - torch.min(q1_pi.mean(1), q2_pi.mean(1))).mean()
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
@@ -265,25 +318,22 @@ class ITRPO:
         args = self.args
         obs, actions, rewards, next_obs, terminals = batch
         with torch.no_grad():
-            shaping = shaping_reward(self.actor.log_prob(obs, actions), self.behavior.log_prob(obs, actions),
-                                     args.alpha, args.shaping_tau, args.shaping_clip)
+            pi_params = self.actor(obs)  # one forward serves the shaping term and the penalty's sample
+            log_pi_data = tanh_gaussian_log_prob(*pi_params, actions)
+            shaping = shaping_reward(log_pi_data, self.behavior.log_prob(obs, actions), args.alpha, args.shaping_tau,
+                                     args.shaping_clip)
             next_kl, next_q1, next_q2 = self.kl_and_q(next_obs, self.critic_target)
             target_q = critic_target(rewards, shaping, terminals, next_q1, next_q2, next_kl, args.gamma, args.alpha)
-            gp_actions = self.actor.sample(obs)[0]
+            gp_actions = tanh_gaussian_sample(*pi_params)[0]
         q1, q2 = self.critic(obs, actions)
         td_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
-        gp_actions.requires_grad_(True)
-        gp_q1, gp_q2 = self.critic(obs, gp_actions)
-        g1 = torch.autograd.grad(gp_q1.sum(), gp_actions, create_graph=True)[0]
-        g2 = torch.autograd.grad(gp_q2.sum(), gp_actions, create_graph=True)[0]
-        gp = (g1.pow(2).sum(-1) + g2.pow(2).sum(-1)).mean()
+        gp = gradient_penalty(self.critic, obs, gp_actions)
         critic_loss = td_loss + args.gp_weight * gp
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_optimizer.step()
         with torch.no_grad():
-            for p, tp in zip(self.critic.parameters(), self.critic_target.parameters()):
-                tp.lerp_(p, args.tau)
+            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), args.tau)
         return {"losses/critic_loss": critic_loss.detach(), "losses/td_loss": td_loss.detach(),
                 "losses/gradient_penalty": gp.detach(), "losses/q1": q1.mean().detach(),
                 "charts/shaping_reward": shaping.mean()}

@@ -15,6 +15,7 @@ Deviations:
 """
 
 import copy
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ class Args:
     """wandb project name, with --track"""
     resume: Literal["auto", "never"] = "auto"
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
+    compile: bool = False
+    """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
     # --- TD3+BC ---
     alpha: float = 2.5
     """alpha of eq. 3: lambda = alpha / mean|Q|; larger means less behaviour cloning"""
@@ -110,17 +113,47 @@ class Actor(nn.Module):
         return torch.tanh(self.net(obs))
 
 
+class EnsembleLinear(nn.Module):
+    """E independent linear layers applied to an (E, N, in) batch as one batched matmul; each member
+    is initialised as an nn.Linear would be (uniform in +-1/sqrt(in))."""
+
+    def __init__(self, n: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)
+        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
+    """n independent networks shaped as mlp(in_dim, out_dim, hidden_dim, n_hidden), evaluated together."""
+    layers, d = [], in_dim
+    for _ in range(n_hidden):
+        layers += [EnsembleLinear(n, d, hidden_dim), nn.ReLU()]
+        d = hidden_dim
+    return nn.Sequential(*layers, EnsembleLinear(n, d, out_dim))
+
+
 class Critic(nn.Module):
-    """Twin Q networks, evaluated together."""
+    """Twin Q networks as a 2-member ensemble: every layer is one batched matmul for both."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.q1 = mlp(obs_dim + act_dim, 1, hidden_dim, 2)
-        self.q2 = mlp(obs_dim + act_dim, 1, hidden_dim, 2)
+        self.net = ensemble_mlp(2, obs_dim + act_dim, 1, hidden_dim, 2)
 
-    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """(2, N): Q1(s, a) and Q2(s, a), which unpack as `q1, q2 = critic(obs, act)`."""
         x = torch.cat([obs, act], dim=-1)
-        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+        return self.net(x.expand(2, -1, -1)).squeeze(-1)
+
+    def q1(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """Q1(s, a) alone, from the first member's weights (the actor's loss needs no Q2)."""
+        x = torch.cat([obs, act], dim=-1)
+        for layer in self.net:
+            x = torch.addmm(layer.bias[0], x, layer.weight[0]) if isinstance(layer, EnsembleLinear) else layer(x)
+        return x.squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,10 +173,12 @@ class TD3BC:
         self.critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
         self.actor_target = copy.deepcopy(self.actor)
         self.critic_target = copy.deepcopy(self.critic)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.lr)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr, fused=True)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.lr, fused=True)
         self.total_it = 0
         self.last_actor_metrics: dict = {}
+        if args.compile:
+            self.train = torch.compile(self.train)
 
     def train(self, batch: common.Batch) -> dict:
         args = self.args
@@ -164,15 +199,16 @@ class TD3BC:
 
         if self.total_it % args.policy_freq == 0:
             pi = self.actor(obs)
-            q_pi = self.critic.q1(torch.cat([obs, pi], dim=-1)).squeeze(-1)
+            self.critic.requires_grad_(False)  # the actor's loss moves the actor only: no critic weight gradients
+            q_pi = self.critic.q1(obs, pi)
+            self.critic.requires_grad_(True)
             loss, lmbda = actor_loss(q_pi, pi, actions, args.alpha)
             self.actor_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.actor_optimizer.step()
             with torch.no_grad():
                 for net, target in ((self.actor, self.actor_target), (self.critic, self.critic_target)):
-                    for p, tp in zip(net.parameters(), target.parameters()):
-                        tp.lerp_(p, args.tau)
+                    torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), args.tau)
             self.last_actor_metrics = {"losses/actor_loss": loss.detach(), "charts/lambda": lmbda}
 
         return {"losses/critic_loss": critic_loss.detach(), "losses/q1": q1.mean().detach(),

@@ -253,9 +253,12 @@ def test_fisher_brc_behaviour_samples_follow_the_density():
 def test_fisher_brc_gradient_penalty_of_known_functions():
     fbrc = load_algorithm("fisher_brc")
 
-    class Known(torch.nn.Module):  # O_1 = 3 * sum(a), O_2 = sum(a^2)
+    class Known(torch.nn.Module):
+        """O_1 = 3 * sum(a), O_2 = sum(a^2); given (2, N, A) actions, O_i reads act[i], as Offsets does."""
+
         def forward(self, obs, act):
-            return 3.0 * act.sum(-1) + obs.sum(-1), (act**2).sum(-1)
+            a1, a2 = act.expand(2, *act.shape[-2:])
+            return 3.0 * a1.sum(-1) + obs.sum(-1), (a2**2).sum(-1)
 
     act = torch.tensor([[0.5, -1.0], [0.0, 2.0]])
     gp = fbrc.gradient_penalty(Known(), torch.zeros(2, 1), act)
@@ -269,9 +272,9 @@ def test_fisher_brc_gradient_penalty_reaches_the_offset_parameters():
     offsets = fbrc.Offsets(obs_dim=3, act_dim=2, hidden_dim=8)
     gp = fbrc.gradient_penalty(offsets, torch.randn(5, 3), torch.randn(5, 2))
     gp.backward()
-    # every weight matrix shapes grad_a O (the output bias cannot, and gets no gradient)
-    weights = [m.weight for net in (offsets.o1, offsets.o2) for m in net if isinstance(m, torch.nn.Linear)]
-    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in weights)
+    # every weight matrix of both networks shapes grad_a O (the output bias cannot, and gets no gradient)
+    weights = [m.weight.grad[i] for m in offsets.net if isinstance(m, fbrc.EnsembleLinear) for i in range(2)]
+    assert len(weights) == 8 and all(w.abs().sum() > 0 for w in weights)
 
 
 def test_itrpo_shaping_sign_scale_and_clip():

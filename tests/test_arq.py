@@ -153,11 +153,11 @@ def test_backup_is_floored_by_the_dataset_action_and_ignores_dropped_samples():
     args = arq.Args(hidden_dim=8, kth=2, policy="implicit", gamma=0.5, tau=0.0, critic_lr=3e-4)
     agent = arq.ARQ(args, obs_dim=1, act_dim=1, device=torch.device("cpu"))
 
-    class FixedQ(torch.nn.Module):  # Q(s, a) = 10 a for both twins
+    class FixedQ(arq.Critic):  # Q(s, a) = 10 a for both twins; its unused weights take the Polyak step
         def forward(self, obs, act):
             return 10 * act[..., 0], 10 * act[..., 0]
 
-    agent.critic_target = FixedQ()
+    agent.critic_target = FixedQ(obs_dim=1, act_dim=1, hidden_dim=8)
     sup = torch.tensor([[[0.3], [0.9], [0.5], [0.1]], [[0.8], [0.2], [0.4], [0.6]]])
     valid = torch.tensor([[True, False, True, True], [True, True, True, True]])
     batch = arq.SupportBatch(torch.zeros(2, 1), torch.zeros(2, 1), torch.zeros(2), torch.zeros(2, 1),

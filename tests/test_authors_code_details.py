@@ -26,7 +26,7 @@ def test_cql_draws_the_critic_losss_samples_before_the_actor_is_stepped():
     agent = cql.CQL(cql.Args(hidden_dim=16, n_actions=3, bc_warmup_steps=0, max_q_backup=True), 3, 2, torch.device("cpu"))
     events = []
     sample = agent.actor.sample
-    agent.actor.sample = lambda obs: (events.append(("sample", len(obs))), sample(obs))[1]
+    agent.actor.sample = lambda obs, n=1: (events.append(("sample", len(obs) * n)), sample(obs, n))[1]
     for name in ("alpha_optimizer", "actor_optimizer", "critic_optimizer"):
         opt = getattr(agent, name)
         opt.step = (lambda step, name: lambda *a, **k: (events.append((name, None)), step(*a, **k))[1])(opt.step, name)

@@ -204,9 +204,12 @@ def test_alpha_and_beta_start_at_their_own_initial_values(alpha_mode):
     assert agent.beta().item() == pytest.approx(1.0, rel=1e-4)
 
 
-class KnownCritic(torch.nn.Module):  # Q_1 = 3 sum(a) + sum(s), Q_2 = sum(a^2)
+class KnownCritic(torch.nn.Module):
+    """Q_1 = 3 sum(a) + sum(s), Q_2 = sum(a^2); given (2, N, A) actions, Q_i reads act[i], as bp.Critic does."""
+
     def forward(self, obs, act):
-        return 3.0 * act.sum(-1) + obs.sum(-1), (act**2).sum(-1)
+        a1, a2 = act.expand(2, *act.shape[-2:])
+        return 3.0 * a1.sum(-1) + obs.sum(-1), (a2**2).sum(-1)
 
 
 def test_gradient_penalty_is_applied_only_where_kl_exceeds_the_threshold():

@@ -1,0 +1,45 @@
+"""tools/bench_cpu.py: its FLOP count on a step whose matmuls are known, and a run end to end."""
+
+import os
+import re
+
+import torch
+
+import common
+from conftest import ROOT, run_script
+from tools import bench_cpu
+
+
+def test_flops_per_step_counts_the_forward_and_backward_matmuls_of_a_bc_step(datasets_path):
+    data = common.load_dataset("test/hopper/random-v0")  # obs 11, act 3
+    agent, buffer, batch_size = bench_cpu.prepare("bc", data, torch.device("cpu"), batch_size=64)
+    flops = bench_cpu.flops_per_step(agent, buffer, batch_size)
+    layers = [(11, 256), (256, 256), (256, 3)]
+    forward = sum(2 * 64 * i * o for i, o in layers)
+    # backward: a weight gradient for every layer, an input gradient for all but the first (the
+    # states need none)
+    assert flops == forward + forward + (forward - 2 * 64 * 11 * 256)
+
+
+def test_flops_are_counted_through_the_gradient_penalties(datasets_path):
+    """The penalties differentiate twice (autograd.grad with create_graph), which FlopCounterMode's
+    own module hooks cannot follow."""
+    data = common.load_dataset("test/hopper/random-v0")
+    for name in ("fisher_brc", "itrpo", "brac_plus"):
+        agent, buffer, batch_size = bench_cpu.prepare(name, data, torch.device("cpu"), hidden_dim=16, batch_size=32)
+        assert bench_cpu.flops_per_step(agent, buffer, batch_size) > 0, name
+
+
+def test_bench_cpu_reports_speed_flops_and_the_fraction_of_peak(datasets_path, tmp_path):
+    result = run_script([os.path.join(ROOT, "tools", "bench_cpu.py"), "--threads", "1", "--transitions", "3000",
+                         "--steps", "3", "--warmup", "1", "--algorithms", "bc", "arq"], datasets_path, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "obs 17, act 6, 3000 transitions" in result.stdout  # HalfCheetah's dimensions
+    peak = float(re.search(r"fp32 matmul peak ([\d.]+) GFLOP/s", result.stdout).group(1))
+    rows = {m.group(1): m.groups()[1:] for m in re.finditer(
+        r"^\| (\w+) \| 256 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)% \|$", result.stdout, re.M)}
+    assert set(rows) == {"bc", "arq"}
+    for sps, gflop_step, gflops, fraction in ((float(x) for x in row) for row in rows.values()):
+        assert sps > 0 and gflop_step > 0
+        assert abs(gflops - sps * gflop_step) <= 0.05 * gflops + 0.1
+        assert abs(fraction / 100 - gflops / peak) <= 0.01
