@@ -90,7 +90,7 @@ class Args:
     n_components: int = 5
     """Gaussian components per action dimension of the behaviour mixture"""
     gp_weight: float = 0.1
-    """lambda of eq. (7): weight of the gradient penalty on the offsets (docs/results.md compares values)"""
+    """lambda of eq. (7): weight of the gradient penalty on the offsets (at 0.1 it needs the full --bc-steps: docs/results.md)"""
     gp_on_data: bool = False
     """take the gradient penalty at dataset actions instead of a ~ pi(s)"""
     reward_transform: common.RewardTransform = "plus-five"
@@ -258,6 +258,13 @@ def gradient_penalty(offsets: Offsets, obs: torch.Tensor, act: torch.Tensor) -> 
     return (g1.pow(2).sum(-1) + g2.pow(2).sum(-1)).mean()
 
 
+def regression_slope(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Least-squares slope of y on x over a batch. Logged for O(s, a) on log mu(a|s) at dataset
+    actions: near -1 when the offsets cancel the behaviour density instead of correcting it."""
+    xc = x - x.mean()
+    return (xc * (y - y.mean())).mean() / xc.pow(2).mean().clamp(min=1e-12)
+
+
 class FisherBRC:
     def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
         self.args = args
@@ -342,6 +349,7 @@ class FisherBRC:
         return {"losses/offsets_loss": offsets_loss.detach(), "losses/td_loss": td_loss.detach(),
                 "losses/gradient_penalty": gp.detach(), "losses/actor_loss": actor_loss.detach(),
                 "losses/q1": (o1 + log_mu_data).mean().detach(), "charts/log_mu_data": log_mu_data.mean(),
+                "charts/offset_vs_log_mu_slope": regression_slope(o1.detach(), log_mu_data),
                 "charts/alpha": alpha, "charts/entropy": -log_pi.mean().detach()}
 
     @torch.no_grad()

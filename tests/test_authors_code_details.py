@@ -140,3 +140,10 @@ def test_itrpo_update_order(order):
     expected = ["actor_optimizer", "critic_optimizer"]
     assert events == (expected if order == "actor-first" else expected[::-1])
     assert {"losses/actor_loss", "losses/critic_loss", "charts/kl"} <= set(metrics)
+
+
+def test_fisher_brc_regression_slope():
+    fbrc = load_algorithm("fisher_brc")
+    x = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    torch.testing.assert_close(fbrc.regression_slope(-x + 5.0, x), torch.tensor(-1.0))
+    torch.testing.assert_close(fbrc.regression_slope(2.0 * x, x), torch.tensor(2.0))
