@@ -556,7 +556,8 @@ def test_fisher_brc_step_is_the_unfused_step():
         return {"losses/offsets_loss": offsets_loss.detach(), "losses/td_loss": td_loss.detach(),
                 "losses/gradient_penalty": gp.detach(), "losses/actor_loss": actor_loss.detach(),
                 "losses/q1": (o1 + log_mu_data).mean().detach(), "charts/log_mu_data": log_mu_data.mean(),
-                "charts/alpha": alpha, "charts/entropy": -log_pi.mean().detach()}
+                "charts/alpha": alpha, "charts/entropy": -log_pi.mean().detach(),
+                "charts/offset_vs_log_mu_slope": fbrc.regression_slope(o1.detach(), log_mu_data)}
 
     compare_steps(agent, ref, agent.train, step,
                   critic_pairs=[("offsets", "offsets"), ("offsets_target", "offsets_target")])
