@@ -813,7 +813,7 @@ class Run:
             "dataset": {"transitions": len(data), "episodes": len(data.episode_lengths),
                         "ref_min_score": data.ref_min_score, "ref_max_score": data.ref_max_score,
                         "ref_scores_source": data.ref_scores_source, "source": data.source,
-                        "eval_env": data.eval_env},
+                        "eval_env": data.eval_env, "episode_return_mean": float(data.episode_returns.mean())},
             "evaluations": [],
             "final_normalized_score": None,
             "final_return": None,

@@ -45,9 +45,9 @@ def test_dry_run_lists_the_expected_commands(capsys, tmp_path):
                     "--output-dir", out)
     threads = max(1, (os.cpu_count() or 1) // 2)
     expected = []
-    for env in ("mujoco/hopper/medium-v0", "D4RL/pen/human-v2"):  # hopper-medium-v2's stand-in
-        for algo in ("iql", "fisher_brc"):
-            for seed in (0, 1):
+    for seed in (0, 1):  # seed by seed, so that a second seed finds the first one's cached behaviour model
+        for env in ("mujoco/hopper/medium-v0", "D4RL/pen/human-v2"):  # hopper-medium-v2's stand-in
+            for algo in ("iql", "fisher_brc"):
                 bc = " --bc-steps 10" if algo == "fisher_brc" else ""  # iql has no behaviour phase
                 expected.append(f"OMP_NUM_THREADS={threads} python algorithms/{algo}.py --env {env} --seed {seed} "
                                 f"--total-steps 100{bc} --eval-every 5000 --eval-episodes 10 --output-dir {out} "
@@ -69,16 +69,19 @@ def test_bc_steps_reach_every_file_with_a_behaviour_phase(capsys, tmp_path):
 
 def test_quick_dry_run_uses_the_documented_budgets(capsys, tmp_path):
     lines = dry_run(capsys, "--quick", "--output-dir", str(tmp_path))
+    assert set(benchmark.QUICK_BUDGETS) == set(benchmark.algorithm_names())  # all nine files
     assert len(lines) == len(benchmark.QUICK_BUDGETS) * len(benchmark.QUICK_DATASETS) * len(benchmark.QUICK_SEEDS)
     for line in lines:
         assert line.startswith("OMP_NUM_THREADS=1 ")
-        assert f"MINARI_DATASETS_PATH={tmp_path}/datasets" in line  # never the user's full-size local datasets
+        # one id, one dataset: the default builds, in the user's Minari folder, at their default size
+        assert "MINARI_DATASETS_PATH" not in line and "LOCAL_DATASET_TRANSITIONS" not in line
         algo = line.split("algorithms/")[1].split(".py")[0]
         steps, bc_steps = benchmark.QUICK_BUDGETS[algo]
         assert f"--total-steps {steps} --" in line
         assert f"--eval-every {steps // 10} --eval-episodes 5" in line
         bc_flag = "--bc-warmup-steps" if algo == "cql" else "--bc-steps"  # else the quick CQL run is all warm-up
         assert (f"{bc_flag} {bc_steps} " in line) == (bc_steps is not None), line
+        assert " ".join(benchmark.QUICK_FLAGS.get(algo, [])) in line
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -419,17 +422,48 @@ def test_full_benchmark_uses_each_papers_eval_episodes(capsys, tmp_path):
 
 def test_quick_mode_end_to_end(tmp_path):
     out, results = str(tmp_path / "runs"), str(tmp_path / "results")
-    argv = ["benchmark.sh", "--quick", "--algos", "bc", "--datasets", "local/pendulum/medium-v0", "--seeds", "0",
+    argv = ["benchmark.sh", "--quick", "--algos", "bc", "--datasets", "local/pendulum/medium-400-v0", "--seeds", "0",
             "--steps", "20", "--eval-every", "10", "--eval-episodes", "1", "--output-dir", out,
             "--results-dir", results]
-    env = {**os.environ, "LOCAL_DATASET_TRANSITIONS": "400", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "datasets"), "OMP_NUM_THREADS": "1"}
     first = subprocess.run(["bash", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert first.returncode == 0, first.stdout + first.stderr
-    with open(os.path.join(out, "bc__local-pendulum-medium-v0__s0", "results.json")) as f:
+    with open(os.path.join(out, "bc__local-pendulum-medium-400-v0__s0", "results.json")) as f:
         assert json.load(f)["finished"]
     md = open(os.path.join(results, "summary.md")).read()
-    assert "| `local/pendulum/medium-v0` | (no paper dataset) | — | 400 |" in md
-    assert "| `local/pendulum/medium-v0` | bc | 1 |" in md
+    assert "| `local/pendulum/medium-400-v0` | (no paper dataset) | — | 400 |" in md
+    assert "| `local/pendulum/medium-400-v0` | bc | 1 |" in md
+    assert "## Quick profile" in md and "| `local/pendulum/medium-400-v0` | 400 |" in md
+    assert os.path.exists(os.path.join(results, "curves", "quick-local-pendulum-medium-400-v0.png"))
     # Resume: nothing left to run.
     again = subprocess.run(["bash", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0 and "1 already finished, 0 to do" in again.stdout
+
+
+def test_quick_table_marks_slow_files_names_flags_caches_and_files_below_bc(tmp_path):
+    out = str(tmp_path / "runs")
+    data = "local/hopper/medium-replay-v0"
+    for seed, (bc, iql, cql) in enumerate([(10.0, 20.0, 5.0), (12.0, 22.0, 7.0)]):
+        write_results(out, "bc", data, seed, [bc], total_steps=100)
+        write_results(out, "iql", data, seed, [iql], total_steps=100)
+        write_results(out, "cql", data, seed, [cql], total_steps=100)
+        write_results(out, "brac_plus", data, seed, [50.0], total_steps=30)
+        write_results(out, "td3_bc", data, seed, [0.0, 0.0, 30.0, 10.0], total_steps=100)
+    with open(os.path.join(out, benchmark.run_name("iql", data, 1), "stdout.log"), "w") as f:
+        f.write("reusing the cached pretrained model x.pt\n")
+    with open(os.path.join(out, summarize.QUICK_PROFILE_FILE), "w") as f:
+        json.dump({"bc": {"flags": [], "too_slow": None}, "iql": {"flags": ["--gp-weight", "1.0"], "too_slow": None},
+                   "cql": {"flags": [], "too_slow": None}, "td3_bc": {"flags": [], "too_slow": None},
+                   "brac_plus": {"flags": [], "too_slow": "30 RL steps in its share"}}, f)
+    summarize.main([out, "--out", str(tmp_path / "results")])
+    md = open(tmp_path / "results" / "summary.md").read()
+    quick = md.split("## Quick profile")[1].split("## Paper tables")[0]
+    row = next(line for line in quick.splitlines() if line.startswith(f"| `{data}`"))
+    cells = dict(zip(quick.splitlines()[4].strip("| ").split(" | "), row.strip("| ").split(" | ")))
+    assert cells["bc"] == "11.0 ± 1.0" and cells["iql"] == "21.0 ± 1.0" and cells["cql"] == "6.0 ± 1.0"
+    assert cells["brac_plus"] == "too slow for quick: 30 steps"  # a score of 50 is not shown
+    assert cells["td3_bc"] == "20.0 ± 0.0"  # the mean of the second half of its evaluations
+    assert f"On `{data}`, below BC (11.0): cql." in quick
+    assert "iql: `--gp-weight 1.0`" in quick and "brac_plus: 30 RL steps in its share" in quick
+    assert f"`{benchmark.run_name('iql', data, 1)}`" in quick.split("from the cache")[1]
+    assert os.path.exists(tmp_path / "results" / "curves" / "quick-local-hopper-medium-replay-v0.png")

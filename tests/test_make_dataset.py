@@ -95,7 +95,7 @@ def test_choose_snapshots_medium_is_a_third_of_the_way_up():
 def test_kinds_shapes_and_sizes(trained, minari_path, kind, size):
     snapshot_dir, manifest, _ = trained
     [dataset_id] = md.build_datasets("Pendulum-v1", (kind,), transitions=250, snapshot_dir=snapshot_dir)
-    assert dataset_id == f"local/pendulum/{kind}-v0"
+    assert dataset_id == f"local/pendulum/{kind}-250-v0"  # a size given is part of the id
     dataset, eps = episodes(dataset_id)
     assert dataset.total_steps == size
     assert sum(len(ep.rewards) for ep in eps) == size
@@ -120,7 +120,7 @@ def test_observations_follow_the_actions(trained, minari_path):
     """Replaying an episode's actions from its first state reproduces its observations."""
     snapshot_dir, _, _ = trained
     md.build_datasets("Pendulum-v1", ("medium",), transitions=40, snapshot_dir=snapshot_dir)
-    dataset, [ep] = episodes("local/pendulum/medium-v0")
+    dataset, [ep] = episodes("local/pendulum/medium-40-v0")
     env = dataset.recover_environment()
     env.reset()
     for t, action in enumerate(ep.actions):
@@ -206,7 +206,7 @@ def test_same_seed_same_bytes(trained, tmp_path, monkeypatch):
         monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / folder))
         md.build_datasets("Pendulum-v1", ("random", "medium-replay", "expert"), seed=seed, transitions=230,
                           snapshot_dir=snapshot_dir)
-        builds[folder] = {k: _arrays(f"local/pendulum/{k}-v0") for k in ("random", "medium-replay", "expert")}
+        builds[folder] = {k: _arrays(f"local/pendulum/{k}-230-v0") for k in ("random", "medium-replay", "expert")}
     for kind in builds["a"]:
         a, b, c = builds["a"][kind], builds["b"][kind], builds["c"][kind]
         assert len(a) == len(b)
@@ -218,7 +218,7 @@ def test_same_seed_same_bytes(trained, tmp_path, monkeypatch):
 
 def test_hopper_random_uses_d4rl_reference_scores(tmp_path, minari_path):
     md.build_datasets("Hopper-v5", ("random",), transitions=120, snapshot_dir=str(tmp_path / "none"))
-    dataset, eps = episodes("local/hopper/random-v0")
+    dataset, eps = episodes("local/hopper/random-120-v0")
     assert dataset.total_steps == 120
     assert eps[0].observations.shape[1] == 11 and eps[0].observations.dtype == np.float64
     assert eps[0].terminations[-1]  # random hoppers fall over
@@ -235,7 +235,7 @@ def test_random_kind_rolls_out_a_randomly_initialised_policy(tmp_path, monkeypat
         md.build_datasets("Pendulum-v1", ("random",), transitions=300, snapshot_dir=str(tmp_path / "none"),
                           random_policy=policy)
         assert torch.equal(torch.get_rng_state(), torch_state)  # the global stream is left alone
-        dataset, eps = episodes("local/pendulum/random-v0")
+        dataset, eps = episodes("local/pendulum/random-300-v0")
         actions[policy] = np.concatenate([ep.actions for ep in eps])
         metadata[policy] = dataset.storage.metadata
     assert metadata["init"]["algorithm_name"] == "randomly initialised SAC actor"
@@ -248,7 +248,7 @@ def test_random_kind_rolls_out_a_randomly_initialised_policy(tmp_path, monkeypat
     np.testing.assert_array_equal(actions["uniform"], np.stack([uniform(None) for _ in range(300)]))
     # ... the default one is tanh(Gaussian) samples of the fresh actor, taken along the episodes' states.
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "init"))
-    _, eps = episodes("local/pendulum/random-v0")
+    _, eps = episodes("local/pendulum/random-300-v0")
     actor = md.random_init_actor(3, 1, md.sub_seed(0, md.STREAM_RANDOM, 2))
     act = md.stochastic_policy(actor, np.float32([-2.0]), np.float32([2.0]), md.sub_seed(0, md.STREAM_RANDOM, 1))
     replayed = np.stack([act(obs) for ep in eps for obs in ep.observations[:-1]])
@@ -265,7 +265,7 @@ def test_random_policy_flag_on_the_command_line(minari_path, tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    dataset, _ = episodes("local/pendulum/random-v0")
+    dataset, _ = episodes("local/pendulum/random-20-v0")
     assert dataset.storage.metadata["algorithm_name"] == "uniform random"
 
 
@@ -274,13 +274,14 @@ def test_existing_dataset_needs_force(trained, minari_path):
     md.build_datasets("Pendulum-v1", ("random",), transitions=10, snapshot_dir=snapshot_dir)
     with pytest.raises(common.UserError, match="already exists"):
         md.build_datasets("Pendulum-v1", ("random",), transitions=10, snapshot_dir=snapshot_dir)
-    md.build_datasets("Pendulum-v1", ("random",), transitions=20, snapshot_dir=snapshot_dir, force=True)
-    assert minari.load_dataset("local/pendulum/random-v0").total_steps == 20
+    first = _arrays("local/pendulum/random-10-v0")
+    md.build_datasets("Pendulum-v1", ("random",), seed=1, transitions=10, snapshot_dir=snapshot_dir, force=True)
+    assert minari.load_dataset("local/pendulum/random-10-v0").total_steps == 10
+    assert not np.array_equal(_arrays("local/pendulum/random-10-v0")[0][0], first[0][0])  # rebuilt, seed 1
 
 
-def test_loader_builds_local_dataset_on_first_use(minari_path, monkeypatch, capsys):
-    monkeypatch.setenv("LOCAL_DATASET_TRANSITIONS", "300")
-    data = common.load_dataset("local/pendulum/medium-v0")
+def test_loader_builds_local_dataset_on_first_use(minari_path, capsys):
+    data = common.load_dataset("local/pendulum/medium-300-v0")
     assert "building it from the shipped snapshots" in capsys.readouterr().out
     assert len(data) == 300 and data.obs_dim == 3 and data.act_dim == 1
     with open(os.path.join(md.SNAPSHOTS_DIR, "Pendulum-v1", "manifest.json")) as f:
@@ -291,17 +292,31 @@ def test_loader_builds_local_dataset_on_first_use(minari_path, monkeypatch, caps
     assert data.ref_max_score == pytest.approx(expert["eval_return"])
     # The shipped medium snapshot is well above random and well below expert.
     assert data.ref_min_score + 100 < data.episode_returns[0] < data.ref_max_score - 100
-    again = common.load_dataset("local/pendulum/medium-v0")
+    again = common.load_dataset("local/pendulum/medium-300-v0")
     assert "building" not in capsys.readouterr().out and len(again) == 300
+
+
+def test_a_sized_build_has_its_own_id(minari_path, capsys):
+    """One id, one dataset: the size is part of the id, so builds of two sizes never share one."""
+    assert md.parse_local_id("local/hopper/medium-replay-50k-v0") == ("hopper", "medium-replay", 50_000)
+    assert md.parse_local_id("local/hopper/medium-replay-v0") == ("hopper", "medium-replay", None)
+    assert md.parse_local_id("local/hopper/medium-300-v0") == ("hopper", "medium", 300)
+    assert md.parse_local_id("local/hopper/bogus-5k-v0") is None
+    assert md.dataset_id_for("Hopper-v5", "medium", 50_000) == "local/hopper/medium-50k-v0"
+    assert md.dataset_id_for("Hopper-v5", "medium", 1234) == "local/hopper/medium-1234-v0"
+    small = common.load_dataset("local/pendulum/random-200-v0")
+    larger = common.load_dataset("local/pendulum/random-400-v0")
+    assert (len(small), len(larger)) == (200, 400)
+    assert "local/pendulum/random-v0" not in minari.list_local_datasets()
+    assert len(common.load_dataset("local/pendulum/random-200-v0")) == 200
 
 
 def test_first_use_build_leaves_the_run_seeded_stream_alone(minari_path, monkeypatch, tmp_path):
     """The run that builds its local dataset and a later run that finds it built, same seed: same
     initial weights and batches, hence the same evaluations."""
-    monkeypatch.setenv("LOCAL_DATASET_TRANSITIONS", "300")
     evaluations = []
     for name in ("builds", "cached"):
-        result = run_script([os.path.join(ROOT, "algorithms", "bc.py"), "--env", "local/pendulum/medium-v0",
+        result = run_script([os.path.join(ROOT, "algorithms", "bc.py"), "--env", "local/pendulum/medium-300-v0",
                              "--total-steps", "30", "--eval-every", "15", "--eval-episodes", "2",
                              "--batch-size", "16", "--device", "cpu", "--output-dir", str(tmp_path),
                              "--run-name", name], str(minari_path))

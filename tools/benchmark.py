@@ -19,6 +19,7 @@ import argparse
 import concurrent.futures
 import csv
 import difflib
+import itertools
 import json
 import os
 import re
@@ -30,7 +31,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import d4rl_files  # noqa: E402
-from common import KNOWN_REMOTE_DATASETS, UserError, dataset_task, install_user_error_hook  # noqa: E402
+from common import KNOWN_REMOTE_DATASETS, UserError, atomic_write_json, dataset_task, install_user_error_hook  # noqa: E402
 from tools.pretraining import behaviour_flag  # noqa: E402
 
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
@@ -57,40 +58,56 @@ PAPER_EVAL_EPISODES = {
 FULL_EVAL_EPISODES = 10
 FULL_SEEDS = 5  # the most any table uses (Fisher-BRC); the summary takes each paper's own count
 
-# --quick: offline, on local stand-ins, sized for a 2-core CPU. Budgets from the measured single-
-# thread gradient steps per second (lower end, README "Speed" and tools/bench_cpu.py) so that each
-# run trains for about 1.5 minutes. The second number sizes the file's behaviour phase
-# (tools/pretraining.py): --bc-steps before the RL loop, counted separately, or CQL's
-# --bc-warmup-steps, the first of its steps.
-#   algo        steps  bc-steps  SPS (RL / behaviour)  training time
-#   bc          20000     -      450                   44 s
-#   td3_bc      10000     -      120                   83 s
-#   iql          8000     -       80                  100 s
-#   awr          6000     -       60                  100 s
-#   cql           800    200      5-10 (BC inside)     80-160 s
-#   fisher_brc   2000   5000      25 / 110             80 + 45 = 125 s
-#   itrpo         700   5000       7 / 170            100 + 29 = 129 s
-# That is 660-740 s per (dataset, seed), plus ~16 s per run of start-up, data loading and ten
-# evaluations of 5 episodes: ~790-850 s. Two datasets x two seeds = 3200-3400 s of work, on two
-# workers 27-28 minutes, plus under a minute to build the two datasets once (50k and <=20k
-# transitions).
+# --quick: offline, all nine files on the default build of local/hopper/medium-replay-v0 (90k
+# transitions, built once from the shipped snapshots in about a minute), two seeds, two runs at a
+# time with one thread each: about 25 minutes on 2 idle cores. Budgets are sized from each file's
+# speed in that setting (steps / train_seconds of the quick runs, docs/results.md "Quick mode") so
+# that each file's RL phase takes about 2 minutes; a slow learner gets up to twice that. Behaviour
+# phases come on top and are trained once: runs go seed by seed, so the second seed reads them from
+# the cache in the output folder.
+#   algo        steps  behaviour  RL / behaviour steps/s   RL training time
+#   bc          20000     -       690                       29 s
+#   td3_bc      20000     -       190                      105 s
+#   iql         15000     -       130                      115 s
+#   awr         10000     -        84                      120 s
+#   cql          1000    200        6.7 (warm-up inside)   150 s
+#   fisher_brc   5000   5000       39 / 310                130 s (+16 s once)
+#   itrpo        3500  20000       15 / 450                230 s (+45 s once)
+#   brac_plus    3000   2000       25 / 71 (+ pi_0, Q_0)   120 s (+28 s once, +35 s per run)
+#   arq         20000   3000       96 / 76 (+ support)     210 s (+40 s and ~200 s support once)
 QUICK_BUDGETS = {
     "bc": (20_000, None),
-    "td3_bc": (10_000, None),
-    "iql": (8_000, None),
-    "awr": (6_000, None),
-    "cql": (800, 200),
-    "fisher_brc": (2_000, 5_000),
-    "itrpo": (700, 5_000),
+    "td3_bc": (20_000, None),
+    "iql": (15_000, None),
+    "awr": (10_000, None),
+    "cql": (1_000, 200),
+    "fisher_brc": (5_000, 5_000),
+    "itrpo": (3_500, 20_000),
+    "brac_plus": (3_000, 2_000),
+    "arq": (20_000, 3_000),
 }
-QUICK_DATASETS = ["local/hopper/medium-v0", "local/hopper/medium-replay-v0"]
+# Settings other than the files' defaults, for what the quick share cannot afford at the papers'
+# sizes; the summary lists them under its table.
+QUICK_FLAGS = {
+    # lambda 0.1 collapses with a behaviour model trained for thousands rather than the authors' 1M
+    # steps (docs/results.md, Fisher-BRC); lambda 1 is the paper's other ablation value (fig. 2).
+    "fisher_brc": ["--gp-weight", "1.0"],
+    # One policy and one latent sample in the KL bound (paper: 5 and 5), 256-wide VAEs and policy
+    # (the official code's width), and the multipliers starting at 1: with a short pi_0 phase the
+    # official beta = 10 collapses pi_0's entropy (docs/results.md, BRAC+).
+    "brac_plus": ["--pretrain-steps", "2000", "--n-samples", "1", "--n-latent", "1", "--vae-hidden-dim", "256",
+                  "--actor-hidden-dim", "256", "--beta-init", "1", "--alpha-init", "1"],
+    # N = 3 support samples per state from the fast ODE sampler (paper: 30 from the predictor-corrector)
+    # and K = 1, about the paper's K / N = 9 / 30.
+    "arq": ["--n-support", "3", "--kth", "1", "--sampler", "ode", "--sampler-steps", "10", "--likelihood-steps", "5"],
+}
+# Files that cannot reach a meaningful budget in the quick share at all: their cell says so, with
+# the budget they had, instead of a score.
+QUICK_TOO_SLOW: dict[str, str] = {}
+QUICK_DATASETS = ["local/hopper/medium-replay-v0"]
 QUICK_SEEDS = [0, 1]
 QUICK_EVALUATIONS, QUICK_EVAL_EPISODES = 10, 5
-# Quick datasets are small: the default local size is D4RL's 1M transitions, ~10 minutes to build
-# on a CPU (~1,500 transitions/s), while a quick run samples at most 20k x 256 of them. They live in
-# their own Minari folder so that a later full benchmark never takes them for the full-size
-# datasets of the same id.
-QUICK_TRANSITIONS = 50_000
+QUICK_PROFILE_FILE = "quick_profile.json"  # in the output folder: what tools/summarize.py reports
 
 
 def algorithm_names() -> list[str]:
@@ -108,11 +125,11 @@ def minari_root() -> str:
 
 
 def local_buildable(dataset_id: str) -> bool:
-    """local/<env>/<kind>-v0 ids that tools/make_dataset.py can build from shipped snapshots."""
-    from tools.make_dataset import KINDS, shipped_manifests
+    """local/<env>/<kind>[-<size>]-v0 ids that tools/make_dataset.py can build from shipped snapshots."""
+    from tools.make_dataset import parse_local_id, shipped_manifests
 
-    match = re.fullmatch(r"local/([^/]+)/(.+)-v0", dataset_id)
-    return match is not None and match[1] in shipped_manifests() and match[2] in KINDS
+    parsed = parse_local_id(dataset_id)
+    return parsed is not None and parsed[0] in shipped_manifests()
 
 
 def d4rl_file_id(paper_dataset: str) -> str | None:
@@ -124,7 +141,7 @@ def d4rl_file_id(paper_dataset: str) -> str | None:
 def resolve_datasets(names: list[str] | None, quick: bool, folder: str | None = None) -> list[str]:
     """Dataset ids for --datasets: ids as they are, paper dataset names through datasets.csv, except
     that D4RL's own file of a paper dataset, where the user has it, is preferred to its stand-in
-    (not in quick mode, whose budgets are sized for its small local datasets).
+    (not in quick mode, whose budgets are sized for the local builds).
     `folder`: the Minari folder the runs will use (default: the user's)."""
     folder = folder or minari_root()
     mapping = read_dataset_map()
@@ -212,30 +229,31 @@ def build_runs(args, algos: list[str], datasets: list[str], out_dir: str) -> lis
         threads = max(1, (os.cpu_count() or 1) // args.workers)
     gpus = gpu_ids()
     runs = []
-    for dataset in datasets:
-        for algo in algos:
-            steps, bc_steps = QUICK_BUDGETS.get(algo, (None, None)) if args.quick else (PAPER_STEPS, None)
-            steps = args.steps or steps
-            bc_steps = args.bc_steps or bc_steps
-            if args.quick:
-                eval_every = args.eval_every or max(1, steps // QUICK_EVALUATIONS)
-                eval_episodes = args.eval_episodes or QUICK_EVAL_EPISODES
-            else:
-                eval_every = args.eval_every or FULL_EVAL_EVERY
-                eval_episodes = args.eval_episodes or paper_eval_episodes(algo, dataset)
-            for seed in args.seeds:
-                name = run_name(algo, dataset, seed)
-                argv = ["python", f"algorithms/{algo}.py", "--env", dataset, "--seed", str(seed),
-                        "--total-steps", str(steps)]
-                if bc_steps is not None and behaviour_flag(algo):
-                    argv += [behaviour_flag(algo), str(bc_steps)]
-                argv += ["--eval-every", str(eval_every), "--eval-episodes", str(eval_episodes),
-                         "--output-dir", out_dir, "--run-name", name]
-                env = {"OMP_NUM_THREADS": str(threads)}
-                if gpus:
-                    env["CUDA_VISIBLE_DEVICES"] = gpus[len(runs) % len(gpus)]  # round-robin over GPUs
-                runs.append({"name": name, "algo": algo, "dataset": dataset, "seed": seed,
-                             "steps": steps, "argv": argv, "env": env})
+    # Seed by seed: the second seed of a file with a behaviour phase starts after the first has cached it.
+    for seed, dataset, algo in itertools.product(args.seeds, datasets, algos):
+        steps, bc_steps = QUICK_BUDGETS.get(algo, (None, None)) if args.quick else (PAPER_STEPS, None)
+        steps = args.steps or steps
+        bc_steps = args.bc_steps or bc_steps
+        if args.quick:
+            eval_every = args.eval_every or max(1, steps // QUICK_EVALUATIONS)
+            eval_episodes = args.eval_episodes or QUICK_EVAL_EPISODES
+        else:
+            eval_every = args.eval_every or FULL_EVAL_EVERY
+            eval_episodes = args.eval_episodes or paper_eval_episodes(algo, dataset)
+        name = run_name(algo, dataset, seed)
+        argv = ["python", f"algorithms/{algo}.py", "--env", dataset, "--seed", str(seed),
+                "--total-steps", str(steps)]
+        if bc_steps is not None and behaviour_flag(algo):
+            argv += [behaviour_flag(algo), str(bc_steps)]
+        if args.quick:
+            argv += QUICK_FLAGS.get(algo, [])
+        argv += ["--eval-every", str(eval_every), "--eval-episodes", str(eval_episodes),
+                 "--output-dir", out_dir, "--run-name", name]
+        env = {"OMP_NUM_THREADS": str(threads)}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[len(runs) % len(gpus)]  # round-robin over GPUs
+        runs.append({"name": name, "algo": algo, "dataset": dataset, "seed": seed,
+                     "steps": steps, "argv": argv, "env": env})
     return runs
 
 
@@ -337,6 +355,14 @@ def write_slurm(runs: list[dict], out_dir: str, path: str, workers: int) -> None
         f.write("\n".join(lines) + "\n")
 
 
+def write_quick_profile(out_abs: str, algos: list[str], steps_given: int | None) -> None:
+    """What the quick profile changed from the files' defaults, for tools/summarize.py."""
+    profile = {algo: {"flags": QUICK_FLAGS.get(algo, []),
+                      "too_slow": QUICK_TOO_SLOW.get(algo) if steps_given is None else None} for algo in algos}
+    os.makedirs(out_abs, exist_ok=True)
+    atomic_write_json(os.path.join(out_abs, QUICK_PROFILE_FILE), profile)
+
+
 def execute(runs: list[dict], out_dir: str, workers: int) -> list[str]:
     """Run with `workers` processes at a time; returns the names of the runs that failed."""
     def one(run):
@@ -363,7 +389,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algos", nargs="+",
-                   help="algorithm files to run (default: all; --quick: those with a quick budget)")
+                   help="algorithm files to run (default: all)")
     p.add_argument("--datasets", nargs="+", help="Minari ids or paper dataset names from benchmarks/datasets.csv "
                    "(default: every mapped dataset; --quick: " + ", ".join(QUICK_DATASETS) + ")")
     p.add_argument("--seeds", nargs="+", type=int, help=f"seeds (default: 0-{FULL_SEEDS - 1}; --quick: 0 1)")
@@ -410,16 +436,9 @@ def main(argv=None) -> int:
     # Commands run from the repository root; paths inside it are written relative, for the cluster.
     out_dir = os.path.relpath(out_abs, ROOT) if out_abs.startswith(ROOT + os.sep) else out_abs
     results_dir = args.results_dir or os.path.join(ROOT, "results/quick" if args.quick else "results")
-    data_env = {}  # what both the dataset builder here and every run must see
-    if args.quick:
-        data_env = {"MINARI_DATASETS_PATH": os.path.join(out_abs, "datasets"),
-                    "LOCAL_DATASET_TRANSITIONS": os.environ.get("LOCAL_DATASET_TRANSITIONS", str(QUICK_TRANSITIONS))}
-
     algos = resolve_algos(args.algos, args.quick, args.steps is not None)
-    datasets = resolve_datasets(args.datasets, args.quick, data_env.get("MINARI_DATASETS_PATH"))
+    datasets = resolve_datasets(args.datasets, args.quick)
     runs = build_runs(args, algos, datasets, out_dir)
-    for run in runs:
-        run["env"].update(data_env)
 
     statuses = {r["name"]: run_status(r, out_dir) for r in runs}
     conflicts = [s for s in statuses.values() if s not in ("finished", "todo")]
@@ -442,10 +461,11 @@ def main(argv=None) -> int:
         print(f"[benchmark] wrote {path}: {len(todo)} array tasks ({skipped} runs already finished)")
         return 0
 
-    os.environ.update(data_env)
     fetch_datasets(datasets)
     if args.fetch_only:
         return 0
+    if args.quick:
+        write_quick_profile(out_abs, algos, args.steps)
     print(f"[benchmark] {len(runs)} runs: {skipped} already finished, {len(todo)} to do, {args.workers} at a time; "
           f"runs in {out_dir}", flush=True)
     failed = execute(todo, out_dir, args.workers) if todo else []

@@ -6,8 +6,9 @@
     python tools/make_dataset.py --env Pendulum-v1 --train-steps 15000 --kind medium-replay
     python tools/make_dataset.py --env Hopper-v5 --kind random --random-policy uniform
 
-Writes `local/<env>/<kind>-v0` (env id lower-cased without its `-vN` suffix) into
-MINARI_DATASETS_PATH (default ~/.minari/datasets). The recipe follows D4RL:
+Writes `local/<env>/<kind>-v0` (env id lower-cased without its `-vN` suffix; with --transitions N,
+`local/<env>/<kind>-<N/1000>k-v0`, e.g. `local/hopper/medium-200k-v0`, so that each id names one
+dataset) into MINARI_DATASETS_PATH (default ~/.minari/datasets). The recipe follows D4RL:
 
 - random:        rollouts of a randomly initialised policy (a fresh actor of this tool's SAC, PyTorch's
                  default initialisation, seeded from its own stream), sampling from its stochastic
@@ -104,7 +105,8 @@ class Args:
     transitions: Optional[int] = None
     """transitions per dataset (default 1M as in D4RL; medium-expert has this many of each half;
     medium-replay has the size of the buffer up to the medium snapshot, or fewer: this many, shared
-    among the warm-up and the snapshot intervals in proportion to their lengths)"""
+    among the warm-up and the snapshot intervals in proportion to their lengths); a size given here
+    is part of the id: local/<env>/<kind>-<size>-v0"""
     train_steps: int = 0
     """if > 0, first train the SAC behaviour agent for this many env steps, saving snapshots"""
     snapshot_every: int = 10_000
@@ -143,8 +145,22 @@ def env_name(env_id: str) -> str:
     return re.sub(r"-v\d+$", "", env_id).lower().replace("/", "-")
 
 
-def dataset_id_for(env_id: str, kind: str) -> str:
-    return f"local/{env_name(env_id)}/{kind}-v0"
+def dataset_id_for(env_id: str, kind: str, transitions: Optional[int] = None) -> str:
+    """`local/<env>/<kind>-v0` at the default size; a build of another size has its own id,
+    `local/<env>/<kind>-<size>-v0` (size 50k for 50,000 transitions), so that an id names one dataset."""
+    size = "" if transitions is None else f"-{transitions // 1000}k" if transitions % 1000 == 0 else f"-{transitions}"
+    return f"local/{env_name(env_id)}/{kind}{size}-v0"
+
+
+def parse_local_id(dataset_id: str) -> Optional[tuple[str, str, Optional[int]]]:
+    """(env name, kind, transitions or None for the default size) of a `local/` id, or None."""
+    match = re.fullmatch(r"local/([^/]+)/(.+)-v0", dataset_id)
+    if match is None:
+        return None
+    sized = re.fullmatch(r"(.+)-([1-9][0-9]*)(k?)", match[2])
+    if sized and sized[1] in KINDS:
+        return match[1], sized[1], int(sized[2]) * (1000 if sized[3] else 1)
+    return (match[1], match[2], None) if match[2] in KINDS else None
 
 
 def make_env(env_id: str):
@@ -871,7 +887,7 @@ def _build_datasets(env_id, kinds, seed, transitions, snapshot_dir, medium_step,
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     low, high = env.action_space.low, env.action_space.high
     name = env_name(env_id)
-    ids = [dataset_id_for(env_id, kind) for kind in kinds]
+    ids = [dataset_id_for(env_id, kind, transitions) for kind in kinds]
     existing = set(minari.list_local_datasets())
     for dataset_id in ids:
         if dataset_id in existing and not force:
@@ -1014,27 +1030,22 @@ def _episode_buffer(index: int, episode: dict):
 
 
 def build_local_dataset(dataset_id: str) -> None:
-    """Build a `local/<env>/<kind>-v0` id from the shipped snapshots (used by common.load_dataset).
-
-    LOCAL_DATASET_TRANSITIONS (env var) overrides the size, e.g. for quick tests."""
+    """Build a `local/<env>/<kind>[-<size>]-v0` id from the shipped snapshots (used by common.load_dataset)."""
     import minari
 
-    match = re.fullmatch(r"local/([^/]+)/(.+)-v0", dataset_id)
+    parsed = parse_local_id(dataset_id)
     shipped = shipped_manifests()
-    if match is None or match[1] not in shipped or match[2] not in KINDS:
+    if parsed is None or parsed[0] not in shipped:
         ids = [dataset_id_for(env_id, "<kind>") for env_id, _ in shipped.values()]
         raise UserError(f"cannot build '{dataset_id}': buildable ids are {', '.join(ids) or '(none)'} with "
-                        f"<kind> one of {', '.join(KINDS)}{shipped_envs_hint()}")
-    env_id, snapshot_dir = shipped[match[1]]
-    raw = os.environ.get("LOCAL_DATASET_TRANSITIONS")
-    try:
-        transitions = int(raw) if raw else None
-    except ValueError:
-        raise UserError(f"LOCAL_DATASET_TRANSITIONS must be an integer, got '{raw}'") from None
+                        f"<kind> one of {', '.join(KINDS)}, optionally sized (e.g. medium-50k-v0 for 50,000 "
+                        f"transitions){shipped_envs_hint()}")
+    name, kind, transitions = parsed
+    env_id, snapshot_dir = shipped[name]
     print(f"'{dataset_id}' is not in {minari.storage.get_dataset_path()}: building it from the shipped "
           f"snapshots in {snapshot_dir} ({transitions or 'the default number of'} transitions); "
           f"this happens once", flush=True)
-    build_datasets(env_id, (match[2],), transitions=transitions, snapshot_dir=snapshot_dir)
+    build_datasets(env_id, (kind,), transitions=transitions, snapshot_dir=snapshot_dir)
 
 
 def main(args: Args) -> None:

@@ -256,6 +256,159 @@ def plot_curves(runs: list[dict], folder: str) -> dict[str, str]:
     return files
 
 
+QUICK_PROFILE_FILE = "quick_profile.json"  # written by tools/benchmark.py --quick in its output folder
+QUICK_ORDER = ["bc", "td3_bc", "awr", "iql", "cql", "fisher_brc", "itrpo", "brac_plus", "arq"]
+
+
+def read_quick_profile(folders: list[str]) -> dict:
+    import json
+
+    profile = {}
+    for folder in folders:
+        path = os.path.join(folder, QUICK_PROFILE_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                profile.update(json.load(f))
+    return profile
+
+
+def used_cache(run: dict, folders: list[str]) -> bool:
+    """Whether the run read a pretrained model or ARQ's support set from the cache (its stdout.log)."""
+    for folder in folders:
+        try:
+            with open(os.path.join(folder, run["run_dir"], "stdout.log")) as f:
+                return any(line.startswith(("reusing the cached", "[arq] reusing cached")) for line in f)
+        except OSError:
+            continue
+    return False
+
+
+def second_half(run: dict) -> float | None:
+    """Mean normalised score over the second half of a run's evaluations (the last one if it has one)."""
+    values = [e["normalized_score_mean"] for e in run["evaluations"]]
+    if not values or any(v is None for v in values):
+        return None
+    return float(np.mean(values[len(values) // 2:]))
+
+
+def minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+def quick_table(runs: list[dict], profile: dict, folders: list[str]) -> list[str]:
+    """The quick profile's table: one row per dataset, one column per file, the last evaluation's
+    normalised score (mean ± std over seeds); a file too slow for the profile says so instead."""
+    algos = [a for a in QUICK_ORDER if a in profile] + sorted(set(profile) - set(QUICK_ORDER))
+    finished = [r for r in runs if r.get("finished") and r["algorithm"] in profile and r["evaluations"]]
+    datasets = sorted({r["env"] for r in finished})
+    if not datasets:
+        return []
+    header = ["data", "transitions", "behaviour"] + algos
+    out = ["## Quick profile", "",
+           "Normalised score, mean over the second half of each run's evaluations (one evaluation of a few "
+           "episodes swings by several points on its own), then mean ± std over seeds; behaviour = the "
+           "dataset's mean episode return, normalised. Budgets are minutes of training, not the papers' 1M "
+           "steps: this shows the files learning, not their final scores.", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for dataset in datasets:
+        of = {a: [r for r in finished if r["env"] == dataset and r["algorithm"] == a] for a in algos}
+        info = next(r for r in finished if r["env"] == dataset)["dataset"]
+        behaviour = info.get("episode_return_mean")
+        score = None if behaviour is None or info["ref_min_score"] is None else \
+            100 * (behaviour - info["ref_min_score"]) / (info["ref_max_score"] - info["ref_min_score"])
+        cells = [f"`{dataset}`", f"{info['transitions']:,}", "—" if score is None else f"{score:.1f}"]
+        for algo in algos:
+            values = [second_half(r) for r in of[algo]]
+            if profile[algo].get("too_slow") and of[algo]:
+                cells.append(f"too slow for quick: {of[algo][0]['args']['total_steps']:,} steps")
+            elif not values or any(v is None for v in values):
+                cells.append("—")
+            else:
+                cells.append(fmt(float(np.mean(values)), float(np.std(values))))
+        out.append("| " + " | ".join(cells) + " |")
+    # The budgets, as each run had them: RL steps, behaviour steps, minutes of training (seed 0).
+    budget = ["budget", "", ""]
+    for algo in algos:
+        mine = sorted((r for r in finished if r["algorithm"] == algo), key=lambda r: r["seed"])
+        if not mine:
+            budget.append("—")
+            continue
+        a = mine[0]["args"]
+        bc = a.get("bc_steps") or a.get("bc_warmup_steps")
+        budget.append(f"{a['total_steps']:,} steps" + (f" ({bc:,} behaviour)" if bc else "")
+                      + f", {minutes(mine[0]['train_seconds'])}")
+    out += ["| " + " | ".join(budget) + " |", ""]
+    bc_mean = {d: np.mean([second_half(r) for r in finished
+                           if r["env"] == d and r["algorithm"] == "bc"] or [np.nan]) for d in datasets}
+    for dataset in datasets:
+        if np.isnan(bc_mean[dataset]):
+            continue
+        below = [a for a in algos if a != "bc" and not profile[a].get("too_slow")
+                 and (vals := [second_half(r) for r in finished
+                               if r["env"] == dataset and r["algorithm"] == a])
+                 and np.mean(vals) < bc_mean[dataset]]
+        out.append(f"On `{dataset}`, below BC ({bc_mean[dataset]:.1f}): {', '.join(below) or 'none'}.")
+    flags = [f"{a}: `{' '.join(profile[a]['flags'])}`" for a in algos if profile[a].get("flags")]
+    if flags:
+        out.append("Settings other than the files' defaults (see tools/benchmark.py, QUICK_FLAGS): "
+                   + "; ".join(flags) + ".")
+    slow = [f"{a}: {profile[a]['too_slow']}" for a in algos if profile[a].get("too_slow")]
+    if slow:
+        out.append("Too slow for the quick profile: " + "; ".join(slow) + ".")
+    cached = [r["run_dir"] for r in finished if used_cache(r, folders)]
+    if cached:
+        out.append("Read their behaviour model (ARQ: score model and support set) from the cache of an "
+                   "earlier run with the same data and settings: " + ", ".join(f"`{c}`" for c in cached) + ".")
+    return out + [""]
+
+
+def plot_quick(runs: list[dict], profile: dict, folder: str) -> dict[str, str]:
+    """One figure per dataset, one panel per file: its learning curve (mean ± std over seeds) with
+    BC's value in the quick table as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    algos = [a for a in QUICK_ORDER if a in profile] + sorted(set(profile) - set(QUICK_ORDER))
+    files = {}
+    for dataset in sorted({r["env"] for r in runs if r["algorithm"] in profile}):
+        mine = [r for r in runs if r["env"] == dataset and r["evaluations"] and r.get("finished")]
+        bc = [second_half(r) for r in mine if r["algorithm"] == "bc"]
+        cols = 3
+        rows = -(-len(algos) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), sharey=True, squeeze=False)
+        for ax, algo in zip(axes.flat, algos):
+            curves = [{e["step"]: e["normalized_score_mean"] for e in r["evaluations"]}
+                      for r in mine if r["algorithm"] == algo]
+            ax.set_title(algo, fontsize=9)
+            if bc:
+                ax.axhline(float(np.mean(bc)), color="gray", ls="--", lw=1, label="BC")
+            if not curves or any(v is None for c in curves for v in c.values()):
+                continue
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            values = np.array([[c[s] for s in steps] for c in curves])
+            minutes_ = np.mean([r["train_seconds"] for r in mine if r["algorithm"] == algo]) / 60
+            ax.plot(steps, values.mean(0), color="C0")
+            ax.fill_between(steps, values.mean(0) - values.std(0), values.mean(0) + values.std(0), alpha=0.2)
+            ax.set_title(f"{algo} ({minutes_:.1f} min)", fontsize=9)
+            ax.tick_params(labelsize=7)
+        for ax in list(axes.flat)[len(algos):]:
+            ax.axis("off")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("normalised score", fontsize=8)
+        for ax in axes[-1]:
+            ax.set_xlabel("gradient steps", fontsize=8)
+        fig.suptitle(f"{dataset}: each file's curve (mean ± std over seeds); dashed: BC (table's value)",
+                     fontsize=10)
+        fig.tight_layout()
+        name = "quick-" + dataset.replace("/", "-") + ".png"
+        fig.savefig(os.path.join(folder, name), dpi=100)
+        plt.close(fig)
+        files[dataset] = name
+    return files
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="folders of runs (searched recursively for results.json)")
@@ -291,6 +444,11 @@ def main(argv=None) -> None:
           f"Normalised scores: 100 = the dataset's expert reference, 0 = random. "
           f"⚠ low / ⚠ high: our mean is outside the paper's mean ± max({FLAG_STDS:g} × paper std, "
           f"{FLAG_MIN_POINTS:g} points). Our data is rarely the paper's: see the data section.", ""]
+    profile = read_quick_profile(args.runs)
+    if profile:
+        quick_curves = plot_quick(runs, profile, os.path.join(args.out, "curves"))
+        md += quick_table(runs, profile, args.runs)
+        md += [f"![{d}](curves/{f})" for d, f in quick_curves.items()] + [""]
     md += ["## Paper tables", ""]
     for rows_of_table in tables.values():
         md += table_markdown(rows_of_table, mapping, by_dataset, algo_order)
