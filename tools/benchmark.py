@@ -60,7 +60,7 @@ FULL_SEEDS = 5  # the most any table uses (Fisher-BRC); the summary takes each p
 
 # --quick: offline, all nine files on the default build of local/hopper/medium-replay-v0 (90k
 # transitions, built once from the shipped snapshots in about a minute), two seeds, two runs at a
-# time with one thread each: about 25 minutes on 2 idle cores. Budgets are sized from each file's
+# time with one thread each: 26 minutes on 2 idle cores. Budgets are sized from each file's
 # speed in that setting (steps / train_seconds of the quick runs, docs/results.md "Quick mode") so
 # that each file's RL phase takes about 2 minutes; a slow learner gets up to twice that. Behaviour
 # phases come on top and are trained once: runs go seed by seed, so the second seed reads them from
@@ -69,12 +69,12 @@ FULL_SEEDS = 5  # the most any table uses (Fisher-BRC); the summary takes each p
 #   bc          20000     -       690                       29 s
 #   td3_bc      20000     -       190                      105 s
 #   iql         15000     -       130                      115 s
-#   awr         10000     -        84                      120 s
+#   awr         10000     -        80                      125 s
 #   cql          1000    200        6.7 (warm-up inside)   150 s
-#   fisher_brc   5000   5000       39 / 310                130 s (+16 s once)
+#   fisher_brc   5000   5000       40 / 310                125 s (+16 s once)
 #   itrpo        3500  20000       15 / 450                230 s (+45 s once)
 #   brac_plus    3000   2000       25 / 71 (+ pi_0, Q_0)   120 s (+28 s once, +35 s per run)
-#   arq         20000   3000       96 / 76 (+ support)     210 s (+40 s and ~200 s support once)
+#   arq         20000   3000       90 / 76 (+ support)     225 s (+40 s and ~200 s support once)
 QUICK_BUDGETS = {
     "bc": (20_000, None),
     "td3_bc": (20_000, None),
