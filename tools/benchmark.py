@@ -60,7 +60,7 @@ FULL_SEEDS = 5  # the most any table uses (Fisher-BRC); the summary takes each p
 
 # --quick: offline, all nine files on the default build of local/hopper/medium-replay-v0 (90k
 # transitions, built once from the shipped snapshots in about a minute), two seeds, two runs at a
-# time with one thread each: 26 minutes on 2 idle cores. Budgets are sized from each file's
+# time with one thread each: 25 minutes on 2 idle cores. Budgets are sized from each file's
 # speed in that setting (steps / train_seconds of the quick runs, docs/results.md "Quick mode") so
 # that each file's RL phase takes about 2 minutes; a slow learner gets up to twice that. Behaviour
 # phases come on top and are trained once: runs go seed by seed, so the second seed reads them from
@@ -72,7 +72,7 @@ FULL_SEEDS = 5  # the most any table uses (Fisher-BRC); the summary takes each p
 #   awr         10000     -        80                      125 s
 #   cql          1000    200        6.7 (warm-up inside)   150 s
 #   fisher_brc   5000   5000       40 / 310                125 s (+16 s once)
-#   itrpo        6000  20000       30 / 450 (K = 2)        200 s (+45 s once)
+#   itrpo        6000  20000       34 / 450 (K = 2)        175 s (+45 s once)
 #   brac_plus    3000   2000       25 / 71 (+ pi_0, Q_0)   120 s (+28 s once, +35 s per run)
 #   arq         20000   3000       90 / 76 (+ support)     225 s (+40 s and ~200 s support once)
 QUICK_BUDGETS = {
@@ -97,8 +97,8 @@ QUICK_FLAGS = {
     # official beta = 10 collapses pi_0's entropy (docs/results.md, BRAC+).
     "brac_plus": ["--pretrain-steps", "2000", "--n-samples", "1", "--n-latent", "1", "--vae-hidden-dim", "256",
                   "--actor-hidden-dim", "256", "--beta-init", "1", "--alpha-init", "1"],
-    # K = 2 policy samples per state for the KL estimate and the backup (the code's K = 10): twice the
-    # speed (15 -> 30 steps/s here), which buys the 6k steps at which it is above BC; at K = 10 and
+    # K = 2 policy samples per state for the KL estimate and the backup (the code's K = 10): 2.3 times the
+    # speed (15 -> 34 steps/s here), which buys 6k steps, at which both seeds are above BC; at K = 10 and
     # 3.5k steps one seed of two sat on a gait at BC's level (docs/results.md, Quick mode).
     "itrpo": ["--n-samples", "2"],
     # N = 3 support samples per state from the fast ODE sampler (paper: 30 from the predictor-corrector)
