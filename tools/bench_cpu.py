@@ -103,7 +103,7 @@ def prepare(name: str, data: common.OfflineData, device: torch.device, compile: 
     """An agent of `name` with its default settings, ready for RL updates, and its replay buffer."""
     module = load_algorithm(name)
     args = module.Args(env=data.dataset_id, **overrides)
-    args.compile = compile  # set, not passed: files from before --compile existed can be timed as well
+    args.compile = compile  # set, not passed: an Args without the field (another checkout's file) still works
     if hasattr(module, "domain_defaults"):
         for k, v in module.domain_defaults(data.dataset_id).items():
             if getattr(args, k) is None:

@@ -33,6 +33,7 @@ sys.path.insert(0, ROOT)
 import d4rl_files  # noqa: E402
 from common import KNOWN_REMOTE_DATASETS, UserError, atomic_write_json, dataset_task, install_user_error_hook  # noqa: E402
 from tools.pretraining import behaviour_flag  # noqa: E402
+from tools.summarize import QUICK_PROFILE_FILE  # noqa: E402
 
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
 PAPER_STEPS = 1_000_000  # every paper table trains for 1M gradient steps
@@ -111,7 +112,6 @@ QUICK_TOO_SLOW: dict[str, str] = {}
 QUICK_DATASETS = ["local/hopper/medium-replay-v0"]
 QUICK_SEEDS = [0, 1]
 QUICK_EVALUATIONS, QUICK_EVAL_EPISODES = 10, 5
-QUICK_PROFILE_FILE = "quick_profile.json"  # in the output folder: what tools/summarize.py reports
 
 
 def algorithm_names() -> list[str]:
@@ -142,12 +142,11 @@ def d4rl_file_id(paper_dataset: str) -> str | None:
     return f"d4rl/{paper_dataset}" if readable and d4rl_files.find_file(paper_dataset) else None
 
 
-def resolve_datasets(names: list[str] | None, quick: bool, folder: str | None = None) -> list[str]:
+def resolve_datasets(names: list[str] | None, quick: bool) -> list[str]:
     """Dataset ids for --datasets: ids as they are, paper dataset names through datasets.csv, except
     that D4RL's own file of a paper dataset, where the user has it, is preferred to its stand-in
-    (not in quick mode, whose budgets are sized for the local builds).
-    `folder`: the Minari folder the runs will use (default: the user's)."""
-    folder = folder or minari_root()
+    (not in quick mode, whose budgets are sized for the local builds)."""
+    folder = minari_root()
     mapping = read_dataset_map()
     column = "quick_id" if quick else "minari_id"
     if not names:

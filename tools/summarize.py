@@ -256,7 +256,7 @@ def plot_curves(runs: list[dict], folder: str) -> dict[str, str]:
     return files
 
 
-QUICK_PROFILE_FILE = "quick_profile.json"  # written by tools/benchmark.py --quick in its output folder
+QUICK_PROFILE_FILE = "quick_profile.json"  # written by tools/benchmark.py --quick into its output folder
 QUICK_ORDER = ["bc", "td3_bc", "awr", "iql", "cql", "fisher_brc", "itrpo", "brac_plus", "arq"]
 
 
@@ -296,8 +296,8 @@ def minutes(seconds: float) -> str:
 
 
 def quick_table(runs: list[dict], profile: dict, folders: list[str]) -> list[str]:
-    """The quick profile's table: one row per dataset, one column per file, the last evaluation's
-    normalised score (mean ± std over seeds); a file too slow for the profile says so instead."""
+    """The quick profile's table: one row per dataset, one column per file, each run's second-half
+    mean (mean ± std over seeds); a file too slow for the profile says so instead."""
     algos = [a for a in QUICK_ORDER if a in profile] + sorted(set(profile) - set(QUICK_ORDER))
     finished = [r for r in runs if r.get("finished") and r["algorithm"] in profile and r["evaluations"]]
     datasets = sorted({r["env"] for r in finished})
