@@ -70,7 +70,16 @@ def test_bc_steps_reach_every_file_with_a_behaviour_phase(capsys, tmp_path):
 def test_quick_dry_run_uses_the_documented_budgets(capsys, tmp_path):
     lines = dry_run(capsys, "--quick", "--output-dir", str(tmp_path))
     assert set(benchmark.QUICK_BUDGETS) == set(benchmark.algorithm_names())  # all nine files
-    assert len(lines) == len(benchmark.QUICK_BUDGETS) * len(benchmark.QUICK_DATASETS) * len(benchmark.QUICK_SEEDS)
+    pairs = {(line.split("--env ")[1].split()[0], line.split("algorithms/")[1].split(".py")[0]) for line in lines}
+    # every file on Hopper, BC/TD3+BC/IQL on HalfCheetah and Walker2d
+    assert {d for d, _ in pairs} == {f"local/{task}/medium-replay-v0" for task in ("hopper", "halfcheetah", "walker2d")}
+    assert {a for d, a in pairs if "hopper" in d} == set(benchmark.algorithm_names())
+    for task in ("halfcheetah", "walker2d"):
+        assert {a for d, a in pairs if task in d} == {"bc", "td3_bc", "iql"}
+    assert len(lines) == len(pairs) * len(benchmark.QUICK_SEEDS)
+    # one dataset named on the command line: every file on it
+    one = dry_run(capsys, "--quick", "--datasets", "local/walker2d/medium-replay-v0", "--output-dir", str(tmp_path))
+    assert len(one) == len(benchmark.algorithm_names()) * len(benchmark.QUICK_SEEDS)
     for line in lines:
         assert line.startswith("OMP_NUM_THREADS=1 ")
         # one id, one dataset: the default builds, in the user's Minari folder, at their default size
@@ -87,7 +96,7 @@ def test_quick_dry_run_uses_the_documented_budgets(capsys, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--algos", "iqll"], "unknown algorithm 'iqll' (did you mean iql?)"),
     (["--datasets", "hopper-medum-v2"], "unknown dataset 'hopper-medum-v2'; close matches: hopper-medium-v2"),
-    (["--datasets", "walker2d-random-v2"], "paper dataset 'walker2d-random-v2' has no stand-in"),
+    (["--datasets", "walker2d-medium-expert-v2"], "paper dataset 'walker2d-medium-expert-v2' has no stand-in"),
     (["--quick", "--datasets", "mujoco/hopper/medium-v0"], "--quick runs offline"),
     (["--steps", "0"], "--steps must be positive"),
 ])
@@ -467,3 +476,28 @@ def test_quick_table_marks_slow_files_names_flags_caches_and_files_below_bc(tmp_
     assert "iql: `--gp-weight 1.0`" in quick and "brac_plus: 30 RL steps in its share" in quick
     assert f"`{benchmark.run_name('iql', data, 1)}`" in quick.split("from the cache")[1]
     assert os.path.exists(tmp_path / "results" / "curves" / "quick-local-hopper-medium-replay-v0.png")
+
+
+def test_quick_table_says_which_files_did_not_run_on_a_dataset(tmp_path):
+    """The default quick profile runs three files on HalfCheetah and Walker2d: the others' cells say
+    "not run", not a blank that reads like a failed run, and the figure has a panel per file that ran."""
+    out = str(tmp_path / "runs")
+    for algo in ("bc", "td3_bc", "iql"):
+        write_results(out, algo, "local/hopper/medium-replay-v0", 0, [10.0], total_steps=100)
+        write_results(out, algo, "local/walker2d/medium-replay-v0", 0, [20.0], total_steps=100)
+    write_results(out, "cql", "local/hopper/medium-replay-v0", 0, [5.0], total_steps=100)
+    write_results(out, "awr", "local/walker2d/medium-replay-v0", 0, [30.0], total_steps=100)
+    with open(os.path.join(out, summarize.QUICK_PROFILE_FILE), "w") as f:
+        json.dump({a: {"flags": [], "too_slow": None} for a in ("bc", "td3_bc", "awr", "iql", "cql")}, f)
+    summarize.main([out, "--out", str(tmp_path / "results")])
+    quick = open(tmp_path / "results" / "summary.md").read().split("## Quick profile")[1].split("## Paper tables")[0]
+    header = quick.splitlines()[4].strip("| ").split(" | ")
+    rows = {line.split(" | ")[0].strip("| `"): dict(zip(header, line.strip("| ").split(" | ")))
+            for line in quick.splitlines() if line.startswith("| `local/")}
+    assert rows["local/walker2d/medium-replay-v0"]["cql"] == "not run"
+    assert rows["local/walker2d/medium-replay-v0"]["awr"] == "30.0 ± 0.0"
+    assert rows["local/hopper/medium-replay-v0"]["awr"] == "not run"
+    assert rows["local/walker2d/medium-replay-v0"]["bc"] == "20.0 ± 0.0"
+    import matplotlib.image
+    figure = matplotlib.image.imread(tmp_path / "results" / "curves" / "quick-local-walker2d-medium-replay-v0.png")
+    assert figure.shape[1] == 3 * 320 and figure.shape[0] == 2 * 240  # bc, td3_bc, awr, iql: 2 rows of 3

@@ -77,7 +77,7 @@ def test_choose_snapshots_medium_is_a_third_of_the_way_up():
     choice = md.choose_snapshots(snaps, random_return=0.0, env_id="Swimmer-v5")
     assert (choice["medium"], choice["expert"]) == (20, 40)  # 1000 is the target
     assert choice["reached_d4rl_expert"] is None
-    # Hopper's target is a third of D4RL's expert return once the agent beats it.
+    # Hopper's target is a third of the way from D4RL's random to D4RL's expert return ...
     snaps.append({"step": 50, "eval_return": 3500.0})
     choice = md.choose_snapshots(snaps, random_return=0.0, env_id="Hopper-v5")
     hopper_min, hopper_max = common.D4RL_REF_SCORES["hopper"]
@@ -85,9 +85,37 @@ def test_choose_snapshots_medium_is_a_third_of_the_way_up():
     assert choice["medium_target_return"] == pytest.approx(hopper_min + (hopper_max - hopper_min) / 3)
     assert choice["medium"] == 20 and choice["expert"] == 50 and choice["expert_is_final"]
     assert "expert_note" not in choice
-    choice = md.choose_snapshots(snaps[:3], random_return=0.0, env_id="Hopper-v5")
-    assert choice["reached_d4rl_expert"] is False and "not expert level" in choice["expert_note"]
-    assert choice["medium"] == 10 and choice["expert"] == 30  # 1400 / 3 is closest to 100
+
+
+def test_medium_of_a_d4rl_env_is_a_third_of_d4rls_expert_whatever_the_agent_reached():
+    """An agent far below D4RL's expert (here at a third of it) still has its medium at a normalised
+    score of about 33, not at a third of its own best."""
+    walker_min, walker_max = common.D4RL_REF_SCORES["walker2d"]
+    snaps = [{"step": s, "eval_return": r} for s, r in [(10, 450.0), (20, 1000.0), (30, 1450.0), (40, 1300.0)]]
+    choice = md.choose_snapshots(snaps, random_return=0.0, env_id="Walker2d-v5")
+    assert choice["medium_target_return"] == pytest.approx(walker_min + (walker_max - walker_min) / 3)
+    assert choice["medium"] == 30 and choice["expert"] == 30 and not choice["reached_d4rl_expert"]
+    assert "expert kinds are refused" in choice["expert_note"]
+
+
+def test_expert_kinds_need_an_expert_level_snapshot(minari_path, tmp_path):
+    """Below EXPERT_MIN_SCORE (D4RL-normalised) the expert kinds are refused in one line; medium builds;
+    naming the snapshot builds it anyway."""
+    snapshot_dir = tmp_path / "snaps"
+    snapshot_dir.mkdir()
+    actor = md.Actor(11, 3)
+    md.save_checkpoint(str(snapshot_dir / "actor_0000010.pt"), actor.state_dict())
+    hopper_min, hopper_max = common.D4RL_REF_SCORES["hopper"]
+    snaps = [{"step": 10, "file": "actor_0000010.pt", "eval_return": hopper_min + 0.5 * (hopper_max - hopper_min)}]
+    manifest = {"env_id": "Hopper-v5", "seed": 0, "steps_completed": 10, "warmup_steps": 5, "eval_episodes": 1,
+                "random_return": 0.0, "snapshots": snaps, **md.choose_snapshots(snaps, 0.0, "Hopper-v5")}
+    (snapshot_dir / "manifest.json").write_text(json.dumps(manifest))
+    for kind in ("expert", "medium-expert"):
+        with pytest.raises(common.UserError, match=r"scores 50 D4RL-normalised, below expert level \(90\)") as err:
+            md.build_datasets("Hopper-v5", (kind,), transitions=5, snapshot_dir=str(snapshot_dir))
+        assert "\n" not in str(err.value) and "--expert-snapshot" in str(err.value)
+    assert md.build_datasets("Hopper-v5", ("medium",), transitions=5, snapshot_dir=str(snapshot_dir))
+    assert md.build_datasets("Hopper-v5", ("expert",), transitions=5, snapshot_dir=str(snapshot_dir), expert_step=10)
 
 
 @pytest.mark.parametrize("kind, size", [("random", 250), ("medium", 250), ("expert", 250),

@@ -14,8 +14,12 @@ dataset) into MINARI_DATASETS_PATH (default ~/.minari/datasets). The recipe foll
                  default initialisation, seeded from its own stream), sampling from its stochastic
                  policy, as D4RL did with a randomly initialised SAC actor. `--random-policy uniform`
                  draws uniform random actions over the action Box instead.
-- medium:        rollouts of a SAC snapshot at about one third of the expert return.
-- expert:        rollouts of the best SAC snapshot (the final policy of a converged run).
+- medium:        rollouts of a SAC snapshot at about one third of the expert return (for
+                 halfcheetah/hopper/walker2d/ant: of D4RL's expert return, normalised score ~33).
+- expert:        rollouts of the best SAC snapshot (the final policy of a converged run). For
+                 halfcheetah/hopper/walker2d/ant it must score at least EXPERT_MIN_SCORE (90)
+                 D4RL-normalised; below that the expert kinds are refused (train further, or name a
+                 snapshot with --expert-snapshot).
 - medium-expert: the medium rollouts followed by the expert rollouts (twice --transitions).
 - medium-replay: the SAC agent's replay buffer up to the medium snapshot. When this tool trains the
                  agent in the same call, that is the real buffer. From shipped snapshots (the buffer
@@ -379,24 +383,53 @@ def shipped_envs_hint() -> str:
 
 def choose_snapshots(snapshots: list[dict], random_return: float, env_id: str) -> dict:
     """Expert = best evaluated snapshot; medium = the one closest to a third of the way from the
-    floor to the expert return (D4RL's "about one third of expert"), i.e. a normalised score a third
-    of the expert's. The floor is the datasets' ref_min_score: D4RL's random return where its
-    constants are used, else this env's random return, which keeps "a third" meaningful for
-    negative-return envs such as Pendulum."""
+    floor to the top (D4RL's "about one third of expert"), i.e. a normalised score of about 33.
+    Where D4RL's constants are used (halfcheetah, hopper, walker2d, ant), floor and top are D4RL's
+    random and expert returns, so that medium means the same level whatever the agent reached; else
+    the floor is this env's random return and the top the best snapshot's, which keeps "a third"
+    meaningful for negative-return envs such as Pendulum."""
     best = max(snapshots, key=lambda s: s["eval_return"])
     top, floor, reached = best["eval_return"], random_return, None
     if env_name(env_id) in D4RL_REF_SCORES:
-        floor, d4rl_expert = D4RL_REF_SCORES[env_name(env_id)]
-        reached = top >= d4rl_expert
-        top = min(top, d4rl_expert)
+        floor, top = D4RL_REF_SCORES[env_name(env_id)]
+        reached = best["eval_return"] >= top
     target = floor + (top - floor) / 3.0
     medium = min(snapshots, key=lambda s: (abs(s["eval_return"] - target), s["step"]))
     choice = {"medium": medium["step"], "expert": best["step"], "medium_target_return": target,
               "expert_is_final": best["step"] == snapshots[-1]["step"], "reached_d4rl_expert": reached}
     if reached is False:
+        score = d4rl_normalized(env_id, best["eval_return"])
+        use = (f"the expert kinds use this best snapshot (D4RL-normalised {score:.1f})" if score >= EXPERT_MIN_SCORE
+               else f"the expert kinds are refused until a snapshot scores at least {EXPERT_MIN_SCORE:.0f} "
+                    f"D4RL-normalised (this one: {score:.1f})")
         choice["expert_note"] = (f"not expert level: the best return reached, {best['eval_return']:.1f}, is below "
-                                 f"D4RL's expert return {d4rl_expert:.1f}; the expert kind uses this best snapshot")
+                                 f"D4RL's expert return {top:.1f}; {use}")
     return choice
+
+
+# The expert and medium-expert kinds of an env with D4RL's constants are built only from a snapshot
+# that scores at least this (D4RL-normalised): below it "expert" would name a medium-level policy.
+EXPERT_MIN_SCORE = 90.0
+
+
+def d4rl_normalized(env_id: str, ret: float) -> Optional[float]:
+    if env_name(env_id) not in D4RL_REF_SCORES:
+        return None
+    low, high = D4RL_REF_SCORES[env_name(env_id)]
+    return 100.0 * (ret - low) / (high - low)
+
+
+def check_expert_level(manifest: dict, expert: dict, dataset_id: str) -> None:
+    """One-line refusal of an expert-kind build whose best snapshot is below expert level."""
+    env_id = manifest["env_id"]
+    score = d4rl_normalized(env_id, expert["eval_return"])
+    if score is not None and score < EXPERT_MIN_SCORE:
+        raise UserError(
+            f"'{dataset_id}' needs an expert policy, and the best {env_id} snapshot (step {expert['step']} of "
+            f"{manifest['steps_completed']} trained, return {expert['eval_return']:.0f}) scores {score:.0f} "
+            f"D4RL-normalised, below expert level ({EXPERT_MIN_SCORE:.0f}); train further (`python "
+            f"tools/make_dataset.py --env {env_id} --train-steps N`, see tools/SNAPSHOTS.md) or name a "
+            f"snapshot with --expert-snapshot STEP")
 
 
 def snapshot_by_step(manifest: dict, step: int) -> dict:
@@ -901,6 +934,10 @@ def _build_datasets(env_id, kinds, seed, transitions, snapshot_dir, medium_step,
         manifest = load_manifest(snapshot_dir, env_id)
         medium = snapshot_by_step(manifest, medium_step or manifest["medium"])
         expert = snapshot_by_step(manifest, expert_step or manifest["expert"])
+        if expert_step is None:
+            for kind, dataset_id in zip(kinds, ids):
+                if kind in ("expert", "medium-expert"):
+                    check_expert_level(manifest, expert, dataset_id)
     size = transitions or D4RL_TRANSITIONS
 
     if name in D4RL_REF_SCORES:

@@ -321,6 +321,8 @@ def quick_table(runs: list[dict], profile: dict, folders: list[str]) -> list[str
             values = [second_half(r) for r in of[algo]]
             if profile[algo].get("too_slow") and of[algo]:
                 cells.append(f"too slow for quick: {of[algo][0]['args']['total_steps']:,} steps")
+            elif not of[algo]:
+                cells.append("not run")
             elif not values or any(v is None for v in values):
                 cells.append("—")
             else:
@@ -375,10 +377,13 @@ def plot_quick(runs: list[dict], profile: dict, folder: str) -> dict[str, str]:
     for dataset in sorted({r["env"] for r in runs if r["algorithm"] in profile}):
         mine = [r for r in runs if r["env"] == dataset and r["evaluations"] and r.get("finished")]
         bc = [second_half(r) for r in mine if r["algorithm"] == "bc"]
-        cols = 3
-        rows = -(-len(algos) // cols)
+        here = [a for a in algos if any(r["algorithm"] == a for r in mine)]  # a panel per file run on it
+        if not here:
+            continue
+        cols = min(3, max(len(here), 1))
+        rows = -(-len(here) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), sharey=True, squeeze=False)
-        for ax, algo in zip(axes.flat, algos):
+        for ax, algo in zip(axes.flat, here):
             curves = [{e["step"]: e["normalized_score_mean"] for e in r["evaluations"]}
                       for r in mine if r["algorithm"] == algo]
             ax.set_title(algo, fontsize=9)
@@ -393,7 +398,7 @@ def plot_quick(runs: list[dict], profile: dict, folder: str) -> dict[str, str]:
             ax.fill_between(steps, values.mean(0) - values.std(0), values.mean(0) + values.std(0), alpha=0.2)
             ax.set_title(f"{algo} ({minutes_:.1f} min)", fontsize=9)
             ax.tick_params(labelsize=7)
-        for ax in list(axes.flat)[len(algos):]:
+        for ax in list(axes.flat)[len(here):]:
             ax.axis("off")
         for ax in axes[:, 0]:
             ax.set_ylabel("normalised score", fontsize=8)
