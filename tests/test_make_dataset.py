@@ -356,9 +356,29 @@ def test_first_use_build_leaves_the_run_seeded_stream_alone(minari_path, monkeyp
     assert len(evaluations[0]) == 2 and evaluations[0] == evaluations[1]
 
 
+@pytest.mark.parametrize("task, env_id", [("halfcheetah", "HalfCheetah-v5"), ("walker2d", "Walker2d-v5")])
+def test_the_new_locomotion_tasks_build_offline_from_the_shipped_snapshots(minari_path, capsys, task, env_id):
+    """local/{halfcheetah,walker2d}/{random,medium,medium-replay}-v0 build on first use, scored with
+    D4RL's references, medium at about a third of D4RL's expert; the expert kinds are refused."""
+    name, manifest_dir = md.shipped_manifests()[task]
+    assert name == env_id
+    with open(os.path.join(manifest_dir, "manifest.json")) as f:
+        manifest = json.load(f)
+    medium = md.snapshot_by_step(manifest, manifest["medium"])
+    assert 25 < md.d4rl_normalized(env_id, medium["eval_return"]) < 40
+    for kind in ("random", "medium", "medium-replay"):
+        data = common.load_dataset(f"local/{task}/{kind}-300-v0")
+        assert len(data) == 300 and (data.obs_dim, data.act_dim) == (17, 6)
+        assert (data.ref_min_score, data.ref_max_score) == pytest.approx(common.D4RL_REF_SCORES[task])
+    assert "building it from the shipped snapshots" in capsys.readouterr().out
+    for kind in ("expert", "medium-expert"):
+        with pytest.raises(common.UserError, match="below expert level"):
+            common.load_dataset(f"local/{task}/{kind}-300-v0")
+
+
 @pytest.mark.parametrize("dataset_id", ["local/nosuchenv/medium-v0", "local/pendulum/bogus-v0"])
 def test_unbuildable_local_id(minari_path, dataset_id):
-    with pytest.raises(common.UserError, match="Pendulum-v1.*Hopper-v5|Hopper-v5.*Pendulum-v1"):
+    with pytest.raises(common.UserError, match="HalfCheetah-v5.*Hopper-v5.*Pendulum-v1.*Walker2d-v5"):
         common.load_dataset(dataset_id)
 
 
