@@ -59,9 +59,9 @@ PAPER_EVAL_EPISODES = {
 FULL_EVAL_EPISODES = 10
 FULL_SEEDS = 5  # the most any table uses (Fisher-BRC); the summary takes each paper's own count
 
-# --quick: offline, all nine files on the default build of local/hopper/medium-replay-v0 (90k
-# transitions, built once from the shipped snapshots in about a minute), two seeds, two runs at a
-# time with one thread each: 25 minutes on 2 idle cores. Budgets are sized from each file's
+# --quick: offline, the default builds of the three locomotion tasks' medium-replay (QUICK_DATASETS,
+# built once from the shipped snapshots), two seeds, two runs at a time with one thread each. All
+# nine files on Hopper took 25 minutes on 2 idle cores. Budgets are sized from each file's Hopper
 # speed in that setting (steps / train_seconds of the quick runs, docs/results.md "Quick mode") so
 # that each file's RL phase takes about 2 minutes; a slow learner gets up to twice that. Behaviour
 # phases come on top and are trained once: runs go seed by seed, so the second seed reads them from
