@@ -37,9 +37,10 @@ def test_bench_cpu_reports_speed_flops_and_the_fraction_of_peak(datasets_path, t
     assert "obs 17, act 6, 3000 transitions" in result.stdout  # HalfCheetah's dimensions
     peak = float(re.search(r"fp32 matmul peak ([\d.]+) GFLOP/s", result.stdout).group(1))
     rows = {m.group(1): m.groups()[1:] for m in re.finditer(
-        r"^\| (\w+) \| 256 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)% \|$", result.stdout, re.M)}
+        r"^\| (\w+) \| 256 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)% \| (\d+) \|$", result.stdout, re.M)}
     assert set(rows) == {"bc", "arq"}
-    for sps, gflop_step, gflops, fraction in ((float(x) for x in row) for row in rows.values()):
+    for sps, gflop_step, gflops, fraction, ceiling in ((float(x) for x in row) for row in rows.values()):
         assert sps > 0 and gflop_step > 0
         assert abs(gflops - sps * gflop_step) <= 0.05 * gflops + 0.1
         assert abs(fraction / 100 - gflops / peak) <= 0.01
+        assert abs(ceiling - peak / gflop_step) <= 0.03 * ceiling + 1  # the steps/s the peak would give (GFLOP/step printed to 3 decimals)

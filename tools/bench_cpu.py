@@ -1,5 +1,5 @@
-"""Speed of each algorithm's training step: steps/s, FLOPs per step, achieved GFLOP/s and the fraction
-of this machine's fp32 matmul peak, measured in the same run.
+"""Speed of each algorithm's training step: steps/s, FLOPs per step, achieved GFLOP/s, the fraction
+of this machine's fp32 matmul peak, measured in the same run, and the steps/s that peak would give.
 
     OMP_NUM_THREADS=2 python tools/bench_cpu.py --threads 2 --steps 500
     OMP_NUM_THREADS=1 python tools/bench_cpu.py --threads 1 --algorithms cql itrpo --steps 50
@@ -202,8 +202,10 @@ if __name__ == "__main__":
         print(f"\n{torch.get_num_threads()} threads, device {device}, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; "
               f"obs {data.obs_dim}, act {data.act_dim}, {len(data)} transitions; {args.steps} timed steps after "
               f"{args.warmup}{', --compile' if args.compile else ''}\n")
-        print("| file | batch | steps/s | GFLOP/step | GFLOP/s | of peak |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        # steps/s at peak: the rate if every matrix product ran at the peak and nothing else took time,
+        # the ceiling of this file's step on this machine at this precision.
+        print("| file | batch | steps/s | GFLOP/step | GFLOP/s | of peak | steps/s at peak |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for name in args.algorithms:
             torch.manual_seed(0)
             agent, buffer, batch_size = prepare(name, data, device, compile=args.compile)
@@ -211,4 +213,4 @@ if __name__ == "__main__":
             eager, buffer, batch_size = prepare(name, data, device)  # FlopCounterMode sees eager ops only
             flops = flops_per_step(eager, buffer, batch_size)
             print(f"| {name} | {batch_size} | {sps:.1f} | {flops / 1e9:.3f} | {flops * sps / 1e9:.1f} | "
-                  f"{flops * sps / peak:.1%} |", flush=True)
+                  f"{flops * sps / peak:.1%} | {peak / flops:.0f} |", flush=True)

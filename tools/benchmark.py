@@ -110,10 +110,11 @@ QUICK_FLAGS = {
 # the budget they had, instead of a score.
 QUICK_TOO_SLOW: dict[str, str] = {}
 # The quick datasets and the files each runs when no --algos/--datasets are given (None: all nine).
-# Hopper takes every file (about 24 minutes of the share); HalfCheetah and Walker2d take the three
-# fastest (BC, TD3+BC, IQL: about 4 minutes per dataset on 2 cores, after a build of 30 s and
-# 1.5 min): all nine on all three would take over an hour. `--quick --datasets <id>` runs every file
-# on one of them at the same budgets.
+# Hopper takes every file (24 to 37 minutes on 2 cores, depending on the CPU); HalfCheetah and
+# Walker2d take the three fastest (BC, TD3+BC, IQL: about 7 minutes each, after builds of 30 s and
+# 2 min): all nine on all three would take over an hour. 53 minutes in all on the slower CPU
+# (docs/results.md, Quick mode). `--quick --datasets <id>` runs every file on one of them at the
+# same budgets.
 QUICK_DATASETS: dict[str, list[str] | None] = {
     "local/hopper/medium-replay-v0": None,                           # 90,000 transitions
     "local/halfcheetah/medium-replay-v0": ["bc", "td3_bc", "iql"],   # 70,000
@@ -430,7 +431,7 @@ def parse_args(argv):
     p.add_argument("--output-dir", help="where runs go (default: runs/benchmark; --quick: runs/benchmark-quick)")
     p.add_argument("--results-dir", help="where the summary goes (default: results; --quick: results/quick)")
     p.add_argument("--quick", action="store_true",
-                   help="offline, local datasets, CPU-sized budgets (~30 min on 2 idle cores)")
+                   help="offline, local datasets, CPU-sized budgets (~35 min on 2 idle cores)")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do, and stop")
     p.add_argument("--slurm", metavar="FILE", nargs="?", const="",
                    help="write an sbatch array job (default: <output-dir>/benchmark.sbatch) instead of running")
