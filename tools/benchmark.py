@@ -431,7 +431,7 @@ def parse_args(argv):
     p.add_argument("--output-dir", help="where runs go (default: runs/benchmark; --quick: runs/benchmark-quick)")
     p.add_argument("--results-dir", help="where the summary goes (default: results; --quick: results/quick)")
     p.add_argument("--quick", action="store_true",
-                   help="offline, local datasets, CPU-sized budgets (~35 min on 2 idle cores)")
+                   help="offline, local datasets, CPU-sized budgets (~55 min on 2 idle cores)")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do, and stop")
     p.add_argument("--slurm", metavar="FILE", nargs="?", const="",
                    help="write an sbatch array job (default: <output-dir>/benchmark.sbatch) instead of running")
