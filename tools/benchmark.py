@@ -412,7 +412,8 @@ def parse_args(argv):
     p.add_argument("--algos", nargs="+",
                    help="algorithm files to run (default: all)")
     p.add_argument("--datasets", nargs="+", help="Minari ids or paper dataset names from benchmarks/datasets.csv "
-                   "(default: every mapped dataset; --quick: " + ", ".join(QUICK_DATASETS) + ")")
+                   "(default: every mapped dataset; --quick: " + ", ".join(QUICK_DATASETS) + ", with BC, TD3+BC and "
+                   "IQL alone on the last two unless --algos or --datasets is given)")
     p.add_argument("--seeds", nargs="+", type=int, help=f"seeds (default: 0-{FULL_SEEDS - 1}; --quick: 0 1)")
     p.add_argument("--steps", type=int,
                    help=f"gradient steps of every run (default: {PAPER_STEPS}; --quick: per algorithm)")

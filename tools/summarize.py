@@ -380,7 +380,7 @@ def plot_quick(runs: list[dict], profile: dict, folder: str) -> dict[str, str]:
         here = [a for a in algos if any(r["algorithm"] == a for r in mine)]  # a panel per file run on it
         if not here:
             continue
-        cols = min(3, max(len(here), 1))
+        cols = min(3, len(here))
         rows = -(-len(here) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), sharey=True, squeeze=False)
         for ax, algo in zip(axes.flat, here):
