@@ -428,8 +428,8 @@ def check_expert_level(manifest: dict, expert: dict, dataset_id: str) -> None:
             f"'{dataset_id}' needs an expert policy, and the best {env_id} snapshot (step {expert['step']} of "
             f"{manifest['steps_completed']} trained, return {expert['eval_return']:.0f}) scores {score:.0f} "
             f"D4RL-normalised, below expert level ({EXPERT_MIN_SCORE:.0f}); train further (`python "
-            f"tools/make_dataset.py --env {env_id} --train-steps N`, see tools/SNAPSHOTS.md) or name a "
-            f"snapshot with --expert-snapshot STEP")
+            f"tools/make_dataset.py --env {env_id} --train-steps N`, see tools/SNAPSHOTS.md) or build it from "
+            f"a snapshot you name (`python tools/make_dataset.py --env {env_id} --kind <kind> --expert-snapshot STEP`)")
 
 
 def snapshot_by_step(manifest: dict, step: int) -> dict:
