@@ -749,6 +749,42 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ----------------------------------------------------------------------------------------------
+# Precision: --precision bf16
+# ----------------------------------------------------------------------------------------------
+Precision = Literal["fp32", "bf16"]
+
+
+def autocast(step: Callable, precision: str, device: torch.device) -> Callable:
+    """`step` (a training step) as it is for fp32; for bf16, run under torch.autocast(bfloat16): the
+    matrix products of the hidden layers take bf16 inputs, while parameters, gradients and optimiser
+    states stay fp32 and every network's output layer computes in fp32 (OutputLinear, and the files'
+    EnsembleLinear(output=True)), so that Q values, log-stds and logits are not rounded to bf16's
+    8-bit mantissa. Only the training steps: evaluation runs in fp32."""
+    if precision == "fp32":
+        return step
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                        "use --precision fp32.")
+
+    def bf16_step(*args, **kwargs):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return step(*args, **kwargs)
+
+    return bf16_step
+
+
+class OutputLinear(torch.nn.Linear):
+    """nn.Linear for a network's output layer: under --precision bf16 (autocast) it computes in fp32
+    from the bf16 hidden activations; without autocast it is nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.nn.functional.linear(x.float(), self.weight, self.bias)
+
+
+# ----------------------------------------------------------------------------------------------
 # Run bookkeeping: run folder, tensorboard, console, results.json, checkpoint
 # ----------------------------------------------------------------------------------------------
 def _fmt_time(seconds: float) -> str:
@@ -1059,6 +1095,8 @@ def pretraining_key(args, fields: tuple[str, ...], data: OfflineData) -> str:
     digest.update(data.observations.cpu().numpy().tobytes())
     digest.update(data.actions.cpu().numpy().tobytes())
     digest.update(repr([(f, getattr(args, f)) for f in fields]).encode())
+    if getattr(args, "precision", "fp32") != "fp32":  # fp32 models keep the keys they had without the flag
+        digest.update(f"precision={args.precision}".encode())
     return digest.hexdigest()[:20]
 
 

@@ -103,6 +103,8 @@ class Args:
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
     compile: bool = False
     """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
+    precision: common.Precision = "fp32"
+    """fp32, or bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/results.md, Speed)"""
     # --- ARQ: score model ---
     bc_steps: Optional[int] = None
     """score-model training steps (default per domain: 300k kitchen/adroit, else 1M)"""
@@ -217,12 +219,12 @@ DEFAULT_SAMPLER_STEPS = {"pc": 500, "ode": 20}
 # Networks
 # ----------------------------------------------------------------------------------------------
 def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
-    """n_hidden ReLU layers of width hidden_dim, then a linear output layer."""
+    """n_hidden ReLU layers of width hidden_dim, then a linear output layer (fp32 under --precision bf16)."""
     layers, d = [], in_dim
     for _ in range(n_hidden):
         layers += [nn.Linear(d, hidden_dim), nn.ReLU()]
         d = hidden_dim
-    return nn.Sequential(*layers, nn.Linear(d, out_dim))
+    return nn.Sequential(*layers, common.OutputLinear(d, out_dim))
 
 
 class Actor(nn.Module):
@@ -244,13 +246,17 @@ class EnsembleLinear(nn.Module):
     """E independent linear layers applied to an (E, N, in) batch as one batched matmul; each member
     is initialised as an nn.Linear would be (uniform in +-1/sqrt(in))."""
 
-    def __init__(self, n: int, in_dim: int, out_dim: int):
+    def __init__(self, n: int, in_dim: int, out_dim: int, output: bool = False):
         super().__init__()
         bound = 1.0 / math.sqrt(in_dim)
         self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(n, 1, out_dim).uniform_(-bound, bound))
+        self.output = output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.output and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):  # --precision bf16: an output layer stays fp32
+                return torch.baddbmm(self.bias, x.float(), self.weight)
         return torch.baddbmm(self.bias, x, self.weight)
 
 
@@ -260,7 +266,7 @@ def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: i
     for _ in range(n_hidden):
         layers += [EnsembleLinear(n, d, hidden_dim), nn.ReLU()]
         d = hidden_dim
-    return nn.Sequential(*layers, EnsembleLinear(n, d, out_dim))
+    return nn.Sequential(*layers, EnsembleLinear(n, d, out_dim, output=True))
 
 
 class Critic(nn.Module):
@@ -287,7 +293,7 @@ class ScoreNet(nn.Module):
         self.blocks = nn.ModuleList(
             nn.ModuleList([nn.Linear(hidden_dim, hidden_dim), nn.Linear(hidden_dim, hidden_dim)])
             for _ in range(n_blocks))
-        self.out = nn.Linear(hidden_dim, act_dim)
+        self.out = common.OutputLinear(hidden_dim, act_dim)
 
     def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         phase = 2.0 * math.pi * t.unsqueeze(-1) * self.freqs
@@ -583,8 +589,9 @@ class ARQ:
             self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
             self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, fused=True)
         self.eval_gen = torch.Generator(device).manual_seed(args.seed)
-        if args.compile:
-            self.train_score, self.train = torch.compile(self.train_score), torch.compile(self.train)
+        for name in ("train_score", "train"):
+            step = common.autocast(getattr(self, name), args.precision, device)
+            setattr(self, name, torch.compile(step) if args.compile else step)
 
     def train_score(self, batch: common.Batch) -> dict:
         loss = self.score.loss(batch.observations, batch.actions)

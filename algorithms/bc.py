@@ -60,6 +60,8 @@ class Args:
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
     compile: bool = False
     """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
+    precision: common.Precision = "fp32"
+    """fp32, or bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/results.md, Speed)"""
     # --- BC ---
     lr: float = 3e-4
     """Adam learning rate"""
@@ -78,12 +80,12 @@ def check_args(args: Args) -> None:
 # Networks
 # ----------------------------------------------------------------------------------------------
 def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
-    """n_hidden ReLU layers of width hidden_dim, then a linear output layer."""
+    """n_hidden ReLU layers of width hidden_dim, then a linear output layer (fp32 under --precision bf16)."""
     layers, d = [], in_dim
     for _ in range(n_hidden):
         layers += [nn.Linear(d, hidden_dim), nn.ReLU()]
         d = hidden_dim
-    return nn.Sequential(*layers, nn.Linear(d, out_dim))
+    return nn.Sequential(*layers, common.OutputLinear(d, out_dim))
 
 
 class Actor(nn.Module):
@@ -103,6 +105,7 @@ class BC:
         self.args = args
         self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr, fused=True)
+        self.train = common.autocast(self.train, args.precision, device)
         if args.compile:
             self.train = torch.compile(self.train)
 

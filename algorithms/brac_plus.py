@@ -106,6 +106,8 @@ class Args:
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
     compile: bool = False
     """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
+    precision: common.Precision = "fp32"
+    """fp32, or bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/results.md, Speed)"""
     # --- BRAC+ ---
     kl_margin: Optional[float] = None
     """delta_KL = mean KL(pi_0 || pi_b) + this margin (default: per task from the dataset id)"""
@@ -204,12 +206,12 @@ def domain_defaults(dataset_id: str) -> dict:
 # Networks
 # ----------------------------------------------------------------------------------------------
 def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
-    """n_hidden ReLU layers of width hidden_dim, then a linear output layer."""
+    """n_hidden ReLU layers of width hidden_dim, then a linear output layer (fp32 under --precision bf16)."""
     layers, d = [], in_dim
     for _ in range(n_hidden):
         layers += [nn.Linear(d, hidden_dim), nn.ReLU()]
         d = hidden_dim
-    return nn.Sequential(*layers, nn.Linear(d, out_dim))
+    return nn.Sequential(*layers, common.OutputLinear(d, out_dim))
 
 
 def tanh_log_det(u: torch.Tensor) -> torch.Tensor:
@@ -241,13 +243,17 @@ class EnsembleLinear(nn.Module):
     """E independent linear layers applied to an (E, N, in) batch as one batched matmul; each member
     is initialised as an nn.Linear would be (uniform in +-1/sqrt(in))."""
 
-    def __init__(self, n: int, in_dim: int, out_dim: int):
+    def __init__(self, n: int, in_dim: int, out_dim: int, output: bool = False):
         super().__init__()
         bound = 1.0 / math.sqrt(in_dim)
         self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(n, 1, out_dim).uniform_(-bound, bound))
+        self.output = output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.output and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):  # --precision bf16: an output layer stays fp32
+                return torch.baddbmm(self.bias, x.float(), self.weight)
         return torch.baddbmm(self.bias, x, self.weight)
 
 
@@ -257,7 +263,7 @@ def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: i
     for _ in range(n_hidden):
         layers += [EnsembleLinear(n, d, hidden_dim), nn.ReLU()]
         d = hidden_dim
-    return nn.Sequential(*layers, EnsembleLinear(n, d, out_dim))
+    return nn.Sequential(*layers, EnsembleLinear(n, d, out_dim, output=True))
 
 
 def gaussian_head(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -423,9 +429,9 @@ class BRACPlus:
         self.target_entropy = 0.0
         self.kl_threshold = 0.0
         self.gp_threshold = 0.0
-        if args.compile:
-            for name in ("train_behavior", "train_initial_policy", "train_initial_critic", "train"):
-                setattr(self, name, torch.compile(getattr(self, name)))
+        for name in ("train_behavior", "train_initial_policy", "train_initial_critic", "train"):
+            step = common.autocast(getattr(self, name), args.precision, device)
+            setattr(self, name, torch.compile(step) if args.compile else step)
 
     def alpha(self, obs: torch.Tensor) -> torch.Tensor:
         """alpha(s) per state, (N,); the global mode broadcasts its scalar."""

@@ -63,6 +63,8 @@ class Args:
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
     compile: bool = False
     """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
+    precision: common.Precision = "fp32"
+    """fp32, or bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/results.md, Speed)"""
     # --- TD3+BC ---
     alpha: float = 2.5
     """alpha of eq. 3: lambda = alpha / mean|Q|; larger means less behaviour cloning"""
@@ -96,12 +98,12 @@ def check_args(args: Args) -> None:
 # Networks
 # ----------------------------------------------------------------------------------------------
 def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
-    """n_hidden ReLU layers of width hidden_dim, then a linear output layer."""
+    """n_hidden ReLU layers of width hidden_dim, then a linear output layer (fp32 under --precision bf16)."""
     layers, d = [], in_dim
     for _ in range(n_hidden):
         layers += [nn.Linear(d, hidden_dim), nn.ReLU()]
         d = hidden_dim
-    return nn.Sequential(*layers, nn.Linear(d, out_dim))
+    return nn.Sequential(*layers, common.OutputLinear(d, out_dim))
 
 
 class Actor(nn.Module):
@@ -117,13 +119,17 @@ class EnsembleLinear(nn.Module):
     """E independent linear layers applied to an (E, N, in) batch as one batched matmul; each member
     is initialised as an nn.Linear would be (uniform in +-1/sqrt(in))."""
 
-    def __init__(self, n: int, in_dim: int, out_dim: int):
+    def __init__(self, n: int, in_dim: int, out_dim: int, output: bool = False):
         super().__init__()
         bound = 1.0 / math.sqrt(in_dim)
         self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(n, 1, out_dim).uniform_(-bound, bound))
+        self.output = output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.output and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):  # --precision bf16: an output layer stays fp32
+                return torch.baddbmm(self.bias, x.float(), self.weight)
         return torch.baddbmm(self.bias, x, self.weight)
 
 
@@ -133,7 +139,7 @@ def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: i
     for _ in range(n_hidden):
         layers += [EnsembleLinear(n, d, hidden_dim), nn.ReLU()]
         d = hidden_dim
-    return nn.Sequential(*layers, EnsembleLinear(n, d, out_dim))
+    return nn.Sequential(*layers, EnsembleLinear(n, d, out_dim, output=True))
 
 
 class Critic(nn.Module):
@@ -177,6 +183,7 @@ class TD3BC:
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.lr, fused=True)
         self.total_it = 0
         self.last_actor_metrics: dict = {}
+        self.train = common.autocast(self.train, args.precision, device)
         if args.compile:
             self.train = torch.compile(self.train)
 

@@ -120,6 +120,22 @@ def test_resume_skips_finished_runs_only(capsys, tmp_path):
         benchmark.main(["--dry-run", *argv[:-4], "--steps", "60", "--output-dir", out])
 
 
+def test_precision_reaches_every_run_and_keeps_bf16_runs_apart(capsys, tmp_path):
+    out = str(tmp_path)
+    argv = ["--algos", "bc", "cql", "--datasets", "local/hopper/medium-v0", "--seeds", "0", "--steps", "50"]
+    fp32 = dry_run(capsys, *argv, "--output-dir", out)
+    assert all("--precision" not in line for line in fp32)  # the default adds nothing to the commands
+    bf16 = dry_run(capsys, *argv, "--output-dir", out, "--precision", "bf16")
+    assert [line + " --precision bf16" for line in fp32] == bf16
+    # a finished fp32 run is not taken for a bf16 one, nor the other way round
+    write_results(out, "bc", "local/hopper/medium-v0", 0, [1.0], total_steps=50)
+    with pytest.raises(UserError, match="finished run in fp32 but this selection asks for bf16"):
+        benchmark.main(["--dry-run", *argv, "--output-dir", out, "--precision", "bf16"])
+    # without --output-dir, bf16 runs get folders of their own
+    quick = dry_run(capsys, "--quick", "--algos", "bc", "--datasets", "local/hopper/medium-replay-v0", "--precision", "bf16")
+    assert quick and all("--output-dir runs/benchmark-quick-bf16 " in line for line in quick)
+
+
 def test_slurm_script_runs_the_same_commands(capsys, tmp_path):
     out = str(tmp_path / "runs")
     argv = ["--algos", "bc", "cql", "--datasets", "local/hopper/medium-v0", "--seeds", "0", "1", "--steps", "50",

@@ -4,6 +4,7 @@ of this machine's fp32 matmul peak, measured in the same run, and the steps/s th
     OMP_NUM_THREADS=2 python tools/bench_cpu.py --threads 2 --steps 500
     OMP_NUM_THREADS=1 python tools/bench_cpu.py --threads 1 --algorithms cql itrpo --steps 50
     python tools/bench_cpu.py --algorithms td3_bc --compile --warmup 50
+    OMP_NUM_THREADS=2 python tools/bench_cpu.py --threads 2 --precision bf16 --algorithms cql brac_plus --steps 50
 
 Builds a synthetic Minari dataset with HalfCheetah-v5's dimensions (17 / 6) and 200k transitions in a
 temporary MINARI_DATASETS_PATH (random numbers: only the sizes matter), and times `common.load_dataset`
@@ -58,6 +59,8 @@ class Args:
     """torch device of the agents and the peak matmul"""
     compile: bool = False
     """time the agents with --compile"""
+    precision: common.Precision = "fp32"
+    """time the agents with --precision (fp32 or bf16); the peak is then a matmul under the same autocast"""
 
 
 def build(dataset_id: str, transitions: int, episode_length: int) -> None:
@@ -99,11 +102,14 @@ def agent_class(module):
     return classes[0]
 
 
-def prepare(name: str, data: common.OfflineData, device: torch.device, compile: bool = False, **overrides):
+def prepare(name: str, data: common.OfflineData, device: torch.device, compile: bool = False,
+            precision: str = "fp32", **overrides):
     """An agent of `name` with its default settings, ready for RL updates, and its replay buffer."""
     module = load_algorithm(name)
     args = module.Args(env=data.dataset_id, **overrides)
     args.compile = compile  # set, not passed: an Args without the field (another checkout's file) still works
+    if precision != "fp32":
+        args.precision = precision
     if hasattr(module, "domain_defaults"):
         for k, v in module.domain_defaults(data.dataset_id).items():
             if getattr(args, k) is None:
@@ -165,17 +171,19 @@ def flops_per_step(agent, buffer, batch_size: int, steps: int = 2) -> float:
     return counter.get_total_flops() / steps
 
 
-def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of the fastest of `repeats` n x n x n fp32 matmuls, after one untimed."""
+def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5, precision: str = "fp32") -> float:
+    """FLOP/s of the fastest of `repeats` n x n x n matmuls of fp32 tensors (under the autocast of
+    --precision bf16 for bf16), after one untimed."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - start)
+        best = float("inf")
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            a @ b
+            sync(device)
+            best = min(best, time.perf_counter() - start)
     return 2.0 * n**3 / best
 
 
@@ -198,17 +206,17 @@ if __name__ == "__main__":
             t0 = time.time()
             data = common.load_dataset(DATASET_ID, device)
             print(f"{what}: {len(data)} transitions, {len(data.episode_lengths)} episodes in {time.time() - t0:.2f}s")
-        peak = matmul_peak(device)
-        print(f"\n{torch.get_num_threads()} threads, device {device}, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; "
-              f"obs {data.obs_dim}, act {data.act_dim}, {len(data)} transitions; {args.steps} timed steps after "
-              f"{args.warmup}{', --compile' if args.compile else ''}\n")
+        peak = matmul_peak(device, precision=args.precision)
+        print(f"\n{torch.get_num_threads()} threads, device {device}, {args.precision} matmul peak {peak / 1e9:.1f} "
+              f"GFLOP/s; obs {data.obs_dim}, act {data.act_dim}, {len(data)} transitions; {args.steps} timed steps "
+              f"after {args.warmup}{', --compile' if args.compile else ''}, --precision {args.precision}\n")
         # steps/s at peak: the rate if every matrix product ran at the peak and nothing else took time,
         # the ceiling of this file's step on this machine at this precision.
         print("| file | batch | steps/s | GFLOP/step | GFLOP/s | of peak | steps/s at peak |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for name in args.algorithms:
             torch.manual_seed(0)
-            agent, buffer, batch_size = prepare(name, data, device, compile=args.compile)
+            agent, buffer, batch_size = prepare(name, data, device, compile=args.compile, precision=args.precision)
             sps = steps_per_second(agent, buffer, batch_size, args.steps, args.warmup, device)
             eager, buffer, batch_size = prepare(name, data, device)  # FlopCounterMode sees eager ops only
             flops = flops_per_step(eager, buffer, batch_size)

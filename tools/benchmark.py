@@ -270,11 +270,13 @@ def build_runs(args, algos: list[str], datasets: list[str], out_dir: str) -> lis
             argv += QUICK_FLAGS.get(algo, [])
         argv += ["--eval-every", str(eval_every), "--eval-episodes", str(eval_episodes),
                  "--output-dir", out_dir, "--run-name", name]
+        if args.precision != "fp32":
+            argv += ["--precision", args.precision]
         env = {"OMP_NUM_THREADS": str(threads)}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[len(runs) % len(gpus)]  # round-robin over GPUs
         runs.append({"name": name, "algo": algo, "dataset": dataset, "seed": seed,
-                     "steps": steps, "argv": argv, "env": env})
+                     "steps": steps, "precision": args.precision, "argv": argv, "env": env})
     return runs
 
 
@@ -296,6 +298,10 @@ def run_status(run: dict, out_dir: str) -> str:
     done_steps = results.get("args", {}).get("total_steps")
     if done_steps != run["steps"]:
         return (f"{path} is a finished run of {done_steps} steps but this selection asks for {run['steps']}; "
+                f"use another --output-dir or remove that run")
+    done_precision = results.get("args", {}).get("precision", "fp32")
+    if done_precision != run["precision"]:
+        return (f"{path} is a finished run in {done_precision} but this selection asks for {run['precision']}; "
                 f"use another --output-dir or remove that run")
     return "finished"
 
@@ -431,6 +437,8 @@ def parse_args(argv):
                    help="OMP_NUM_THREADS of each run (default: cores / workers; 1 with --quick or --slurm)")
     p.add_argument("--output-dir", help="where runs go (default: runs/benchmark; --quick: runs/benchmark-quick)")
     p.add_argument("--results-dir", help="where the summary goes (default: results; --quick: results/quick)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="--precision of every run (default: fp32; bf16 runs go to <default dirs>-bf16)")
     p.add_argument("--quick", action="store_true",
                    help="offline, local datasets, CPU-sized budgets (~55 min on 2 idle cores)")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do, and stop")
@@ -453,11 +461,12 @@ def main(argv=None) -> int:
         args.seeds = QUICK_SEEDS if args.quick else list(range(FULL_SEEDS))
     if args.workers is None:
         args.workers = 2 if args.quick else 1
-    default_out = "runs/benchmark-quick" if args.quick else "runs/benchmark"
+    suffix = "" if args.precision == "fp32" else f"-{args.precision}"
+    default_out = ("runs/benchmark-quick" if args.quick else "runs/benchmark") + suffix
     out_abs = os.path.abspath(args.output_dir or os.path.join(ROOT, default_out))
     # Commands run from the repository root; paths inside it are written relative, for the cluster.
     out_dir = os.path.relpath(out_abs, ROOT) if out_abs.startswith(ROOT + os.sep) else out_abs
-    results_dir = args.results_dir or os.path.join(ROOT, "results/quick" if args.quick else "results")
+    results_dir = args.results_dir or os.path.join(ROOT, ("results/quick" if args.quick else "results") + suffix)
     algos = resolve_algos(args.algos, args.quick, args.steps is not None)
     datasets = resolve_datasets(args.datasets, args.quick)
     runs = build_runs(args, algos, datasets, out_dir)

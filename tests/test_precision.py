@@ -1,0 +1,147 @@
+"""--precision bf16: training steps under torch.autocast(bfloat16), every network's output layer in
+fp32, the default fp32 untouched."""
+
+import types
+
+import pytest
+import torch
+
+import common
+from conftest import load_algorithm
+
+OBS, ACT, N = 5, 3, 48
+
+# Small settings of each file, and the training steps that --precision wraps (pretraining first).
+SMALL = {
+    "bc": (dict(hidden_dim=32), ("train",)),
+    "td3_bc": (dict(hidden_dim=32, policy_freq=1), ("train",)),
+    "awr": (dict(hidden_dim=32), ("train",)),
+    "iql": (dict(hidden_dim=32), ("train",)),
+    "cql": (dict(hidden_dim=32, n_actions=4, bc_warmup_steps=0), ("train",)),
+    "fisher_brc": (dict(hidden_dim=32, n_components=3), ("train_behavior", "train")),
+    "itrpo": (dict(hidden_dim=32, n_samples=4, bc_steps=1000), ("train_behavior", "train")),
+    "brac_plus": (dict(hidden_dim=16, actor_hidden_dim=16, vae_hidden_dim=16, n_ensembles=2, n_samples=3,
+                       n_latent=2, kl_margin=0.1, gp_target=0.01),
+                  ("train_behavior", "train_initial_policy", "train_initial_critic", "train")),
+    "arq": (dict(hidden_dim=32, kth=3, alpha=1.0, score_hidden_dim=8, score_blocks=1), ("train_score", "train")),
+}
+
+
+def agent_of(name: str, precision: str):
+    module = load_algorithm(name)
+    cls = next(v for v in vars(module).values()
+               if isinstance(v, type) and v.__module__ == module.__name__ and hasattr(v, "act"))
+    args = module.Args(precision=precision, **SMALL[name][0])
+    for k, v in (module.domain_defaults(args.env).items() if hasattr(module, "domain_defaults") else ()):
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    torch.manual_seed(0)
+    return module, cls(args, OBS, ACT, torch.device("cpu"))
+
+
+def batch_for(module, step: str):
+    g = torch.Generator().manual_seed(11)
+    batch = common.Batch(torch.randn(N, OBS, generator=g), torch.rand(N, ACT, generator=g) * 1.8 - 0.9,
+                         torch.randn(N, generator=g), torch.randn(N, OBS, generator=g),
+                         (torch.arange(N) % 7 == 0).float())
+    if step == "train" and hasattr(module, "SupportBatch"):  # ARQ's RL step reads the support set
+        support = torch.rand(N, 6, ACT, generator=g) * 2 - 1
+        valid = torch.rand(N, 6, generator=g) > 0.3
+        valid[:, 0] = True
+        batch = module.SupportBatch(*batch, support, valid, support.flip(0), valid.flip(0))
+    return batch
+
+
+def networks(agent) -> dict:
+    return {k: v for k, v in vars(agent).items() if isinstance(v, torch.nn.Module)}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_network_ends_in_an_fp32_output_layer(name):
+    """Each nn.Sequential of the agent (every mlp and ensemble_mlp) ends in OutputLinear or an
+    EnsembleLinear(output=True); ARQ's score network's output layer is an OutputLinear."""
+    module, agent = agent_of(name, "fp32")
+    sequentials = [(f"{k}.{path}", m) for k, net in networks(agent).items()
+                   for path, m in net.named_modules() if isinstance(m, torch.nn.Sequential)]
+    assert sequentials
+    for where, seq in sequentials:
+        last = seq[-1]
+        assert isinstance(last, common.OutputLinear) or getattr(last, "output", False) is True, where
+    if name == "arq":
+        assert isinstance(agent.score.net.out, common.OutputLinear)
+
+
+@pytest.mark.parametrize("name", ["bc", "td3_bc"])
+def test_under_autocast_hidden_layers_are_bf16_and_outputs_are_fp32_and_not_rounded(name):
+    """A Q-sized output (bias 300.3): in bf16 (8-bit mantissa, steps of 2 at 300) it would be off
+    by up to 1; from an fp32 output layer it is within 0.02 of the fp32 network's."""
+    module = load_algorithm(name)
+    torch.manual_seed(0)
+    net = module.mlp(8, 2, 32, 2) if name == "bc" else module.ensemble_mlp(2, 8, 1, 32, 2)
+    with torch.no_grad():
+        net[-1].bias.fill_(300.3)
+    x = torch.randn(64, 8) if name == "bc" else torch.randn(2, 64, 8)
+    hidden = []
+    net[0].register_forward_hook(lambda m, i, o: hidden.append(o.dtype))
+    want = net(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = net(x)
+    assert hidden == [torch.float32, torch.bfloat16]
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() < 0.02
+
+
+def test_autocast_leaves_fp32_steps_alone_and_wraps_bf16_ones():
+    def step(x):
+        return torch.nn.functional.linear(x, torch.ones(4, 4)).dtype
+
+    x = torch.ones(2, 4)
+    assert common.autocast(step, "fp32", torch.device("cpu")) is step
+    assert common.autocast(step, "bf16", torch.device("cpu"))(x) == torch.bfloat16
+    assert step(x) == torch.float32  # the autocast ends with the step
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_bf16_steps_give_the_fp32_losses_to_within_bf16_rounding(name):
+    """Every wrapped step of every file, from the same weights on the same batch with the same seed:
+    the same metrics to within a few bf16 roundings, finite, and parameters that moved."""
+    module, fp32 = agent_of(name, "fp32")
+    _, bf16 = agent_of(name, "bf16")  # same seed: the same initial weights
+    for k, net in networks(fp32).items():
+        for p, q in zip(net.parameters(), networks(bf16)[k].parameters()):
+            assert torch.equal(p, q)
+    if name in ("fisher_brc", "itrpo", "brac_plus"):
+        fp32.kl_threshold = bf16.kl_threshold = 1.0
+        fp32.gp_threshold = bf16.gp_threshold = 0.5
+    for step in SMALL[name][1]:
+        if step == "train":
+            for agent in (fp32, bf16):
+                for pretrained in ("behavior", "score"):
+                    if hasattr(agent, pretrained):
+                        getattr(agent, pretrained).requires_grad_(False)
+        batch = batch_for(module, step)
+        before = [p.detach().clone() for p in bf16.actor.parameters()] if hasattr(bf16, "actor") else []
+        torch.manual_seed(5)
+        want = getattr(fp32, step)(batch)
+        torch.manual_seed(5)
+        got = getattr(bf16, step)(batch)
+        assert set(got) == set(want)
+        for k in want:
+            g, w = torch.as_tensor(got[k]).float(), torch.as_tensor(want[k]).float()
+            assert torch.isfinite(g).all(), f"{step}: {k}"
+            torch.testing.assert_close(g, w, rtol=0.03, atol=0.03, msg=f"{step}: {k}")
+        if step == "train" and before:
+            assert any(not torch.equal(p, q) for p, q in zip(before, bf16.actor.parameters()))
+
+
+def test_pretrained_models_of_bf16_runs_have_their_own_cache_key():
+    """A bf16-trained behaviour model is another model: another key. fp32 keys are the ones an Args
+    without the flag gives, so caches written before it exist stay valid."""
+    data = common.OfflineData.__new__(common.OfflineData)
+    data.observations, data.actions = torch.zeros(4, 2), torch.ones(4, 1)
+    fields = ("bc_steps",)
+    fp32 = types.SimpleNamespace(env="x/y-v0", bc_steps=10, precision="fp32")
+    legacy = types.SimpleNamespace(env="x/y-v0", bc_steps=10)
+    bf16 = types.SimpleNamespace(env="x/y-v0", bc_steps=10, precision="bf16")
+    assert common.pretraining_key(fp32, fields, data) == common.pretraining_key(legacy, fields, data)
+    assert common.pretraining_key(bf16, fields, data) != common.pretraining_key(fp32, fields, data)
