@@ -64,7 +64,7 @@ class Args:
     compile: bool = False
     """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
     precision: common.Precision = "fp32"
-    """fp32, or bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/results.md, Speed)"""
+    """fp32, or bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/results.md, Precision)"""
     # --- TD3+BC ---
     alpha: float = 2.5
     """alpha of eq. 3: lambda = alpha / mean|Q|; larger means less behaviour cloning"""
@@ -157,9 +157,11 @@ class Critic(nn.Module):
     def q1(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """Q1(s, a) alone, from the first member's weights (the actor's loss needs no Q2)."""
         x = torch.cat([obs, act], dim=-1)
-        for layer in self.net:
+        *hidden, out = self.net
+        for layer in hidden:
             x = torch.addmm(layer.bias[0], x, layer.weight[0]) if isinstance(layer, EnsembleLinear) else layer(x)
-        return x.squeeze(-1)
+        with torch.autocast(x.device.type, enabled=False):  # --precision bf16: the output layer stays fp32
+            return torch.addmm(out.bias[0], x.float(), out.weight[0]).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -71,22 +71,30 @@ def test_every_network_ends_in_an_fp32_output_layer(name):
         assert isinstance(agent.score.net.out, common.OutputLinear)
 
 
-@pytest.mark.parametrize("name", ["bc", "td3_bc"])
-def test_under_autocast_hidden_layers_are_bf16_and_outputs_are_fp32_and_not_rounded(name):
+@pytest.mark.parametrize("network", ["mlp", "ensemble_mlp", "td3_bc_q1"])
+def test_under_autocast_hidden_layers_are_bf16_and_outputs_are_fp32_and_not_rounded(network):
     """A Q-sized output (bias 300.3): in bf16 (8-bit mantissa, steps of 2 at 300) it would be off
-    by up to 1; from an fp32 output layer it is within 0.02 of the fp32 network's."""
-    module = load_algorithm(name)
+    by up to 1; from an fp32 output layer it is within 0.02 of the fp32 network's. td3_bc_q1 is
+    TD3+BC's Critic.q1, which runs the first member's layers itself."""
+    module = load_algorithm("td3_bc")
     torch.manual_seed(0)
-    net = module.mlp(8, 2, 32, 2) if name == "bc" else module.ensemble_mlp(2, 8, 1, 32, 2)
+    if network == "mlp":
+        net, first, x = module.mlp(8, 2, 32, 2), None, torch.randn(64, 8)
+    else:
+        critic = module.Critic(5, 3, 32)
+        net, x = critic.net, (torch.randn(64, 5), torch.rand(64, 3) * 2 - 1)
     with torch.no_grad():
         net[-1].bias.fill_(300.3)
-    x = torch.randn(64, 8) if name == "bc" else torch.randn(2, 64, 8)
+    forward = {"mlp": net, "ensemble_mlp": lambda obs, act: critic(obs, act), "td3_bc_q1": lambda obs, act: critic.q1(obs, act)}[network]
+    x = x if isinstance(x, tuple) else (x,)
     hidden = []
-    net[0].register_forward_hook(lambda m, i, o: hidden.append(o.dtype))
-    want = net(x)
+    if network != "td3_bc_q1":
+        net[0].register_forward_hook(lambda m, i, o: hidden.append(o.dtype))
+    want = forward(*x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = net(x)
-    assert hidden == [torch.float32, torch.bfloat16]
+        got = forward(*x)
+    if network != "td3_bc_q1":
+        assert hidden == [torch.float32, torch.bfloat16]
     assert got.dtype == torch.float32
     assert (got - want).abs().max() < 0.02
 
