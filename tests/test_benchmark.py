@@ -517,3 +517,22 @@ def test_quick_table_says_which_files_did_not_run_on_a_dataset(tmp_path):
     import matplotlib.image
     figure = matplotlib.image.imread(tmp_path / "results" / "curves" / "quick-local-walker2d-medium-replay-v0.png")
     assert figure.shape[1] == 3 * 320 and figure.shape[0] == 2 * 240  # bc, td3_bc, awr, iql: 2 rows of 3
+
+
+def test_quick_summary_says_when_its_runs_were_not_fp32(tmp_path):
+    out = str(tmp_path / "runs")
+    write_results(out, "bc", "local/hopper/medium-replay-v0", 0, [10.0], total_steps=100)
+    write_results(out, "bc", "local/hopper/medium-replay-v0", 1, [12.0], total_steps=100)
+    with open(os.path.join(out, summarize.QUICK_PROFILE_FILE), "w") as f:
+        json.dump({"bc": {"flags": [], "too_slow": None}}, f)
+
+    def quick_section():
+        summarize.main([out, "--out", str(tmp_path / "results")])
+        return open(tmp_path / "results" / "summary.md").read().split("## Quick profile")[1].split("## Paper tables")[0]
+
+    assert "Precision" not in quick_section()  # fp32 runs (and results.json without the flag) say nothing
+    path = os.path.join(out, benchmark.run_name("bc", "local/hopper/medium-replay-v0", 1), "results.json")
+    results = json.load(open(path))
+    results["args"]["precision"] = "bf16"
+    json.dump(results, open(path, "w"))
+    assert "Precision (--precision): bf16, fp32." in quick_section()

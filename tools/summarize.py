@@ -354,6 +354,9 @@ def quick_table(runs: list[dict], profile: dict, folders: list[str]) -> list[str
     if flags:
         out.append("Settings other than the files' defaults (see tools/benchmark.py, QUICK_FLAGS): "
                    + "; ".join(flags) + ".")
+    precisions = sorted({r["args"].get("precision", "fp32") for r in finished})
+    if precisions != ["fp32"]:
+        out.append(f"Precision (--precision): {', '.join(precisions)}.")
     slow = [f"{a}: {profile[a]['too_slow']}" for a in algos if profile[a].get("too_slow")]
     if slow:
         out.append("Too slow for the quick profile: " + "; ".join(slow) + ".")
