@@ -104,7 +104,7 @@ class Args:
     compile: bool = False
     """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
     precision: common.Precision = "fp32"
-    """fp32, or bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/results.md, Speed)"""
+    """fp32, or bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/results.md, Precision)"""
     # --- ARQ: score model ---
     bc_steps: Optional[int] = None
     """score-model training steps (default per domain: 300k kitchen/adroit, else 1M)"""

@@ -107,7 +107,7 @@ class Args:
     compile: bool = False
     """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
     precision: common.Precision = "fp32"
-    """fp32, or bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/results.md, Speed)"""
+    """fp32, or bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/results.md, Precision)"""
     # --- BRAC+ ---
     kl_margin: Optional[float] = None
     """delta_KL = mean KL(pi_0 || pi_b) + this margin (default: per task from the dataset id)"""
