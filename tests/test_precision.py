@@ -129,10 +129,17 @@ def test_bf16_steps_give_the_fp32_losses_to_within_bf16_rounding(name):
                         getattr(agent, pretrained).requires_grad_(False)
         batch = batch_for(module, step)
         before = [p.detach().clone() for p in bf16.actor.parameters()] if hasattr(bf16, "actor") else []
+        dtypes = {"fp32": set(), "bf16": set()}
+        hooks = [m.register_forward_hook(lambda m, i, o, seen=dtypes[precision]: seen.add(o.dtype))
+                 for precision, agent in (("fp32", fp32), ("bf16", bf16)) for net in networks(agent).values()
+                 for m in net.modules() if type(m).__name__ in ("Linear", "EnsembleLinear")]
         torch.manual_seed(5)
         want = getattr(fp32, step)(batch)
         torch.manual_seed(5)
         got = getattr(bf16, step)(batch)
+        for hook in hooks:
+            hook.remove()
+        assert dtypes["fp32"] == {torch.float32} and torch.bfloat16 in dtypes["bf16"], step  # the step is wrapped
         assert set(got) == set(want)
         for k in want:
             g, w = torch.as_tensor(got[k]).float(), torch.as_tensor(want[k]).float()
