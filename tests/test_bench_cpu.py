@@ -44,3 +44,21 @@ def test_bench_cpu_reports_speed_flops_and_the_fraction_of_peak(datasets_path, t
         assert abs(gflops - sps * gflop_step) <= 0.05 * gflops + 0.1
         assert abs(fraction / 100 - gflops / peak) <= 0.01
         assert abs(ceiling - peak / gflop_step) <= 0.03 * ceiling + 1  # the steps/s the peak would give (GFLOP/step printed to 3 decimals)
+
+
+def test_bench_cpu_times_the_agents_in_the_precision_it_is_given(datasets_path):
+    """--precision bf16 reaches the timed agent (its step runs hidden layers in bf16) and the peak
+    is a matmul under the same autocast; the FLOP count does not depend on it."""
+    data = common.load_dataset("test/hopper/random-v0")
+    seen = []
+    for precision in ("fp32", "bf16"):
+        agent, buffer, batch_size = bench_cpu.prepare("bc", data, torch.device("cpu"), precision=precision, batch_size=32)
+        assert agent.args.precision == precision
+        hook = agent.actor.net[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        agent.train(buffer.sample(batch_size))
+        hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (a @ b).dtype == torch.bfloat16  # what matmul_peak(precision="bf16") times
+    assert bench_cpu.matmul_peak(torch.device("cpu"), n=64, repeats=1, precision="bf16") > 0
