@@ -908,10 +908,13 @@ class Run:
                       f"checkpoint", flush=True)
                 continue
             now = vars(self.args)
-            differ = [k for k in sorted(set(saved["args"]) | set(now))
-                      if k not in RESUME_FREE_FLAGS and saved["args"].get(k) != now.get(k)]
+            # a flag added to the file after the checkpoint was written ran at its default
+            then = {**{f.name: f.default for f in dataclasses.fields(self.args)
+                       if f.default is not dataclasses.MISSING and f.name not in saved["args"]}, **saved["args"]}
+            differ = [k for k in sorted(set(then) | set(now))
+                      if k not in RESUME_FREE_FLAGS and then.get(k) != now.get(k)]
             if differ:
-                flags = ", ".join(f"--{k.replace('_', '-')} {saved['args'].get(k)} (now {now.get(k)})" for k in differ)
+                flags = ", ".join(f"--{k.replace('_', '-')} {then.get(k)} (now {now.get(k)})" for k in differ)
                 raise UserError(f"{path} was written with other flags: {flags}. Pass another --run-name, or "
                                 f"--resume never to start this run over.")
             saved["path"] = path

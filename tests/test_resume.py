@@ -120,6 +120,18 @@ def test_a_checkpoint_from_other_flags_is_refused_naming_them(datasets_path, tmp
     assert other.returncode != 0
     lines = other.stderr.strip().splitlines()
     assert len(lines) == 1 and "--lr 0.0003 (now 0.001)" in lines[0] and "--alpha 2.5 (now 3.0)" in lines[0]
+    assert "--precision fp32 (now bf16)" in run(cmd + ["--precision", "bf16"], datasets_path).stderr
+    # a checkpoint written before a flag existed resumes when the flag is at its default
+    import torch
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        path = out / "r" / name
+        if path.exists():
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            del saved["args"]["precision"]
+            torch.save(saved, path)
+    assert "--precision fp32 (now bf16)" in run(cmd + ["--precision", "bf16"], datasets_path).stderr
+    resumed = run(cmd, datasets_path)
+    assert resumed.returncode == 0 and "resuming from step" in resumed.stdout, resumed.stderr[-2000:]
     # --resume never starts over with the new flags
     fresh = run(cmd + ["--lr", "0.001", "--resume", "never", "--total-steps", "300"], datasets_path)
     assert fresh.returncode == 0 and "resuming" not in fresh.stdout, fresh.stderr[-2000:]
