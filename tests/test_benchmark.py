@@ -466,6 +466,31 @@ def test_quick_mode_end_to_end(tmp_path):
     assert again.returncode == 0 and "1 already finished, 0 to do" in again.stdout
 
 
+def test_local_datasets_still_to_build_are_built_workers_at_a_time(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))
+    ids = ["local/pendulum/medium-300-v0", "local/pendulum/random-200-v0"]
+    assert benchmark.main(["--fetch-only", "--datasets", *ids, "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"building {ids[0]}, {ids[1]} from the shipped snapshots, 2 at a time" in out
+    for dataset_id in ids:
+        assert f"built {dataset_id} (" in out and benchmark.dataset_on_disk(dataset_id)
+    # Built ones are not built again; one worker builds in this process, one at a time.
+    assert benchmark.main(["--fetch-only", "--datasets", *ids, "--workers", "2"]) == 0
+    assert "building" not in capsys.readouterr().out
+
+
+def test_a_failed_parallel_build_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))
+
+    def fake_run(argv, **kwargs):
+        failing = argv[-1] == "local/pendulum/random-200-v0"
+        return subprocess.CompletedProcess(argv, 1 if failing else 0, "", "error: no space left on device\n" if failing else "")
+
+    monkeypatch.setattr(benchmark.subprocess, "run", fake_run)
+    with pytest.raises(UserError, match=r"^could not build local/pendulum/random-200-v0: error: no space left on device$"):
+        benchmark.fetch_datasets(["local/pendulum/medium-300-v0", "local/pendulum/random-200-v0"], workers=2)
+
+
 def test_quick_table_marks_slow_files_names_flags_caches_and_files_below_bc(tmp_path):
     out = str(tmp_path / "runs")
     data = "local/hopper/medium-replay-v0"

@@ -60,32 +60,31 @@ FULL_EVAL_EPISODES = 10
 FULL_SEEDS = 5  # the most any table uses (Fisher-BRC); the summary takes each paper's own count
 
 # --quick: offline, the default builds of the three locomotion tasks' medium-replay (QUICK_DATASETS,
-# built once from the shipped snapshots), two seeds, two runs at a time with one thread each. All
-# nine files on Hopper took 25 minutes on 2 idle cores. Budgets are sized from each file's Hopper
-# speed in that setting (steps / train_seconds of the quick runs, docs/results.md "Quick mode") so
-# that each file's RL phase takes about 2 minutes; a slow learner gets up to twice that. Behaviour
-# phases come on top and are trained once: runs go seed by seed, so the second seed reads them from
-# the cache in the output folder.
+# built once from the shipped snapshots, two at a time), two seeds, two runs at a time with one
+# thread each. Budgets are sized from each file's Hopper speed in that setting (steps / train_seconds
+# of the quick runs on a CPU with a 93 GFLOP/s one-thread matmul peak, docs/results.md "Quick mode")
+# so that each file's RL phase takes one to two minutes there; behaviour phases come on top and are
+# trained once: runs go seed by seed, so the second seed reads them from the cache in the output folder.
 #   algo        steps  behaviour  RL / behaviour steps/s   RL training time
-#   bc          20000     -       690                       29 s
-#   td3_bc      20000     -       190                      105 s
-#   iql         15000     -       130                      115 s
-#   awr         10000     -        80                      125 s
-#   cql          1000    200        6.7 (warm-up inside)   150 s
-#   fisher_brc   5000   5000       40 / 310                125 s (+16 s once)
-#   itrpo        6000  20000       34 / 450 (K = 2)        175 s (+45 s once)
-#   brac_plus    3000   2000       25 / 71 (+ pi_0, Q_0)   120 s (+28 s once, +35 s per run)
-#   arq         20000   3000       90 / 76 (+ support)     225 s (+40 s and ~200 s support once)
+#   bc          10000     -       510                       20 s
+#   td3_bc      10000     -       120                       85 s
+#   iql          7500     -        83                       90 s
+#   awr          5000     -        53                       95 s
+#   cql           500    200        5 (warm-up inside)     100 s
+#   fisher_brc   2500   5000       28 / 200                 90 s (+25 s once)
+#   itrpo        3000  20000       22 / 300 (K = 2)        135 s (+70 s once)
+#   brac_plus    1500   2000       18 / 50 (+ pi_0, Q_0)    85 s (+40 s once, +50 s per run)
+#   arq         10000   3000       61 / 50 (+ support)     165 s (+60 s and ~300 s support once)
 QUICK_BUDGETS = {
-    "bc": (20_000, None),
-    "td3_bc": (20_000, None),
-    "iql": (15_000, None),
-    "awr": (10_000, None),
-    "cql": (1_000, 200),
-    "fisher_brc": (5_000, 5_000),
-    "itrpo": (6_000, 20_000),
-    "brac_plus": (3_000, 2_000),
-    "arq": (20_000, 3_000),
+    "bc": (10_000, None),
+    "td3_bc": (10_000, None),
+    "iql": (7_500, None),
+    "awr": (5_000, None),
+    "cql": (500, 200),
+    "fisher_brc": (2_500, 5_000),
+    "itrpo": (3_000, 20_000),
+    "brac_plus": (1_500, 2_000),
+    "arq": (10_000, 3_000),
 }
 # Settings other than the files' defaults, for what the quick share cannot afford at the papers'
 # sizes; the summary lists them under its table.
@@ -306,11 +305,45 @@ def run_status(run: dict, out_dir: str) -> str:
     return "finished"
 
 
-def fetch_datasets(datasets: list[str]) -> None:
+def dataset_on_disk(dataset_id: str) -> bool:
+    """Whether Minari's folder already holds `dataset_id` (the test common.resolve_dataset makes)."""
+    return os.path.isdir(os.path.join(minari_root(), dataset_id, "data"))
+
+
+def build_in_parallel(dataset_ids: list[str], workers: int) -> None:
+    """Build local datasets `workers` at a time, each in its own one-thread process (a build is a
+    single-threaded rollout of small networks, so two builds on two cores take the time of the
+    longer one). Each build writes only its own dataset's folder."""
+    print(f"[benchmark] building {', '.join(dataset_ids)} from the shipped snapshots, {workers} at a time",
+          flush=True)
+
+    def one(dataset_id):
+        start = time.time()
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--fetch-only",
+                               "--datasets", dataset_id], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True)
+        return dataset_id, proc, time.time() - start
+
+    failed = []
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for dataset_id, proc, seconds in pool.map(one, dataset_ids):
+            if proc.returncode == 0:
+                print(f"[benchmark] built {dataset_id} ({seconds:.0f} s)", flush=True)
+            else:
+                lines = (proc.stderr or proc.stdout).strip().splitlines() or [f"exit {proc.returncode}"]
+                failed.append(f"{dataset_id}: {lines[-1]}")
+    if failed:
+        raise UserError("could not build " + "; ".join(failed))
+
+
+def fetch_datasets(datasets: list[str], workers: int = 1) -> None:
     """Download or build every dataset once, here, before any worker starts: parallel runs would
-    otherwise race to write the same files."""
+    otherwise race to write the same files. Local datasets still to build are built `workers` at a time."""
     import common
 
+    to_build = [d for d in datasets if d.startswith("local/") and not dataset_on_disk(d)]
+    if workers > 1 and len(to_build) > 1:
+        build_in_parallel(to_build, workers)
     for dataset in datasets:
         print(f"[benchmark] dataset {dataset}", flush=True)
         if d4rl_files.dataset_name(dataset) is not None:
@@ -492,7 +525,7 @@ def main(argv=None) -> int:
         print(f"[benchmark] wrote {path}: {len(todo)} array tasks ({skipped} runs already finished)")
         return 0
 
-    fetch_datasets(datasets)
+    fetch_datasets(datasets, args.workers)
     if args.fetch_only:
         return 0
     if args.quick:
