@@ -98,8 +98,8 @@ QUICK_FLAGS = {
     "brac_plus": ["--pretrain-steps", "2000", "--n-samples", "1", "--n-latent", "1", "--vae-hidden-dim", "256",
                   "--actor-hidden-dim", "256", "--beta-init", "1", "--alpha-init", "1"],
     # K = 2 policy samples per state for the KL estimate and the backup (the code's K = 10): 2.3 times the
-    # speed (15 -> 34 steps/s here), which buys 6k steps, at which both seeds are above BC; at K = 10 and
-    # 3.5k steps one seed of two sat on a gait at BC's level (docs/results.md, Quick mode).
+    # speed (15 -> 34 steps/s on one CPU), twice the steps in the same share; with K = 10 one seed of two
+    # sat on a gait at BC's level (docs/results.md, Quick mode).
     "itrpo": ["--n-samples", "2"],
     # N = 3 support samples per state from the fast ODE sampler (paper: 30 from the predictor-corrector)
     # and K = 1, about the paper's K / N = 9 / 30.
@@ -109,11 +109,11 @@ QUICK_FLAGS = {
 # the budget they had, instead of a score.
 QUICK_TOO_SLOW: dict[str, str] = {}
 # The quick datasets and the files each runs when no --algos/--datasets are given (None: all nine).
-# Hopper takes every file (24 to 37 minutes on 2 cores, depending on the CPU); HalfCheetah and
-# Walker2d take the three fastest (BC, TD3+BC, IQL: about 7 minutes each, after builds of 30 s and
-# 2 min): all nine on all three would take over an hour. 53 minutes in all on the slower CPU
-# (docs/results.md, Quick mode). `--quick --datasets <id>` runs every file on one of them at the
-# same budgets.
+# Hopper takes every file (11 of the 16.6 minutes the whole profile took on a CPU with a 2-thread
+# fp32 peak of 390-400 GFLOP/s; an estimated 30 minutes on the slower CPU the budgets were sized on);
+# HalfCheetah and Walker2d take the three fastest (BC, TD3+BC, IQL: 2 minutes each there): all nine
+# on all three would take about twice as long (docs/results.md, Quick mode). `--quick --datasets <id>`
+# runs every file on one of them at the same budgets.
 QUICK_DATASETS: dict[str, list[str] | None] = {
     "local/hopper/medium-replay-v0": None,                           # 90,000 transitions
     "local/halfcheetah/medium-replay-v0": ["bc", "td3_bc", "iql"],   # 70,000
@@ -473,7 +473,7 @@ def parse_args(argv):
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="--precision of every run (default: fp32; bf16 runs go to <default dirs>-bf16)")
     p.add_argument("--quick", action="store_true",
-                   help="offline, local datasets, CPU-sized budgets (~55 min on 2 idle cores)")
+                   help="offline, local datasets, CPU-sized budgets (15-35 min on 2 idle cores)")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do, and stop")
     p.add_argument("--slurm", metavar="FILE", nargs="?", const="",
                    help="write an sbatch array job (default: <output-dir>/benchmark.sbatch) instead of running")
