@@ -25,6 +25,7 @@ def load_algorithm(name: str):
     """Import algorithms/<name>.py as a module (the files are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "algorithms", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # torch.compile looks a traced function's globals up by module name
     spec.loader.exec_module(module)
     return module
 

@@ -62,3 +62,18 @@ def test_bench_cpu_times_the_agents_in_the_precision_it_is_given(datasets_path):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert (a @ b).dtype == torch.bfloat16  # what matmul_peak(precision="bf16") times
     assert bench_cpu.matmul_peak(torch.device("cpu"), n=64, repeats=1, precision="bf16") > 0
+
+
+def test_bench_cpu_compiles_an_agent_loaded_from_its_file_in_bf16(datasets_path):
+    """--compile with --precision bf16: dynamo traces the file's step through common.autocast's
+    wrapper and looks the step's globals up by its module's name, so the loaded file must be an
+    importable module."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    data = common.load_dataset("test/hopper/random-v0")
+    agent, buffer, batch_size = bench_cpu.prepare("bc", data, torch.device("cpu"), compile=True, precision="bf16",
+                                                  hidden_dim=16, batch_size=32)
+    metrics = agent.train(buffer.sample(batch_size))
+    assert torch.isfinite(metrics["losses/actor_loss"])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # compiled, not silently eager

@@ -90,6 +90,7 @@ def build(dataset_id: str, transitions: int, episode_length: int) -> None:
 def load_algorithm(name: str):
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "algorithms", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # torch.compile looks a traced function's globals up by module name
     spec.loader.exec_module(module)
     return module
 
