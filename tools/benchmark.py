@@ -473,7 +473,7 @@ def parse_args(argv):
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="--precision of every run (default: fp32; bf16 runs go to <default dirs>-bf16)")
     p.add_argument("--quick", action="store_true",
-                   help="offline, local datasets, CPU-sized budgets (15-35 min on 2 idle cores)")
+                   help="offline, local datasets, CPU-sized budgets (15-30 min on 2 idle cores)")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do, and stop")
     p.add_argument("--slurm", metavar="FILE", nargs="?", const="",
                    help="write an sbatch array job (default: <output-dir>/benchmark.sbatch) instead of running")
