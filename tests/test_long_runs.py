@@ -1,0 +1,57 @@
+"""tools/long_runs.py: the long runs' command lines, what `collect` keeps of a run folder, and the
+report's final (mean of the last 10 evaluations) and best scores."""
+
+import json
+import os
+
+import pytest
+
+from tools import long_runs
+
+
+def test_every_run_resumes_under_a_fixed_name_with_ten_episodes_every_10k_steps():
+    names = [long_runs.run_name(a, d, s) for a, d, s, _, _ in long_runs.RUNS]
+    assert len(set(names)) == len(names)
+    cmd = long_runs.command("td3_bc", long_runs.HOPPER, 1, 1_000_000, [], "/tmp/x")
+    assert cmd[cmd.index("--run-name") + 1] == "hopper-medium-replay-v0__td3_bc__1"
+    assert cmd[cmd.index("--eval-every") + 1] == "10000" and cmd[cmd.index("--eval-episodes") + 1] == "10"
+    assert os.path.exists(cmd[1])
+
+
+def test_collect_keeps_evaluations_and_logged_q_and_report_scores_the_last_ten(tmp_path, monkeypatch, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    runs_dir, docs = tmp_path / "runs", tmp_path / "docs"
+    monkeypatch.setattr(long_runs, "DOCS", str(docs))
+    monkeypatch.setattr(long_runs, "COLLECTED", str(docs / "long_runs"))
+    monkeypatch.setattr(long_runs, "RUNS", [("td3_bc", long_runs.HOPPER, s, 120_000, []) for s in (0, 1)])
+    for seed in (0, 1):
+        folder = runs_dir / long_runs.run_name("td3_bc", long_runs.HOPPER, seed)
+        folder.mkdir(parents=True)
+        scores = [float(i + 10 * seed) for i in range(12)]  # 0..11 and 10..21
+        json.dump({"finished": True, "train_seconds": 3600.0,
+                   "dataset": {"ref_min_score": 0.0, "ref_max_score": 200.0, "episode_return_mean": 20.0,
+                               "transitions": 90_000},
+                   "evaluations": [{"step": 10_000 * (i + 1), "normalized_score_mean": v, "normalized_score_std": 1.0,
+                                    "wall_time": 1.0} for i, v in enumerate(scores)]},
+                  open(folder / "results.json", "w"))
+        writer = SummaryWriter(str(folder))
+        for step, q in ((1000, 5.0), (2000, 50.0 + seed), (3000, 7.0)):
+            writer.add_scalar("losses/q1", q, step)
+        writer.close()
+    long_runs.collect(str(runs_dir))
+    kept = json.load(open(docs / "long_runs" / "hopper-medium-replay-v0__td3_bc__1.json"))
+    assert kept["behaviour_score"] == pytest.approx(10.0)
+    assert kept["q1"] == [[1000, 5.0], [2000, 51.0], [3000, 7.0]]
+    assert kept["evaluations"][-1] == [120_000, 21.0, 1.0]
+    long_runs.report()
+    out = capsys.readouterr().out
+    # final: mean over seeds of the last 10 evaluations (2..11 -> 6.5, 12..21 -> 16.5); best: 16 at 120k
+    assert "| td3_bc | 2 | 120,000 | 11.5 ± 5.0 | 16.0 (120,000) | 51 | 1.0 |" in out
+    assert (docs / "long-hopper-medium-replay-v0.png").stat().st_size > 0
+
+
+def test_report_without_collected_runs_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(long_runs, "COLLECTED", str(tmp_path))
+    with pytest.raises(long_runs.UserError, match="run `collect` first"):
+        long_runs.report()

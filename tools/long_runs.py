@@ -1,0 +1,223 @@
+"""Long runs: each file at the papers' budget (or the stated step budget) on the offline-built datasets.
+
+    python tools/long_runs.py run --runs-dir ~/long_runs      # runs them, two at a time, one thread each
+    python tools/long_runs.py collect --runs-dir ~/long_runs  # their small results into docs/long_runs/
+    python tools/long_runs.py report                          # the tables (markdown) and the figures
+
+`run` starts or continues every run of RUNS in list order: each is one command line
+    OMP_NUM_THREADS=1 python algorithms/<algo>.py --env <dataset> --seed <s> --total-steps <n> \
+        --eval-every 10000 --eval-episodes 10 --output-dir <runs-dir> --run-name <name> --save-model
+so an interrupted `run` resumes every run from its last checkpoint (one every 10k steps) when the same
+command is given again, and a finished run is skipped. Each run's console goes to <runs-dir>/<name>.out.
+
+`collect` copies what the report needs into docs/long_runs/<name>.json (the evaluations, the logged
+mean Q of dataset actions, the run's flags and time), finished or not, so that the results survive
+the run folders. `report` reads only those files: a table per dataset (file, steps, final = mean of
+the last 10 evaluations, best evaluation, largest logged mean Q) and a figure per dataset,
+docs/long-<dataset>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import glob
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from common import UserError, atomic_write_bytes, atomic_write_json, install_user_error_hook  # noqa: E402
+
+DOCS = os.path.join(ROOT, "docs")
+COLLECTED = os.path.join(DOCS, "long_runs")
+EVAL_EVERY, EVAL_EPISODES = 10_000, 10
+HOPPER = "local/hopper/medium-replay-v0"
+HALFCHEETAH = "local/halfcheetah/medium-replay-v0"
+WALKER2D = "local/walker2d/medium-replay-v0"
+# (algorithm, dataset, seed, gradient steps, flags beyond the file's defaults), in the order they run.
+RUNS: list[tuple[str, str, int, int, list[str]]] = [
+    ("bc", HOPPER, 0, 1_000_000, []),
+    ("td3_bc", HOPPER, 0, 1_000_000, []),
+    ("bc", HOPPER, 1, 1_000_000, []),
+    ("td3_bc", HOPPER, 1, 1_000_000, []),
+    ("iql", HOPPER, 0, 1_000_000, []),
+    ("iql", HOPPER, 1, 1_000_000, []),
+    ("awr", HOPPER, 0, 1_000_000, []),
+    ("awr", HOPPER, 1, 1_000_000, []),
+    ("td3_bc", HALFCHEETAH, 0, 1_000_000, []),
+    ("iql", HALFCHEETAH, 0, 1_000_000, []),
+    ("td3_bc", WALKER2D, 0, 1_000_000, []),
+    ("iql", WALKER2D, 0, 1_000_000, []),
+]
+ORDER = ["bc", "td3_bc", "awr", "iql", "cql", "fisher_brc", "itrpo", "brac_plus", "arq"]
+
+
+def run_name(algo: str, dataset: str, seed: int) -> str:
+    return f"{dataset.removeprefix('local/').replace('/', '-')}__{algo}__{seed}"
+
+
+def command(algo: str, dataset: str, seed: int, steps: int, flags: list[str], runs_dir: str) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "algorithms", f"{algo}.py"), "--env", dataset, "--seed", str(seed),
+            "--total-steps", str(steps), "--eval-every", str(EVAL_EVERY), "--eval-episodes", str(EVAL_EPISODES),
+            "--output-dir", runs_dir, "--run-name", run_name(algo, dataset, seed), "--save-model", *flags]
+
+
+def run_all(runs_dir: str, workers: int) -> None:
+    os.makedirs(runs_dir, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def one(spec) -> None:
+        name = run_name(*spec[:3])
+        print(f"[long_runs] {time.strftime('%H:%M:%S')} start {name}", flush=True)
+        with open(os.path.join(runs_dir, f"{name}.out"), "a") as out:
+            rc = subprocess.run(command(*spec, runs_dir), env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+        print(f"[long_runs] {time.strftime('%H:%M:%S')} end {name} (exit {rc})", flush=True)
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, RUNS))
+
+
+def logged_q(run_dir: str) -> list[list[float]]:
+    """(step, value) of every logged `losses/q1` (mean Q of the batch's dataset actions)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points: dict[int, float] = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))):
+        acc = EventAccumulator(path, size_guidance={"scalars": 0})
+        acc.Reload()
+        if "losses/q1" in acc.Tags()["scalars"]:
+            points.update({e.step: e.value for e in acc.Scalars("losses/q1")})  # a resumed run logs a step again
+    return [[s, points[s]] for s in sorted(points)]
+
+
+def collect(runs_dir: str) -> None:
+    written = 0
+    for algo, dataset, seed, steps, flags in RUNS:
+        name = run_name(algo, dataset, seed)
+        path = os.path.join(runs_dir, name, "results.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            results = json.load(f)
+        info = results["dataset"]
+        lo, hi = info.get("ref_min_score"), info.get("ref_max_score")
+        behaviour = None if lo is None else 100 * (info["episode_return_mean"] - lo) / (hi - lo)
+        atomic_write_json(os.path.join(COLLECTED, f"{name}.json"), {
+            "algorithm": algo, "env": dataset, "seed": seed, "total_steps": steps, "flags": flags,
+            "finished": bool(results.get("finished")),
+            "train_seconds": results.get("train_seconds") or results["evaluations"][-1]["wall_time"],
+            "behaviour_score": behaviour, "transitions": info["transitions"],
+            "evaluations": [[e["step"], e["normalized_score_mean"], e["normalized_score_std"]]
+                            for e in results["evaluations"]],
+            "q1": logged_q(os.path.dirname(path)),
+        })
+        written += 1
+    print(f"[long_runs] {written} runs -> {os.path.relpath(COLLECTED, ROOT)}/")
+
+
+def load_collected() -> list[dict]:
+    runs = []
+    for path in sorted(glob.glob(os.path.join(COLLECTED, "*.json"))):
+        with open(path) as f:
+            runs.append(json.load(f))
+    return runs
+
+
+def summary(runs: list[dict]) -> dict:
+    """Over the seeds of one file on one dataset: the curve at the steps every seed reached, the final
+    (mean of the last 10 evaluations) and best (highest evaluation of the mean curve) scores."""
+    curves = [{s: v for s, v, _ in r["evaluations"]} for r in runs]
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    values = np.array([[c[s] for s in steps] for c in curves])
+    finals = values[:, -10:].mean(1)
+    mean = values.mean(0)
+    return {"steps": steps, "values": values, "final": finals.mean(), "final_std": finals.std(),
+            "best": mean.max(), "best_step": steps[int(mean.argmax())], "seeds": len(runs),
+            "max_q": max((v for r in runs for _, v in r["q1"]), default=float("nan")),
+            "finished": all(r["finished"] for r in runs), "hours": np.mean([r["train_seconds"] or 0 for r in runs]) / 3600}
+
+
+def report() -> None:
+    runs = [r for r in load_collected() if r["evaluations"]]
+    if not runs:
+        raise UserError(f"nothing collected in {os.path.relpath(COLLECTED, ROOT)}/: run `collect` first")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for dataset in sorted({r["env"] for r in runs}):
+        mine = [r for r in runs if r["env"] == dataset]
+        algos = [a for a in ORDER if any(r["algorithm"] == a for r in mine)]
+        stats = {a: summary([r for r in mine if r["algorithm"] == a]) for a in algos}
+        behaviour = mine[0]["behaviour_score"]
+        print(f"\n### `{dataset}` ({mine[0]['transitions']:,} transitions; behaviour average {behaviour:.1f})\n")
+        print("| file | seeds | steps | final (last 10 evaluations) | best evaluation (step) | largest mean Q | hours per run |")
+        print("|---|---|---|---|---|---|---|")
+        for a in algos:
+            s = stats[a]
+            pm = f" ± {s['final_std']:.1f}" if s["seeds"] > 1 else ""
+            steps = f"{s['steps'][-1]:,}" + ("" if s["finished"] else " (running)")
+            q = "—" if np.isnan(s["max_q"]) else f"{s['max_q']:.0f}"
+            print(f"| {a} | {s['seeds']} | {steps} | {s['final']:.1f}{pm} | {s['best']:.1f} ({s['best_step']:,}) | "
+                  f"{q} | {s['hours']:.1f} |")
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.axhline(behaviour, color="black", lw=1, ls=":", label=f"behaviour average ({behaviour:.1f})")
+        for i, a in enumerate(algos):
+            s = stats[a]
+            style = {"color": "gray", "ls": "--"} if a == "bc" else {"color": f"C{i}"}
+            ax.plot(s["steps"], s["values"].mean(0), lw=1.2, label=f"{a} ({s['seeds']} seed{'s' * (s['seeds'] > 1)})",
+                    **style)
+            if s["seeds"] > 1:
+                ax.fill_between(s["steps"], s["values"].min(0), s["values"].max(0), alpha=0.15, color=style["color"])
+        ax.set_xlabel("gradient steps")
+        ax.set_ylabel("normalised score")
+        ax.set_title(f"{dataset}: mean and range over seeds, {EVAL_EPISODES} episodes every {EVAL_EVERY:,} steps",
+                     fontsize=9)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        name = "long-" + dataset.removeprefix("local/").replace("/", "-") + ".png"
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        atomic_write_bytes(os.path.join(DOCS, name), buf.getvalue())
+        print(f"\n![{dataset}]({name})")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="start or continue every long run")
+    r.add_argument("--runs-dir", required=True, help="folder of the run folders (outside the repository)")
+    r.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each (default 2)")
+    c = sub.add_parser("collect", help="copy the runs' small results into docs/long_runs/")
+    c.add_argument("--runs-dir", required=True)
+    sub.add_parser("report", help="print the tables and write the figures from docs/long_runs/")
+    sub.add_parser("commands", help="print the command line of every run")
+    args = p.parse_args(argv)
+    if args.cmd == "run":
+        if args.workers < 1:
+            raise UserError("--workers must be at least 1")
+        run_all(os.path.abspath(os.path.expanduser(args.runs_dir)), args.workers)
+    elif args.cmd == "collect":
+        folder = os.path.expanduser(args.runs_dir)
+        if not os.path.isdir(folder):
+            raise UserError(f"no such folder of runs: {folder}")
+        collect(folder)
+    elif args.cmd == "report":
+        report()
+    else:
+        for spec in RUNS:
+            print("OMP_NUM_THREADS=1 " + " ".join(command(*spec, "<runs-dir>")[1:]).replace(ROOT + "/", ""))
+
+
+if __name__ == "__main__":
+    install_user_error_hook()
+    main()
