@@ -14,7 +14,7 @@ closed-form Gaussian KLs in pre-tanh space (tanh is a bijection), averaged over 
 (Eq. 7 swaps the sampled u for a fresh sample inside the decoder term, an identity only when z is
 independent of u; tests/test_brac_plus.py checks the resulting gap in closed form.)
 Policy, eq. (8), with K policy samples and the entropy bound of appendix F:
-    min E_s [ -mean_k min_i Q_i(s, a_k) + alpha(s) * KL(s) - beta * mean_k log pi(a_k|s) ]
+    min E_s [ -mean_k min_i Q_i(s, a_k) + alpha(s) * (KL(s) - delta_KL) - beta * mean_k log pi(a_k|s) ]
     alpha(s) <- alpha(s) + lr * (KL(s) - delta_KL)     (line 8)
     beta     <- beta + lr * (H(pi(.|s)) - H_0)        (line 9: an upper bound H <= H_0)
 Critic, eq. (10), f the Heaviside step, lambda 0.1:
@@ -23,22 +23,36 @@ Critic, eq. (10), f the Heaviside step, lambda 0.1:
     eps_GP = mean + std of the per-state KL at the end of the previous epoch (section 3.3).
 Paper by default, the official code (vermouth1992/bracp) behind flags:
     --alpha-mode state (alpha(s) network, paper) | global (one scalar, code);
-    --gp-mode paper | official (softplus gate normalised by its batch maximum on the unsquared
-      norm of grad_a min_j Q_j, lambda a multiplier never below --gp-weight driving the mean gated
-      norm to --gp-target, and the code's 0.5 * sum_i (Q_i - y)^2 TD loss);
+    --gp-mode paper | official (gate softplus(KL(s) - eps_GP) normalised by its batch maximum, or the
+      hard gate of --gp-gate hard, on the unsquared norm of grad_a min_j Q_j, lambda a multiplier never
+      below --gp-weight driving the mean gated norm to --gp-target, and the code's
+      0.5 * sum_i (Q_i - y)^2 TD loss);
     --max-q-backup (the code's max over the K samples instead of eq. 10's mean).
+--regularizer mmd (the default on Adroit: "we use MMD with Laplacian kernel for Adroit tasks", section
+5.1) replaces the KL bound everywhere it is used (policy loss, pi_0, delta_KL, the gate and eps_GP) by
+    MMD(s) = sqrt(mean k(a, a') + mean k(b, b') - 2 mean k(a, b) + 1e-6),
+    k(x, y) = exp(-|x - y|_1 / (2 sigma)) (Laplacian kernel, --mmd-sigma),
+over K policy samples a and B * K behaviour samples b (each member's decoder mean at K latents
+z ~ N(0, I) clipped to [-0.5, 0.5]), both tanh(clip(u, -3, 3)) in action space, as the code's
+_compute_mmd; the entropy bound is then a lower bound H >= H_0 (the paper's Adroit table: "Minimum
+entropy H_0"; the code flips the signs of both entropy terms).
 
 Hyperparameters (the code's values where the paper gives none): VAE latent 2|A|, scales
-softplus(clip(x, -10, 5)); L = K = 5; the gradient penalty and its gate use one sample per state;
-alpha and beta start at 10 (--alpha-init, --beta-init; 1 is the code's agent-class default for
-beta), capped at 1e4 by clipping the raw value with its gradient kept (the code's
-clip_by_value_preserve_gradient), Adam 1e-3; delta_KL = mean KL(pi_0 || pi_b) + a per-dataset
-margin and halfcheetah's gradient-norm target 0.1 (the code's run script; --kl-margin, --gp-target);
-H_0 = NLL_b - |A| log 4, NLL_b the dataset's negative ELBO in action space; an "epoch" is
---epoch-steps 2000 (Figure 2); VAE 400k steps (paper), pi_0 and Q_0 100k each; VAE and pi_0 Adam
-1e-3 x (1, 0.5, 0.1, 0.05, 0.01) over the fifths of their phase; policy Adam 5e-6 in the RL phase,
-critic 3e-4, tau 1e-3, batch 256 (code: 100); policy 3x512, critic 3x256, VAEs 3x512 (paper;
-code: 256); rewards min-max scaled into [0, 1]. The VAE ensemble is cached like Fisher-BRC's
+softplus(clip(x, -10, 5)) in the VAEs and the policy; L = K = 5; the pi_0 loss, delta_KL and the
+gradient penalty with its gate use one policy sample per state (K with MMD); alpha and beta start at
+10 (--alpha-init, --beta-init; 1 is the code's agent-class default for beta), capped at 1e4 by
+clipping the raw value with its gradient kept (the code's clip_by_value_preserve_gradient), Adam
+1e-3, beta's Adam state started afresh for the RL phase; delta_KL = mean KL(pi_0 || pi_b) + a
+per-dataset margin and halfcheetah's gradient-norm target 0.1 (the code's run script; --kl-margin,
+--gp-target); H_0 = NLL_b - |A| log 4, NLL_b the dataset's negative ELBO in action space; an "epoch"
+is --epoch-steps 2000 (Figure 2); VAE 400k steps (paper), pi_0 and Q_0 100k each; VAE and pi_0 Adam
+1e-3 x (1, 0.5, 0.1, 0.05, 0.01) over the fifths of their phase (Keras' PiecewiseConstantDecay);
+policy Adam 5e-6 in the RL phase, critic 3e-4, tau 1e-3, batch 256 (code: 100); Adroit (the run
+script's human-dataset settings): MMD, sigma 120, margin 0.001, policy Adam 5e-8, gradient-norm
+target 0.005, hard gate, H_0 = NLL_b. Networks: two hidden layers each (the paper's "3-layer network"
+is the code's build_mlp(num_layers=3)), policy 512, VAEs 512 (paper; code: 256), critic and alpha(s)
+256; kernels Glorot-uniform, biases 0, the policy's and critics' output kernels U(+-1e-3) (the code's
+Keras layers). Rewards min-max scaled into [0, 1]. The VAE ensemble is cached like Fisher-BRC's
 behaviour model (--cache-dir, --bc-seed, --no-reuse-cache).
 
 Deviations:
@@ -47,13 +61,16 @@ Deviations:
   (--multiplier-lr): a step on alpha(s) itself vanishes in the softplus tail once alpha(s) is small
   (docs/results.md, BRAC+). The paper gives neither this detail nor a learning rate.
 - The per-state KL statistics (delta_KL, eps_GP, H_0) use a fixed random subset of --kl-states 10k
-  states; the first epoch's eps_GP comes from pi_0 (the code starts at delta_KL + margin).
+  states; eps_GP is recomputed on it with K samples per state (the code: the batch KLs logged over
+  the epoch); the first epoch's eps_GP comes from pi_0 (the code starts at delta_KL + margin).
 - The entropy bound also applies while pretraining pi_0, as in the code; with beta 10 and a short
   pi_0 phase the policy collapses (docs/results.md), so short runs use --beta-init 1.
 - The decoder is one Gaussian (section 3.1 "in practice"; the appendix's mixture would break the
   closed-form KL). Q_0 is a separate phase of --pretrain-steps (the code has none).
 - Not followed from the code: training the VAEs during the RL phase (the paper trains them once),
   evaluating with the best of 20 clipped samples under Q (here: tanh of the mean).
+- The code's Adroit settings (listed for the human datasets, the only ones the paper reports) are the
+  defaults on every Adroit dataset.
 - States are standardised (as in every file here; the code does not).
 """
 
@@ -109,8 +126,12 @@ class Args:
     precision: common.Precision = "fp32"
     """fp32, or bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/results.md, Precision)"""
     # --- BRAC+ ---
+    regularizer: Optional[Literal["kl", "mmd"]] = None
+    """divergence from the behaviour model: kl (the bound of eq. 7) or mmd (Laplacian kernel) (default: mmd on Adroit, else kl)"""
+    mmd_sigma: float = 120.0
+    """--regularizer mmd: sigma of the kernel exp(-|x - y|_1 / (2 sigma)) (the code's run script for Adroit)"""
     kl_margin: Optional[float] = None
-    """delta_KL = mean KL(pi_0 || pi_b) + this margin (default: per task from the dataset id)"""
+    """delta_KL = mean KL(pi_0 || pi_b) + this margin, or the same of the MMD (default: per task from the dataset id)"""
     alpha_mode: Literal["state", "global"] = "state"
     """state: Lagrange multiplier network alpha(s) (paper); global: one scalar (official code)"""
     alpha_init: float = 10.0
@@ -118,7 +139,7 @@ class Args:
     beta_init: float = 10.0
     """initial value of the entropy multiplier beta (official code; use 1 when --pretrain-steps is short)"""
     alpha_max: float = 1e4
-    """upper clip of alpha and beta (official code); the update pulls alpha(s) back into [1 / this, this]"""
+    """upper clip of alpha, beta and --gp-mode official's lambda (official code); alpha(s) is pulled back into [1 / this, this]"""
     multiplier_lr: float = 1e-3
     """Adam learning rate of alpha and beta (official code)"""
     gp_mode: Literal["paper", "official"] = "paper"
@@ -126,7 +147,9 @@ class Args:
     gp_weight: float = 0.1
     """lambda of eq. (10); with --gp-mode official its initial value and lower bound"""
     gp_target: Optional[float] = None
-    """--gp-mode official: lambda rises while the mean gated gradient norm exceeds this (default: 0.1 halfcheetah, else 0.01)"""
+    """--gp-mode official: lambda rises while the mean gated gradient norm exceeds this (default: 0.1 halfcheetah, 0.005 Adroit, else 0.01)"""
+    gp_gate: Optional[Literal["softplus", "hard"]] = None
+    """--gp-mode official: softplus(KL(s) - eps_GP) over its batch maximum, or 1[KL(s) > eps_GP] (default: hard on Adroit, else softplus)"""
     max_q_backup: bool = False
     """target: max over the K samples of min_j Q_targ_j (official code) instead of the mean (eq. 10)"""
     n_samples: int = 5
@@ -135,8 +158,8 @@ class Args:
     """L: latent samples per policy sample in the KL bound (appendix F)"""
     n_ensembles: int = 3
     """B: VAEs in the behaviour ensemble (appendix F)"""
-    entropy_std_scale: float = 4.0
-    """H_0 = NLL_b - |A| log(this): the behaviour std shrunk by this factor (official code)"""
+    entropy_std_scale: Optional[float] = None
+    """H_0 = NLL_b - |A| log(this): the behaviour std shrunk by this factor (default: 1 on Adroit, else 4; official code)"""
     epoch_steps: int = 2_000
     """gradient steps per epoch; eps_GP is recomputed after each (paper Figure 2)"""
     kl_states: int = 10_000
@@ -159,16 +182,16 @@ class Args:
     """discount"""
     tau: float = 1e-3
     """Polyak step of the target critic (official code)"""
-    actor_lr: float = 5e-6
-    """Adam learning rate of the policy in the RL phase (official code)"""
+    actor_lr: Optional[float] = None
+    """Adam learning rate of the policy in the RL phase (default: 5e-8 on Adroit, else 5e-6; official code)"""
     critic_lr: float = 3e-4
     """Adam learning rate of the critics"""
     hidden_dim: int = 256
-    """width of the hidden layers of the critics and alpha(s) (3 each)"""
+    """width of the 2 hidden layers of the critics and of alpha(s) (appendix F)"""
     actor_hidden_dim: int = 512
-    """width of the policy's 3 hidden layers (appendix F)"""
+    """width of the policy's 2 hidden layers (appendix F; the official code: 256)"""
     vae_hidden_dim: int = 512
-    """width of the 3 hidden layers of each encoder and decoder (appendix F)"""
+    """width of the 2 hidden layers of each encoder and decoder (appendix F; the official code: 256)"""
     normalize_states: bool = True
     """standardise states with the dataset's mean and std"""
 
@@ -178,7 +201,11 @@ def check_args(args: Args) -> None:
     if args.alpha_max <= 1.0:
         raise common.UserError(f"--alpha-max must be above 1 (alpha(s) is kept in [1/alpha_max, alpha_max]), "
                                f"got {args.alpha_max}")
-    common.check_positive(args, "alpha_init", "beta_init", "multiplier_lr", "gp_weight", "gp_target", "n_samples",
+    if args.gp_mode == "official" and args.gp_weight >= args.alpha_max:
+        raise common.UserError(f"--gp-weight must be below --alpha-max with --gp-mode official (lambda is clipped to "
+                               f"[gp_weight, alpha_max]), got {args.gp_weight}")
+    common.check_positive(args, "mmd_sigma", "alpha_init", "beta_init", "multiplier_lr", "gp_weight", "gp_target",
+                          "n_samples",
                           "n_latent", "n_ensembles", "entropy_std_scale", "epoch_steps", "kl_states", "bc_steps",
                           "bc_lr", "actor_lr", "critic_lr", "hidden_dim", "actor_hidden_dim", "vae_hidden_dim")
     common.check_nonnegative(args, "kl_margin", "pretrain_steps")
@@ -187,31 +214,60 @@ def check_args(args: Args) -> None:
     common.check_interval(args, "tau", 0, 1, "(]")
 
 
-# Per-dataset settings of the official run script (examples/d4rl_bracp.py): the KL margin
+# Per-dataset settings of the official run script (d4rl_bracp.py): the KL margin
 # (generalization_threshold; 0.1 for any other dataset) and, on halfcheetah, a gradient-norm
-# target (max_ood_grad_norm) of 0.1 instead of 0.01.
+# target (max_ood_grad_norm) of 0.1 instead of 0.01. Its Adroit entries (the human datasets, the only
+# Adroit ones the paper reports) switch to MMD with their own margin, target, gate, policy learning
+# rate and H_0 (std_scale 1); here they apply to every Adroit dataset.
 KL_MARGINS = {"medium-expert": 0.2, "medium-replay": 3.0, "random": 3.0,
               "hopper/medium": 0.2, "walker2d/medium": 1.0, "halfcheetah/medium": 7.0}
 DEFAULT_KL_MARGIN = 0.1
+ADROIT_TASKS = ("door", "hammer", "pen", "relocate")
+ADROIT_DEFAULTS = {"regularizer": "mmd", "kl_margin": 0.001, "gp_target": 0.005, "gp_gate": "hard",
+                   "actor_lr": 5e-8, "entropy_std_scale": 1.0}
 
 
 def domain_defaults(dataset_id: str) -> dict:
     kind = dataset_id.lower().split("/")[-1].rsplit("-v", 1)[0]
     task = common.dataset_task(dataset_id)
+    if task in ADROIT_TASKS:
+        return dict(ADROIT_DEFAULTS)
     margin = next((KL_MARGINS[k] for k in (kind, f"{task}/{kind}") if k in KL_MARGINS), DEFAULT_KL_MARGIN)
-    return {"kl_margin": margin, "gp_target": 0.1 if task == "halfcheetah" else 0.01}
+    return {"regularizer": "kl", "kl_margin": margin, "gp_target": 0.1 if task == "halfcheetah" else 0.01,
+            "gp_gate": "softplus", "actor_lr": 5e-6, "entropy_std_scale": 4.0}
+
+
+def fill_domain_defaults(args: Args) -> dict:
+    """Set the flags left at None to their per-dataset defaults; returns those it set."""
+    chosen = {k: v for k, v in domain_defaults(args.env).items() if getattr(args, k) is None}
+    for k, v in chosen.items():
+        setattr(args, k, v)
+    return chosen
 
 
 # ----------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------
-def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
-    """n_hidden ReLU layers of width hidden_dim, then a linear output layer (fp32 under --precision bf16)."""
+@torch.no_grad()
+def keras_init_(layer: nn.Module, bound: Optional[float] = None) -> nn.Module:
+    """The code's initialisation (Keras Dense layers via rlutils' build_mlp, per ensemble member):
+    kernel U(+-bound), bound = sqrt(6 / (fan_in + fan_out)) (Glorot uniform) unless given (the code's
+    output layers of the policy and the critics: 1e-3); bias 0."""
+    fan_in, fan_out = (layer.in_features, layer.out_features) if isinstance(layer, nn.Linear) else layer.weight.shape[-2:]
+    bound = math.sqrt(6.0 / (fan_in + fan_out)) if bound is None else bound
+    layer.weight.uniform_(-bound, bound)
+    layer.bias.zero_()
+    return layer
+
+
+def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int, out_bound: Optional[float] = None) -> nn.Sequential:
+    """n_hidden ReLU layers of width hidden_dim, then a linear output layer (fp32 under --precision bf16),
+    initialised by keras_init_ (output kernel U(+-out_bound) if given)."""
     layers, d = [], in_dim
     for _ in range(n_hidden):
-        layers += [nn.Linear(d, hidden_dim), nn.ReLU()]
+        layers += [keras_init_(nn.Linear(d, hidden_dim)), nn.ReLU()]
         d = hidden_dim
-    return nn.Sequential(*layers, common.OutputLinear(d, out_dim))
+    return nn.Sequential(*layers, keras_init_(common.OutputLinear(d, out_dim), out_bound))
 
 
 def tanh_log_det(u: torch.Tensor) -> torch.Tensor:
@@ -241,13 +297,13 @@ def gaussian_kl(mean_p: torch.Tensor, std_p: torch.Tensor, mean_q: torch.Tensor,
 
 class EnsembleLinear(nn.Module):
     """E independent linear layers applied to an (E, N, in) batch as one batched matmul; each member
-    is initialised as an nn.Linear would be (uniform in +-1/sqrt(in))."""
+    is initialised by keras_init_ (Glorot uniform, zero bias)."""
 
     def __init__(self, n: int, in_dim: int, out_dim: int, output: bool = False):
         super().__init__()
-        bound = 1.0 / math.sqrt(in_dim)
-        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(n, 1, out_dim).uniform_(-bound, bound))
+        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_dim))
+        keras_init_(self)
         self.output = output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,18 +313,31 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
-def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
-    """n independent networks shaped as mlp(in_dim, out_dim, hidden_dim, n_hidden), evaluated together."""
+def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int,
+                 out_bound: Optional[float] = None) -> nn.Sequential:
+    """n independent networks shaped as mlp(in_dim, out_dim, hidden_dim, n_hidden, out_bound), evaluated together."""
     layers, d = [], in_dim
     for _ in range(n_hidden):
         layers += [EnsembleLinear(n, d, hidden_dim), nn.ReLU()]
         d = hidden_dim
-    return nn.Sequential(*layers, EnsembleLinear(n, d, out_dim, output=True))
+    return nn.Sequential(*layers, keras_init_(EnsembleLinear(n, d, out_dim, output=True), out_bound))
 
 
 def gaussian_head(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std = softplus(clip(x, -10, 5)), std in [4.5e-5, 5.0]: the code's scale head of the
+    VAEs (rlutils' behavior.py) and of the policy (actors.py, LOG_STD_RANGE)."""
     mean, raw_scale = out.chunk(2, dim=-1)
     return mean, F.softplus(raw_scale.clamp(-10.0, 5.0))
+
+
+def laplacian_mmd(x: torch.Tensor, y: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Per row, sqrt(MMD^2 + 1e-6) between the samples x (N, n, A) and y (N, m, A), the biased
+    (V-statistic) MMD^2 with every pair, self-pairs included, and the Laplacian kernel
+    exp(-|x - y|_1 / (2 sigma)): the code's mmd_loss_laplacian. Returns (N,)."""
+    def mean_kernel(a, b):
+        return torch.exp(-(a.unsqueeze(2) - b.unsqueeze(1)).abs().sum(-1) / (2.0 * sigma)).mean((1, 2))
+
+    return torch.sqrt(mean_kernel(x, x) + mean_kernel(y, y) - 2.0 * mean_kernel(x, y) + 1e-6)
 
 
 class VAEEnsemble(nn.Module):
@@ -277,8 +346,8 @@ class VAEEnsemble(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, n_ensembles: int):
         super().__init__()
         self.n, self.latent_dim = n_ensembles, 2 * act_dim
-        self.encoder = ensemble_mlp(n_ensembles, act_dim + obs_dim, 2 * self.latent_dim, hidden_dim, 3)
-        self.decoder = ensemble_mlp(n_ensembles, self.latent_dim + obs_dim, 2 * act_dim, hidden_dim, 3)
+        self.encoder = ensemble_mlp(n_ensembles, act_dim + obs_dim, 2 * self.latent_dim, hidden_dim, 2)
+        self.decoder = ensemble_mlp(n_ensembles, self.latent_dim + obs_dim, 2 * act_dim, hidden_dim, 2)
 
     def encode(self, obs: torch.Tensor, u: torch.Tensor):
         """q(z|u,s) of every member: (B, N, latent) means and stds for (N, .) inputs."""
@@ -288,6 +357,13 @@ class VAEEnsemble(nn.Module):
     def decode(self, obs: torch.Tensor, z: torch.Tensor):
         """p(u|z,s) for (B, M, latent) latents and (M, obs_dim) states."""
         return gaussian_head(self.decoder(torch.cat([z, obs.expand(self.n, -1, -1)], -1)))
+
+    def sample_means(self, obs: torch.Tensor, n: int) -> torch.Tensor:
+        """n decoder means per state and member at latents z ~ N(0, I) clipped to [-0.5, 0.5] (the
+        code's EnsembleBehaviorPolicy.sample(full_path=False)): (N, B * n, A) pre-tanh actions."""
+        z = torch.randn(self.n, len(obs) * n, self.latent_dim, device=obs.device).clamp(-0.5, 0.5)
+        mean, _ = self.decode(obs.repeat_interleave(n, 0), z)  # (B, N * n, A)
+        return mean.view(self.n, len(obs), n, -1).transpose(0, 1).flatten(1, 2)
 
     def neg_elbo(self, obs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-log p(u|z,s) at one z ~ q(z|u,s) and KL(q || prior), each (B, N)."""
@@ -312,21 +388,21 @@ class VAEEnsemble(nn.Module):
 
 
 class TanhGaussian(nn.Module):
-    """Tanh-squashed Gaussian policy with state-dependent log-std in [-20, 2] (appendix F)."""
+    """Tanh-squashed Gaussian policy (appendix F) with the code's state-dependent scale
+    std = softplus(clip(x, -10, 5)) (gaussian_head) and output kernel U(+-1e-3)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.net = mlp(obs_dim, 2 * act_dim, hidden_dim, 3)
+        self.net = mlp(obs_dim, 2 * act_dim, hidden_dim, 2, out_bound=1e-3)
 
     def forward(self, obs: torch.Tensor):
-        mean, log_std = self.net(obs).chunk(2, dim=-1)
-        return mean, log_std.clamp(-20.0, 2.0)
+        """Mean and std of the pre-tanh Gaussian."""
+        return gaussian_head(self.net(obs))
 
     def sample(self, obs: torch.Tensor, n: int = 1):
         """n reparameterised actions in (-1, 1) per state (rows i * n .. i * n + n - 1 for state i),
         their log-densities, the pre-tanh samples, means and stds; the network runs once per state."""
-        mean, log_std = (x.repeat_interleave(n, 0) for x in self(obs))
-        std = log_std.exp()
+        mean, std = (x.repeat_interleave(n, 0) for x in self(obs))
         u = mean + std * torch.randn_like(mean)
         log_prob = torch.distributions.Normal(mean, std, validate_args=False).log_prob(u)
         log_prob = (log_prob - tanh_log_det(u)).sum(-1)
@@ -334,11 +410,12 @@ class TanhGaussian(nn.Module):
 
 
 class Critic(nn.Module):
-    """Twin Q networks as a 2-member ensemble: every layer is one batched matmul for both."""
+    """Twin Q networks as a 2-member ensemble: every layer is one batched matmul for both; output
+    kernels U(+-1e-3), as the code's EnsembleMinQNet."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.net = ensemble_mlp(2, obs_dim + act_dim, 1, hidden_dim, 3)
+        self.net = ensemble_mlp(2, obs_dim + act_dim, 1, hidden_dim, 2, out_bound=1e-3)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """(2, N): Q1(s, a) and Q2(s, a), which unpack as `q1, q2 = critic(obs, act)`.
@@ -349,11 +426,12 @@ class Critic(nn.Module):
 
 
 class AlphaNet(nn.Module):
-    """alpha(s) = softplus(MLP(s)) (section 3.2, appendix F), starting at alpha_init everywhere."""
+    """alpha(s) = softplus(MLP(s)) (section 3.2, appendix F), starting at alpha_init everywhere (the
+    code has no such network: its hidden layers are initialised as the code's others)."""
 
     def __init__(self, obs_dim: int, hidden_dim: int, alpha_init: float):
         super().__init__()
-        self.net = mlp(obs_dim, 1, hidden_dim, 3)
+        self.net = mlp(obs_dim, 1, hidden_dim, 2)
         nn.init.zeros_(self.net[-1].weight)
         nn.init.constant_(self.net[-1].bias, inverse_softplus(alpha_init))
 
@@ -365,9 +443,11 @@ class AlphaNet(nn.Module):
 # Algorithm
 # ----------------------------------------------------------------------------------------------
 def piecewise_decay(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The official code's pretraining schedule: lr x 1, 0.5, 0.1, 0.05, 0.01 over the fifths."""
-    factors = (1.0, 0.5, 0.1, 0.05, 0.01)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: factors[min(5 * t // max(steps, 1), 4)])
+    """The official code's pretraining schedule: lr x 1, 0.5, 0.1, 0.05, 0.01 over the fifths, as Keras'
+    PiecewiseConstantDecay(boundaries=[I, 2I, 3I, 4I]), I = steps // 5, evaluated at the number t of
+    updates already taken: the factor changes when t exceeds a boundary, i.e. from update I + 2 on."""
+    factors, interval = (1.0, 0.5, 0.1, 0.05, 0.01), steps // 5
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: factors[sum(t > k * interval for k in range(1, 5))])
 
 
 def critic_target(rewards: torch.Tensor, terminals: torch.Tensor, next_q1: torch.Tensor, next_q2: torch.Tensor,
@@ -381,10 +461,11 @@ def critic_target(rewards: torch.Tensor, terminals: torch.Tensor, next_q1: torch
 # Compiled graphs cannot be differentiated twice: under --compile the penalty runs eagerly.
 @torch.compiler.disable
 def gated_gradient_penalty(critic: Critic, obs: torch.Tensor, actions: torch.Tensor, kl: torch.Tensor,
-                           threshold: float, mode: str) -> torch.Tensor:
+                           threshold: float, mode: str, gate: str = "softplus") -> torch.Tensor:
     """Per-state gradient penalty of eq. (10) at policy actions, differentiable in the critic.
     paper: 1[KL(s) > eps_GP] * (||grad_a Q_1||^2 + ||grad_a Q_2||^2);
-    official: softplus(KL(s) - eps_GP) / max_batch(.) * ||grad_a min_j Q_j||."""
+    official: softplus(KL(s) - eps_GP) / max_batch(.) * ||grad_a min_j Q_j||, or with gate "hard"
+    1[KL(s) > eps_GP] * ||grad_a min_j Q_j||."""
     if mode == "paper":
         # each critic differentiates its own copy of the actions: one backward pass gives both gradients
         actions = actions.detach().repeat(2, 1, 1).requires_grad_(True)
@@ -394,16 +475,25 @@ def gated_gradient_penalty(critic: Critic, obs: torch.Tensor, actions: torch.Ten
     actions = actions.detach().requires_grad_(True)
     q1, q2 = critic(obs, actions)
     g = torch.autograd.grad(torch.min(q1, q2).sum(), actions, create_graph=True)[0]
-    gate = F.softplus(kl - threshold)
-    return torch.linalg.vector_norm(g, dim=-1) * (gate / gate.max()).detach()
+    if gate == "hard":
+        return torch.linalg.vector_norm(g, dim=-1) * (kl > threshold).float()
+    weight = F.softplus(kl - threshold)
+    return torch.linalg.vector_norm(g, dim=-1) * (weight / weight.max()).detach()
 
 
 class BRACPlus:
     def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
         if args.alpha_max <= 1.0:
             raise common.UserError(f"--alpha-max must be above 1 (alpha(s) is kept in [1/alpha_max, alpha_max]), not {args.alpha_max}")
+        fill_domain_defaults(args)  # flags left at None take their per-dataset defaults, as in the script
         self.args = args
         self.act_dim = act_dim
+        # policy samples per state for the divergence outside the RL-phase policy loss (pi_0's loss,
+        # delta_KL, the penalty's gate): the code takes one for the KL bound, K for the MMD (a
+        # two-sample statistic)
+        self.n_divergence = 1 if args.regularizer == "kl" else args.n_samples
+        # the entropy bound: an upper bound H <= H_0 with the KL bound, a lower bound with the MMD
+        self.entropy_sign = 1.0 if args.regularizer == "kl" else -1.0
         with common.separate_rng(args.bc_seed, device):  # independent of --seed: the model is cached
             self.behavior = VAEEnsemble(obs_dim, act_dim, args.vae_hidden_dim, args.n_ensembles).to(device)
         self.behavior_optimizer = torch.optim.Adam(self.behavior.parameters(), lr=args.bc_lr, fused=True)
@@ -423,6 +513,8 @@ class BRACPlus:
             alpha_params = [self.alpha_raw]
         self.alpha_optimizer = torch.optim.Adam(alpha_params, lr=args.multiplier_lr, fused=True)
         self.beta_raw = torch.tensor(inverse_softplus(args.beta_init), device=device, requires_grad=True)
+        # beta's Adam state starts afresh for the RL phase, as the code's set_policy_net_optimizer
+        self.pretrain_beta_optimizer = torch.optim.Adam([self.beta_raw], lr=args.multiplier_lr, fused=True)
         self.beta_optimizer = torch.optim.Adam([self.beta_raw], lr=args.multiplier_lr, fused=True)
         self.gp_raw = torch.tensor(inverse_softplus(args.gp_weight), device=device, requires_grad=True)
         self.gp_optimizer = torch.optim.Adam([self.gp_raw], lr=args.multiplier_lr, fused=True)
@@ -441,11 +533,17 @@ class BRACPlus:
     def beta(self) -> torch.Tensor:
         return F.softplus(clip_preserve_gradient(self.beta_raw, None, inverse_softplus(self.args.alpha_max)))
 
+    def gp_multiplier(self) -> torch.Tensor:
+        """--gp-mode official's lambda: the raw value clipped to [--gp-weight, --alpha-max] with its
+        gradient kept, in the critic's loss and in lambda's own (the code's LagrangeLayer, min_value)."""
+        low, high = inverse_softplus(self.args.gp_weight), inverse_softplus(self.args.alpha_max)
+        return F.softplus(clip_preserve_gradient(self.gp_raw, low, high))
+
     def gp_weight(self) -> torch.Tensor:
-        """lambda; in the official mode a multiplier never below --gp-weight (the code's min_value)."""
+        """lambda in the critic's loss: --gp-weight (paper), or the multiplier (official)."""
         if self.args.gp_mode == "paper":
             return torch.tensor(self.args.gp_weight)
-        return F.softplus(self.gp_raw.detach().clamp(min=inverse_softplus(self.args.gp_weight)))
+        return self.gp_multiplier().detach()
 
     def train_behavior(self, batch: common.Batch) -> dict:
         """Phase 1: maximise each member's ELBO on the same batch (the code does the same)."""
@@ -469,43 +567,52 @@ class BRACPlus:
         return self.target_entropy
 
     def policy_kl(self, obs: torch.Tensor, k: int):
-        """K reparameterised samples per state: KL bound (N,), actions (N*K, A), log pi (N, K)."""
+        """k reparameterised samples per state: the divergence (N,) (the KL bound averaged over the
+        samples, or the MMD between them and B * k behaviour samples), actions (N*k, A), log pi (N, k)."""
         actions, log_pi, u, mean, std = self.actor.sample(obs, k)
+        if self.args.regularizer == "mmd":
+            behavior = self.behavior.sample_means(obs, k)
+            kl = laplacian_mmd(torch.tanh(u.clamp(-3.0, 3.0)).view(len(obs), k, -1),
+                               torch.tanh(behavior.clamp(-3.0, 3.0)), self.args.mmd_sigma)
+            return kl, actions, log_pi.view(-1, k)
         kl = self.behavior.kl_upper_bound(obs.repeat_interleave(k, 0), u, mean, std, self.args.n_latent)
         return kl.view(-1, k).mean(1), actions, log_pi.view(-1, k)
 
     @torch.no_grad()
-    def state_kl(self, obs: torch.Tensor, chunk: int = 1000) -> torch.Tensor:
-        """Per-state KL bound over a set of states, in chunks that bound the memory."""
-        return torch.cat([self.policy_kl(o, self.args.n_samples)[0] for o in obs.split(chunk)])
+    def state_kl(self, obs: torch.Tensor, k: Optional[int] = None, chunk: int = 1000) -> torch.Tensor:
+        """Per-state divergence with k policy samples (default K) over a set of states, in chunks
+        that bound the memory."""
+        return torch.cat([self.policy_kl(o, k or self.args.n_samples)[0] for o in obs.split(chunk)])
 
-    def update_beta(self, log_pi: torch.Tensor) -> torch.Tensor:
-        """Line 9: beta rises while H(pi) > H_0, which keeps the entropy below H_0."""
-        beta_loss = (self.beta() * (log_pi.detach().mean() + self.target_entropy))
-        self.beta_optimizer.zero_grad(set_to_none=True)
+    def update_beta(self, log_pi: torch.Tensor, optimizer: Optional[torch.optim.Optimizer] = None) -> torch.Tensor:
+        """Line 9: with the KL bound beta rises while H(pi) > H_0, which keeps the entropy below H_0;
+        with the MMD the signs flip (H >= H_0), as in the code. `optimizer`: the RL phase's by default."""
+        beta_loss = self.entropy_sign * self.beta() * (log_pi.detach().mean() + self.target_entropy)
+        optimizer = optimizer or self.beta_optimizer
+        optimizer.zero_grad(set_to_none=True)
         beta_loss.backward()
-        self.beta_optimizer.step()
+        optimizer.step()
         return beta_loss.detach()
 
     def train_initial_policy(self, batch: common.Batch) -> dict:
-        """Phase 2 (line 2): pi_0 = argmin KL(pi || pi_b), under the entropy bound (code)."""
-        kl, _, log_pi = self.policy_kl(batch.observations, self.args.n_samples)
+        """Phase 2 (line 2): pi_0 = argmin KL(pi || pi_b), under the entropy bound (code), with one
+        policy sample per state (K with the MMD), as the code's update_actor_cloning."""
+        kl, _, log_pi = self.policy_kl(batch.observations, self.n_divergence)
         beta = self.beta().detach()
-        loss = (kl - beta * log_pi.mean(1)).mean()
+        loss = (kl - self.entropy_sign * beta * log_pi.mean(1)).mean()
         self.pretrain_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.pretrain_optimizer.step()
         self.pretrain_scheduler.step()
-        self.update_beta(log_pi)
+        self.update_beta(log_pi, self.pretrain_beta_optimizer)
         return {"losses/actor_loss": loss.detach(), "charts/kl": kl.mean().detach(),
                 "charts/entropy": -log_pi.mean().detach(), "charts/beta": beta}
 
     def set_thresholds(self, obs: torch.Tensor) -> tuple[float, float]:
-        """After phase 2: delta_KL = mean KL(pi_0 || pi_b) + margin; eps_GP of the first epoch."""
-        kl = self.state_kl(obs)
-        self.kl_threshold = kl.mean().item() + self.args.kl_margin
-        self.gp_threshold = (kl.mean() + kl.std()).item()
-        return self.kl_threshold, self.gp_threshold
+        """After phase 2: delta_KL = mean KL(pi_0 || pi_b) + margin, with one policy sample per state
+        (K with the MMD) as the code's compute_pi_pib_distance; eps_GP of the first epoch."""
+        self.kl_threshold = self.state_kl(obs, self.n_divergence).mean().item() + self.args.kl_margin
+        return self.kl_threshold, self.update_gp_threshold(obs)
 
     def update_gp_threshold(self, obs: torch.Tensor) -> float:
         """Section 3.3: eps_GP = mean + std of the per-state KL at the end of the epoch."""
@@ -560,23 +667,27 @@ class BRACPlus:
         args = self.args
         obs = batch.observations
 
-        # Line 6, eq. (10): TD loss plus the KL-gated gradient penalty at a ~ pi(s).
+        # Line 6, eq. (10): TD loss plus the KL-gated gradient penalty at a ~ pi(s), averaged over
+        # the n_divergence samples per state whose divergence gates it.
         td_loss, q1 = self.td_loss(batch)
+        k = self.n_divergence
         with torch.no_grad():
-            gate_kl, gp_actions, _ = self.policy_kl(obs, 1)
-        gp = gated_gradient_penalty(self.critic, obs, gp_actions, gate_kl, self.gp_threshold, args.gp_mode)
+            gate_kl, gp_actions, _ = self.policy_kl(obs, k)
+        gp = gated_gradient_penalty(self.critic, obs.repeat_interleave(k, 0), gp_actions, gate_kl.repeat_interleave(k),
+                                    self.gp_threshold, args.gp_mode, args.gp_gate).view(-1, k).mean(1)
         gp_weight = self.gp_weight()
         critic_loss = td_loss + gp_weight * gp.mean()
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_optimizer.step()
         if args.gp_mode == "official":
-            gp_loss = -(F.softplus(self.gp_raw) * (gp.detach().mean() - args.gp_target))
+            gp_loss = -(self.gp_multiplier() * (gp.detach().mean() - args.gp_target))
             self.gp_optimizer.zero_grad(set_to_none=True)
             gp_loss.backward()
             self.gp_optimizer.step()
 
-        # Line 7, eq. (8): maximise Q - alpha(s) KL(s) under the entropy bound H <= H_0.
+        # Line 7, eq. (8): maximise Q - alpha(s) (KL(s) - delta_KL) under the entropy bound; the
+        # constant alpha(s) delta_KL changes the logged loss (the code's value), not the gradient.
         kl, actions, log_pi = self.policy_kl(obs, args.n_samples)
         self.critic.requires_grad_(False)  # the actor's loss moves the actor only: no critic weight gradients
         q1_pi, q2_pi = self.critic(obs.repeat_interleave(args.n_samples, 0), actions)
@@ -584,7 +695,7 @@ class BRACPlus:
         q_pi = torch.min(q1_pi, q2_pi).view(-1, args.n_samples).mean(1)
         alpha = self.alpha(obs).detach()
         beta = self.beta().detach()
-        actor_loss = (-q_pi + alpha * kl - beta * log_pi.mean(1)).mean()
+        actor_loss = (-q_pi + alpha * (kl - self.kl_threshold) - self.entropy_sign * beta * log_pi.mean(1)).mean()
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()
@@ -630,9 +741,7 @@ if __name__ == "__main__":
     device = common.resolve_device(args.device)
     common.flush_denormals()
     common.seed_everything(args.seed)
-    chosen = {k: v for k, v in domain_defaults(args.env).items() if getattr(args, k) is None}
-    for k, v in chosen.items():
-        setattr(args, k, v)
+    chosen = fill_domain_defaults(args)
     if chosen:
         print(f"[brac_plus] per-domain defaults for {args.env}: {chosen}")
 
@@ -661,7 +770,7 @@ if __name__ == "__main__":
         common.save_pretrained(cache_path, {"behavior": agent.behavior})
     agent.behavior.requires_grad_(False)
     target_entropy = agent.set_target_entropy(subset_obs, data.actions[subset])
-    print(f"[brac_plus] entropy upper bound H_0 = {target_entropy:.3f}")
+    print(f"[brac_plus] entropy {'upper' if args.regularizer == 'kl' else 'lower'} bound H_0 = {target_entropy:.3f}")
     start = run.resume(agent)  # a resumed run's checkpoint holds pi_0, Q_0 and the thresholds
     if start == 0:
         run.reset_clock()  # each phase's progress lines report that phase's own speed

@@ -274,20 +274,24 @@ def test_per_task_settings_come_from_the_dataset_id():
 
 
 def test_thresholds_from_the_per_state_kl():
+    """delta_KL from one policy sample per state (the code's compute_pi_pib_distance), eps_GP from K,
+    as every later epoch's."""
     agent = small_agent(kl_margin=0.5)
     obs = torch.randn(50, 3)
     torch.manual_seed(3)
     delta, eps = agent.set_thresholds(obs)
     torch.manual_seed(3)
+    kl_one = agent.state_kl(obs, k=1)
     kl = agent.state_kl(obs)
-    assert delta == pytest.approx(kl.mean().item() + 0.5, rel=1e-5)
+    assert delta == pytest.approx(kl_one.mean().item() + 0.5, rel=1e-5)
     assert eps == pytest.approx((kl.mean() + kl.std()).item(), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
 # End to end
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", [[], ["--alpha-mode", "global", "--gp-mode", "official", "--max-q-backup"]])
+@pytest.mark.parametrize("variant", [[], ["--alpha-mode", "global", "--gp-mode", "official", "--max-q-backup"],
+                                     ["--regularizer", "mmd", "--gp-mode", "official", "--gp-gate", "hard"]])
 def test_brac_plus_end_to_end(variant, datasets_path, tmp_path):
     out = tmp_path / "runs"
     result = run_script(
@@ -310,3 +314,265 @@ def test_alpha_max_must_leave_room_for_the_floor_of_alpha():
     import common
     with pytest.raises(common.UserError, match="--alpha-max"):
         small_agent(alpha_max=0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The authors' code (vermouth1992/bracp's bracp.py, d4rl_bracp.py and its rlutils, vermouth1992/rl-util)
+# ----------------------------------------------------------------------------------------------
+def test_policy_scale_is_softplus_of_the_clipped_head_output():
+    """actors.py: std = softplus(clip(x, -10, 5)), and the log-densities and KLs use that std."""
+    torch.manual_seed(0)
+    actor = bp.TanhGaussian(obs_dim=2, act_dim=3, hidden_dim=8)
+    raw = torch.tensor([-15.0, 8.0, 0.3])
+    with torch.no_grad():
+        actor.net[-1].weight.zero_()
+        actor.net[-1].bias.copy_(torch.cat([torch.tensor([0.1, -0.2, 0.5]), raw]))
+    obs = torch.randn(4, 2)
+    mean, std = actor(obs)
+    expected = torch.nn.functional.softplus(raw.clamp(-10.0, 5.0))
+    torch.testing.assert_close(std, expected.expand(4, 3))
+    assert std.min().item() == pytest.approx(4.54e-5, rel=1e-3) and std.max().item() == pytest.approx(5.0067, rel=1e-4)
+    actions, log_pi, u, mean_k, std_k = actor.sample(obs, 2)
+    torch.testing.assert_close(std_k, expected.expand(8, 3))
+    want = torch.distributions.Normal(mean_k, std_k).log_prob(u) - bp.tanh_log_det(u)
+    torch.testing.assert_close(log_pi, want.sum(-1))
+
+
+def linear_layers(net):
+    return [m for m in net if isinstance(m, (torch.nn.Linear, bp.EnsembleLinear))]
+
+
+def test_every_network_has_two_hidden_layers():
+    """The code's build_mlp(num_layers=3) is two hidden layers and the output layer: the paper's
+    "3-layer network" for the policy, the critics, the VAEs (and alpha(s))."""
+    args = bp.Args(hidden_dim=16, actor_hidden_dim=24, vae_hidden_dim=20, n_ensembles=2)
+    agent = bp.BRACPlus(args, obs_dim=3, act_dim=2, device=torch.device("cpu"))
+    widths = {"actor": (agent.actor.net, 24), "critic": (agent.critic.net, 16), "alpha": (agent.alpha_net.net, 16),
+              "encoder": (agent.behavior.encoder, 20), "decoder": (agent.behavior.decoder, 20)}
+    for name, (net, width) in widths.items():
+        layers = linear_layers(net)
+        assert len(layers) == 3, name
+        outs = [(m.out_features if isinstance(m, torch.nn.Linear) else m.weight.shape[-1]) for m in layers[:2]]
+        assert outs == [width, width], name
+
+
+def test_initialisation_is_the_codes_keras_scheme():
+    """Kernels Glorot uniform, U(+-sqrt(6 / (fan_in + fan_out))) per member, biases 0; the output kernels
+    of the policy and the critics U(+-1e-3) (rlutils' OUT_KERNEL_INIT), the VAEs' Glorot."""
+    torch.manual_seed(0)
+    agent = bp.BRACPlus(bp.Args(hidden_dim=64, actor_hidden_dim=64, vae_hidden_dim=64, n_ensembles=2),
+                        obs_dim=5, act_dim=3, device=torch.device("cpu"))
+
+    def fans(m):
+        return (m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else tuple(m.weight.shape[-2:])
+
+    nets = {"actor": (agent.actor.net, 1e-3), "critic": (agent.critic.net, 1e-3),
+            "encoder": (agent.behavior.encoder, None), "decoder": (agent.behavior.decoder, None),
+            "alpha": (agent.alpha_net.net, 0.0)}
+    for name, (net, out_bound) in nets.items():
+        layers = linear_layers(net)
+        for i, m in enumerate(layers):
+            output = i == len(layers) - 1
+            bound = out_bound if output and out_bound is not None else math.sqrt(6.0 / sum(fans(m)))
+            w = m.weight.detach().abs()
+            assert w.max().item() <= bound, (name, i)
+            if bound > 0:  # uniform over the whole interval, not a narrower one
+                assert w.max().item() > 0.9 * bound and w.mean().item() == pytest.approx(bound / 2, rel=0.15), (name, i)
+            if not (name == "alpha" and output):  # alpha(s)'s output bias holds alpha_init
+                assert (m.bias == 0).all(), (name, i)
+
+
+def recorded_sample_counts(agent):
+    """Wrap the policy's sampler to record n (samples per state) of every call."""
+    counts, sample = [], agent.actor.sample
+
+    def recording(obs, n=1):
+        counts.append(n)
+        return sample(obs, n)
+
+    agent.actor.sample = recording
+    return counts
+
+
+def a_batch(n=8, obs_dim=3, act_dim=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return bp.common.Batch(torch.randn(n, obs_dim, generator=g), torch.rand(n, act_dim, generator=g) * 2 - 1,
+                           torch.randn(n, generator=g), torch.randn(n, obs_dim, generator=g), torch.zeros(n))
+
+
+@pytest.mark.parametrize("overrides, one", [({}, 1), ({"regularizer": "mmd"}, 4)])
+def test_policy_samples_per_state_in_each_use(overrides, one):
+    """The code: one policy sample per state in pi_0's loss (update_actor_cloning), in delta_KL
+    (compute_pi_pib_distance) and in the penalty's gate (_compute_q_net_gp); K in the RL-phase
+    policy loss and the target. With the MMD each of these takes K."""
+    k = 4
+    agent = small_agent(n_samples=k, n_latent=2, **overrides)  # the KL bound by default
+    agent.behavior.requires_grad_(False)
+    counts = recorded_sample_counts(agent)
+    agent.train_initial_policy(a_batch())
+    assert counts == [one]
+    counts.clear()
+    agent.set_thresholds(torch.randn(20, 3))
+    assert counts == [one, k]  # delta_KL, then eps_GP with K as every later epoch
+    counts.clear()
+    agent.train(a_batch())
+    assert counts == [k, one, k]  # target, gate and penalty, policy loss
+
+
+def test_beta_adam_state_starts_afresh_for_the_rl_phase():
+    """The code's set_policy_net_optimizer gives log_beta a new Adam before the RL phase: the first
+    RL-phase step of beta is a first Adam step (size lr), whatever pi_0's steps left in its moments."""
+    agent = small_agent(n_samples=2, n_latent=2)
+    agent.behavior.requires_grad_(False)
+    agent.target_entropy = -100.0  # H > H_0 while pretraining: beta rises
+    for _ in range(3):
+        agent.train_initial_policy(a_batch())
+    agent.kl_threshold, agent.gp_threshold = 1.0, 1.0
+    agent.target_entropy = 100.0  # H < H_0 in the RL phase: beta falls
+    before = agent.beta_raw.item()
+    agent.train(a_batch())
+    assert agent.beta_raw.item() - before == pytest.approx(-agent.args.multiplier_lr, rel=1e-3)
+    # both optimisers are in the checkpoint, so a resumed RL phase continues with beta's own state
+    state = bp.common.training_state(agent)
+    assert {"pretrain_beta_optimizer", "beta_optimizer"} <= set(state)
+    fresh = small_agent(n_samples=2, n_latent=2)
+    bp.common.load_training_state(fresh, state)
+    assert fresh.beta_optimizer.state_dict()["state"][0]["step"] == 1
+    assert fresh.pretrain_beta_optimizer.state_dict()["state"][0]["step"] == 3
+
+
+def test_gp_multiplier_loss_uses_the_clipped_value_with_its_gradient():
+    """The code's LagrangeLayer clips its raw value to [inverse_softplus(gp_weight), inverse_softplus(1e4)]
+    with the gradient kept, in the critic's loss and in lambda's own loss."""
+    agent = small_agent(gp_mode="official", gp_target=0.01, alpha_max=100.0, n_samples=2, n_latent=2)
+    agent.behavior.requires_grad_(False)
+    agent.kl_threshold, agent.gp_threshold = 1.0, 0.0
+    floor = bp.inverse_softplus(agent.args.gp_weight)
+    with torch.no_grad():
+        agent.gp_raw.fill_(floor - 4.0)  # below the floor
+    metrics = agent.train(a_batch())
+    assert metrics["charts/gp_weight"].item() == pytest.approx(agent.args.gp_weight, rel=1e-5)
+    gp = metrics["losses/gradient_penalty"].item()
+    # d/d raw of -softplus(clip(raw)) * (gp - target) = -sigmoid(clip(raw)) * (gp - target)
+    want = -torch.sigmoid(torch.tensor(floor)).item() * (gp - 0.01)
+    assert agent.gp_raw.grad.item() == pytest.approx(want, rel=1e-4)
+    with torch.no_grad():
+        agent.gp_raw.fill_(bp.inverse_softplus(100.0) + 3.0)  # above the cap
+    assert agent.gp_multiplier().item() == pytest.approx(100.0, rel=1e-5)
+    assert agent.gp_weight().item() == pytest.approx(100.0, rel=1e-5)
+
+
+def test_logged_actor_loss_is_the_lagrangian_with_delta():
+    """The code's policy loss has alpha(s) * (KL(s) - delta_KL): the logged value moves with delta_KL,
+    the gradient does not."""
+    agents = [small_agent(n_samples=2, n_latent=2) for _ in range(2)]
+    losses = []
+    for agent, delta in zip(agents, (1.0, 3.0)):
+        agent.behavior.requires_grad_(False)
+        agent.kl_threshold, agent.gp_threshold = delta, 1.0
+        torch.manual_seed(4)
+        losses.append(agent.train(a_batch())["losses/actor_loss"].item())
+    assert losses[0] - losses[1] == pytest.approx(10.0 * 2.0, rel=1e-4)  # alpha(s) = 10 everywhere
+    for p, q in zip(agents[0].actor.parameters(), agents[1].actor.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_pretraining_schedule_switches_as_keras_piecewise_constant_decay():
+    """PiecewiseConstantDecay(boundaries=[I, 2I, 3I, 4I]) at the optimiser's iteration count t (updates
+    taken): the factor of update t + 1 changes once t exceeds a boundary. steps = 10: I = 2."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    scheduler = bp.piecewise_decay(opt, 10)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert lrs == pytest.approx([1.0, 1.0, 1.0, 0.5, 0.5, 0.1, 0.1, 0.05, 0.05, 0.01, 0.01, 0.01])
+
+
+# ----------------------------------------------------------------------------------------------
+# MMD (--regularizer mmd, the default on Adroit)
+# ----------------------------------------------------------------------------------------------
+def test_laplacian_mmd_by_hand():
+    sigma = 0.7
+    x = torch.tensor([[[0.0, 0.0]]])
+    y = torch.tensor([[[1.0, -2.0]]])
+    # one sample each: k(x, x) = k(y, y) = 1, k(x, y) = exp(-3 / (2 sigma))
+    want = math.sqrt(2.0 - 2.0 * math.exp(-3.0 / (2 * sigma)) + 1e-6)
+    assert bp.laplacian_mmd(x, y, sigma).item() == pytest.approx(want, rel=1e-6)
+    # identical sample sets: only the 1e-6 inside the square root is left
+    s = torch.randn(3, 5, 4)
+    torch.testing.assert_close(bp.laplacian_mmd(s, s.clone(), sigma), torch.full((3,), 1e-3))
+    # two samples against three, every pair (self-pairs included) by loops
+    x, y = torch.randn(1, 2, 3), torch.randn(1, 3, 3)
+
+    def mean_k(a, b):
+        return sum(math.exp(-(ai - bj).abs().sum().item() / (2 * sigma)) for ai in a[0] for bj in b[0]) / (
+            a.shape[1] * b.shape[1])
+
+    want = math.sqrt(mean_k(x, x) + mean_k(y, y) - 2 * mean_k(x, y) + 1e-6)
+    assert bp.laplacian_mmd(x, y, sigma).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_mmd_divergence_is_the_codes_tiled_computation():
+    """_compute_mmd tiles the K policy samples B times against B x K behaviour samples (each member's
+    decoder mean at K latents clipped to [-0.5, 0.5]), both tanh(clip(u, -3, 3)): the same number as
+    K policy samples against the B x K."""
+    k, sigma = 3, 1.5
+    agent = small_agent(regularizer="mmd", n_samples=k, mmd_sigma=sigma)
+    obs = torch.randn(4, 3)
+    torch.manual_seed(2)
+    mmd, _, _ = agent.policy_kl(obs, k)
+    torch.manual_seed(2)
+    _, _, u, _, _ = agent.actor.sample(obs, k)
+    b = agent.behavior
+    z = torch.randn(b.n, len(obs) * k, b.latent_dim).clamp(-0.5, 0.5)
+    with torch.no_grad():
+        means, _ = b.decode(obs.repeat_interleave(k, 0), z)  # (B, N * k, A)
+    pi = torch.tanh(u.clamp(-3, 3)).view(len(obs), k, -1).repeat(1, b.n, 1)  # tiled B times: (N, B * k, A)
+    pi_b = torch.tanh(means.clamp(-3, 3)).view(b.n, len(obs), k, -1).transpose(0, 1).flatten(1, 2)
+
+    def code_mmd(s1, s2):  # mmd_loss_laplacian, samples on the first axis
+        s1, s2 = s1.transpose(0, 1), s2.transpose(0, 1)
+
+        def mean_k(a, c):
+            return torch.exp(-(a.unsqueeze(0) - c.unsqueeze(1)).abs().sum(-1) / (2.0 * sigma)).mean((0, 1))
+        return torch.sqrt(mean_k(s1, s1) + mean_k(s2, s2) - 2.0 * mean_k(s1, s2) + 1e-6)
+
+    torch.testing.assert_close(mmd, code_mmd(pi, pi_b).detach())
+
+
+def test_adroit_datasets_default_to_mmd_with_the_run_scripts_settings():
+    """d4rl_bracp.py's {pen,hammer,door,relocate}-human-v0 entries: reg_type mmd, sigma 120, policy_lr 5e-8,
+    gp_type hard, max_ood_grad_norm 0.005, generalization_threshold 0.001, std_scale 1."""
+    for dataset in ("D4RL/pen/human-v2", "D4RL/door/expert-v2", "D4RL/relocate/cloned-v2", "D4RL/hammer/human-v2"):
+        d = bp.domain_defaults(dataset)
+        assert d == {"regularizer": "mmd", "kl_margin": 0.001, "gp_target": 0.005, "gp_gate": "hard",
+                     "actor_lr": 5e-8, "entropy_std_scale": 1.0}, dataset
+    assert bp.Args().mmd_sigma == 120.0
+    d = bp.domain_defaults("D4RL/hopper/medium-v2")
+    assert (d["regularizer"], d["gp_gate"], d["actor_lr"], d["entropy_std_scale"]) == ("kl", "softplus", 5e-6, 4.0)
+    args = bp.Args(env="D4RL/pen/human-v2", regularizer="kl")  # a flag given is kept
+    assert bp.fill_domain_defaults(args) == {k: v for k, v in bp.ADROIT_DEFAULTS.items() if k != "regularizer"}
+    assert args.regularizer == "kl" and args.actor_lr == 5e-8
+
+
+def test_mmd_entropy_bound_is_a_lower_bound():
+    """The code (reg_type mmd) and the paper's Adroit table ("Minimum entropy H_0"): beta rises while H < H_0."""
+    agent = small_agent(regularizer="mmd")
+    agent.target_entropy = 0.0
+    before = agent.beta().item()
+    agent.update_beta(torch.full((4, 5), 2.0))  # entropy -2 < H_0: beta rises
+    assert agent.beta().item() > before
+    before = agent.beta().item()
+    agent.update_beta(torch.full((4, 5), -2.0))  # entropy 2 > H_0: beta falls
+    assert agent.beta().item() < before
+
+
+def test_official_hard_gate_is_the_indicator_on_the_norm_of_grad_min_q():
+    act = torch.tensor([[-1.0, -1.0], [3.0, 1.0], [0.5, 0.5]])
+    kl = torch.tensor([3.0, 0.0, 1.5])
+    gp = bp.gated_gradient_penalty(KnownCritic(), torch.zeros(3, 1), act, kl, 1.0, "official", "hard")
+    # grad of min: Q_1 on row 0 -> (3, 3); Q_2 on row 2 -> 2a = (1, 1); row 1 is not above the threshold
+    torch.testing.assert_close(gp, torch.tensor([math.sqrt(18.0), 0.0, math.sqrt(2.0)]))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import common
 from conftest import load_algorithm
 
-CRITIC_FILES = {"td3_bc": 2, "awr": 3, "iql": 2, "cql": 3, "itrpo": 3, "brac_plus": 3, "arq": 2, "fisher_brc": 3}
+CRITIC_FILES = {"td3_bc": 2, "awr": 3, "iql": 2, "cql": 3, "itrpo": 3, "brac_plus": 2, "arq": 2, "fisher_brc": 3}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def test_per_member_action_copies_give_each_network_its_own_action_gradient(name
     gives both networks' action gradients, as two autograd.grad calls on separate MLPs did."""
     torch.manual_seed(1)
     module, critic = critic_of(name, 4, 2, 16)
-    twin = twin_from(module, critic, 6, 16, 3)
+    twin = twin_from(module, critic, 6, 16, CRITIC_FILES[name])
     obs, act = torch.randn(8, 4), torch.rand(8, 2) * 2 - 1
     torch.testing.assert_close(critic(obs, act.repeat(2, 1, 1)), critic(obs, act))
     copies = act.repeat(2, 1, 1).requires_grad_(True)
@@ -664,7 +664,7 @@ def test_brac_plus_step_is_the_unfused_step(gp_mode):
     agent = bp.BRACPlus(args, OBS, ACT, torch.device("cpu"))
     agent.behavior.requires_grad_(False)
     agent.kl_threshold, agent.gp_threshold = 1.0, 0.5
-    ref = reference_agent(agent, bp, ["critic", "critic_target"], OBS + ACT, 16, 3,
+    ref = reference_agent(agent, bp, ["critic", "critic_target"], OBS + ACT, 16, 2,
                           {"critic_optimizer": lambda r: r.critic.parameters(),
                            "actor_optimizer": lambda r: r.actor.parameters(),
                            "alpha_optimizer": lambda r: r.alpha_net.parameters(),
@@ -712,7 +712,8 @@ def test_brac_plus_step_is_the_unfused_step(gp_mode):
         critic_loss.backward()
         ref.critic_optimizer.step()
         if args.gp_mode == "official":
-            gp_loss = -(F.softplus(ref.gp_raw) * (gp.detach().mean() - args.gp_target))
+            low, high = bp.inverse_softplus(args.gp_weight), bp.inverse_softplus(args.alpha_max)
+            gp_loss = -(F.softplus(bp.clip_preserve_gradient(ref.gp_raw, low, high)) * (gp.detach().mean() - args.gp_target))
             ref.gp_optimizer.zero_grad(set_to_none=True)
             gp_loss.backward()
             ref.gp_optimizer.step()
@@ -721,7 +722,7 @@ def test_brac_plus_step_is_the_unfused_step(gp_mode):
         q_pi = torch.min(q1_pi, q2_pi).view(-1, args.n_samples).mean(1)
         alpha = ref.alpha(obs).detach()
         beta = ref.beta().detach()
-        actor_loss = (-q_pi + alpha * kl - beta * log_pi.mean(1)).mean()
+        actor_loss = (-q_pi + alpha * (kl - ref.kl_threshold) - beta * log_pi.mean(1)).mean()
         ref.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         ref.actor_optimizer.step()
