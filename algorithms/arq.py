@@ -9,8 +9,9 @@ Implements Algorithm 1, in four stages:
 2. Support set: for every dataset state, N actions a ~ beta_psi(.|s) with their log-likelihoods from
    the probability-flow ODE, log p0(x0) = log N(x1; 0, I) + int div f~(x(t), t) dt (in the
    standardised action space, as the code). A sample is kept if its log-likelihood > -5; the
-   dataset's own action is always kept (the code's never_filter_gt_acs). Samples are scored as
-   sampled and clipped to the action box [-1, 1] afterwards (code). Samplers (--sampler):
+   dataset's own action is always kept (the code's never_filter_gt_acs). Samples are stored,
+   scored and given to Q as sampled, unclipped, even where they leave the action box [-1, 1]
+   (code: sampling.py stores the sampler's output, train_arq.py feeds it to Q). Samplers (--sampler):
      pc:  the paper's predictor-corrector, reverse-SDE Euler-Maruyama steps on t in [1e-3, 1], each
           after one Langevin corrector step of size 2 (snr ||z|| / ||s_psi||)^2;
      ode: the probability-flow ODE solved exactly to first order (DDIM, eta = 0), far fewer calls.
@@ -22,9 +23,13 @@ Implements Algorithm 1, in four stages:
      awr:      L = -E_(s,a)~D[min(exp(alpha A(s,a)), 100) log pi(a|s)], A(s,a) = Q(s,a) minus the mean
                of Q(s,.) over the kept support (dataset action included), Q = min of the target Qs;
                IQL's Gaussian policy (tanh on the mean, state-independent log-std, mean action at
-               evaluation); a deterministic policy with weighted squared error on antmaze.
+               evaluation); on antmaze a deterministic policy, the mean network without tanh, with
+               L = 1/2 E[w mean_j (mu_j(s) - a_j)^2] (the code's DeterministicPolicy,
+               squash_output=False), its output clipped to [-1, 1] at evaluation.
      implicit: eq. (6): at every evaluation step N actions are sampled for each visited state,
-               scored and filtered as in stage 2, and one is drawn from softmax(alpha A). It costs
+               clipped to the action box, filtered by the likelihood of the clipped action as in
+               stage 2, scored with the first target Q (the code's q0, Q_targ_1 here), and one is
+               drawn from softmax(alpha A), A = Q minus its mean over the kept samples. It costs
                eval_episodes * N samples per environment step (docs/results.md, "Speed").
 
 Hyperparameters (paper tables A.1-A.3 and hiwonjoon/ARQ-public): state and action std floored at
@@ -34,7 +39,8 @@ Fourier time embedding (scale 30) added before every activation; Adam 1e-4, batc
 Rademacher vectors above --exact-divergence-max-dim; K 9 (3 antmaze); Q and policy 2x256 ReLU, critic
 Adam 3e-4 (1e-4 kitchen, adroit), policy Adam 3e-4, tau 0.005; alpha 1 (locomotion, kitchen), 10
 (adroit, antmaze); rewards * 1000 / (max - min episode return) on halfcheetah/hopper/walker2d,
-r - 1 on antmaze, else untouched. The score model and the support are cached in --cache-dir
+r - 1 on antmaze, else untouched. Every layer starts as a Keras Dense layer (the code is TF2):
+Glorot-uniform weights, zero biases. The score model and the support are cached in --cache-dir
 (keyed by the data, their flags and --score-seed, not --seed), so seeds and runs share them.
 
 Deviations:
@@ -49,6 +55,14 @@ Deviations:
 - States at which a time-limit truncation ends an episode have no dataset action: they get a
   support of their own and keep their most likely sample if none passes the threshold.
 - States are standardised for the Q and policy networks (as in every file here).
+- The critic loss is MSE(Q1, y) + MSE(Q2, y), the code's is half of it (0.5 (q - y)^2 per Q); Adam
+  makes the step the same up to its epsilon (docs/implementation_notes.md, "Adam's epsilon").
+- Fourier time features use 2 pi, the code 2 * 3.1415: frequencies 3e-5 (relative) larger here, a
+  feature differs by at most 0.02 over t in [0, 1]. sigma(t) = sqrt(-expm1(-int beta)) is exact in
+  float32 at small t, where the code's sqrt(1 - exp(-int beta)) is off by 0.6% at t = 1e-5 (0.1% at
+  1e-4, 1e-4 at 1e-3).
+- torch's Adam (epsilon 1e-8 after bias correction) for Keras' (epsilon 1e-7 on the uncorrected
+  sqrt(v)): docs/implementation_notes.md, "Adam's epsilon".
 """
 
 import copy
@@ -218,17 +232,34 @@ DEFAULT_SAMPLER_STEPS = {"pc": 500, "ode": 20}
 # ----------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def glorot_(weight: torch.Tensor, bias: torch.Tensor, fan_in: int, fan_out: int) -> None:
+    """Keras' Dense defaults, kept by every network of the authors' TF2 code (arq/modules/mlp.py,
+    ScoreNet in arq/algo/sde_conditional.py): weights U(+-sqrt(6 / (fan_in + fan_out))), biases 0."""
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    weight.uniform_(-bound, bound)
+    bias.zero_()
+
+
+def dense(in_dim: int, out_dim: int, output: bool = False) -> nn.Linear:
+    """A linear layer initialised as a Keras Dense layer; output=True: fp32 under --precision bf16."""
+    layer = (common.OutputLinear if output else nn.Linear)(in_dim, out_dim)
+    glorot_(layer.weight, layer.bias, in_dim, out_dim)
+    return layer
+
+
 def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
     """n_hidden ReLU layers of width hidden_dim, then a linear output layer (fp32 under --precision bf16)."""
     layers, d = [], in_dim
     for _ in range(n_hidden):
-        layers += [nn.Linear(d, hidden_dim), nn.ReLU()]
+        layers += [dense(d, hidden_dim), nn.ReLU()]
         d = hidden_dim
-    return nn.Sequential(*layers, common.OutputLinear(d, out_dim))
+    return nn.Sequential(*layers, dense(d, out_dim, output=True))
 
 
 class Actor(nn.Module):
-    """Gaussian policy: tanh on the mean, state-independent log-std in [-5, 2]."""
+    """Gaussian policy: tanh on the mean, state-independent log-std in [-5, 2]. The deterministic
+    policy (antmaze) is `mean` alone, without tanh."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
@@ -244,13 +275,13 @@ class Actor(nn.Module):
 
 class EnsembleLinear(nn.Module):
     """E independent linear layers applied to an (E, N, in) batch as one batched matmul; each member
-    is initialised as an nn.Linear would be (uniform in +-1/sqrt(in))."""
+    is initialised as a Keras Dense layer (glorot_)."""
 
     def __init__(self, n: int, in_dim: int, out_dim: int, output: bool = False):
         super().__init__()
-        bound = 1.0 / math.sqrt(in_dim)
-        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(n, 1, out_dim).uniform_(-bound, bound))
+        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_dim))
+        glorot_(self.weight, self.bias, in_dim, out_dim)
         self.output = output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -288,12 +319,11 @@ class ScoreNet(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, n_blocks: int, fourier_scale: float):
         super().__init__()
         self.register_buffer("freqs", torch.randn(hidden_dim // 2) * fourier_scale)  # fixed, not trained
-        self.time = nn.Linear(2 * (hidden_dim // 2), hidden_dim)
-        self.inp = nn.Linear(act_dim + obs_dim, hidden_dim)
-        self.blocks = nn.ModuleList(
-            nn.ModuleList([nn.Linear(hidden_dim, hidden_dim), nn.Linear(hidden_dim, hidden_dim)])
-            for _ in range(n_blocks))
-        self.out = common.OutputLinear(hidden_dim, act_dim)
+        self.time = dense(2 * (hidden_dim // 2), hidden_dim)
+        self.inp = dense(act_dim + obs_dim, hidden_dim)
+        self.blocks = nn.ModuleList(nn.ModuleList([dense(hidden_dim, hidden_dim), dense(hidden_dim, hidden_dim)])
+                                    for _ in range(n_blocks))
+        self.out = dense(hidden_dim, act_dim, output=True)
 
     def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         phase = 2.0 * math.pi * t.unsqueeze(-1) * self.freqs
@@ -330,7 +360,7 @@ class ScoreModel(nn.Module):
         return (act - self.act_mean) / self.act_std
 
     def to_action(self, x: torch.Tensor) -> torch.Tensor:
-        return (x * self.act_std + self.act_mean).clamp(-1.0, 1.0)
+        return x * self.act_std + self.act_mean
 
     def condition(self, obs: torch.Tensor) -> torch.Tensor:
         return (obs - self.obs_mean) / self.obs_std
@@ -445,15 +475,21 @@ class ScoreModel(nn.Module):
         prior = -0.5 * (x.pow(2).sum(-1) + self.act_dim * math.log(2.0 * math.pi))
         return prior + integral
 
-    def sample_with_likelihood(self, obs: torch.Tensor, n: int, args: Args,
-                               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """n actions in [-1, 1] per state and their log-likelihoods (standardised space): (B, n, A), (B, n)."""
+    def sample_with_likelihood(self, obs: torch.Tensor, n: int, args: Args, gen: torch.Generator,
+                               clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """n actions per state and their log-likelihoods (standardised space): (B, n, A), (B, n).
+        clip False (the support, arq/scripts/sampling.py): the sample as drawn, possibly outside
+        [-1, 1], and its likelihood. clip True (the implicit policy, build_pi in
+        arq/algo/sde_conditional.py): clipped to [-1, 1] first, and the likelihood of the clipped action."""
         s = self.condition(obs).repeat_interleave(n, 0)
         x = self.sample(s, args.sampler, args.sampler_steps, args.snr, n, gen)
-        # the likelihood of the sample itself; the clip to the action box comes after (official code)
+        act = self.to_action(x)
+        if clip:
+            act = act.clamp(-1.0, 1.0)
+            x = self.to_x(act)
         ll = self.log_likelihood(s, x, args.likelihood_steps, args.exact_divergence_max_dim,
                                  args.hutchinson_probes, gen)
-        return self.to_action(x).view(len(obs), n, -1), ll.view(len(obs), n)
+        return act.view(len(obs), n, -1), ll.view(len(obs), n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -541,14 +577,14 @@ def _sha(*parts) -> str:
 def score_model_key(args: Args, obs: torch.Tensor, act: torch.Tensor) -> str:
     fields = ("bc_steps", "score_lr", "score_batch_size", "score_hidden_dim", "score_blocks", "fourier_scale",
               "ema", "beta_min", "beta_max", "score_seed")
-    return _sha(args.env, obs.cpu().numpy().tobytes(), act.cpu().numpy().tobytes(),
+    return _sha(args.env, obs.cpu().numpy().tobytes(), act.cpu().numpy().tobytes(), ("init", "glorot"),
                 *[(f, getattr(args, f)) for f in fields])
 
 
 def support_key(args: Args, score_bytes: bytes, n_rows: int) -> str:
     fields = ("n_support", "sampler", "sampler_steps", "snr", "likelihood_steps", "exact_divergence_max_dim",
               "hutchinson_probes", "score_seed")
-    return _sha(args.env, hashlib.sha256(score_bytes).hexdigest(), n_rows,
+    return _sha(args.env, hashlib.sha256(score_bytes).hexdigest(), n_rows, ("samples", "unclipped"),
                 *[(f, getattr(args, f)) for f in fields])
 
 
@@ -633,8 +669,10 @@ class ARQ:
             mean_q = (q * batch.support_valid).sum(1) / batch.support_valid.sum(1)
             weights = torch.exp(args.alpha * (q[:, 0] - mean_q)).clamp(max=args.max_weight)
         if args.deterministic_policy:
-            error = torch.tanh(self.actor.mean(batch.observations)) - batch.actions
-            actor_loss = (weights * error.pow(2).sum(-1)).mean()
+            # arq/modules/policy.py, DeterministicPolicy (squash_output=False in experiments/pi.gin):
+            # no tanh, half the weighted mean over the batch of the mean over the action dimensions
+            error = self.actor.mean(batch.observations) - batch.actions
+            actor_loss = 0.5 * (weights * error.pow(2).mean(-1)).mean()
         else:
             actor_loss = -(weights * self.actor.log_prob(batch.observations, batch.actions)).mean()
         self.actor_optimizer.zero_grad(set_to_none=True)
@@ -645,13 +683,19 @@ class ARQ:
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         if self.actor is not None:
+            if self.args.deterministic_policy:  # clipped to the box, as the code's Policy.__call__
+                return self.actor.mean(obs).clamp(-1.0, 1.0)
             return torch.tanh(self.actor.mean(obs))
-        # Implicit policy, eq. (6): a fresh support for the visited states, then softmax(alpha * A).
+        # Implicit policy, eq. (6): a fresh support for the visited states, clipped to the box and
+        # scored as the code's build_pi, then softmax(alpha * A).
         args = self.args
-        actions, ll = self.score.sample_with_likelihood(obs, args.n_support, args, self.eval_gen)
+        actions, ll = self.score.sample_with_likelihood(obs, args.n_support, args, self.eval_gen, clip=True)
         keep = ll > args.log_likelihood_threshold
         keep |= F.one_hot(ll.argmax(1), ll.shape[1]).bool() & ~keep.any(1, keepdim=True)
-        q = self.target_q(obs, actions)
+        # One Q, as the code's grader (arq/algo/penalty.py): q0 loaded from q0.tf and called with its
+        # default use_target=True, i.e. the first twin's target network.
+        q = self.critic_target(obs.repeat_interleave(args.n_support, 0), actions.flatten(0, 1))[0]
+        q = q.view(len(obs), args.n_support)
         adv = q - (q * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True)
         logits = torch.where(keep, args.alpha * adv, -torch.inf)
         choice = torch.multinomial(logits.softmax(1), 1, generator=self.eval_gen).squeeze(1)
