@@ -13,14 +13,20 @@ Lagrange variant (eq. 30, antmaze): w becomes alpha' = exp(log alpha') in [0, 1e
 hold the gap at --lagrange-threshold. Actor: SAC with automatic entropy (target -|A|); during the
 first --bc-warmup-steps it maximises log pi(a|s) of dataset actions instead of Q (the code's
 policy_eval_start). A step draws every sample the critic loss needs from the current policy, then
-steps the temperature, the actor (with the updated temperature) and the critics, as the code does.
+steps the temperature, the actor (with the updated temperature) and the critics: every loss is taken
+at the step's starting parameters, as in the code's revision that runs under PyTorch >= 1.5 (its
+first revision stepped the critics before the actor; docs/implementation_notes.md).
 
 Hyperparameters (official MuJoCo settings): w 5.0 (the paper also reports 10.0), 3x256 networks,
-critic Adam 3e-4, actor Adam 1e-4, tau 0.005, batch 256, warm-up 40k steps, rewards untouched, 1M
-steps. Antmaze, from the dataset id: Lagrange threshold 5.0, rewards (r - 0.5) * 4.
+policy log-std in [-5, 2], critic Adam 3e-4, actor Adam 1e-4, tau 0.005, batch 256, warm-up 40k
+steps, rewards untouched, 1M steps. Antmaze, from the dataset id: Lagrange threshold 5.0, rewards
+(r - 0.5) * 4.
 
 Deviations:
 - States are standardised (CORL's option; the official code does not).
+- The tanh log-density is exact; the code adds 1e-6 inside log(1 - a^2).
+- --bc-warmup-steps 40000 clones for 40,000 steps; the code's policy_eval_start 40000 for 39,999.
+- The target critics start as copies of the critics; the code's launcher initialises them separately.
 """
 
 import copy
@@ -134,7 +140,7 @@ def tanh_log_det(u: torch.Tensor) -> torch.Tensor:
 
 
 class Actor(nn.Module):
-    """Tanh-squashed Gaussian policy (SAC), state-dependent log-std in [-20, 2]."""
+    """Tanh-squashed Gaussian policy (SAC), state-dependent log-std in [-5, 2] (the official policies.py)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
@@ -142,7 +148,7 @@ class Actor(nn.Module):
 
     def forward(self, obs: torch.Tensor):
         mean, log_std = self.net(obs).chunk(2, dim=-1)
-        return mean, log_std.clamp(-20.0, 2.0)
+        return mean, log_std.clamp(-5.0, 2.0)
 
     def sample(self, obs: torch.Tensor, n: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """n reparameterised actions in (-1, 1) per state (rows i * n .. i * n + n - 1 for state i) and

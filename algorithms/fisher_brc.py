@@ -14,17 +14,23 @@ Implements Algorithm 1:
    with no entropy term in the target and the survival bonus +5 of appendix A. --gp-on-data takes
    the penalty at dataset actions (the alternative of section 4.2).
 3. Actor (SAC): min E[alpha * log pi(a|s) - min_i(O_i(s,a) + log mu(a|s))], a ~ pi(s)
-   reparameterised so that the gradient flows through log mu, eq. (6); alpha tuned to -|A|.
+   reparameterised so that the gradient flows through log mu, eq. (6); alpha tuned to -|A| with
+   the loss alpha * (-log pi - target).
 
 Hyperparameters: lambda 0.1; actor and offsets 3x256 (appendix A), behaviour model 2x256, orthogonal
-initialisation (gain sqrt 2, output 1e-2), actions clipped to +-(1 - 1e-6) before any log mu (all
-from the official code, google-research fisher_brc); Adam 3e-4, tau 0.005, batch 256, 1M steps;
-behaviour model and its temperature Adam 1e-3, both x0.1 at 80% and 90% of --bc-steps (code: 800k
-and 900k of 1M). The behaviour model is cached in --cache-dir, keyed by the data and its flags; it
-is trained on its own stream (--bc-seed), so every --seed and lambda reuses it.
+initialisation (gain sqrt 2, output 1e-2), actions clipped to +-(1 - 1e-6) before any log mu, both
+temperatures trained with the loss alpha * (H - target) (all from the official code, google-research
+fisher_brc); Adam 3e-4, tau 0.005, batch 256, 1M steps; behaviour model and its temperature Adam
+1e-3, both x0.1 after 80% and 90% of --bc-steps (the code's PiecewiseConstantDecay([800k, 900k]):
+updates 800,002 and 900,002 of 1M are the first at the lower rates). The behaviour model is cached
+in --cache-dir, keyed by the data and its flags; it is trained on its own stream (--bc-seed), so
+every --seed and lambda reuses it.
 
 Deviations:
 - States are standardised (as in every file here; the official code does not).
+- The behaviour model has 2 hidden layers, as in the code; appendix A says 3.
+- Minibatches are drawn with replacement, each phase from its own stream; the code draws them
+  without replacement from one stream of reshuffled epochs that both phases share.
 """
 
 import copy
@@ -82,7 +88,7 @@ class Args:
     bc_steps: int = 1_000_000
     """gradient steps of the behaviour model before the actor-critic phase (paper: 1M)"""
     bc_lr: float = 1e-3
-    """initial Adam learning rate of the behaviour model and its temperature (x0.1 at 80% and 90% of bc_steps)"""
+    """initial Adam learning rate of the behaviour model and its temperature (x0.1 after 80% and 90% of bc_steps)"""
     bc_seed: int = 0
     """seed of the behaviour model's initialisation and training (not --seed, so that seeds share the cache)"""
     cache_dir: Optional[str] = None
@@ -280,7 +286,9 @@ class FisherBRC:
         self.behavior_log_alpha = torch.zeros((), device=device, requires_grad=True)
         self.behavior_optimizer = torch.optim.Adam(self.behavior.parameters(), lr=args.bc_lr, fused=True)
         self.behavior_alpha_optimizer = torch.optim.Adam([self.behavior_log_alpha], lr=args.bc_lr, fused=True)
-        milestones = [int(0.8 * args.bc_steps), int(0.9 * args.bc_steps)]
+        # Keras' PiecewiseConstantDecay(boundaries) gives update n the rate of step n - 1 and lowers it
+        # only past a boundary b, i.e. from update b + 2; MultiStepLR lowers it from update milestone + 1.
+        milestones = [int(0.8 * args.bc_steps) + 1, int(0.9 * args.bc_steps) + 1]
         self.behavior_schedulers = [torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
                                     for opt in (self.behavior_optimizer, self.behavior_alpha_optimizer)]
         self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
@@ -348,7 +356,8 @@ class FisherBRC:
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()
-        alpha_loss = -(self.log_alpha * (log_pi.detach() + self.target_entropy)).mean()
+        # the official code's form, as the behaviour model's: its gradient in log alpha is scaled by alpha
+        alpha_loss = (self.log_alpha.exp() * (-log_pi.detach() - self.target_entropy)).mean()
         self.alpha_optimizer.zero_grad(set_to_none=True)
         alpha_loss.backward()
         self.alpha_optimizer.step()

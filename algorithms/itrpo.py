@@ -18,17 +18,23 @@ Hyperparameters, from the candidate public code (JackZhangY/offorRL, "IKL": ikl_
 ikl.yaml; not confirmed to be the AAAI code; our copy of the paper lacks its hyperparameter
 appendix). The code's names are swapped relative to the paper's (its `tau` is the paper's alpha and
 its `alpha` the paper's tau); in the paper's names: alpha 0.9 (--alpha), tau 0.03 (--shaping-tau),
-so the shaping coefficient is 0.027; K 10; survival bonus r + 5 (r - 1 on antmaze); critic gradient
-penalty 0.1 * ||grad_a Q_i(s, a~pi(s))||^2 for both critics; shaping log-ratio clipped below at -1;
-policy and behaviour log-std in [-5, 2]; actor and critics 3x256, Adam 3e-4, tau 0.005, batch 256,
-1M steps. Behaviour model: tanh-Gaussian 2x256, maximum likelihood with a tuned entropy bonus
-(target -|A|), Adam 1e-3 for it and its temperature, both x0.1 at 80% and 90% of --bc-steps;
-cached like Fisher-BRC's (--cache-dir, --bc-seed, --no-reuse-cache).
+so the shaping coefficient is 0.027; K 10; rewards: 1 subtracted on antmaze (its replay buffer),
+then its trainer's reward_bonus 5 added to every reward, so r + 5, and r + 4 on antmaze; critic
+gradient penalty 0.1 * ||grad_a Q_i(s, a~pi(s))||^2 for both critics; shaping log-ratio clipped
+below at -1; policy and behaviour log-std in [-5, 2]; actor and critics 3x256, Adam 3e-4, tau 0.005,
+batch 256, 1M steps; rlkit's initialisation (rlkit_init). Behaviour model: tanh-Gaussian 2x256,
+maximum likelihood with a tuned entropy bonus (target -|A|; the temperature is stepped first and
+its new value weights the step's entropy term), Adam 1e-3 for it and its temperature, both x0.1 at
+80% and 90% of --bc-steps; cached like Fisher-BRC's (--cache-dir, --bc-seed, --no-reuse-cache).
 
 Deviations:
 - The shaping log-ratio's clip at -1 is the code's, not eq. (5)'s (--shaping-clip None removes it).
 - Actor before critic by default (eq. 5); the code updates the critic first (--update-order critic-first).
 - States are standardised (as in every file here; the code's obs_norm is False).
+- The target critics start as copies of the critics; the code's launcher (rlkit's convention)
+  initialises them separately and never copies.
+- The gradient penalty is the squared norm of the action gradient; the code adds float32's machine
+  epsilon to every entry of the gradient first.
 """
 
 import copy
@@ -106,7 +112,9 @@ class Args:
     reuse_cache: bool = True
     """load the behaviour model from the cache when one was trained with the same data and flags"""
     reward_transform: Optional[common.RewardTransform] = None
-    """reward transform (default: minus-one on antmaze, else plus-five)"""
+    """reward transform before --reward-bonus (default: minus-one on antmaze, else none; the code's replay buffer)"""
+    reward_bonus: float = 5.0
+    """added to every reward after --reward-transform (the code's trainer): r + 5, and r + 4 on antmaze"""
     gamma: float = 0.99
     """discount"""
     tau: float = 0.005
@@ -129,9 +137,16 @@ def check_args(args: Args) -> None:
 
 
 def domain_defaults(dataset_id: str) -> dict:
+    """The candidate code's replay buffer subtracts 1 from antmaze rewards and leaves the others."""
     if common.is_antmaze(dataset_id):
         return {"reward_transform": "minus-one"}
-    return {"reward_transform": "plus-five"}
+    return {"reward_transform": "none"}
+
+
+def transform_rewards(data: common.OfflineData, args: Args) -> None:
+    """The replay buffer's transform, then the trainer's bonus: r + 5, and (r - 1) + 5 on antmaze."""
+    common.transform_rewards(data, args.reward_transform)
+    data.rewards = data.rewards + args.reward_bonus
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,6 +159,21 @@ def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequent
         layers += [nn.Linear(d, hidden_dim), nn.ReLU()]
         d = hidden_dim
     return nn.Sequential(*layers, common.OutputLinear(d, out_dim))
+
+
+def rlkit_init(net: nn.Sequential, output_bound: float) -> nn.Sequential:
+    """rlkit's Mlp initialisation, which the candidate code's networks use: hidden weights
+    U(+-1/sqrt(fan)), where rlkit's fanin_init reads fan from weight.size(0), i.e. an nn.Linear's
+    *output* width; zero hidden biases; output weights U(+-output_bound) and a zero output bias.
+    EnsembleLinear weights are (E, in, out), each member's nn.Linear weight transposed."""
+    layers = [m for m in net if hasattr(m, "weight")]
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            fan = layer.weight.shape[-1] if layer.weight.dim() == 3 else layer.weight.shape[0]
+            bound = output_bound if i == len(layers) - 1 else 1.0 / math.sqrt(fan)
+            layer.weight.uniform_(-bound, bound)
+            layer.bias.zero_()
+    return net
 
 
 def tanh_log_det(u: torch.Tensor) -> torch.Tensor:
@@ -174,7 +204,10 @@ class TanhGaussian(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, n_hidden: int):
         super().__init__()
-        self.net = mlp(obs_dim, 2 * act_dim, hidden_dim, n_hidden)
+        # rlkit's TanhGaussianPolicy (init_w 1e-3); its separate log-std layer draws its bias from U(+-1e-3) too
+        self.net = rlkit_init(mlp(obs_dim, 2 * act_dim, hidden_dim, n_hidden), output_bound=1e-3)
+        with torch.no_grad():
+            self.net[-1].bias[act_dim:].uniform_(-1e-3, 1e-3)
 
     def forward(self, obs: torch.Tensor):
         mean, log_std = self.net(obs).chunk(2, dim=-1)
@@ -219,7 +252,8 @@ class Critic(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.net = ensemble_mlp(2, obs_dim + act_dim, 1, hidden_dim, 3)
+        # rlkit's ConcatMlp (init_w 3e-3)
+        self.net = rlkit_init(ensemble_mlp(2, obs_dim + act_dim, 1, hidden_dim, 3), output_bound=3e-3)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """(2, N): Q1(s, a) and Q2(s, a), which unpack as `q1, q2 = critic(obs, act)`.
@@ -274,6 +308,7 @@ class ITRPO:
                                     for opt in (self.behavior_optimizer, self.behavior_alpha_optimizer)]
         self.actor = TanhGaussian(obs_dim, act_dim, args.hidden_dim, n_hidden=3).to(device)
         self.critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
+        # a copy: the code's separately initialised targets are rlkit's launcher habit (docs/implementation_notes.md)
         self.critic_target = copy.deepcopy(self.critic)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr, fused=True)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.lr, fused=True)
@@ -282,20 +317,23 @@ class ITRPO:
             setattr(self, name, torch.compile(step) if args.compile else step)
 
     def train_behavior(self, batch: common.Batch) -> dict:
-        """Maximum likelihood of dataset actions plus a tuned entropy bonus (target -|A|)."""
+        """Maximum likelihood of dataset actions plus a tuned entropy bonus (target -|A|). As in the
+        code (bc_trainer.py), the temperature is stepped first and the loss uses its new value."""
         obs, actions = batch.observations, batch.actions
         params = self.behavior(obs)  # one forward for both terms
         log_prob = tanh_gaussian_log_prob(*params, actions)
         entropy = -tanh_gaussian_sample(*params)[1]
+        # zero_grad before the loss: with --compile it closes the compiled graph that made entropy, so
+        # that this backward pass does not free the graph the model's loss needs
+        self.behavior_alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss = (self.behavior_log_alpha.exp() * (entropy.detach() - self.target_entropy)).mean()
+        alpha_loss.backward()
+        self.behavior_alpha_optimizer.step()
         alpha = self.behavior_log_alpha.exp().detach()
         loss = -(log_prob + alpha * entropy).mean()
         self.behavior_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.behavior_optimizer.step()
-        alpha_loss = (self.behavior_log_alpha.exp() * (entropy.detach() - self.target_entropy)).mean()
-        self.behavior_alpha_optimizer.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        self.behavior_alpha_optimizer.step()
         for scheduler in self.behavior_schedulers:
             scheduler.step()
         return {"losses/behavior_nll": -log_prob.mean().detach(), "charts/behavior_entropy": entropy.mean().detach(),
@@ -381,7 +419,7 @@ if __name__ == "__main__":
         print(f"[itrpo] per-domain defaults for {args.env}: {chosen}")
 
     data = common.load_dataset(args.env, device)
-    common.transform_rewards(data, args.reward_transform)
+    transform_rewards(data, args)
     obs_mean, obs_std = None, None
     if args.normalize_states:
         obs_mean, obs_std = common.compute_obs_stats(data)

@@ -1,6 +1,9 @@
 """Details where the files follow the authors' public code: checked on hand-made inputs (CQL's
-max-Q backup and update order, BRAC+'s multiplier caps and TD scale, ARQ's likelihood of unclipped
-samples, iTRPO's parameter names, log-std bounds and update order)."""
+max-Q backup, update order and log-std bounds, BRAC+'s multiplier caps and TD scale, ARQ's likelihood
+of unclipped samples, iTRPO's parameter names, log-std bounds, update order, initialisation and
+rewards, Fisher-BRC's temperature loss)."""
+
+import types
 
 import pytest
 import torch
@@ -20,8 +23,8 @@ def test_cql_max_q_backup_takes_each_critics_max_then_the_min():
 
 
 def test_cql_draws_the_critic_losss_samples_before_the_actor_is_stepped():
-    """The official step computes every loss with the current policy, then steps the temperature,
-    the policy and the critics."""
+    """The official step (cql.py at 0787a29f, the revision that runs under PyTorch >= 1.5) computes
+    every loss with the current policy, then steps the temperature, the policy and the critics."""
     cql = load_algorithm("cql")
     agent = cql.CQL(cql.Args(hidden_dim=16, n_actions=3, bc_warmup_steps=0, max_q_backup=True), 3, 2, torch.device("cpu"))
     events = []
@@ -38,6 +41,19 @@ def test_cql_draws_the_critic_losss_samples_before_the_actor_is_stepped():
     # the target (3 per next state), the CQL samples at s and s' (3 each), then the actor's own sample
     assert [n for e, n in events[:actor_step] if e == "sample"] == [24, 24, 24, 8]
     assert all(e != "sample" for e, _ in events[actor_step:])
+
+
+def test_cql_policy_log_std_is_bounded_as_in_the_official_policies():
+    """d4rl/rlkit/torch/sac/policies.py: LOG_SIG_MIN = -5, LOG_SIG_MAX = 2."""
+    cql = load_algorithm("cql")
+    actor = cql.Actor(2, 1, 8)
+    with torch.no_grad():
+        actor.net[-1].weight.zero_()
+        actor.net[-1].bias.copy_(torch.tensor([0.0, -8.0]))
+    assert actor(torch.zeros(1, 2))[1].item() == -5.0
+    with torch.no_grad():
+        actor.net[-1].bias.copy_(torch.tensor([0.0, 8.0]))
+    assert actor(torch.zeros(1, 2))[1].item() == 2.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,9 +105,11 @@ def test_brac_plus_official_gp_mode_halves_the_td_loss():
 
 
 # ----------------------------------------------------------------------------------------------
-# ARQ (hiwonjoon/ARQ-public): samples are scored as sampled, clipped afterwards
+# ARQ (hiwonjoon/ARQ-public): the support keeps the sample as drawn (arq/scripts/sampling.py), the
+# implicit policy clips it before scoring it (build_pi in arq/algo/sde_conditional.py)
 # ----------------------------------------------------------------------------------------------
-def test_arq_scores_the_unclipped_sample_and_returns_the_clipped_action():
+@pytest.mark.parametrize("clip", [False, True])
+def test_arq_support_samples_are_unclipped_and_implicit_policy_samples_clipped_before_scoring(clip):
     arq = load_algorithm("arq")
     args = arq.Args(score_hidden_dim=16, score_blocks=1, sampler="ode", sampler_steps=2, likelihood_steps=2)
     model = arq.ScoreModel(2, 1, args)
@@ -99,9 +117,10 @@ def test_arq_scores_the_unclipped_sample_and_returns_the_clipped_action():
     model.sample = lambda s, *a, **k: x
     seen = []
     model.log_likelihood = lambda s, x_in, *a, **k: (seen.append(x_in), torch.zeros(len(x_in)))[1]
-    act, _ = model.sample_with_likelihood(torch.zeros(3, 2), 1, args, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(seen[0], x)
-    torch.testing.assert_close(act.view(-1), torch.tensor([1.0, -1.0, 0.2]))
+    act, _ = model.sample_with_likelihood(torch.zeros(3, 2), 1, args, torch.Generator().manual_seed(0), clip=clip)
+    want = torch.tensor([[1.0], [-1.0], [0.2]]) if clip else x
+    torch.testing.assert_close(seen[0], want)  # scored as returned
+    torch.testing.assert_close(act.view(-1, 1), want)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,6 +159,65 @@ def test_itrpo_update_order(order):
     expected = ["actor_optimizer", "critic_optimizer"]
     assert events == (expected if order == "actor-first" else expected[::-1])
     assert {"losses/actor_loss", "losses/critic_loss", "charts/kl"} <= set(metrics)
+
+
+def test_itrpo_networks_start_from_rlkits_initialisation():
+    """rlkit's Mlp: hidden weights U(+-1/sqrt(out_features)) (fanin_init reads weight.size(0)), zero
+    hidden biases, output weights U(+-3e-3) for Q and U(+-1e-3) for the policies; the policy's separate
+    log-std layer draws its bias from U(+-1e-3), its mean layer's bias is zero."""
+    itrpo = load_algorithm("itrpo")
+    torch.manual_seed(0)
+    obs_dim, act_dim, hidden = 200, 6, 64  # first layers: 1/sqrt(out) = 0.125, PyTorch's 1/sqrt(in) is smaller
+
+    def check_uniform(w, bound):
+        assert w.abs().max().item() <= bound
+        assert w.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)
+
+    for policy in (itrpo.TanhGaussian(obs_dim, act_dim, hidden, n_hidden=3),
+                   itrpo.TanhGaussian(obs_dim, act_dim, hidden, n_hidden=2)):  # actor, behaviour model
+        *hidden_layers, out = [m for m in policy.net if isinstance(m, torch.nn.Linear)]
+        for layer in hidden_layers:
+            check_uniform(layer.weight, 1 / hidden**0.5)
+            assert (layer.bias == 0).all()
+        assert out.weight.abs().max().item() <= 1e-3 and out.weight.std().item() > 4e-4
+        assert (out.bias[:act_dim] == 0).all()
+        assert out.bias[act_dim:].abs().max().item() <= 1e-3 and (out.bias[act_dim:] != 0).all()
+    critic = itrpo.Critic(obs_dim, act_dim, hidden)
+    *hidden_layers, out = [m for m in critic.net if isinstance(m, itrpo.EnsembleLinear)]
+    for layer in hidden_layers:
+        for w in layer.weight:
+            check_uniform(w, 1 / hidden**0.5)
+        assert (layer.bias == 0).all()
+    assert out.weight.abs().max().item() <= 3e-3 and out.weight.std().item() > 1e-3 and (out.bias == 0).all()
+
+
+def test_itrpo_rewards_are_the_codes_buffer_transform_then_its_trainers_bonus():
+    """offorRL: the replay buffer subtracts 1 on antmaze (env_replay_buffer.py), the trainer adds
+    reward_bonus 5 to every reward (ikl_trainer.py, ikl.yaml): r + 4 on antmaze, r + 5 elsewhere."""
+    itrpo = load_algorithm("itrpo")
+    for dataset_id, expected in (("D4RL/antmaze/umaze-v1", [4.0, 5.0]), ("mujoco/hopper/medium-v0", [5.0, 6.0]),
+                                 ("local/hopper/medium-replay-v0", [5.0, 6.0])):
+        args = itrpo.Args(env=dataset_id, **itrpo.domain_defaults(dataset_id))
+        data = types.SimpleNamespace(rewards=torch.tensor([0.0, 1.0]))
+        itrpo.transform_rewards(data, args)
+        torch.testing.assert_close(data.rewards, torch.tensor(expected), msg=dataset_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fisher-BRC (google-research fisher_brc: fisher_brc.py, behavioral_cloning.py)
+# ----------------------------------------------------------------------------------------------
+def test_fisher_brc_actor_temperature_step_is_scaled_by_alpha_as_in_the_official_code():
+    """fisher_brc.py fit_actor: alpha_loss = mean(alpha * (-log pi - target_entropy)), so its gradient
+    in log alpha is alpha * (H - target)."""
+    fbrc = load_algorithm("fisher_brc")
+    agent = fbrc.FisherBRC(fbrc.Args(hidden_dim=16, n_components=3), 3, 2, torch.device("cpu"))
+    agent.behavior.requires_grad_(False)
+    with torch.no_grad():
+        agent.log_alpha.fill_(-3.0)
+    obs = torch.randn(32, 3)
+    metrics = agent.train(fbrc.common.Batch(obs, torch.rand(32, 2) * 2 - 1, torch.zeros(32), obs, torch.zeros(32)))
+    expected = torch.exp(torch.tensor(-3.0)) * (metrics["charts/entropy"] - agent.target_entropy)
+    torch.testing.assert_close(agent.log_alpha.grad, expected, rtol=1e-4, atol=1e-7)  # .grad stays after the step
 
 
 def test_fisher_brc_regression_slope():

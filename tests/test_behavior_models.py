@@ -1,6 +1,7 @@
-"""Behaviour models: Fisher-BRC's training step as in the authors' code, and the on-disk cache that
-lets seeds and settings share one behaviour model (Fisher-BRC, iTRPO, BRAC+)."""
+"""Behaviour models: Fisher-BRC's and iTRPO's training steps as in the authors' code, and the on-disk
+cache that lets seeds and settings share one behaviour model (Fisher-BRC, iTRPO, BRAC+)."""
 
+import copy
 import json
 import os
 
@@ -48,6 +49,41 @@ def test_fisher_brc_temperature_step_is_scaled_by_alpha_as_in_the_official_code(
     metrics = agent.train_behavior(batch)  # the gradient stays in .grad after the step
     expected = torch.exp(torch.tensor(-3.0)) * (metrics["charts/behavior_entropy"] - agent.target_entropy)
     torch.testing.assert_close(agent.behavior_log_alpha.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_fisher_brc_behaviour_learning_rate_drops_one_update_after_each_boundary_as_keras_does():
+    """behavioral_cloning.py: PiecewiseConstantDecay([800k, 900k], [1e-3, 1e-4, 1e-5]) of the optimiser's
+    step count, which is n - 1 at update n: 1e-3 while n - 1 <= 800k, i.e. for the first 800,001 updates."""
+    fbrc, agent = fisher_brc_agent(bc_steps=20, bc_lr=1e-3)  # boundaries 16 and 18
+    obs, act = torch.randn(32, 3), torch.rand(32, 2) * 2 - 1
+    batch = fbrc.common.Batch(obs, act, torch.zeros(32), obs, torch.zeros(32))
+    used = []  # the rates each update runs at (the schedulers step after the update)
+    for _ in range(20):
+        used.append([opt.param_groups[0]["lr"] for opt in (agent.behavior_optimizer, agent.behavior_alpha_optimizer)])
+        agent.train_behavior(batch)
+    keras = [1e-3 if step <= 16 else 1e-4 if step <= 18 else 1e-5 for step in range(20)]
+    assert [model for model, _ in used] == pytest.approx(keras)
+    assert [temperature for _, temperature in used] == pytest.approx(keras)
+
+
+def test_itrpo_behaviour_loss_uses_the_temperature_after_its_step():
+    """bc_trainer.py steps log alpha first, then adds exp(log alpha).detach() * log pi to the loss."""
+    itrpo = load_algorithm("itrpo")
+    torch.manual_seed(0)
+    agent = itrpo.ITRPO(itrpo.Args(hidden_dim=16, bc_steps=10, bc_lr=0.5), 3, 2, torch.device("cpu"))
+    before = copy.deepcopy(agent.behavior)
+    obs, act = torch.randn(32, 3), torch.rand(32, 2) * 1.8 - 0.9
+    torch.manual_seed(1)
+    agent.train_behavior(itrpo.common.Batch(obs, act, torch.zeros(32), obs, torch.zeros(32)))
+    alpha = agent.behavior_log_alpha.exp().detach()
+    assert abs(alpha.item() - 1.0) > 0.3  # the step moved it (Adam's first step is the learning rate)
+    torch.manual_seed(1)  # the same entropy sample, on the model as it was before the step
+    params = before(obs)
+    log_prob = itrpo.tanh_gaussian_log_prob(*params, act)
+    entropy = -itrpo.tanh_gaussian_sample(*params)[1]
+    (-(log_prob + alpha * entropy).mean()).backward()
+    for got, want in zip(agent.behavior.parameters(), before.parameters()):  # .grad stays after the step
+        torch.testing.assert_close(got.grad, want.grad)
 
 
 SMALL = {"brac_plus": ["--pretrain-steps", "10", "--epoch-steps", "10", "--kl-states", "64", "--batch-size", "16",

@@ -549,7 +549,7 @@ def test_fisher_brc_step_is_the_unfused_step():
         ref.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         ref.actor_optimizer.step()
-        alpha_loss = -(ref.log_alpha * (log_pi.detach() + ref.target_entropy)).mean()
+        alpha_loss = (ref.log_alpha.exp() * (-log_pi.detach() - ref.target_entropy)).mean()
         ref.alpha_optimizer.zero_grad(set_to_none=True)
         alpha_loss.backward()
         ref.alpha_optimizer.step()
@@ -619,15 +619,15 @@ def itrpo_reference(itrpo, ref):
         obs, actions = batch.observations, batch.actions
         log_prob = ref.behavior.log_prob(obs, actions)
         entropy = -ref.behavior.sample(obs)[1]
+        alpha_loss = (ref.behavior_log_alpha.exp() * (entropy.detach() - ref.target_entropy)).mean()
+        ref.behavior_alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        ref.behavior_alpha_optimizer.step()
         alpha = ref.behavior_log_alpha.exp().detach()
         loss = -(log_prob + alpha * entropy).mean()
         ref.behavior_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         ref.behavior_optimizer.step()
-        alpha_loss = (ref.behavior_log_alpha.exp() * (entropy.detach() - ref.target_entropy)).mean()
-        ref.behavior_alpha_optimizer.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        ref.behavior_alpha_optimizer.step()
         return {"losses/behavior_nll": -log_prob.mean().detach(), "charts/behavior_entropy": entropy.mean().detach(),
                 "charts/behavior_alpha": alpha}
 
