@@ -583,10 +583,10 @@ def transform_rewards(data: OfflineData, name: str) -> None:
 
     none:         r
     return-range: r * 1000 / (max episode return - min episode return)   (IQL, ARQ locomotion)
-    minus-one:    r - 1                                                   (IQL, ARQ, iTRPO antmaze)
+    minus-one:    r - 1                                                   (IQL, ARQ, iTRPO before its bonus, antmaze)
     cql-antmaze:  (r - 0.5) * 4                                           (CQL antmaze)
     min-max:      (r - min r) / (max r - min r), into [0, 1]              (BRAC+)
-    plus-five:    r + 5, the "survival bonus"                             (Fisher-BRC, iTRPO)
+    plus-five:    r + 5, the "survival bonus"                             (Fisher-BRC)
     """
     r = data.rewards
     if name == "none":
