@@ -120,8 +120,15 @@ class Actor(nn.Module):
         # validate_args=False: the distribution's argument checks would sync the device on every call
         return torch.distributions.Normal(self.mean(obs), std, validate_args=False)
 
+    @staticmethod
+    def draw(pi: torch.distributions.Normal) -> torch.Tensor:
+        """A sample of pi, clipped to the action box, without gradient. Drawn as mean + std * noise
+        (the same numbers as pi.sample()): Normal.sample() checks std >= 0 on the host, a device sync."""
+        with torch.no_grad():
+            return (pi.loc + pi.scale * torch.randn_like(pi.loc)).clamp(-1.0, 1.0)
+
     def sample(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.distribution(obs).sample().clamp(-1.0, 1.0)
+        return self.draw(self.distribution(obs))
 
 
 class EnsembleLinear(nn.Module):
@@ -201,7 +208,7 @@ class AWR:
         pi = self.actor.distribution(obs)  # one forward serves the value's sample and the log-likelihood
         with torch.no_grad():
             # V(s) from one policy action and Q(s, a) at the dataset action, in one critic call
-            q = torch.min(*self.critic(obs.repeat(2, 1), torch.cat([pi.sample().clamp(-1.0, 1.0), actions])))
+            q = torch.min(*self.critic(obs.repeat(2, 1), torch.cat([self.actor.draw(pi), actions])))
             v, q_data = q.chunk(2)
             advantages = q_data - v
             weights = awr_weights(advantages, args.awr_lambda, args.max_weight)
