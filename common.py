@@ -749,7 +749,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ----------------------------------------------------------------------------------------------
-# Precision: --precision bf16
+# Network layers that carry the speed mechanics: batched ensembles and --precision bf16
 # ----------------------------------------------------------------------------------------------
 Precision = Literal["fp32", "bf16"]
 
@@ -757,7 +757,7 @@ Precision = Literal["fp32", "bf16"]
 def autocast(step: Callable, precision: str, device: torch.device) -> Callable:
     """`step` (a training step) as it is for fp32; for bf16, run under torch.autocast(bfloat16): the
     matrix products of the hidden layers take bf16 inputs, while parameters, gradients and optimiser
-    states stay fp32 and every network's output layer computes in fp32 (OutputLinear, and the files'
+    states stay fp32 and every network's output layer computes in fp32 (OutputLinear and
     EnsembleLinear(output=True)), so that Q values, log-stds and logits are not rounded to bf16's
     8-bit mantissa. Only the training steps: evaluation runs in fp32."""
     if precision == "fp32":
@@ -773,15 +773,63 @@ def autocast(step: Callable, precision: str, device: torch.device) -> Callable:
     return bf16_step
 
 
+def _autocasting(x: torch.Tensor) -> bool:
+    device = x.device.type
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+
+
 class OutputLinear(torch.nn.Linear):
     """nn.Linear for a network's output layer: under --precision bf16 (autocast) it computes in fp32
     from the bf16 hidden activations; without autocast it is nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_autocast_enabled(x.device.type):
+        if not _autocasting(x):
             return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
             return torch.nn.functional.linear(x.float(), self.weight, self.bias)
+
+
+class EnsembleLinear(torch.nn.Module):
+    """E independent linear layers applied to an (E, N, in) batch as one batched matmul, so that twin
+    critics or an ensemble cost one kernel per layer. Each member is initialised as nn.Linear(in, out)
+    would be; weight is (E, in, out), i.e. each member's nn.Linear weight transposed. With
+    `member=i` the layer maps (N, in) through member i alone (an actor's loss that needs only Q1).
+    `output=True`: a network's output layer, in fp32 under --precision bf16 as OutputLinear."""
+
+    def __init__(self, n: int, in_dim: int, out_dim: int, output: bool = False):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)
+        self.weight = torch.nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = torch.nn.Parameter(torch.empty(n, 1, out_dim).uniform_(-bound, bound))
+        self.output = output
+
+    def forward(self, x: torch.Tensor, member: int | None = None) -> torch.Tensor:
+        product, bias, weight = torch.baddbmm, self.bias, self.weight
+        if member is not None:
+            product, bias, weight = torch.addmm, self.bias[member], self.weight[member]
+        if self.output and _autocasting(x):
+            with torch.autocast(x.device.type, enabled=False):
+                return product(bias, x.float(), weight)
+        return product(bias, x, weight)
+
+
+class EnsembleMLP(torch.nn.Sequential):
+    """EnsembleLinear and ReLU layers; `forward(x, member=i)` runs member i alone on (N, in) inputs."""
+
+    def forward(self, x: torch.Tensor, member: int | None = None) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, member) if isinstance(layer, EnsembleLinear) else layer(x)
+        return x
+
+
+def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> EnsembleMLP:
+    """n independent networks of n_hidden ReLU layers of width hidden_dim and a linear output layer,
+    evaluated together on (n, N, in_dim) inputs (expand one batch to give every member the same)."""
+    layers, d = [], in_dim
+    for _ in range(n_hidden):
+        layers += [EnsembleLinear(n, d, hidden_dim), torch.nn.ReLU()]
+        d = hidden_dim
+    return EnsembleMLP(*layers, EnsembleLinear(n, d, out_dim, output=True))
 
 
 # ----------------------------------------------------------------------------------------------

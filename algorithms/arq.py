@@ -273,31 +273,14 @@ class Actor(nn.Module):
         return torch.distributions.Normal(mean, std, validate_args=False).log_prob(act).sum(-1)
 
 
-class EnsembleLinear(nn.Module):
-    """E independent linear layers applied to an (E, N, in) batch as one batched matmul; each member
-    is initialised as a Keras Dense layer (glorot_)."""
-
-    def __init__(self, n: int, in_dim: int, out_dim: int, output: bool = False):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim))
-        self.bias = nn.Parameter(torch.empty(n, 1, out_dim))
-        glorot_(self.weight, self.bias, in_dim, out_dim)
-        self.output = output
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.output and torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):  # --precision bf16: an output layer stays fp32
-                return torch.baddbmm(self.bias, x.float(), self.weight)
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
-    """n independent networks shaped as mlp(in_dim, out_dim, hidden_dim, n_hidden), evaluated together."""
-    layers, d = [], in_dim
-    for _ in range(n_hidden):
-        layers += [EnsembleLinear(n, d, hidden_dim), nn.ReLU()]
-        d = hidden_dim
-    return nn.Sequential(*layers, EnsembleLinear(n, d, out_dim, output=True))
+def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> common.EnsembleMLP:
+    """common.ensemble_mlp with every layer initialised as a Keras Dense layer (glorot_)."""
+    net = common.ensemble_mlp(n, in_dim, out_dim, hidden_dim, n_hidden)
+    with torch.no_grad():
+        for layer in net:
+            if isinstance(layer, common.EnsembleLinear):
+                glorot_(layer.weight, layer.bias, *layer.weight.shape[1:])
+    return net
 
 
 class Critic(nn.Module):
@@ -332,6 +315,12 @@ class ScoreNet(nn.Module):
         for l1, l2 in self.blocks:
             h = h + l2(F.silu(l1(F.silu(h + emb)) + emb))
         return self.out(h)
+
+
+def drawn(sample, shape, device: torch.device, gen: torch.Generator, *args) -> torch.Tensor:
+    """sample(*args, shape) from `gen` on `device`, drawn on the generator's own device: the support
+    is generated with a generator on the training device, evaluation with one on the CPU."""
+    return sample(*args, shape, generator=gen, device=gen.device).to(device)
 
 
 class ScoreModel(nn.Module):
@@ -396,7 +385,7 @@ class ScoreModel(nn.Module):
         of one state): per-sample norms (the official configs) make the step unbounded wherever the
         score vanishes, which in one dimension throws samples far out; per-batch norms (Song et al.)
         would make a state's samples depend on the other states in the batch."""
-        x = torch.randn(len(s), self.act_dim, device=s.device, generator=gen)
+        x = drawn(torch.randn, (len(s), self.act_dim), s.device, gen)
         x_mean = x
         times = torch.linspace(1.0, self.T_SAMPLE_MIN, steps, device=s.device)
         dt = (1.0 - self.T_SAMPLE_MIN) / max(steps - 1, 1)
@@ -407,18 +396,18 @@ class ScoreModel(nn.Module):
         for t in times:
             tt = t.expand(len(s))
             grad = self.score(x, s, tt)
-            noise = torch.randn(x.shape, device=s.device, generator=gen)
+            noise = drawn(torch.randn, x.shape, s.device, gen)
             step = 2.0 * (snr * group_norm(noise) / group_norm(grad)) ** 2
             x = x + step * grad + (2.0 * step).sqrt() * noise
             beta = self.beta(t)
             x_mean = x + (0.5 * beta * x + beta * self.score(x, s, tt)) * dt
-            x = x_mean + (beta * dt) ** 0.5 * torch.randn(x.shape, device=s.device, generator=gen)
+            x = x_mean + (beta * dt) ** 0.5 * drawn(torch.randn, x.shape, s.device, gen)
         return x_mean
 
     @torch.no_grad()
     def sample_ode(self, s: torch.Tensor, steps: int, gen: torch.Generator) -> torch.Tensor:
         """Probability-flow ODE, DDIM (eta = 0) steps: x' = alpha' x0_hat + sigma' eps_hat."""
-        x = torch.randn(len(s), self.act_dim, device=s.device, generator=gen)
+        x = drawn(torch.randn, (len(s), self.act_dim), s.device, gen)
         times = torch.linspace(1.0, self.T_SAMPLE_MIN, steps, device=s.device)
         for i, t in enumerate(times):
             alpha, sigma = self.alpha_sigma(t)
@@ -458,7 +447,7 @@ class ScoreModel(nn.Module):
         """log p_0(x) of standardised actions x: RK4 on (x, int div) from t = 1e-5 to 1, `steps` steps."""
         probes = None
         if self.act_dim > exact_max_dim:
-            probes = torch.randint(0, 2, (n_probes, *x.shape), device=x.device, generator=gen).float() * 2 - 1
+            probes = drawn(torch.randint, (n_probes, *x.shape), x.device, gen, 0, 2).float() * 2 - 1
         # Quadratic time grid: the drift's eps_hat / sigma(t) term is stiff near t = 0; on the toy of
         # tests/test_arq.py 20 steps are within 0.2 nats of 400, a uniform grid is off by up to 6.
         u = torch.linspace(0.0, 1.0, steps + 1, device=x.device)
@@ -624,7 +613,8 @@ class ARQ:
         if args.policy == "awr":
             self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
             self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, fused=True)
-        self.eval_gen = torch.Generator(device).manual_seed(args.seed)
+        # on the CPU: a checkpoint's generator state then restores on any device (evaluation noise is small)
+        self.eval_gen = torch.Generator().manual_seed(args.seed)
         for name in ("train_score", "train"):
             step = common.autocast(getattr(self, name), args.precision, device)
             setattr(self, name, torch.compile(step) if args.compile else step)
@@ -698,7 +688,9 @@ class ARQ:
         q = q.view(len(obs), args.n_support)
         adv = q - (q * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True)
         logits = torch.where(keep, args.alpha * adv, -torch.inf)
-        choice = torch.multinomial(logits.softmax(1), 1, generator=self.eval_gen).squeeze(1)
+        # a draw from softmax(logits) by the Gumbel-max trick, from the CPU generator's uniform noise
+        u = drawn(torch.rand, logits.shape, logits.device, self.eval_gen).clamp_min(1e-20)
+        choice = (logits - torch.log(-torch.log(u))).argmax(1)
         return actions[torch.arange(len(obs), device=obs.device), choice]
 
     def state_dict(self) -> dict:

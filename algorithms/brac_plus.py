@@ -295,32 +295,15 @@ def gaussian_kl(mean_p: torch.Tensor, std_p: torch.Tensor, mean_q: torch.Tensor,
     return (torch.log(std_q / std_p) + (std_p.pow(2) + (mean_p - mean_q).pow(2)) / (2.0 * std_q.pow(2)) - 0.5).sum(-1)
 
 
-class EnsembleLinear(nn.Module):
-    """E independent linear layers applied to an (E, N, in) batch as one batched matmul; each member
-    is initialised by keras_init_ (Glorot uniform, zero bias)."""
-
-    def __init__(self, n: int, in_dim: int, out_dim: int, output: bool = False):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim))
-        self.bias = nn.Parameter(torch.empty(n, 1, out_dim))
-        keras_init_(self)
-        self.output = output
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.output and torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):  # --precision bf16: an output layer stays fp32
-                return torch.baddbmm(self.bias, x.float(), self.weight)
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
 def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int,
-                 out_bound: Optional[float] = None) -> nn.Sequential:
-    """n independent networks shaped as mlp(in_dim, out_dim, hidden_dim, n_hidden, out_bound), evaluated together."""
-    layers, d = [], in_dim
-    for _ in range(n_hidden):
-        layers += [EnsembleLinear(n, d, hidden_dim), nn.ReLU()]
-        d = hidden_dim
-    return nn.Sequential(*layers, keras_init_(EnsembleLinear(n, d, out_dim, output=True), out_bound))
+                 out_bound: Optional[float] = None) -> common.EnsembleMLP:
+    """common.ensemble_mlp initialised by keras_init_ (output kernel U(+-out_bound) if given)."""
+    net = common.ensemble_mlp(n, in_dim, out_dim, hidden_dim, n_hidden)
+    *hidden, out = [m for m in net if isinstance(m, common.EnsembleLinear)]
+    for layer in hidden:
+        keras_init_(layer)
+    keras_init_(out, out_bound)
+    return net
 
 
 def gaussian_head(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -542,7 +525,7 @@ class BRACPlus:
     def gp_weight(self) -> torch.Tensor:
         """lambda in the critic's loss: --gp-weight (paper), or the multiplier (official)."""
         if self.args.gp_mode == "paper":
-            return torch.tensor(self.args.gp_weight)
+            return torch.full((), self.args.gp_weight, device=self.gp_raw.device)  # made on the device: no host copy
         return self.gp_multiplier().detach()
 
     def train_behavior(self, batch: common.Batch) -> dict:
@@ -710,7 +693,7 @@ class BRACPlus:
                 "losses/alpha_loss": alpha_loss, "losses/q1": q1.mean().detach(),
                 "charts/kl": kl.mean().detach(), "charts/kl_violation": (kl > self.kl_threshold).float().mean(),
                 "charts/gp_fraction": (gate_kl > self.gp_threshold).float().mean(),
-                "charts/gp_threshold": torch.tensor(self.gp_threshold),
+                "charts/gp_threshold": torch.full((), self.gp_threshold, device=kl.device),
                 "charts/alpha": alpha.mean(), "charts/beta": beta, "charts/gp_weight": gp_weight,
                 "charts/entropy": -log_pi.mean().detach()}
 

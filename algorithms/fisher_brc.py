@@ -136,40 +136,13 @@ def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequent
     return nn.Sequential(*layers, common.OutputLinear(d, out_dim))
 
 
-class EnsembleLinear(nn.Module):
-    """E independent linear layers applied to an (E, N, in) batch as one batched matmul; each member
-    is initialised as an nn.Linear would be (uniform in +-1/sqrt(in))."""
-
-    def __init__(self, n: int, in_dim: int, out_dim: int, output: bool = False):
-        super().__init__()
-        bound = 1.0 / math.sqrt(in_dim)
-        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(n, 1, out_dim).uniform_(-bound, bound))
-        self.output = output
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.output and torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):  # --precision bf16: an output layer stays fp32
-                return torch.baddbmm(self.bias, x.float(), self.weight)
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
-    """n independent networks shaped as mlp(in_dim, out_dim, hidden_dim, n_hidden), evaluated together."""
-    layers, d = [], in_dim
-    for _ in range(n_hidden):
-        layers += [EnsembleLinear(n, d, hidden_dim), nn.ReLU()]
-        d = hidden_dim
-    return nn.Sequential(*layers, EnsembleLinear(n, d, out_dim, output=True))
-
-
 def orthogonal_init(net: nn.Sequential) -> nn.Sequential:
     """The official code's initialisation: orthogonal weights (gain sqrt 2, output layer 1e-2), zero
     biases; each member of an ensemble layer gets its own orthogonal matrix."""
-    linears = [m for m in net if isinstance(m, (nn.Linear, EnsembleLinear))]
+    linears = [m for m in net if isinstance(m, (nn.Linear, common.EnsembleLinear))]
     with torch.no_grad():
         for i, layer in enumerate(linears):
-            for weight in layer.weight if isinstance(layer, EnsembleLinear) else [layer.weight]:
+            for weight in layer.weight if isinstance(layer, common.EnsembleLinear) else [layer.weight]:
                 nn.init.orthogonal_(weight, gain=1e-2 if i == len(linears) - 1 else math.sqrt(2.0))
             nn.init.zeros_(layer.bias)
     return net
@@ -246,7 +219,7 @@ class Offsets(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.net = orthogonal_init(ensemble_mlp(2, obs_dim + act_dim, 1, hidden_dim, 3))
+        self.net = orthogonal_init(common.ensemble_mlp(2, obs_dim + act_dim, 1, hidden_dim, 3))
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """(2, N): O_1(s, a) and O_2(s, a), which unpack as `o1, o2 = offsets(obs, act)`. `act` is

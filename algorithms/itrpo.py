@@ -220,40 +220,13 @@ class TanhGaussian(nn.Module):
         return tanh_gaussian_log_prob(*(x.repeat_interleave(n, 0) for x in self(obs)), act)
 
 
-class EnsembleLinear(nn.Module):
-    """E independent linear layers applied to an (E, N, in) batch as one batched matmul; each member
-    is initialised as an nn.Linear would be (uniform in +-1/sqrt(in))."""
-
-    def __init__(self, n: int, in_dim: int, out_dim: int, output: bool = False):
-        super().__init__()
-        bound = 1.0 / math.sqrt(in_dim)
-        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(n, 1, out_dim).uniform_(-bound, bound))
-        self.output = output
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.output and torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):  # --precision bf16: an output layer stays fp32
-                return torch.baddbmm(self.bias, x.float(), self.weight)
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
-    """n independent networks shaped as mlp(in_dim, out_dim, hidden_dim, n_hidden), evaluated together."""
-    layers, d = [], in_dim
-    for _ in range(n_hidden):
-        layers += [EnsembleLinear(n, d, hidden_dim), nn.ReLU()]
-        d = hidden_dim
-    return nn.Sequential(*layers, EnsembleLinear(n, d, out_dim, output=True))
-
-
 class Critic(nn.Module):
     """Twin Q networks as a 2-member ensemble: every layer is one batched matmul for both."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
         # rlkit's ConcatMlp (init_w 3e-3)
-        self.net = rlkit_init(ensemble_mlp(2, obs_dim + act_dim, 1, hidden_dim, 3), output_bound=3e-3)
+        self.net = rlkit_init(common.ensemble_mlp(2, obs_dim + act_dim, 1, hidden_dim, 3), output_bound=3e-3)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """(2, N): Q1(s, a) and Q2(s, a), which unpack as `q1, q2 = critic(obs, act)`.

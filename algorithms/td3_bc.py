@@ -15,7 +15,6 @@ Deviations:
 """
 
 import copy
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -115,39 +114,12 @@ class Actor(nn.Module):
         return torch.tanh(self.net(obs))
 
 
-class EnsembleLinear(nn.Module):
-    """E independent linear layers applied to an (E, N, in) batch as one batched matmul; each member
-    is initialised as an nn.Linear would be (uniform in +-1/sqrt(in))."""
-
-    def __init__(self, n: int, in_dim: int, out_dim: int, output: bool = False):
-        super().__init__()
-        bound = 1.0 / math.sqrt(in_dim)
-        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(n, 1, out_dim).uniform_(-bound, bound))
-        self.output = output
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.output and torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):  # --precision bf16: an output layer stays fp32
-                return torch.baddbmm(self.bias, x.float(), self.weight)
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
-    """n independent networks shaped as mlp(in_dim, out_dim, hidden_dim, n_hidden), evaluated together."""
-    layers, d = [], in_dim
-    for _ in range(n_hidden):
-        layers += [EnsembleLinear(n, d, hidden_dim), nn.ReLU()]
-        d = hidden_dim
-    return nn.Sequential(*layers, EnsembleLinear(n, d, out_dim, output=True))
-
-
 class Critic(nn.Module):
     """Twin Q networks as a 2-member ensemble: every layer is one batched matmul for both."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.net = ensemble_mlp(2, obs_dim + act_dim, 1, hidden_dim, 2)
+        self.net = common.ensemble_mlp(2, obs_dim + act_dim, 1, hidden_dim, 2)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """(2, N): Q1(s, a) and Q2(s, a), which unpack as `q1, q2 = critic(obs, act)`."""
@@ -155,13 +127,8 @@ class Critic(nn.Module):
         return self.net(x.expand(2, -1, -1)).squeeze(-1)
 
     def q1(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        """Q1(s, a) alone, from the first member's weights (the actor's loss needs no Q2)."""
-        x = torch.cat([obs, act], dim=-1)
-        *hidden, out = self.net
-        for layer in hidden:
-            x = torch.addmm(layer.bias[0], x, layer.weight[0]) if isinstance(layer, EnsembleLinear) else layer(x)
-        with torch.autocast(x.device.type, enabled=False):  # --precision bf16: the output layer stays fp32
-            return torch.addmm(out.bias[0], x.float(), out.weight[0]).squeeze(-1)
+        """Q1(s, a) alone, from the first member (the actor's loss needs no Q2)."""
+        return self.net(torch.cat([obs, act], dim=-1), member=0).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -273,7 +273,7 @@ def test_fisher_brc_gradient_penalty_reaches_the_offset_parameters():
     gp = fbrc.gradient_penalty(offsets, torch.randn(5, 3), torch.randn(5, 2))
     gp.backward()
     # every weight matrix of both networks shapes grad_a O (the output bias cannot, and gets no gradient)
-    weights = [m.weight.grad[i] for m in offsets.net if isinstance(m, fbrc.EnsembleLinear) for i in range(2)]
+    weights = [m.weight.grad[i] for m in offsets.net if isinstance(m, fbrc.common.EnsembleLinear) for i in range(2)]
     assert len(weights) == 8 and all(w.abs().sum() > 0 for w in weights)
 
 

@@ -238,7 +238,7 @@ def test_every_layer_starts_as_a_keras_dense_layer():
               for net in (agent.actor, agent.score.net, agent.score.ema_net)
               for m in net.modules() if isinstance(m, torch.nn.Linear)]
     layers += [(m.weight, m.bias, *m.weight.shape[1:]) for m in agent.critic.modules()
-               if isinstance(m, arq.EnsembleLinear)]
+               if isinstance(m, arq.common.EnsembleLinear)]
     assert len(layers) == 3 + 2 * 5 + 3
     for weight, bias, fan_in, fan_out in layers:
         bound = (6.0 / (fan_in + fan_out)) ** 0.5

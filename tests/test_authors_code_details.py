@@ -183,7 +183,7 @@ def test_itrpo_networks_start_from_rlkits_initialisation():
         assert (out.bias[:act_dim] == 0).all()
         assert out.bias[act_dim:].abs().max().item() <= 1e-3 and (out.bias[act_dim:] != 0).all()
     critic = itrpo.Critic(obs_dim, act_dim, hidden)
-    *hidden_layers, out = [m for m in critic.net if isinstance(m, itrpo.EnsembleLinear)]
+    *hidden_layers, out = [m for m in critic.net if isinstance(m, itrpo.common.EnsembleLinear)]
     for layer in hidden_layers:
         for w in layer.weight:
             check_uniform(w, 1 / hidden**0.5)

@@ -339,7 +339,7 @@ def test_policy_scale_is_softplus_of_the_clipped_head_output():
 
 
 def linear_layers(net):
-    return [m for m in net if isinstance(m, (torch.nn.Linear, bp.EnsembleLinear))]
+    return [m for m in net if isinstance(m, (torch.nn.Linear, bp.common.EnsembleLinear))]
 
 
 def test_every_network_has_two_hidden_layers():

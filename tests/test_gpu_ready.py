@@ -1,10 +1,14 @@
 """What a GPU run needs, checked on the CPU: a training step of every file reads nothing back to the
-host (each read is a device sync that stalls the GPU's queue)."""
+host (each read is a device sync that stalls the GPU's queue) and makes no tensor on the CPU."""
+
+import os
+import sys
 
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from conftest import ROOT, load_algorithm
 from test_precision import SMALL, agent_of, batch_for
 
 # Ops that read a value back on the CPU but not on CUDA: the fused Adam kernel reads its step count,
@@ -38,3 +42,76 @@ def test_training_steps_read_nothing_back_to_the_host(name):
         for _ in range(3):  # past the first steps (delayed actor updates, lazily built state)
             getattr(agent, step)(batch)
         assert host_reads(getattr(agent, step), batch) == [], f"{name}.{step}"
+
+
+def agent_on(name: str, device: torch.device):
+    module = load_algorithm(name)
+    cls = next(v for v in vars(module).values()
+               if isinstance(v, type) and v.__module__ == module.__name__ and hasattr(v, "act"))
+    args = module.Args(**SMALL[name][0])
+    for k, v in (module.domain_defaults(args.env).items() if hasattr(module, "domain_defaults") else ()):
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    torch.manual_seed(0)
+    return module, cls(args, 5, 3, device)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_training_steps_run_with_agent_and_data_on_another_device(name):
+    """PyTorch's meta device stands in for CUDA: a tensor made on the CPU inside a step (a
+    torch.tensor(...) without device=) meets the batch's tensors there and raises, as on a GPU. The
+    fused Adam kernel has no meta version, so here the optimisers run unfused."""
+    meta = torch.device("meta")
+    module, agent = agent_on(name, meta)
+    for optimizer in (v for v in vars(agent).values() if isinstance(v, torch.optim.Optimizer)):
+        for group in optimizer.param_groups:
+            group["fused"] = False
+    for step in SMALL[name][1]:
+        batch = batch_for(module, step)
+        batch = type(batch)(*(t.to(meta) for t in batch))
+        for _ in range(2):
+            getattr(agent, step)(batch)
+
+
+def test_arq_keeps_its_evaluation_generator_on_the_cpu_so_a_checkpoint_resumes_on_any_device():
+    _, agent = agent_on("arq", torch.device("meta"))
+    assert agent.eval_gen.device.type == "cpu"
+
+
+class CpuFactories(torch.overrides.TorchFunctionMode):
+    """Records the tensor factories that the files' own code (algorithms/, common.py) calls inside a
+    training step and that make a tensor on the CPU. (Unfused Adam keeps its step count on the CPU;
+    the fused Adam the files use keeps it on the device.)"""
+
+    FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.arange,
+                 torch.linspace, torch.randn, torch.rand, torch.randint, torch.eye}
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        caller = sys._getframe(1).f_code.co_filename
+        ours = caller.startswith(os.path.join(ROOT, "algorithms")) or caller == os.path.join(ROOT, "common.py")
+        if ours and func in self.FACTORIES and isinstance(out, torch.Tensor) and out.device.type == "cpu":
+            self.made.append(f"{func.__name__} at {os.path.basename(caller)}:{sys._getframe(1).f_lineno}")
+        return out
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_training_steps_make_no_tensor_on_the_cpu(name):
+    """A 0-dim CPU tensor mixes with CUDA tensors without an error, but it is a host value inside the
+    step: a host-to-device copy in eager mode, and it keeps a compiled step out of CUDA graphs."""
+    meta = torch.device("meta")
+    module, agent = agent_on(name, meta)
+    for optimizer in (v for v in vars(agent).values() if isinstance(v, torch.optim.Optimizer)):
+        for group in optimizer.param_groups:
+            group["fused"] = False
+    for step in SMALL[name][1]:
+        batch = batch_for(module, step)
+        batch = type(batch)(*(t.to(meta) for t in batch))
+        with CpuFactories() as probe:
+            for _ in range(2):
+                getattr(agent, step)(batch)
+        assert probe.made == [], f"{name}.{step}"
