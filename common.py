@@ -1,8 +1,7 @@
-"""Shared plumbing for the single-file algorithms in `algorithms/`.
-
-Only infrastructure lives here: loading a Minari dataset into flat tensors, state normalisation,
-reward transforms, batch sampling, evaluation, seeding, logging and atomic file writing.
-No algorithmic code: every loss lives in its algorithm's file.
+"""Shared plumbing for the single-file algorithms in `algorithms/`: checks of flags, state
+normalisation and reward transforms, batches, evaluation, seeding, devices, precision, the run
+folder (logs, results.json, checkpoints) and the pretraining caches. Data comes from the data layer
+(`offline_data/`) through `load_dataset`. No algorithmic code: every loss lives in its algorithm's file.
 
 What the algorithm files can rely on:
 - Importing this module has no side effects. A script calls `install_user_error_hook()` first (an
@@ -12,38 +11,17 @@ What the algorithm files can rely on:
   the file's own `check_args(args)` its own, with `check_positive`, `check_nonnegative`,
   `check_interval` and `check_seed`. Flags left None (per-domain defaults) are not checked. `Run`
   refuses a batch size larger than the dataset, the first point where both are known.
-- `load_dataset(id)` is the only way data comes in: a local Minari dataset; a `local/...` id, built
-  on first use from the snapshots shipped in tools/ (by tools/make_dataset.py, leaving the global
-  random streams as they were); a known remote id, downloaded; or D4RL's own HDF5 file
-  (`d4rl/<name>` or its path, read by d4rl_files.py into the same flat arrays).
-- Actions are in [-1, 1]: rescaled from the dataset's Box on loading, and `evaluate` maps the
-  policy's actions back to the Box before stepping the env, so a tanh policy needs no bounds.
-- Whatever their source, `load_dataset` checks the flat arrays once: values that are not finite are
-  refused, episodes of length zero dropped and actions beyond the Box clipped, each with one line. A
-  damaged dataset file is one line that says how to rebuild or re-download it; a damaged or stale
-  cache (flat arrays, pretrained models) is rebuilt with a notice.
+- `load_dataset(id)` is the only way data comes in (see offline_data/dataset.py for the ids it
+  takes). Actions are in [-1, 1], and `evaluate` maps the policy's actions back to the dataset's Box.
 - Of the functions given an `OfflineData`, only `normalize_obs` (observations, next_observations)
   and `transform_rewards` (rewards) change it, in place; `episode_returns` stays raw.
-- `Run(args, algorithm, data)` takes the script's `Args` with the fields every file shares. It reads
-  env, seed, total_steps, eval_episodes, output_dir, run_name, save_model, track, wandb_project and
-  resume; the script's loop uses batch_size, eval_every, device and log_every (call `Run.log` every
-  log_every steps: it is where device scalars are synced). All fields go into results.json.
-- Resuming: the loop starts at `Run.resume(agent)`, calls `Run.checkpoint(step, agent)` after each
+- `Run(args, algorithm, data)` takes the script's `Args` with the fields every file shares (all of
+  them go into results.json). The loop starts at `Run.resume(agent)`, calls `Run.log` every
+  log_every steps (where device scalars are synced), `Run.checkpoint(step, agent)` after each
   evaluation and `Run.stop_if_signalled(step, agent)` after each step. A checkpoint holds whatever
-  `training_state(agent)` finds on the agent object (networks, optimisers, schedulers, tensors,
-  generators, numbers), the random streams and the evaluations.
-The conventions the algorithm files share (names, per-domain defaults, caches) are described in
-docs/implementation_notes.md.
-
-Data conventions:
-- A Minari episode stores T+1 observations and T of everything else. Transition t is
-  (obs[t], actions[t], rewards[t], obs[t+1]).
-- `terminals` come from `terminations` only; time-limit truncations are kept as ordinary
-  transitions with terminal 0 (Minari stores the true final observation, so bootstrapping from it
-  is correct). `timeouts` marks them.
-- Goal-conditioned Dict observations are flattened to concat(observation, desired_goal), and for
-  AntMaze to concat(achieved_goal, observation, desired_goal) (see `goal_obs_keys`).
-- For the usual MuJoCo tasks the action bounds already are [-1, 1], so the rescaling is the identity.
+  `training_state(agent)` finds on the agent object, the random streams and the evaluations.
+The data conventions and those the files share (names, per-domain defaults, caches) are described
+in docs/implementation_notes.md.
 """
 
 from __future__ import annotations
@@ -51,56 +29,25 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import difflib
+import hashlib
+import io
 import json
 import math
 import os
 import random
+import signal
 import time
-import warnings
-from typing import Any, Callable, Literal, NamedTuple, get_args
+from typing import Callable, Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
 
-import d4rl_files
-# These live in basics.py because tools/make_dataset.py, which resolve_dataset runs to build a local/*
-# dataset on first use, needs them too and must not import this module. Scripts use them as common.<name>.
-from basics import (  # noqa: F401
-    D4RL_REF_SCORES,
-    UserError,
-    atomic_write_bytes,
-    atomic_write_json,
-    install_user_error_hook,
-    save_checkpoint,
-)
-
-# Remote Minari datasets with continuous actions that we know of. An id that is neither local nor
-# listed here is reported as unknown (with close matches) instead of waiting on the network.
-_MUJOCO_TASKS = {
-    "halfcheetah": ("simple", "medium", "expert"),
-    "hopper": ("simple", "medium", "expert"),
-    "walker2d": ("simple", "medium", "expert"),
-    "ant": ("simple", "medium", "expert"),
-    "humanoid": ("simple", "medium", "expert"),
-    "humanoidstandup": ("simple", "medium", "expert"),
-    "swimmer": ("medium", "expert"),
-    "pusher": ("medium", "expert"),
-    "reacher": ("medium", "expert"),
-    "invertedpendulum": ("medium", "expert"),
-    "inverteddoublependulum": ("medium", "expert"),
-}
-KNOWN_REMOTE_DATASETS = sorted(
-    [f"mujoco/{task}/{kind}-v0" for task, kinds in _MUJOCO_TASKS.items() for kind in kinds]
-    + [f"D4RL/antmaze/{m}-v1" for m in ("umaze", "umaze-diverse", "medium-play", "medium-diverse",
-                                        "large-play", "large-diverse")]
-    + [f"D4RL/{t}/{k}-v2" for t in ("door", "hammer", "pen", "relocate")
-       for k in ("human", "cloned", "expert")]
-    + [f"D4RL/kitchen/{k}-v2" for k in ("complete", "partial", "mixed")]
-    + [f"D4RL/pointmaze/{m}-v2" for m in ("umaze", "umaze-dense", "medium", "medium-dense",
-                                          "large", "large-dense", "open", "open-dense")]
-    + ["D4RL/minigrid/fourrooms-v0", "D4RL/minigrid/fourrooms-random-v0"]
-)
+import offline_data
+# The scripts use OfflineData, UserError, install_user_error_hook, dataset_task and is_antmaze as common.<name>.
+from offline_data import OfflineData  # noqa: F401
+from offline_data.errors import (UserError, atomic_write_bytes, atomic_write_json,  # noqa: F401
+                                 install_user_error_hook, save_checkpoint)
+from offline_data.tasks import dataset_task, flatten_obs, goal_obs_keys, is_antmaze  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,387 +129,13 @@ def check_batch_sizes(args, data: OfflineData) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Dataset loading
+# Data
 # ----------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class OfflineData:
-    """A Minari dataset flattened to transitions (float32 tensors on `device`, one row each)."""
-
-    dataset_id: str
-    observations: torch.Tensor  # (N, obs_dim)
-    actions: torch.Tensor  # (N, act_dim), rescaled to [-1, 1]
-    rewards: torch.Tensor  # (N,)
-    next_observations: torch.Tensor  # (N, obs_dim)
-    terminals: torch.Tensor  # (N,) 1.0 where the episode terminated (no bootstrap)
-    timeouts: torch.Tensor  # (N,) 1.0 where the episode was truncated (bootstrap kept)
-    episode_starts: np.ndarray  # (E,) index of each episode's first transition
-    episode_lengths: np.ndarray  # (E,)
-    episode_returns: np.ndarray  # (E,) undiscounted return of each episode (raw rewards)
-    action_low: np.ndarray
-    action_high: np.ndarray
-    ref_min_score: float | None
-    ref_max_score: float | None
-    ref_scores_source: str  # "dataset", "D4RL constants (v2 envs)", "D4RL constants (infos.py)" or "none"
-    # the minari.MinariDataset, for recovering the eval env; for a D4RL file, a d4rl_files.D4RLFile,
-    # which offers the same env_spec and recover_environment
-    minari_dataset: Any
-    source: str = "minari"  # or "D4RL file <path>; <where the next observations came from>"
-    eval_env: str | None = None  # the id of the env evaluations run in
-
-    @property
-    def obs_dim(self) -> int:
-        return self.observations.shape[1]
-
-    @property
-    def act_dim(self) -> int:
-        return self.actions.shape[1]
-
-    def __len__(self) -> int:
-        return self.observations.shape[0]
-
-
-def _suggest(dataset_id: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(dataset_id, candidates, n=5, cutoff=0.5)
-    return ("; close matches: " + ", ".join(close)) if close else ""
-
-
-def resolve_dataset(dataset_id: str):
-    """Return a `minari.MinariDataset`: the local copy if there is one, else download it."""
-    import minari
-
-    with warnings.catch_warnings():  # a misconfigured folder is reported below if it is the one asked for
-        warnings.simplefilter("ignore")
-        local = sorted(minari.list_local_datasets().keys())
-    folder = str(minari.storage.get_dataset_path(dataset_id))
-    if dataset_id in local or os.path.isdir(os.path.join(folder, "data")):
-        try:
-            return minari.load_dataset(dataset_id)
-        except Exception as exc:  # json's, h5py's and pyarrow's own errors, among others
-            metadata = os.path.join(folder, "data", "metadata.json")
-            try:
-                with open(metadata) as f:
-                    json.load(f)
-            except (OSError, ValueError):
-                raise _damaged_dataset(dataset_id, folder, metadata, exc) from None
-            raise _damaged_dataset(dataset_id, folder, folder, exc) from None
-    if dataset_id.startswith("local/"):
-        # local/* ids are never remote: they are built offline from the snapshots in tools/.
-        import tools.make_dataset
-
-        # The build comes after the script's seed_everything and draws from the global generators
-        # (network initialisation), so it must leave them as it found them: otherwise the run that
-        # builds the dataset and every later run with the same seed start from different weights.
-        with preserved_global_rngs():
-            tools.make_dataset.build_local_dataset(dataset_id)
-        return minari.load_dataset(dataset_id)
-    if dataset_id not in KNOWN_REMOTE_DATASETS:
-        raise UserError(
-            f"unknown dataset id '{dataset_id}'{_suggest(dataset_id, local + KNOWN_REMOTE_DATASETS)}"
-            f". Local datasets are listed by `minari list local`; a remote dataset not known here "
-            f"can be fetched first with `minari download {dataset_id}`."
-        )
-    try:
-        return minari.load_dataset(dataset_id, download=True)
-    except Exception as exc:  # network errors come from several libraries (httpx, requests, HF)
-        raise UserError(
-            f"could not download '{dataset_id}' ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})."
-            f" Without network access, run `minari download {dataset_id}` on a machine with one and "
-            f"copy the folder into {minari.storage.get_dataset_path()} (or set MINARI_DATASETS_PATH)."
-        ) from None
-
-
-def goal_obs_keys(dataset, dataset_id: str) -> tuple[str, ...]:
-    """The keys of a goal-conditioned Dict observation, in the order they are concatenated.
-
-    Gymnasium-Robotics' AntMaze keeps the torso's x, y only in `achieved_goal`; its `observation` is
-    the other 27 numbers. D4RL's antmaze state (29 numbers) had x, y first, so AntMaze is flattened
-    to concat(achieved_goal, observation, desired_goal). PointMaze's `observation` starts with x, y
-    already and stays concat(observation, desired_goal). Keyed on the env spec (AntMaze_*), which
-    fixes the observation layout whatever the dataset is called; on the dataset id's task when the
-    dataset records no env."""
-    spec = dataset.env_spec
-    antmaze = spec.name.startswith("AntMaze") if spec is not None else is_antmaze(dataset_id)
-    return ("achieved_goal", "observation", "desired_goal") if antmaze else ("observation", "desired_goal")
-
-
-def _flatten_obs_space(space, dataset_id: str, keys: tuple[str, ...]) -> int:
-    from gymnasium import spaces
-
-    if isinstance(space, spaces.Box) and len(space.shape) == 1:
-        return space.shape[0]
-    if isinstance(space, spaces.Dict) and set(keys) <= set(space.spaces):
-        return sum(_flatten_obs_space(space[k], dataset_id, keys) for k in keys)
-    raise UserError(
-        f"dataset '{dataset_id}' has observation space {space}; only flat Box observations or Dict "
-        f"observations with {', '.join(repr(k) for k in keys)} (goal-conditioned) are supported."
-    )
-
-
-def flatten_obs(obs, keys: tuple[str, ...] = ("observation", "desired_goal")) -> np.ndarray:
-    """Dict observations (goal-conditioned) -> the concatenation of `keys` (`goal_obs_keys`), as float32."""
-    if isinstance(obs, dict):
-        obs = np.concatenate([obs[k] for k in keys], axis=-1)
-    return np.asarray(obs, dtype=np.float32)
-
-
 def load_dataset(dataset_id: str, device: str | torch.device = "cpu") -> OfflineData:
-    """Load a Minari dataset id into flat float32 tensors on `device` (one pass over episodes)."""
-    from gymnasium import spaces
-
-    d4rl_file = d4rl_files.open_file(dataset_id) if d4rl_files.dataset_name(dataset_id) is not None else None
-    dataset = d4rl_file or resolve_dataset(dataset_id)
-    action_space = dataset.action_space
-    if not isinstance(action_space, spaces.Box):
-        raise UserError(
-            f"dataset '{dataset_id}' has a {type(action_space).__name__} action space; these "
-            f"algorithms are for continuous control and need a Box action space."
-        )
-    if len(action_space.shape) != 1 or not (
-        np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))
-    ):
-        raise UserError(
-            f"dataset '{dataset_id}' has action space {action_space}; a 1-D Box with finite bounds "
-            f"is needed (actions are rescaled to [-1, 1])."
-        )
-    keys = goal_obs_keys(dataset, dataset_id)
-    obs_dim = _flatten_obs_space(dataset.observation_space, dataset_id, keys)
-
-    arrays = d4rl_file.read() if d4rl_file else _read_flat_cache(dataset, obs_dim)
-    if arrays is None:
-        arrays = _read_episodes(dataset, dataset_id, obs_dim, keys)
-        _write_flat_cache(dataset, arrays)
-    arrays = _check_arrays(arrays, dataset_id, action_space.low, action_space.high)
-    # Episode e owns rows [starts[e] + e, starts[e] + e + lengths[e]] of the (N + E)-row observation
-    # array; dropping each episode's last row gives obs[t], dropping its first gives obs[t+1].
-    lengths = arrays["lengths"]
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    is_last = np.zeros(len(arrays["observations"]), dtype=bool)
-    is_last[starts + np.arange(len(lengths)) + lengths] = True
-    is_first = np.roll(is_last, 1)
-    rewards = arrays["rewards"]
-    low, high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
-    actions = np.clip((arrays["actions"] - (high + low) / 2) / ((high - low) / 2), -1.0, 1.0)
-
-    ref_min, ref_max, source = _reference_scores(dataset, dataset_id)
-
-    def t(x):
-        return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32, device=device)
-
-    return OfflineData(
-        dataset_id=dataset_id,
-        observations=t(arrays["observations"][~is_last]),
-        actions=t(actions),
-        rewards=t(rewards),
-        next_observations=t(arrays["observations"][~is_first]),
-        terminals=t(arrays["terminals"]),
-        timeouts=t(arrays["timeouts"]),
-        episode_starts=starts,
-        episode_lengths=lengths,
-        episode_returns=np.add.reduceat(rewards.astype(np.float64), starts),
-        action_low=low,
-        action_high=high,
-        ref_min_score=ref_min,
-        ref_max_score=ref_max,
-        ref_scores_source=source,
-        minari_dataset=dataset,
-        source=d4rl_file.source if d4rl_file else "minari",
-        eval_env=d4rl_file.eval_env_id if d4rl_file else _eval_env_id(dataset),
-    )
+    """The dataset `dataset_id` as flat float32 tensors on `device` (offline_data.load)."""
+    return offline_data.load(dataset_id, device)
 
 
-def _eval_env_id(dataset) -> str | None:
-    spec = dataset.storage.metadata.get("eval_env_spec")
-    if isinstance(spec, str):
-        try:
-            return json.loads(spec)["id"]
-        except (ValueError, KeyError, TypeError):
-            pass
-    return dataset.env_spec.id if dataset.env_spec is not None else None
-
-
-def _read_episodes(dataset, dataset_id: str, obs_dim: int, keys: tuple[str, ...]) -> dict:
-    """One pass over the episodes; observations keep their T+1 rows per episode."""
-    obs, acts, rews, terms, truncs, lengths = [], [], [], [], [], []
-    for ep in _episodes(dataset, dataset_id):
-        o = flatten_obs(ep["observations"], keys)
-        steps = len(ep["rewards"])
-        if o.shape != (steps + 1, obs_dim):
-            raise UserError(
-                f"dataset '{dataset_id}', episode {ep['id']}: observations have shape {o.shape}, "
-                f"expected ({steps + 1}, {obs_dim}) (T+1 rows for T steps); the dataset is malformed."
-            )
-        obs.append(o)
-        acts.append(np.asarray(ep["actions"], dtype=np.float32).reshape(steps, -1))
-        rews.append(ep["rewards"])
-        terms.append(ep["terminations"])
-        truncs.append(ep["truncations"])
-        lengths.append(steps)
-    if not lengths or sum(lengths) == 0:
-        raise UserError(f"dataset '{dataset_id}' contains no transitions.")
-    return {
-        "observations": np.concatenate(obs),
-        "actions": np.concatenate(acts),
-        "rewards": np.concatenate(rews).astype(np.float32),
-        "terminals": np.concatenate(terms).astype(np.float32),
-        "timeouts": np.concatenate(truncs).astype(np.float32),
-        "lengths": np.asarray(lengths, dtype=np.int64),
-    }
-
-
-def _damaged_dataset(dataset_id: str, folder: str, path: str, exc: Exception) -> UserError:
-    """The one line for a dataset file that cannot be read: which file, why, and how to replace it."""
-    if dataset_id.startswith("local/"):
-        fix = f"delete {folder} and it is rebuilt on first use"
-    elif dataset_id in KNOWN_REMOTE_DATASETS:
-        fix = f"download it again with `minari download --force {dataset_id}`"
-    else:
-        fix = f"rebuild it, or download it again with `minari download --force {dataset_id}` if it is on the hub"
-    reason = (str(exc).strip().splitlines() or [""])[0][:160]
-    return UserError(f"dataset '{dataset_id}' is damaged: {path} could not be read "
-                     f"({type(exc).__name__}: {reason}); {fix}")
-
-
-def _episodes(dataset, dataset_id: str):
-    """The dataset's episodes, one at a time; a data file that cannot be read is a `_damaged_dataset`."""
-    folder = os.path.dirname(os.path.abspath(dataset.storage.data_path))
-    path = getattr(dataset.storage, "_file_path", dataset.storage.data_path)  # HDF5: main_data.hdf5
-    episodes = None
-    while True:
-        try:
-            if episodes is None:
-                episodes = iter(dataset.storage.get_episodes(dataset.episode_indices))
-            episode = next(episodes)
-        except StopIteration:
-            return
-        except Exception as exc:  # h5py's, pyarrow's and numpy's own errors, among others
-            raise _damaged_dataset(dataset_id, folder, str(path), exc) from None
-        yield episode
-
-
-# Reading a Minari HDF5 file costs ~1 ms per episode (h5py's per-dataset overhead), a minute for a
-# random-policy dataset of 50k short episodes. The flat arrays are therefore cached once beside the
-# dataset, keyed by the names, sizes and mtimes of its data files, and later loads take seconds.
-_CACHE_NAME = "flat_transitions_v1.npz"
-
-
-def _cache_key(dataset) -> str:
-    data_dir = dataset.storage.data_path  # the folder of the data files, whatever the format
-    entries = []
-    for root, _, files in os.walk(data_dir):
-        for name in sorted(files):
-            st = os.stat(os.path.join(root, name))
-            entries.append(f"{os.path.relpath(os.path.join(root, name), data_dir)}:{st.st_size}:{st.st_mtime_ns}")
-    return "|".join(sorted(entries))
-
-
-def _cache_path(dataset) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(dataset.storage.data_path)), _CACHE_NAME)
-
-
-def _read_flat_cache(dataset, obs_dim: int) -> dict | None:
-    """The cached arrays, or None when there is no cache; a stale or damaged one is only a cache
-    miss, with a notice (it is then written again)."""
-    path = _cache_path(dataset)
-    if not os.path.exists(path):
-        return None
-    try:
-        with np.load(path) as f:
-            if str(f["key"]) != _cache_key(dataset):
-                print(f"the flat-array cache {path} is stale (the dataset's files changed); rebuilding it",
-                      flush=True)
-                return None
-            arrays = {k: f[k] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "lengths")}
-        n, episodes, act_dim = int(arrays["lengths"].sum()), len(arrays["lengths"]), dataset.action_space.shape[0]
-        expected = {"observations": (n + episodes, obs_dim), "actions": (n, act_dim), "rewards": (n,),
-                    "terminals": (n,), "timeouts": (n,)}
-        for name, shape in expected.items():
-            if arrays[name].shape != shape:
-                raise ValueError(f"{name} have shape {arrays[name].shape}, not {shape}")
-        return arrays
-    except Exception as exc:  # zipfile's, numpy's and the checks' errors: whatever it is, rebuild it
-        reason = (str(exc).strip().splitlines() or [""])[0][:120]
-        print(f"the flat-array cache {path} is damaged ({type(exc).__name__}: {reason}); rebuilding it", flush=True)
-        return None
-
-
-def _write_flat_cache(dataset, arrays: dict) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    np.savez(buffer, key=np.array(_cache_key(dataset)), **arrays)
-    try:
-        atomic_write_bytes(_cache_path(dataset), buffer.getvalue())
-    except UserError as exc:  # e.g. a read-only dataset folder: no cache, every load reads the episodes
-        print(f"{exc}; the dataset's episodes will be read again on every load", flush=True)
-
-
-# Actions beyond the Box by float rounding are clipped silently; beyond this fraction of the Box's
-# half-width they are the data's, and clipping them changes the data, so it is said.
-ACTION_BOUNDS_TOLERANCE = 1e-3
-
-
-def _locate(row: int, lengths: np.ndarray, extra: int) -> str:
-    """Which episode and step a row of the flat arrays is (observations have extra=1 row per episode)."""
-    ends = np.cumsum(lengths + extra)
-    episode = int(np.searchsorted(ends, row, side="right"))
-    return f"episode {episode}, step {row - (ends[episode] - lengths[episode] - extra)}"
-
-
-def _check_arrays(arrays: dict, dataset_id: str, low: np.ndarray, high: np.ndarray) -> dict:
-    """The checks of the flat arrays, whatever their source, each with one line: values that are
-    not finite are refused (they would only give NaN losses); episodes of length zero are dropped
-    (they hold no transition and would break the per-episode sums); actions beyond the action
-    space's bounds are clipped to them (a tanh policy cannot produce them)."""
-    lengths = arrays["lengths"]
-    bad = []
-    for name, extra in (("observations", 1), ("actions", 0), ("rewards", 0)):
-        finite = np.isfinite(arrays[name])
-        if not finite.all():
-            rows = finite.reshape(len(finite), -1).all(1)
-            first = _locate(int(np.argmin(rows)), lengths, extra)
-            bad.append(f"{finite.size - int(finite.sum())} in {name} (first at {first})")
-    if bad:
-        raise UserError(f"dataset '{dataset_id}' holds values that are not finite (NaN or inf): "
-                        f"{'; '.join(bad)}. Training on them gives NaN losses: repair or drop those episodes.")
-    if (lengths == 0).any():
-        empty = np.flatnonzero(lengths == 0)
-        obs_rows = np.ones(len(arrays["observations"]), dtype=bool)
-        obs_rows[(np.cumsum(lengths + 1) - 1)[empty]] = False  # an empty episode's one observation
-        arrays = {**arrays, "observations": arrays["observations"][obs_rows], "lengths": lengths[lengths > 0]}
-        shown = ", ".join(str(e) for e in empty[:5]) + (", ..." if len(empty) > 5 else "")
-        print(f"dataset '{dataset_id}': dropped {len(empty)} episode(s) of length zero (episode {shown}), which "
-              f"hold no transitions", flush=True)
-    if not len(arrays["lengths"]):
-        raise UserError(f"dataset '{dataset_id}' contains no transitions.")
-    if np.any(high <= low):
-        raise UserError(f"dataset '{dataset_id}' has an action space with no width in some dimension "
-                        f"(low {low}, high {high}); actions cannot be rescaled to [-1, 1].")
-    actions = arrays["actions"]
-    excess = np.maximum(actions - high, low - actions)  # > 0 outside the bounds, in the dataset's units
-    outside = (excess > ACTION_BOUNDS_TOLERANCE * (high - low) / 2).any(1)
-    if outside.any():
-        print(f"dataset '{dataset_id}': {int(outside.sum())} of {len(actions)} actions lie outside the action "
-              f"space's bounds, by up to {float(excess.max()):.3g} (first at "
-              f"{_locate(int(np.argmax(outside)), lengths, 0)}); they are clipped to the bounds", flush=True)
-    return arrays
-
-
-def _reference_scores(dataset, dataset_id: str):
-    if isinstance(dataset, d4rl_files.D4RLFile):
-        return *dataset.ref_scores, "D4RL constants (infos.py)"
-    meta = dataset.storage.metadata
-    if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
-        return float(meta["ref_min_score"]), float(meta["ref_max_score"]), "dataset"
-    parts = dataset_id.split("/")
-    if len(parts) == 3 and parts[0] == "mujoco" and parts[1] in D4RL_REF_SCORES:
-        lo, hi = D4RL_REF_SCORES[parts[1]]
-        return lo, hi, "D4RL constants (v2 envs)"
-    return None, None, "none"
-
-
-# ----------------------------------------------------------------------------------------------
-# Normalisation and reward transforms
-# ----------------------------------------------------------------------------------------------
 def compute_obs_stats(data: OfflineData, eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std (+eps, as in TD3+BC and CORL) of the dataset's states."""
     return data.observations.mean(0), data.observations.std(0) + eps
@@ -606,24 +179,6 @@ def transform_rewards(data: OfflineData, name: str) -> None:
         raise UserError(f"unknown reward transform '{name}'; choose one of {', '.join(REWARD_TRANSFORMS)}")
 
 
-def dataset_task(dataset_id: str) -> str:
-    """The task component of a dataset id, lower-cased: 'D4RL/pen/human-v2' -> 'pen'.
-
-    Minari ids are `namespace/task/name-vN` (or `task/name-vN`); per-domain settings match this
-    component exactly, so that 'pendulum' is not 'pen'. An id without '/' (Minari's older
-    'task-name-vN' form), and a D4RL file's name ('d4rl/hopper-medium-v2' or its path), give the
-    part before its first '-'."""
-    d4rl_name = d4rl_files.dataset_name(dataset_id)
-    if d4rl_name:
-        return d4rl_name.split("-")[0].lower()
-    parts = dataset_id.lower().split("/")
-    return parts[-2] if len(parts) > 1 else parts[0].split("-")[0]
-
-
-def is_antmaze(dataset_id: str) -> bool:
-    return dataset_task(dataset_id) == "antmaze"
-
-
 # ----------------------------------------------------------------------------------------------
 # Batches
 # ----------------------------------------------------------------------------------------------
@@ -665,14 +220,8 @@ def normalized_score(returns: np.ndarray, ref_min: float | None, ref_max: float 
 
 
 @torch.no_grad()
-def evaluate(
-    data: OfflineData,
-    policy: Callable[[torch.Tensor], torch.Tensor],
-    n_episodes: int,
-    seed: int,
-    obs_mean: torch.Tensor | None = None,
-    obs_std: torch.Tensor | None = None,
-) -> dict:
+def evaluate(data: OfflineData, policy: Callable[[torch.Tensor], torch.Tensor], n_episodes: int, seed: int,
+             obs_mean: torch.Tensor | None = None, obs_std: torch.Tensor | None = None) -> dict:
     """Run `n_episodes` at once in a vector env of the dataset's eval env, one batched policy call
     per step. `policy` maps (normalised) observations to actions in [-1, 1] and should be
     deterministic. Returns raw return mean/std and the normalised score (None without references)."""
@@ -705,25 +254,12 @@ def evaluate(
 
 
 # ----------------------------------------------------------------------------------------------
-# Seeding, devices, files
+# Seeding, devices
 # ----------------------------------------------------------------------------------------------
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def preserved_global_rngs():
-    """Run a block without changing the global python, numpy and torch (CPU) random streams.
-    CUDA's are left out: forking them would initialise CUDA, and the dataset builder runs on the CPU."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
 
 
 def flush_denormals() -> None:
@@ -847,16 +383,10 @@ RESUME_FREE_FLAGS = {"run_name", "output_dir", "resume", "track", "wandb_project
 
 
 class Run:
-    """One training run: `<output_dir>/<run_name>/` with tensorboard events and results.json.
-
-    `log()` takes a dict of (possibly device) scalars and is the only place they are synced, so
-    call it every `log_every` steps, not every step. Losses that are not finite stop the run with a
-    clear message instead of training on NaNs.
-
-    Resuming (--resume auto, the default): a run folder that holds a finished results.json ends the
-    script at once; one that holds a checkpoint is continued from it by `resume(agent)`, which also
-    makes SIGTERM, SIGINT and SIGUSR1 (Slurm's warnings before preemption) write a checkpoint and
-    stop at the next step. `checkpoint(step, agent)` is called at every evaluation."""
+    """One training run: `<output_dir>/<run_name>/` with tensorboard events, results.json and a
+    checkpoint. Losses that are not finite stop the run with one line instead of training on NaNs.
+    With --resume auto (the default) a folder that holds a finished run ends the script at once, and
+    one that holds a checkpoint is continued from it (docs/usage.md, "Resuming")."""
 
     def __init__(self, args, algorithm: str, data: OfflineData):
         from torch.utils.tensorboard import SummaryWriter
@@ -898,10 +428,7 @@ class Run:
                         "ref_min_score": data.ref_min_score, "ref_max_score": data.ref_max_score,
                         "ref_scores_source": data.ref_scores_source, "source": data.source,
                         "eval_env": data.eval_env, "episode_return_mean": float(data.episode_returns.mean())},
-            "evaluations": [],
-            "final_normalized_score": None,
-            "final_return": None,
-            "finished": False,
+            "evaluations": [], "final_normalized_score": None, "final_return": None, "finished": False,
         }
         self.last_metrics: dict[str, float] = {}
         self.start = time.time()
@@ -991,8 +518,6 @@ class Run:
     def checkpoint(self, step: int, agent) -> None:
         """Write everything needed to continue after `step`; the previous checkpoint is kept until
         the new one is whole (a reader falls back to it)."""
-        import io
-
         state = {"step": step, "args": dict(vars(self.args)), "agent": training_state(agent), "rng": rng_states(),
                  "evaluations": self.results["evaluations"], "train_seconds": self.train_seconds(),
                  "wall_time": time.time() - self.start}
@@ -1007,8 +532,6 @@ class Run:
         """Called after every training step. Its first call makes SIGTERM, SIGINT and SIGUSR1 set a
         flag instead of killing the process; once one has come, checkpoint at `step` and exit
         (status 128 + signal number)."""
-        import signal
-
         if not self.handlers_installed:
             def handler(signum, frame):
                 self.signalled = signum
@@ -1140,8 +663,6 @@ def pretraining_key(args, fields: tuple[str, ...], data: OfflineData) -> str:
     """Hash of what a pretrained model depends on: the dataset id, the bytes of the (normalised)
     states and actions it is trained on, and the named fields of `args`. --seed is not one of them,
     so every seed and every setting of the later phases shares the model."""
-    import hashlib
-
     digest = hashlib.sha256(args.env.encode())
     digest.update(data.observations.cpu().numpy().tobytes())
     digest.update(data.actions.cpu().numpy().tobytes())
@@ -1151,19 +672,14 @@ def pretraining_key(args, fields: tuple[str, ...], data: OfflineData) -> str:
     return digest.hexdigest()[:20]
 
 
+@contextlib.contextmanager
 def separate_rng(seed: int, device: torch.device):
     """A block with its own torch random stream, seeded with `seed`; the run's stream is restored
     afterwards. A pretraining phase run inside it draws the same numbers whether or not the run
     later loads it from the cache, so cached and uncached runs continue identically."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def block():
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            yield
-
-    return block()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def load_pretrained(path: str, modules: dict, device: torch.device) -> bool:
@@ -1203,8 +719,6 @@ def save_cache(path: str, payload: bytes) -> None:
 
 
 def save_pretrained(path: str, modules: dict) -> None:
-    import io
-
     buffer = io.BytesIO()
     torch.save({name: module.state_dict() for name, module in modules.items()}, buffer)
     save_cache(path, buffer.getvalue())

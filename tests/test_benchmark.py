@@ -232,7 +232,7 @@ def test_the_d4rl_file_of_a_paper_dataset_is_preferred_to_its_stand_in(capsys, t
     for name in ("hopper_medium_replay-v2.hdf5", "walker2d_random-v2.hdf5",
                  "Ant_maze_u-maze_noisy_multistart_False_multigoal_False_sparse_fixed.hdf5"):
         (d4rl_dir / name).write_bytes(b"")  # only its presence matters to the selection
-    # AntMaze files cannot be evaluated here (d4rl_files.REFUSED): the Minari port stays.
+    # AntMaze files cannot be evaluated here (offline_data/d4rl.py, REFUSED): the Minari port stays.
     assert envs() == ["d4rl/hopper-medium-replay-v2", "D4RL/antmaze/umaze-v1"]
     # A paper dataset without a stand-in becomes available; the default selection takes the file too.
     assert envs("walker2d-random-v2") == ["d4rl/hopper-medium-replay-v2", "D4RL/antmaze/umaze-v1",

@@ -1,4 +1,5 @@
-"""common.py: flattening, normalisation, reward transforms, evaluation, files."""
+"""common.py and the data layer behind common.load_dataset: flattening, normalisation, reward
+transforms, evaluation, files."""
 
 import dataclasses
 import json
@@ -12,6 +13,7 @@ import torch
 
 import common
 from conftest import ROOT
+from offline_data import errors, flat, minari_datasets
 
 
 def test_flattening_aligns_transitions_within_episodes(datasets_path):
@@ -47,11 +49,11 @@ def test_terminals_come_from_terminations_and_truncations_are_kept(datasets_path
 
 def test_flat_cache_is_reused_and_invalidated_when_the_data_changes(datasets_path, monkeypatch):
     first = common.load_dataset("test/pendulum/random-v0")
-    cache = common._cache_path(first.minari_dataset)
+    cache = flat.cache_path(first.minari_dataset)
     assert os.path.exists(cache)
     calls = []
-    original = common._read_episodes
-    monkeypatch.setattr(common, "_read_episodes", lambda *a: calls.append(1) or original(*a))
+    original = minari_datasets.read_episodes
+    monkeypatch.setattr(minari_datasets, "read_episodes", lambda *a: calls.append(1) or original(*a))
     second = common.load_dataset("test/pendulum/random-v0")
     assert calls == []  # served from the cache
     for field in ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts"):
@@ -170,10 +172,10 @@ def test_reference_scores_fall_back_to_d4rl_constants_for_mujoco_ids():
         class storage:  # noqa: N801
             metadata = {}
 
-    assert common._reference_scores(Fake, "mujoco/hopper/medium-v0") == (-20.272305, 3234.3, "D4RL constants (v2 envs)")
-    assert common._reference_scores(Fake, "mujoco/swimmer/medium-v0") == (None, None, "none")
+    assert minari_datasets.reference_scores(Fake, "mujoco/hopper/medium-v0") == (-20.272305, 3234.3, "D4RL constants (v2 envs)")
+    assert minari_datasets.reference_scores(Fake, "mujoco/swimmer/medium-v0") == (None, None, "none")
     Fake.storage.metadata = {"ref_min_score": 1.0, "ref_max_score": 2.0}
-    assert common._reference_scores(Fake, "mujoco/hopper/medium-v0") == (1.0, 2.0, "dataset")
+    assert minari_datasets.reference_scores(Fake, "mujoco/hopper/medium-v0") == (1.0, 2.0, "dataset")
 
 
 def test_evaluate_matches_a_manual_rollout(datasets_path):
@@ -294,19 +296,19 @@ def test_replay_buffer_samples_rows_of_the_dataset(datasets_path):
 
 def test_atomic_writes_leave_no_partial_files(tmp_path):
     path = tmp_path / "sub" / "results.json"
-    common.atomic_write_json(str(path), {"a": 1})
-    common.atomic_write_json(str(path), {"a": 2})
+    errors.atomic_write_json(str(path), {"a": 1})
+    errors.atomic_write_json(str(path), {"a": 2})
     assert json.loads(path.read_text()) == {"a": 2}
-    common.save_checkpoint(str(tmp_path / "model.pt"), {"w": torch.ones(2)})
+    errors.save_checkpoint(str(tmp_path / "model.pt"), {"w": torch.ones(2)})
     assert torch.equal(torch.load(tmp_path / "model.pt")["w"], torch.ones(2))
     assert sorted(os.listdir(tmp_path)) == ["model.pt", "sub"] and os.listdir(tmp_path / "sub") == ["results.json"]
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "results.json"
-    common.atomic_write_json(str(path), {"a": 1})
+    errors.atomic_write_json(str(path), {"a": 1})
     with pytest.raises(TypeError):
-        common.atomic_write_json(str(path), {"a": object()})  # not serialisable
+        errors.atomic_write_json(str(path), {"a": object()})  # not serialisable
     assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["results.json"]
 
 
@@ -322,7 +324,7 @@ def test_seeding_makes_sampling_repeatable(datasets_path):
 def test_known_remote_ids_exclude_nothing_we_benchmark():
     for dataset_id in ("mujoco/hopper/medium-v0", "D4RL/antmaze/umaze-v1", "D4RL/door/human-v2",
                        "D4RL/kitchen/mixed-v2"):
-        assert dataset_id in common.KNOWN_REMOTE_DATASETS
+        assert dataset_id in minari_datasets.KNOWN_REMOTE_DATASETS
 
 
 def test_flush_denormals_flushes_and_importing_common_has_no_side_effects():
@@ -334,56 +336,9 @@ def test_flush_denormals_flushes_and_importing_common_has_no_side_effects():
     common.flush_denormals()
     assert (torch.tensor(1e-39) * 1.0).item() == 0.0
     import subprocess, sys
-    # what common.load_dataset may import (tools.make_dataset) must not change anything either
+    # nor does importing the data layer (all of it, the dataset builder included) or the tools that use it
     code = ("import sys, torch; torch.set_flush_denormal(False); hook = sys.excepthook; "
-            "import common, tools.make_dataset; "
+            "import common, offline_data.recipe, tools.make_dataset; "
             "print(sys.excepthook is hook, (torch.tensor(1e-39) * 1.0).item() != 0.0)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.strip() == "True True", out.stderr
-
-
-def repository_imports(path: str) -> set[str]:
-    """The repository's modules (common, basics, tools.<name>) that a file imports, wherever the
-    import statement is (imports inside functions count: they run when the function does)."""
-    import ast
-
-    tools = {f[:-3] for f in os.listdir(os.path.join(ROOT, "tools")) if f.endswith(".py")}
-    found = set()
-    with open(path) as f:
-        tree = ast.parse(f.read())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            # `from tools import make_dataset` imports tools.make_dataset
-            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
-        else:
-            continue
-        for name in names:
-            parts = name.split(".")
-            if parts[0] in ("common", "basics"):
-                found.add(parts[0])
-            elif parts[0] == "tools" and len(parts) > 1 and parts[1] in tools:
-                found.add(f"tools.{parts[1]}")
-    return found
-
-
-def test_common_and_the_tools_import_each_other_in_one_direction_only():
-    files = {"common": "common.py", "basics": "basics.py"}
-    files.update({f"tools.{f[:-3]}": os.path.join("tools", f) for f in os.listdir(os.path.join(ROOT, "tools"))
-                  if f.endswith(".py") and f != "__init__.py"})
-    graph = {module: repository_imports(os.path.join(ROOT, path)) - {module} for module, path in files.items()}
-    assert "tools.make_dataset" in graph["common"]  # the first-use build is still reached from common
-
-    def cycle_from(module, path):
-        if module in path:
-            return path[path.index(module):] + [module]
-        for imported in sorted(graph.get(module, ())):
-            found = cycle_from(imported, path + [module])
-            if found:
-                return found
-        return None
-
-    for module in graph:
-        cycle = cycle_from(module, [])
-        assert cycle is None, " -> ".join(cycle)

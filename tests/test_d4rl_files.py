@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import common
-import d4rl_files
+from offline_data import d4rl
 from conftest import run_script
 
 HOPPER = "hopper-medium-replay-v2"
@@ -129,12 +129,12 @@ def test_reference_scores_and_eval_envs_are_d4rls(d4rl_dir):
 
 
 def test_file_names_and_ids_follow_d4rl():
-    assert d4rl_files.FILE_NAMES["hopper-medium-replay-v2"] == "hopper_medium_replay-v2.hdf5"
-    assert d4rl_files.FILE_NAMES["walker2d-medium-replay-v0"] == "walker_mixed.hdf5"
-    assert d4rl_files.FILE_NAMES["halfcheetah-medium-expert-v0"] == "halfcheetah_medium_expert.hdf5"
-    assert d4rl_files.FILE_NAMES["door-cloned-v0"] == "door-demos-v0-bc-combined.hdf5"
-    assert d4rl_files.dataset_name("/data/hopper_medium-v2.hdf5") == "hopper-medium-v2"
-    assert d4rl_files.dataset_name("D4RL/antmaze/umaze-v1") is None  # Minari's port, not a D4RL file
+    assert d4rl.FILE_NAMES["hopper-medium-replay-v2"] == "hopper_medium_replay-v2.hdf5"
+    assert d4rl.FILE_NAMES["walker2d-medium-replay-v0"] == "walker_mixed.hdf5"
+    assert d4rl.FILE_NAMES["halfcheetah-medium-expert-v0"] == "halfcheetah_medium_expert.hdf5"
+    assert d4rl.FILE_NAMES["door-cloned-v0"] == "door-demos-v0-bc-combined.hdf5"
+    assert d4rl.dataset_name("/data/hopper_medium-v2.hdf5") == "hopper-medium-v2"
+    assert d4rl.dataset_name("D4RL/antmaze/umaze-v1") is None  # Minari's port, not a D4RL file
     assert common.dataset_task("d4rl/hopper-medium-replay-v2") == "hopper"  # per-domain settings
     assert common.dataset_task("/data/pen-v0_demos_clipped.hdf5") == "pen"
 

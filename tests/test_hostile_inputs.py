@@ -29,6 +29,7 @@ import tyro
 
 import common
 from conftest import ROOT, build_dataset, make_buffers, run_script
+from offline_data import errors, flat
 from tools.pretraining import shrink_flags
 
 ALGORITHMS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "algorithms")) if f.endswith(".py"))
@@ -258,7 +259,7 @@ def test_episodes_of_length_zero_are_dropped_with_a_notice(own_datasets, capsys)
     minari.create_dataset_from_buffers("test/hopper/empty-v0", buffers, env=env)
     before = common.load_dataset("test/hopper/empty-v0")
     dataset = minari.load_dataset("test/hopper/empty-v0")
-    path = common._cache_path(dataset)
+    path = flat.cache_path(dataset)
     with np.load(path) as f:
         arrays = {k: f[k] for k in f.files}
     first = int(arrays["lengths"][0]) + 1  # episode 0's observation rows
@@ -340,7 +341,7 @@ def assert_same_data(a, b):
 def test_a_stale_or_damaged_flat_cache_is_rebuilt_with_a_notice(own_datasets, capsys):
     build_dataset(DATASET, "Hopper-v5", n_episodes=3, max_steps=20)
     fresh = common.load_dataset(DATASET)
-    path = common._cache_path(minari.load_dataset(DATASET))
+    path = flat.cache_path(minari.load_dataset(DATASET))
     assert os.path.exists(path)
 
     def load_again():
@@ -436,14 +437,14 @@ def test_an_output_dir_without_write_permission_is_one_line(tmp_path):
 
 def test_a_failed_write_keeps_the_old_file_leaves_no_temporary_and_is_one_line(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
-    common.atomic_write_json(str(path), {"a": 1})
+    errors.atomic_write_json(str(path), {"a": 1})
 
     def full_disk(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(common.UserError) as exc_info:
-        common.atomic_write_json(str(path), {"a": 2})
+        errors.atomic_write_json(str(path), {"a": 2})
     assert str(exc_info.value) == f"could not write {path}: No space left on device"
     assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["results.json"]
 

@@ -1,4 +1,4 @@
-"""tools/make_dataset.py: D4RL-style datasets built offline, at tiny sizes.
+"""tools/make_dataset.py and offline_data's recipe: D4RL-style datasets built offline, at tiny sizes.
 
 A few hundred SAC steps on Pendulum-v1 give real (if weak) snapshots to build every kind from."""
 
@@ -18,6 +18,7 @@ import torch
 from conftest import ROOT, run_script
 
 import common
+from offline_data import d4rl, errors, recipe, rollouts, snapshots
 from tools import make_dataset as md
 
 TRAIN_STEPS, WARMUP, EVERY = 300, 100, 100
@@ -74,13 +75,13 @@ def test_training_writes_snapshots_and_manifest(trained):
 
 def test_choose_snapshots_medium_is_a_third_of_the_way_up():
     snaps = [{"step": s, "eval_return": r} for s, r in [(10, 100.0), (20, 900.0), (30, 1400.0), (40, 3000.0)]]
-    choice = md.choose_snapshots(snaps, random_return=0.0, env_id="Swimmer-v5")
+    choice = snapshots.choose_snapshots(snaps, random_return=0.0, env_id="Swimmer-v5")
     assert (choice["medium"], choice["expert"]) == (20, 40)  # 1000 is the target
     assert choice["reached_d4rl_expert"] is None
     # Hopper's target is a third of the way from D4RL's random to D4RL's expert return ...
     snaps.append({"step": 50, "eval_return": 3500.0})
-    choice = md.choose_snapshots(snaps, random_return=0.0, env_id="Hopper-v5")
-    hopper_min, hopper_max = common.D4RL_REF_SCORES["hopper"]
+    choice = snapshots.choose_snapshots(snaps, random_return=0.0, env_id="Hopper-v5")
+    hopper_min, hopper_max = d4rl.D4RL_REF_SCORES["hopper"]
     assert choice["reached_d4rl_expert"]
     assert choice["medium_target_return"] == pytest.approx(hopper_min + (hopper_max - hopper_min) / 3)
     assert choice["medium"] == 20 and choice["expert"] == 50 and choice["expert_is_final"]
@@ -90,9 +91,9 @@ def test_choose_snapshots_medium_is_a_third_of_the_way_up():
 def test_medium_of_a_d4rl_env_is_a_third_of_d4rls_expert_whatever_the_agent_reached():
     """An agent far below D4RL's expert (here at a third of it) still has its medium at a normalised
     score of about 33, not at a third of its own best."""
-    walker_min, walker_max = common.D4RL_REF_SCORES["walker2d"]
+    walker_min, walker_max = d4rl.D4RL_REF_SCORES["walker2d"]
     snaps = [{"step": s, "eval_return": r} for s, r in [(10, 450.0), (20, 1000.0), (30, 1450.0), (40, 1300.0)]]
-    choice = md.choose_snapshots(snaps, random_return=0.0, env_id="Walker2d-v5")
+    choice = snapshots.choose_snapshots(snaps, random_return=0.0, env_id="Walker2d-v5")
     assert choice["medium_target_return"] == pytest.approx(walker_min + (walker_max - walker_min) / 3)
     assert choice["medium"] == 30 and choice["expert"] == 30 and not choice["reached_d4rl_expert"]
     assert "expert kinds are refused" in choice["expert_note"]
@@ -103,26 +104,26 @@ def test_expert_kinds_need_an_expert_level_snapshot(minari_path, tmp_path):
     naming the snapshot builds it anyway."""
     snapshot_dir = tmp_path / "snaps"
     snapshot_dir.mkdir()
-    actor = md.Actor(11, 3)
-    md.save_checkpoint(str(snapshot_dir / "actor_0000010.pt"), actor.state_dict())
-    hopper_min, hopper_max = common.D4RL_REF_SCORES["hopper"]
+    actor = rollouts.Actor(11, 3)
+    errors.save_checkpoint(str(snapshot_dir / "actor_0000010.pt"), actor.state_dict())
+    hopper_min, hopper_max = d4rl.D4RL_REF_SCORES["hopper"]
     snaps = [{"step": 10, "file": "actor_0000010.pt", "eval_return": hopper_min + 0.5 * (hopper_max - hopper_min)}]
     manifest = {"env_id": "Hopper-v5", "seed": 0, "steps_completed": 10, "warmup_steps": 5, "eval_episodes": 1,
-                "random_return": 0.0, "snapshots": snaps, **md.choose_snapshots(snaps, 0.0, "Hopper-v5")}
+                "random_return": 0.0, "snapshots": snaps, **snapshots.choose_snapshots(snaps, 0.0, "Hopper-v5")}
     (snapshot_dir / "manifest.json").write_text(json.dumps(manifest))
     for kind in ("expert", "medium-expert"):
         with pytest.raises(common.UserError, match=r"scores 50 D4RL-normalised, below expert level \(90\)") as err:
-            md.build_datasets("Hopper-v5", (kind,), transitions=5, snapshot_dir=str(snapshot_dir))
+            recipe.build_datasets("Hopper-v5", (kind,), transitions=5, snapshot_dir=str(snapshot_dir))
         assert "\n" not in str(err.value) and "--expert-snapshot" in str(err.value)
-    assert md.build_datasets("Hopper-v5", ("medium",), transitions=5, snapshot_dir=str(snapshot_dir))
-    assert md.build_datasets("Hopper-v5", ("expert",), transitions=5, snapshot_dir=str(snapshot_dir), expert_step=10)
+    assert recipe.build_datasets("Hopper-v5", ("medium",), transitions=5, snapshot_dir=str(snapshot_dir))
+    assert recipe.build_datasets("Hopper-v5", ("expert",), transitions=5, snapshot_dir=str(snapshot_dir), expert_step=10)
 
 
 @pytest.mark.parametrize("kind, size", [("random", 250), ("medium", 250), ("expert", 250),
                                         ("medium-expert", 500)])
 def test_kinds_shapes_and_sizes(trained, minari_path, kind, size):
     snapshot_dir, manifest, _ = trained
-    [dataset_id] = md.build_datasets("Pendulum-v1", (kind,), transitions=250, snapshot_dir=snapshot_dir)
+    [dataset_id] = recipe.build_datasets("Pendulum-v1", (kind,), transitions=250, snapshot_dir=snapshot_dir)
     assert dataset_id == f"local/pendulum/{kind}-250-v0"  # a size given is part of the id
     dataset, eps = episodes(dataset_id)
     assert dataset.total_steps == size
@@ -147,7 +148,7 @@ def test_kinds_shapes_and_sizes(trained, minari_path, kind, size):
 def test_observations_follow_the_actions(trained, minari_path):
     """Replaying an episode's actions from its first state reproduces its observations."""
     snapshot_dir, _, _ = trained
-    md.build_datasets("Pendulum-v1", ("medium",), transitions=40, snapshot_dir=snapshot_dir)
+    recipe.build_datasets("Pendulum-v1", ("medium",), transitions=40, snapshot_dir=snapshot_dir)
     dataset, [ep] = episodes("local/pendulum/medium-40-v0")
     env = dataset.recover_environment()
     env.reset()
@@ -164,7 +165,7 @@ def test_observations_follow_the_actions(trained, minari_path):
 
 def test_medium_replay_from_the_real_buffer(trained, minari_path):
     snapshot_dir, manifest, buffer = trained
-    md.build_datasets("Pendulum-v1", ("medium-replay",), snapshot_dir=snapshot_dir, training_buffer=buffer)
+    recipe.build_datasets("Pendulum-v1", ("medium-replay",), snapshot_dir=snapshot_dir, training_buffer=buffer)
     dataset, eps = episodes("local/pendulum/medium-replay-v0")
     medium = manifest["medium"]
     assert dataset.total_steps == medium
@@ -180,20 +181,20 @@ def test_medium_replay_from_the_real_buffer(trained, minari_path):
 def test_medium_replay_approximation_from_snapshots(trained, minari_path):
     snapshot_dir, manifest, _ = trained
     medium_step = 200
-    md.build_datasets("Pendulum-v1", ("medium-replay",), snapshot_dir=snapshot_dir, medium_step=medium_step)
+    recipe.build_datasets("Pendulum-v1", ("medium-replay",), snapshot_dir=snapshot_dir, medium_step=medium_step)
     dataset, eps = episodes("local/pendulum/medium-replay-v0")
     assert dataset.total_steps == medium_step  # warm-up 100 + interval (100, 200]
     assert [len(ep.rewards) for ep in eps] == [WARMUP, medium_step - WARMUP]
     assert "approximation" in dataset.storage.metadata["description"]
     # A smaller size shares the transitions among the segments in proportion.
-    assert md.split_quota([100, 100, 200], 100) == [25, 25, 50]
-    assert md.split_quota([3, 3, 3], 4) == [2, 1, 1]
+    assert recipe.split_quota([100, 100, 200], 100) == [25, 25, 50]
+    assert recipe.split_quota([3, 3, 3], 4) == [2, 1, 1]
 
 
 def test_long_builds_print_a_line_per_tenth_when_not_on_a_terminal(minari_path, tmp_path, capsys):
     """A log file gets ten progress lines per loop however long it is, not one per thousand steps."""
-    shipped = os.path.join(md.SNAPSHOTS_DIR, "Pendulum-v1")  # medium-replay: 3 segments of rollouts
-    md.build_datasets("Pendulum-v1", ("medium-replay",), transitions=300, snapshot_dir=shipped)
+    shipped = os.path.join(snapshots.SNAPSHOTS_DIR, "Pendulum-v1")  # medium-replay: 3 segments of rollouts
+    recipe.build_datasets("Pendulum-v1", ("medium-replay",), transitions=300, snapshot_dir=shipped)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) <= 12 and sum("300/300 transitions (100%)" in line for line in lines) == 1, lines
     # 30k steps of SAC training (uniform warm-up, so no updates): the header, ten lines, the snapshot
@@ -210,7 +211,7 @@ def test_progress_on_a_terminal_is_one_line_redrawn_in_place(monkeypatch):
             return True
 
     monkeypatch.setattr(sys, "stdout", Terminal())
-    progress = md.Progress("[x]", 1000)
+    progress = rollouts.Progress("[x]", 1000)
     for _ in range(500):
         progress.advance()
     progress.print("[x] an evaluation")  # a line of its own, over the live line
@@ -232,7 +233,7 @@ def test_same_seed_same_bytes(trained, tmp_path, monkeypatch):
     builds = {}
     for folder, seed in (("a", 0), ("b", 0), ("c", 1)):
         monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / folder))
-        md.build_datasets("Pendulum-v1", ("random", "medium-replay", "expert"), seed=seed, transitions=230,
+        recipe.build_datasets("Pendulum-v1", ("random", "medium-replay", "expert"), seed=seed, transitions=230,
                           snapshot_dir=snapshot_dir)
         builds[folder] = {k: _arrays(f"local/pendulum/{k}-230-v0") for k in ("random", "medium-replay", "expert")}
     for kind in builds["a"]:
@@ -245,13 +246,13 @@ def test_same_seed_same_bytes(trained, tmp_path, monkeypatch):
 
 
 def test_hopper_random_uses_d4rl_reference_scores(tmp_path, minari_path):
-    md.build_datasets("Hopper-v5", ("random",), transitions=120, snapshot_dir=str(tmp_path / "none"))
+    recipe.build_datasets("Hopper-v5", ("random",), transitions=120, snapshot_dir=str(tmp_path / "none"))
     dataset, eps = episodes("local/hopper/random-120-v0")
     assert dataset.total_steps == 120
     assert eps[0].observations.shape[1] == 11 and eps[0].observations.dtype == np.float64
     assert eps[0].terminations[-1]  # random hoppers fall over
     meta = dataset.storage.metadata
-    assert (meta["ref_min_score"], meta["ref_max_score"]) == common.D4RL_REF_SCORES["hopper"]
+    assert (meta["ref_min_score"], meta["ref_max_score"]) == d4rl.D4RL_REF_SCORES["hopper"]
 
 
 def test_random_kind_rolls_out_a_randomly_initialised_policy(tmp_path, monkeypatch):
@@ -260,7 +261,7 @@ def test_random_kind_rolls_out_a_randomly_initialised_policy(tmp_path, monkeypat
     for policy in ("init", "uniform"):
         monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / policy))
         torch_state = torch.get_rng_state()
-        md.build_datasets("Pendulum-v1", ("random",), transitions=300, snapshot_dir=str(tmp_path / "none"),
+        recipe.build_datasets("Pendulum-v1", ("random",), transitions=300, snapshot_dir=str(tmp_path / "none"),
                           random_policy=policy)
         assert torch.equal(torch.get_rng_state(), torch_state)  # the global stream is left alone
         dataset, eps = episodes("local/pendulum/random-300-v0")
@@ -272,17 +273,17 @@ def test_random_kind_rolls_out_a_randomly_initialised_policy(tmp_path, monkeypat
     assert "uniform random actions" in metadata["uniform"]["description"]
     assert not np.allclose(actions["init"], actions["uniform"])
     # The uniform build is the uniform policy's stream ...
-    uniform = md.uniform_policy(np.float32([-2.0]), np.float32([2.0]), md.sub_seed(0, md.STREAM_RANDOM, 1))
+    uniform = rollouts.uniform_policy(np.float32([-2.0]), np.float32([2.0]), recipe.sub_seed(0, recipe.STREAM_RANDOM, 1))
     np.testing.assert_array_equal(actions["uniform"], np.stack([uniform(None) for _ in range(300)]))
     # ... the default one is tanh(Gaussian) samples of the fresh actor, taken along the episodes' states.
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "init"))
     _, eps = episodes("local/pendulum/random-300-v0")
-    actor = md.random_init_actor(3, 1, md.sub_seed(0, md.STREAM_RANDOM, 2))
-    act = md.stochastic_policy(actor, np.float32([-2.0]), np.float32([2.0]), md.sub_seed(0, md.STREAM_RANDOM, 1))
+    actor = rollouts.random_init_actor(3, 1, recipe.sub_seed(0, recipe.STREAM_RANDOM, 2))
+    act = rollouts.stochastic_policy(actor, np.float32([-2.0]), np.float32([2.0]), recipe.sub_seed(0, recipe.STREAM_RANDOM, 1))
     replayed = np.stack([act(obs) for ep in eps for obs in ep.observations[:-1]])
     np.testing.assert_allclose(actions["init"], replayed, atol=1e-6)
     assert np.all(np.abs(actions["init"]) < 2.0)
-    mode = md.deterministic_policy(actor, np.float32([-2.0]), np.float32([2.0]))
+    mode = rollouts.deterministic_policy(actor, np.float32([-2.0]), np.float32([2.0]))
     assert not np.allclose(actions["init"], np.stack([mode(o) for ep in eps for o in ep.observations[:-1]]))
 
 
@@ -299,11 +300,11 @@ def test_random_policy_flag_on_the_command_line(minari_path, tmp_path):
 
 def test_existing_dataset_needs_force(trained, minari_path):
     snapshot_dir, _, _ = trained
-    md.build_datasets("Pendulum-v1", ("random",), transitions=10, snapshot_dir=snapshot_dir)
+    recipe.build_datasets("Pendulum-v1", ("random",), transitions=10, snapshot_dir=snapshot_dir)
     with pytest.raises(common.UserError, match="already exists"):
-        md.build_datasets("Pendulum-v1", ("random",), transitions=10, snapshot_dir=snapshot_dir)
+        recipe.build_datasets("Pendulum-v1", ("random",), transitions=10, snapshot_dir=snapshot_dir)
     first = _arrays("local/pendulum/random-10-v0")
-    md.build_datasets("Pendulum-v1", ("random",), seed=1, transitions=10, snapshot_dir=snapshot_dir, force=True)
+    recipe.build_datasets("Pendulum-v1", ("random",), seed=1, transitions=10, snapshot_dir=snapshot_dir, force=True)
     assert minari.load_dataset("local/pendulum/random-10-v0").total_steps == 10
     assert not np.array_equal(_arrays("local/pendulum/random-10-v0")[0][0], first[0][0])  # rebuilt, seed 1
 
@@ -312,7 +313,7 @@ def test_loader_builds_local_dataset_on_first_use(minari_path, capsys):
     data = common.load_dataset("local/pendulum/medium-300-v0")
     assert "building it from the shipped snapshots" in capsys.readouterr().out
     assert len(data) == 300 and data.obs_dim == 3 and data.act_dim == 1
-    with open(os.path.join(md.SNAPSHOTS_DIR, "Pendulum-v1", "manifest.json")) as f:
+    with open(os.path.join(snapshots.SNAPSHOTS_DIR, "Pendulum-v1", "manifest.json")) as f:
         manifest = json.load(f)
     expert = next(s for s in manifest["snapshots"] if s["step"] == manifest["expert"])
     assert data.ref_scores_source == "dataset"
@@ -326,12 +327,12 @@ def test_loader_builds_local_dataset_on_first_use(minari_path, capsys):
 
 def test_a_sized_build_has_its_own_id(minari_path, capsys):
     """One id, one dataset: the size is part of the id, so builds of two sizes never share one."""
-    assert md.parse_local_id("local/hopper/medium-replay-50k-v0") == ("hopper", "medium-replay", 50_000)
-    assert md.parse_local_id("local/hopper/medium-replay-v0") == ("hopper", "medium-replay", None)
-    assert md.parse_local_id("local/hopper/medium-300-v0") == ("hopper", "medium", 300)
-    assert md.parse_local_id("local/hopper/bogus-5k-v0") is None
-    assert md.dataset_id_for("Hopper-v5", "medium", 50_000) == "local/hopper/medium-50k-v0"
-    assert md.dataset_id_for("Hopper-v5", "medium", 1234) == "local/hopper/medium-1234-v0"
+    assert recipe.parse_local_id("local/hopper/medium-replay-50k-v0") == ("hopper", "medium-replay", 50_000)
+    assert recipe.parse_local_id("local/hopper/medium-replay-v0") == ("hopper", "medium-replay", None)
+    assert recipe.parse_local_id("local/hopper/medium-300-v0") == ("hopper", "medium", 300)
+    assert recipe.parse_local_id("local/hopper/bogus-5k-v0") is None
+    assert recipe.dataset_id_for("Hopper-v5", "medium", 50_000) == "local/hopper/medium-50k-v0"
+    assert recipe.dataset_id_for("Hopper-v5", "medium", 1234) == "local/hopper/medium-1234-v0"
     small = common.load_dataset("local/pendulum/random-200-v0")
     larger = common.load_dataset("local/pendulum/random-400-v0")
     assert (len(small), len(larger)) == (200, 400)
@@ -360,16 +361,16 @@ def test_first_use_build_leaves_the_run_seeded_stream_alone(minari_path, monkeyp
 def test_the_new_locomotion_tasks_build_offline_from_the_shipped_snapshots(minari_path, capsys, task, env_id):
     """local/{halfcheetah,walker2d}/{random,medium,medium-replay}-v0 build on first use, scored with
     D4RL's references, medium at about a third of D4RL's expert; the expert kinds are refused."""
-    name, manifest_dir = md.shipped_manifests()[task]
+    name, manifest_dir = snapshots.shipped_manifests()[task]
     assert name == env_id
     with open(os.path.join(manifest_dir, "manifest.json")) as f:
         manifest = json.load(f)
-    medium = md.snapshot_by_step(manifest, manifest["medium"])
-    assert 25 < md.d4rl_normalized(env_id, medium["eval_return"]) < 40
+    medium = snapshots.snapshot_by_step(manifest, manifest["medium"])
+    assert 25 < snapshots.d4rl_normalized(env_id, medium["eval_return"]) < 40
     for kind in ("random", "medium", "medium-replay"):
         data = common.load_dataset(f"local/{task}/{kind}-300-v0")
         assert len(data) == 300 and (data.obs_dim, data.act_dim) == (17, 6)
-        assert (data.ref_min_score, data.ref_max_score) == pytest.approx(common.D4RL_REF_SCORES[task])
+        assert (data.ref_min_score, data.ref_max_score) == pytest.approx(d4rl.D4RL_REF_SCORES[task])
     assert "building it from the shipped snapshots" in capsys.readouterr().out
     for kind in ("expert", "medium-expert"):
         with pytest.raises(common.UserError, match="below expert level"):
@@ -572,8 +573,8 @@ def test_an_episode_the_env_does_not_replay_ends_at_the_checkpoint(tmp_path, cap
     _, buffer = md.train_agent(resume_args(300), snapshot_dir)
     assert "did not replay the episode in progress identically" in capsys.readouterr().out
     assert buffer["truncations"][149] and not buffer["truncations"][:149].any()
-    env = md.make_env("Pendulum-v1")
-    first_obs, _ = env.reset(seed=md.sub_seed(0, md.STREAM_TRAIN, 1))  # the second episode starts at step 150
+    env = rollouts.make_env("Pendulum-v1")
+    first_obs, _ = env.reset(seed=recipe.sub_seed(0, recipe.STREAM_TRAIN, 1))  # the second episode starts at step 150
     np.testing.assert_array_equal(buffer["observations"][150], first_obs)
     env.close()
 

@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
+from offline_data.d4rl import D4RL_REF_SCORES  # noqa: E402
 from tools.pretraining import BC_WARMUP  # noqa: E402
 
 ALGORITHMS = tuple(sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "algorithms")) if f.endswith(".py")))
@@ -70,7 +71,7 @@ def build(dataset_id: str, transitions: int, episode_length: int) -> None:
 
     env = gym.make("HalfCheetah-v5")
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    ref_min, ref_max = common.D4RL_REF_SCORES["halfcheetah"]
+    ref_min, ref_max = D4RL_REF_SCORES["halfcheetah"]
     rng = np.random.default_rng(0)
     buffers = []
     for i in range(max(transitions // episode_length, 1)):

@@ -8,7 +8,7 @@ to a Slurm array job by --slurm. A run whose results.json says `"finished": true
 interrupted benchmark resumes where it stopped. At the end, tools/summarize.py writes the tables.
 
 Which data stands in for which paper dataset is in benchmarks/datasets.csv; where D4RL's own file
-of a paper dataset is in $D4RL_DATASET_DIR or ~/.d4rl/datasets (and d4rl_files.py can evaluate it),
+of a paper dataset is in $D4RL_DATASET_DIR or ~/.d4rl/datasets (and offline_data/d4rl.py can evaluate it),
 the runs use that file instead (`--env d4rl/<paper dataset>`): the same data. The papers' numbers
 are in benchmarks/paper_scores.csv.
 """
@@ -30,8 +30,13 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import d4rl_files  # noqa: E402
-from common import KNOWN_REMOTE_DATASETS, UserError, atomic_write_json, dataset_task, install_user_error_hook  # noqa: E402
+import offline_data  # noqa: E402
+from offline_data import d4rl  # noqa: E402
+from offline_data.errors import UserError, atomic_write_json, install_user_error_hook  # noqa: E402
+from offline_data.minari_datasets import KNOWN_REMOTE_DATASETS  # noqa: E402
+from offline_data.recipe import parse_local_id  # noqa: E402
+from offline_data.snapshots import shipped_manifests  # noqa: E402
+from offline_data.tasks import dataset_task  # noqa: E402
 from tools.pretraining import behaviour_flag  # noqa: E402
 from tools.summarize import QUICK_PROFILE_FILE  # noqa: E402
 
@@ -138,17 +143,15 @@ def minari_root() -> str:
 
 
 def local_buildable(dataset_id: str) -> bool:
-    """local/<env>/<kind>[-<size>]-v0 ids that tools/make_dataset.py can build from shipped snapshots."""
-    from tools.make_dataset import parse_local_id, shipped_manifests
-
+    """local/<env>/<kind>[-<size>]-v0 ids that offline_data/recipe.py can build from shipped snapshots."""
     parsed = parse_local_id(dataset_id)
     return parsed is not None and parsed[0] in shipped_manifests()
 
 
 def d4rl_file_id(paper_dataset: str) -> str | None:
-    """`d4rl/<paper dataset>` when the user has D4RL's own file of it and d4rl_files.py reads it."""
-    readable = paper_dataset in d4rl_files.FILE_PATHS
-    return f"d4rl/{paper_dataset}" if readable and d4rl_files.find_file(paper_dataset) else None
+    """`d4rl/<paper dataset>` when the user has D4RL's own file of it and offline_data/d4rl.py reads it."""
+    readable = paper_dataset in d4rl.FILE_PATHS
+    return f"d4rl/{paper_dataset}" if readable and d4rl.find_file(paper_dataset) else None
 
 
 def resolve_datasets(names: list[str] | None, quick: bool) -> list[str]:
@@ -177,7 +180,7 @@ def resolve_datasets(names: list[str] | None, quick: bool) -> list[str]:
                                 f"{row['note'] or 'see benchmarks/datasets.csv'}")
             result.append(row[column])
             continue
-        d4rl_id = d4rl_files.dataset_name(name) is not None  # checked, with a clear message, when fetched
+        d4rl_id = d4rl.dataset_name(name) is not None  # checked, with a clear message, when fetched
         known = (d4rl_id or name in mapped or name in KNOWN_REMOTE_DATASETS or local_buildable(name)
                  or os.path.isdir(os.path.join(folder, name)))
         if not known:
@@ -306,7 +309,7 @@ def run_status(run: dict, out_dir: str) -> str:
 
 
 def dataset_on_disk(dataset_id: str) -> bool:
-    """Whether Minari's folder already holds `dataset_id` (the test common.resolve_dataset makes)."""
+    """Whether Minari's folder already holds `dataset_id` (the test offline_data.open_source makes)."""
     return os.path.isdir(os.path.join(minari_root(), dataset_id, "data"))
 
 
@@ -339,17 +342,13 @@ def build_in_parallel(dataset_ids: list[str], workers: int) -> None:
 def fetch_datasets(datasets: list[str], workers: int = 1) -> None:
     """Download or build every dataset once, here, before any worker starts: parallel runs would
     otherwise race to write the same files. Local datasets still to build are built `workers` at a time."""
-    import common
-
     to_build = [d for d in datasets if d.startswith("local/") and not dataset_on_disk(d)]
     if workers > 1 and len(to_build) > 1:
         build_in_parallel(to_build, workers)
     for dataset in datasets:
         print(f"[benchmark] dataset {dataset}", flush=True)
-        if d4rl_files.dataset_name(dataset) is not None:
-            d4rl_files.open_file(dataset)  # nothing to fetch: only says so, in one line, if it is missing
-        else:
-            common.resolve_dataset(dataset)
+        # a D4RL file has nothing to fetch: opening it only says so, in one line, if it is missing
+        offline_data.open_source(dataset)
 
 
 def write_slurm(runs: list[dict], out_dir: str, path: str, workers: int) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import UserError, atomic_write_bytes, atomic_write_json, install_user_error_hook  # noqa: E402
+from offline_data.errors import UserError, atomic_write_bytes, atomic_write_json, install_user_error_hook  # noqa: E402
 
 DOCS = os.path.join(ROOT, "docs")
 COLLECTED = os.path.join(DOCS, "long_runs")

@@ -24,7 +24,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import UserError, atomic_write_bytes, install_user_error_hook  # noqa: E402
+from offline_data.errors import UserError, atomic_write_bytes, install_user_error_hook  # noqa: E402
 
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
 

@@ -1,9 +1,7 @@
-"""What `common.py` and `tools/make_dataset.py` both need: the user-error type and its hook, D4RL's
-reference returns, and atomic file writes.
+"""UserError, the hook that prints it as one line, and atomic file writes whose failure is one.
 
-It sits below both so that `common.load_dataset` can build a `local/...` dataset on first use with
-tools/make_dataset.py without the two importing each other. The algorithm files reach these names
-through `common` (common.UserError, common.save_checkpoint, ...). Importing it changes nothing.
+The data layer, common.py and the tools all use these; the algorithm files reach them through
+`common` (common.UserError, ...). Importing this module changes nothing.
 """
 
 from __future__ import annotations
@@ -15,16 +13,6 @@ import sys
 import tempfile
 import threading
 from typing import Any
-
-# D4RL's reference returns (random and expert policies on the v2 MuJoCo envs). Minari's
-# `mujoco/*-v0` datasets carry no reference scores, so these are the usual fallback; they were
-# measured on older environment versions, which is why the log flags their use.
-D4RL_REF_SCORES = {
-    "halfcheetah": (-280.178953, 12135.0),
-    "hopper": (-20.272305, 3234.3),
-    "walker2d": (1.629008, 4592.3),
-    "ant": (-325.6, 3879.7),
-}
 
 
 class UserError(Exception):

@@ -1,7 +1,7 @@
 """D4RL's own HDF5 files, read with h5py alone (no d4rl, mujoco-py or gym): `--env d4rl/<name>`
 (e.g. `d4rl/hopper-medium-replay-v2`) or `--env <path to one of D4RL's .hdf5 files>`.
 
-`common.load_dataset` opens the file with `open_file` and takes from `D4RLFile` what it takes from
+`offline_data.load` opens the file with `open_file` and takes from `D4RLFile` what it takes from
 a MinariDataset (action and observation spaces, the eval env) and, from `read()`, the flat arrays
 it builds from Minari episodes, so normalisation, reward transforms and episode returns work the
 same. Readable: halfcheetah, hopper and walker2d v0/v2 (evaluated in Gymnasium's v4 envs) and
@@ -22,8 +22,17 @@ import re
 
 import numpy as np
 
-from basics import D4RL_REF_SCORES, UserError
+from offline_data.errors import UserError
 
+# D4RL's reference returns (random and expert policies on the v2 MuJoCo envs). Minari's
+# `mujoco/*-v0` datasets carry no reference scores, so these are the usual fallback; they were
+# measured on older environment versions, which is why the log flags their use.
+D4RL_REF_SCORES = {
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+}
 DATASET_DIR_VARIABLE = "D4RL_DATASET_DIR"
 DEFAULT_DATASET_DIR = os.path.join("~", ".d4rl", "datasets")
 _URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/"
@@ -155,7 +164,7 @@ def open_file(dataset_id: str) -> D4RLFile:
 
 
 class D4RLFile:
-    """One D4RL file, with what `common.load_dataset` and `common.evaluate` use of a MinariDataset:
+    """One D4RL file, with what `offline_data.load` and `common.evaluate` use of a MinariDataset:
     `action_space`, `observation_space`, `env_spec` and `recover_environment()` (the closest
     Gymnasium env, with D4RL's episode limit)."""
 
@@ -192,7 +201,7 @@ class D4RLFile:
             return gym.make(self.eval_env_id, max_episode_steps=MAX_EPISODE_STEPS[self.task])
 
     def read(self) -> dict:
-        """The flat arrays of `common._read_episodes` (T + 1 observations per episode).
+        """The flat arrays of `minari_datasets.read_episodes` (T + 1 observations per episode).
 
         Transitions as the papers used them: the next observation comes from the file's
         `next_observations` when it has them (every transition kept); otherwise from the next row,
