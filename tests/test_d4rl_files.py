@@ -4,7 +4,6 @@ next_observations, every transition), scored with D4RL's reference returns, eval
 closest Gymnasium env; refusals and a missing file are one line."""
 
 import json
-import os
 
 import h5py
 import numpy as np

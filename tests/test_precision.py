@@ -79,7 +79,7 @@ def test_under_autocast_hidden_layers_are_bf16_and_outputs_are_fp32_and_not_roun
     module = load_algorithm("td3_bc")
     torch.manual_seed(0)
     if network == "mlp":
-        net, first, x = module.mlp(8, 2, 32, 2), None, torch.randn(64, 8)
+        net, x = module.mlp(8, 2, 32, 2), torch.randn(64, 8)
     else:
         critic = module.Critic(5, 3, 32)
         net, x = critic.net, (torch.randn(64, 5), torch.rand(64, 3) * 2 - 1)

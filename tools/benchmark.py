@@ -22,7 +22,6 @@ import difflib
 import itertools
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
