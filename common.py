@@ -388,10 +388,13 @@ class Run:
     With --resume auto (the default) a folder that holds a finished run ends the script at once, and
     one that holds a checkpoint is continued from it (docs/usage.md, "Resuming")."""
 
-    def __init__(self, args, algorithm: str, data: OfflineData):
+    def __init__(self, args, algorithm: str, data: OfflineData, phases: tuple[str, ...] = ()):
+        """`phases`: the file's pretraining phases in the order they run (they checkpoint as the main
+        loop does, see `resume`); the main loop, None, comes after them."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.args, self.algorithm, self.data = args, algorithm, data
+        self.phases = (*phases, None)
         run_name = args.run_name or f"{args.env.replace('/', '__')}__{algorithm}__{args.seed}__{int(time.time())}"
         self.dir = os.path.join(args.output_dir, run_name)
         check_batch_sizes(args, data)
@@ -496,29 +499,43 @@ class Run:
             return saved
         return None
 
-    def resume(self, agent) -> int:
-        """Restore `agent`, the random streams and the evaluations from the checkpoint, if there is
-        one. Returns the step it was written at (0 for a fresh run): the loop continues after it."""
-        if self.saved is None:
+    def resume(self, agent, phase: str | None = None, steps: int = 0) -> int:
+        """Restore `agent`, the random streams and the evaluations from the checkpoint if it was
+        written in `phase` (None: the main loop). Returns the step to continue after (0: from the
+        start). A checkpoint of a later phase holds this phase's result: `agent` takes its state and
+        `steps`, the phase's length, is returned, so that the phase's loop is skipped. One of an
+        earlier phase is left alone (that phase was read from its cache)."""
+        saved = self.saved
+        if saved is None:
             return 0
-        load_training_state(agent, self.saved["agent"])
-        set_rng_states(self.saved["rng"])
-        step = self.saved["step"]
-        self.results["evaluations"] = self.saved["evaluations"]
-        self.train_seconds_before = self.saved["train_seconds"]
-        self.start -= self.saved["wall_time"]
+        mine = self.phases.index(phase)
+        theirs = self.phases.index(saved.get("phase")) if saved.get("phase") in self.phases else -1
+        if theirs < mine:
+            return 0
+        if theirs > mine:
+            load_training_state(agent, saved["agent"])
+            return steps
+        load_training_state(agent, saved["agent"])
+        set_rng_states(saved["rng"])
+        step = saved["step"]
+        self.start -= saved["wall_time"]
+        if phase is None:
+            self.results["evaluations"] = saved["evaluations"]
+            self.train_seconds_before = saved["train_seconds"]
         self.reset_clock(step)
-        print(f"[{self.algorithm}] resuming from step {step} ({self.saved['path']})", flush=True)
+        print(f"[{self.algorithm}] resuming{f' the {phase} phase' if phase else ''} from step {step} ({saved['path']})",
+              flush=True)
         self.saved = None
         return step
 
     def train_seconds(self) -> float:
         return self.train_seconds_before + time.time() - self.clock - self.eval_time
 
-    def checkpoint(self, step: int, agent) -> None:
-        """Write everything needed to continue after `step`; the previous checkpoint is kept until
-        the new one is whole (a reader falls back to it)."""
-        state = {"step": step, "args": dict(vars(self.args)), "agent": training_state(agent), "rng": rng_states(),
+    def checkpoint(self, step: int, agent, phase: str | None = None) -> None:
+        """Write everything needed to continue after `step` of `phase` (None: the main loop); the
+        previous checkpoint is kept until the new one is whole (a reader falls back to it)."""
+        state = {"step": step, "phase": phase, "args": dict(vars(self.args)), "agent": training_state(agent),
+                 "rng": rng_states(),
                  "evaluations": self.results["evaluations"], "train_seconds": self.train_seconds(),
                  "wall_time": time.time() - self.start}
         buffer = io.BytesIO()
@@ -528,7 +545,7 @@ class Run:
             os.replace(path, os.path.join(self.dir, PREVIOUS_CHECKPOINT))
         atomic_write_bytes(path, buffer.getvalue())
 
-    def stop_if_signalled(self, step: int, agent) -> None:
+    def stop_if_signalled(self, step: int, agent, phase: str | None = None) -> None:
         """Called after every training step. Its first call makes SIGTERM, SIGINT and SIGUSR1 set a
         flag instead of killing the process; once one has come, checkpoint at `step` and exit
         (status 128 + signal number)."""
@@ -541,11 +558,19 @@ class Run:
             self.handlers_installed = True
         if self.signalled is None:
             return
-        self.checkpoint(step, agent)
+        self.checkpoint(step, agent, phase)
         self.writer.close()
-        print(f"[{self.algorithm}] stopped by {signal.Signals(self.signalled).name} after step {step}; "
+        print(f"[{self.algorithm}] stopped by {signal.Signals(self.signalled).name} after step {step}"
+              f"{f' of the {phase} phase' if phase else ''}; "
               f"checkpoint written: the same command resumes the run", flush=True)
         raise SystemExit(128 + self.signalled)
+
+    def pretraining_step(self, step: int, agent, phase: str) -> None:
+        """Called after every step of a pretraining phase: a checkpoint every --eval-every steps and
+        the stop on a signal, as in the main loop, since a behaviour model can take hours."""
+        if step % self.args.eval_every == 0:
+            self.checkpoint(step, agent, phase)
+        self.stop_if_signalled(step, agent, phase)
 
     def evaluate(self, step: int, policy: Callable[[torch.Tensor], torch.Tensor],
                  obs_mean: torch.Tensor | None = None, obs_std: torch.Tensor | None = None) -> dict:

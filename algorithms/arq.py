@@ -726,7 +726,7 @@ if __name__ == "__main__":
     buffer = common.ReplayBuffer(data)
 
     agent = ARQ(args, data.obs_dim, data.act_dim, device)
-    run = common.Run(args, "arq", data)
+    run = common.Run(args, "arq", data, phases=("score model",))
     score_path = os.path.join(cache_dir, f"score_{score_model_key(args, data.observations, data.actions)}.pt")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.score_seed)  # the score model and the support do not depend on --seed
@@ -744,10 +744,11 @@ if __name__ == "__main__":
                 score_bytes = None
         if score_bytes is None:
             agent.score.set_normalization(data.observations, data.actions)
-            for step in range(1, args.bc_steps + 1):
+            for step in range(run.resume(agent, "score model", args.bc_steps) + 1, args.bc_steps + 1):
                 metrics = agent.train_score(buffer.sample(args.score_batch_size))
                 if step % args.log_every == 0 or step == args.bc_steps:
                     run.log(step, metrics, phase="score model")
+                run.pretraining_step(step, agent, "score model")
             payload = io.BytesIO()
             torch.save(agent.score.state_dict(), payload)
             score_bytes = payload.getvalue()

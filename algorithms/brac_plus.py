@@ -740,35 +740,38 @@ if __name__ == "__main__":
     subset_obs = data.observations[subset]
 
     agent = BRACPlus(args, data.obs_dim, data.act_dim, device)
-    run = common.Run(args, "brac_plus", data)
+    run = common.Run(args, "brac_plus", data, phases=("behaviour model", "initial policy", "Q initialisation"))
     key = common.pretraining_key(args, ("bc_steps", "bc_lr", "bc_seed", "vae_hidden_dim", "n_ensembles", "batch_size"), data)
     cache_path = os.path.join(args.cache_dir or os.path.join(args.output_dir, "pretrained_cache"),
                               f"brac_plus_behavior_{key}.pt")
     if not (args.reuse_cache and common.load_pretrained(cache_path, {"behavior": agent.behavior}, device)):
         with common.separate_rng(args.bc_seed, device):
-            for step in range(1, args.bc_steps + 1):
+            for step in range(run.resume(agent, "behaviour model", args.bc_steps) + 1, args.bc_steps + 1):
                 metrics = agent.train_behavior(buffer.sample(args.batch_size))
                 if step % args.log_every == 0 or step == args.bc_steps:
                     run.log(step, metrics, phase="behaviour model")
+                run.pretraining_step(step, agent, "behaviour model")
         common.save_pretrained(cache_path, {"behavior": agent.behavior})
     agent.behavior.requires_grad_(False)
     target_entropy = agent.set_target_entropy(subset_obs, data.actions[subset])
     print(f"[brac_plus] entropy {'upper' if args.regularizer == 'kl' else 'lower'} bound H_0 = {target_entropy:.3f}")
-    start = run.resume(agent)  # a resumed run's checkpoint holds pi_0, Q_0 and the thresholds
+    start = run.resume(agent)  # a checkpoint of the main loop holds pi_0, Q_0 and the thresholds
     if start == 0:
         run.reset_clock()  # each phase's progress lines report that phase's own speed
-        for step in range(1, args.pretrain_steps + 1):
+        for step in range(run.resume(agent, "initial policy", args.pretrain_steps) + 1, args.pretrain_steps + 1):
             metrics = agent.train_initial_policy(buffer.sample(args.batch_size))
             if step % args.log_every == 0 or step == args.pretrain_steps:
                 run.log(step, metrics, phase="initial policy")
+            run.pretraining_step(step, agent, "initial policy")
         kl_threshold, gp_threshold = agent.set_thresholds(subset_obs)
         print(f"[brac_plus] KL threshold delta_KL = {kl_threshold:.3f}, first gradient-penalty threshold "
               f"eps_GP = {gp_threshold:.3f}")
         run.reset_clock()
-        for step in range(1, args.pretrain_steps + 1):
+        for step in range(run.resume(agent, "Q initialisation", args.pretrain_steps) + 1, args.pretrain_steps + 1):
             metrics = agent.train_initial_critic(buffer.sample(args.batch_size))
             if step % args.log_every == 0 or step == args.pretrain_steps:
                 run.log(step, metrics, phase="Q initialisation")
+            run.pretraining_step(step, agent, "Q initialisation")
         run.reset_clock()
     for step in range(start + 1, args.total_steps + 1):
         metrics = agent.train(buffer.sample(args.batch_size))

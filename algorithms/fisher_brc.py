@@ -371,16 +371,17 @@ if __name__ == "__main__":
     buffer = common.ReplayBuffer(data)
 
     agent = FisherBRC(args, data.obs_dim, data.act_dim, device)
-    run = common.Run(args, "fisher_brc", data)
+    run = common.Run(args, "fisher_brc", data, phases=("behaviour model",))
     key = common.pretraining_key(args, ("bc_steps", "bc_lr", "bc_seed", "n_components", "hidden_dim", "batch_size"), data)
     cache_path = os.path.join(args.cache_dir or os.path.join(args.output_dir, "pretrained_cache"),
                               f"fisher_brc_behavior_{key}.pt")
     if not (args.reuse_cache and common.load_pretrained(cache_path, {"behavior": agent.behavior}, device)):
         with common.separate_rng(args.bc_seed, device):
-            for step in range(1, args.bc_steps + 1):
+            for step in range(run.resume(agent, "behaviour model", args.bc_steps) + 1, args.bc_steps + 1):
                 metrics = agent.train_behavior(buffer.sample(args.batch_size))
                 if step % args.log_every == 0 or step == args.bc_steps:
                     run.log(step, metrics, phase="behaviour model")
+                run.pretraining_step(step, agent, "behaviour model")
         common.save_pretrained(cache_path, {"behavior": agent.behavior})
     agent.behavior.requires_grad_(False)
     run.reset_clock()

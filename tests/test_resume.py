@@ -135,3 +135,37 @@ def test_a_checkpoint_from_other_flags_is_refused_naming_them(datasets_path, tmp
     # --resume never starts over with the new flags
     fresh = run(cmd + ["--lr", "0.001", "--resume", "never", "--total-steps", "300"], datasets_path)
     assert fresh.returncode == 0 and "resuming" not in fresh.stdout, fresh.stderr[-2000:]
+
+
+PHASE_FLAGS = ["--bc-steps", "200", "--pretrain-steps", "200", "--log-every", "10", "--eval-every", "50",
+               "--total-steps", "100"]
+
+
+@pytest.mark.parametrize("phase", ["behaviour model", "Q initialisation"])
+def test_a_run_stopped_in_a_pretraining_phase_resumes_it_to_the_same_evaluations(phase, datasets_path, tmp_path):
+    """BRAC+'s phases checkpoint every --eval-every steps and on SIGTERM. Stopped in the VAE phase
+    (trained on its own random stream, not yet cached), the run continues that phase; stopped in
+    Q_0's, it skips pi_0 (the checkpoint holds it) and continues Q_0."""
+    whole = run(command("brac_plus", tmp_path / "a", "whole", PHASE_FLAGS), datasets_path)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    _, expected = evaluations(tmp_path / "a", "whole")
+
+    cmd = command("brac_plus", tmp_path / "b", "stopped", PHASE_FLAGS)
+    proc = subprocess.Popen(cmd, env=environment(datasets_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    for line in proc.stdout:
+        if line.startswith(f"{phase} step 60 "):  # past the phase checkpoint at step 50
+            proc.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert f"of the {phase} phase" in stdout
+    assert not os.path.exists(tmp_path / "b" / "stopped" / "results.json")
+
+    again = run(cmd, datasets_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming the {phase} phase from step" in again.stdout
+    assert f"{phase} step 10 " not in again.stdout  # the phase went on from where it stopped
+    if phase == "Q initialisation":
+        assert "initial policy step" not in again.stdout
+    assert evaluations(tmp_path / "b", "stopped")[1] == expected

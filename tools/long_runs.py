@@ -1,4 +1,4 @@
-"""Long runs: each file at the papers' budget (or the stated step budget) on the offline-built datasets.
+"""Long runs: each file at the papers' budget (or the step budget of RUNS) on the offline-built datasets.
 
     python tools/long_runs.py run --runs-dir ~/long_runs      # runs them, two at a time, one thread each
     python tools/long_runs.py collect --runs-dir ~/long_runs  # their small results into docs/long_runs/
@@ -42,15 +42,26 @@ HOPPER = "local/hopper/medium-replay-v0"
 HALFCHEETAH = "local/halfcheetah/medium-replay-v0"
 WALKER2D = "local/walker2d/medium-replay-v0"
 # (algorithm, dataset, seed, gradient steps, flags beyond the file's defaults), in the order they run.
+# BC, TD3+BC, IQL and AWR train for the papers' 1M steps. The other five train for a step budget that
+# their per-step cost allows on one CPU core (their pretraining phases are the papers' full length):
+# CQL and BRAC+ 50k, Fisher-BRC, iTRPO and ARQ 100k. BRAC+ runs at the authors' code's sizes (every
+# network 256 wide); ARQ with the probability-flow ODE sampler (20 steps): the paper's
+# predictor-corrector would take about 13 hours for this support (90k states x 30) on one core
+# (docs/speed.md, ARQ), the ODE sampler about 3.
 RUNS: list[tuple[str, str, int, int, list[str]]] = [
     ("bc", HOPPER, 0, 1_000_000, []),
     ("td3_bc", HOPPER, 0, 1_000_000, []),
     ("bc", HOPPER, 1, 1_000_000, []),
     ("td3_bc", HOPPER, 1, 1_000_000, []),
+    ("cql", HOPPER, 0, 50_000, []),
+    ("fisher_brc", HOPPER, 0, 100_000, []),
     ("iql", HOPPER, 0, 1_000_000, []),
     ("iql", HOPPER, 1, 1_000_000, []),
+    ("itrpo", HOPPER, 0, 100_000, []),
     ("awr", HOPPER, 0, 1_000_000, []),
     ("awr", HOPPER, 1, 1_000_000, []),
+    ("brac_plus", HOPPER, 0, 50_000, ["--actor-hidden-dim", "256", "--vae-hidden-dim", "256"]),
+    ("arq", HOPPER, 0, 100_000, ["--sampler", "ode"]),
     ("td3_bc", HALFCHEETAH, 0, 1_000_000, []),
     ("iql", HALFCHEETAH, 0, 1_000_000, []),
     ("td3_bc", WALKER2D, 0, 1_000_000, []),
@@ -215,7 +226,7 @@ def main(argv=None) -> None:
         report()
     else:
         for spec in RUNS:
-            print("OMP_NUM_THREADS=1 " + " ".join(command(*spec, "<runs-dir>")[1:]).replace(ROOT + "/", ""))
+            print("OMP_NUM_THREADS=1 python " + " ".join(command(*spec, "<runs-dir>")[1:]).replace(ROOT + "/", ""))
 
 
 if __name__ == "__main__":
