@@ -167,7 +167,13 @@ def report() -> None:
     for dataset in sorted({r["env"] for r in runs}):
         mine = [r for r in runs if r["env"] == dataset]
         algos = [a for a in ORDER if any(r["algorithm"] == a for r in mine)]
-        stats = {a: summary([r for r in mine if r["algorithm"] == a]) for a in algos}
+        # seeds that finished, where any did; the others are named in the steps cell
+        stats, others = {}, {}
+        for a in algos:
+            runs = [r for r in mine if r["algorithm"] == a]
+            done = [r for r in runs if r["finished"]] or runs
+            stats[a] = summary(done)
+            others[a] = [f"seed {r['seed']} at {r['evaluations'][-1][0]:,}" for r in runs if r not in done]
         behaviour = mine[0]["behaviour_score"]
         print(f"\n### `{dataset}` ({mine[0]['transitions']:,} transitions; behaviour average {behaviour:.1f})\n")
         print("| file | seeds | steps | final (last 10 evaluations) | best evaluation (step) | largest mean Q | hours per run |")
@@ -176,6 +182,7 @@ def report() -> None:
             s = stats[a]
             pm = f" ± {s['final_std']:.1f}" if s["seeds"] > 1 else ""
             steps = f"{s['steps'][-1]:,}" + ("" if s["finished"] else " (running)")
+            steps += f" ({', '.join(others[a])}, running)" if others[a] else ""
             q = "—" if np.isnan(s["max_q"]) else f"{s['max_q']:.0f}"
             print(f"| {a} | {s['seeds']} | {steps} | {s['final']:.1f}{pm} | {s['best']:.1f} ({s['best_step']:,}) | "
                   f"{q} | {s['hours']:.1f} |")
