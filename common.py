@@ -684,14 +684,17 @@ def set_rng_states(states: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 # Pretraining cache (behaviour models that take an hour are trained once, not once per seed)
 # ----------------------------------------------------------------------------------------------
-def pretraining_key(args, fields: tuple[str, ...], data: OfflineData) -> str:
+def pretraining_key(args, fields: tuple[str, ...], data: OfflineData, recipe: tuple = ()) -> str:
     """Hash of what a pretrained model depends on: the dataset id, the bytes of the (normalised)
-    states and actions it is trained on, and the named fields of `args`. --seed is not one of them,
-    so every seed and every setting of the later phases shares the model."""
+    states and actions it is trained on, the named fields of `args`, and `recipe`, the file's words
+    for how it trains the model (so that a model trained another way is not taken for it). --seed is
+    not one of them, so every seed and every setting of the later phases shares the model."""
     digest = hashlib.sha256(args.env.encode())
     digest.update(data.observations.cpu().numpy().tobytes())
     digest.update(data.actions.cpu().numpy().tobytes())
     digest.update(repr([(f, getattr(args, f)) for f in fields]).encode())
+    if recipe:
+        digest.update(repr(recipe).encode())
     if getattr(args, "precision", "fp32") != "fp32":  # fp32 models keep the keys they had without the flag
         digest.update(f"precision={args.precision}".encode())
     return digest.hexdigest()[:20]

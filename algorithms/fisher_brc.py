@@ -372,7 +372,8 @@ if __name__ == "__main__":
 
     agent = FisherBRC(args, data.obs_dim, data.act_dim, device)
     run = common.Run(args, "fisher_brc", data, phases=("behaviour model",))
-    key = common.pretraining_key(args, ("bc_steps", "bc_lr", "bc_seed", "n_components", "hidden_dim", "batch_size"), data)
+    key = common.pretraining_key(args, ("bc_steps", "bc_lr", "bc_seed", "n_components", "hidden_dim", "batch_size"), data,
+                                 recipe=("keras learning-rate boundaries",))
     cache_path = os.path.join(args.cache_dir or os.path.join(args.output_dir, "pretrained_cache"),
                               f"fisher_brc_behavior_{key}.pt")
     if not (args.reuse_cache and common.load_pretrained(cache_path, {"behavior": agent.behavior}, device)):

@@ -127,3 +127,19 @@ def test_a_damaged_behaviour_cache_is_retrained_with_a_notice(datasets_path, tmp
     log, again, _ = pretraining_run(datasets_path, tmp_path, "fisher_brc", "again")
     assert "is unreadable" in log and "behaviour model step" in log
     assert [e["return_mean"] for e in again] == [e["return_mean"] for e in first]
+
+
+@pytest.mark.parametrize("algorithm", ["fisher_brc", "itrpo"])
+def test_behaviour_cache_key_names_how_the_model_is_trained(algorithm):
+    """A behaviour model trained another way (another initialisation, temperature order or
+    learning-rate schedule) must not be read from the cache as this one: the key carries the
+    file's recipe words, which the bare key of the data and flags does not."""
+    import inspect
+
+    module = load_algorithm(algorithm)
+    assert "recipe=(" in inspect.getsource(module)  # the file passes its recipe to the key
+    data = module.common.OfflineData.__new__(module.common.OfflineData)
+    data.observations, data.actions = torch.zeros(4, 2), torch.ones(4, 1)
+    args = module.Args()
+    assert module.common.pretraining_key(args, ("bc_steps",), data, recipe=("x",)) != \
+        module.common.pretraining_key(args, ("bc_steps",), data)
