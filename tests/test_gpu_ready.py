@@ -56,10 +56,8 @@ def agent_on(name: str, device: torch.device):
     return module, cls(args, 5, 3, device)
 
 
-@pytest.mark.parametrize("name", sorted(SMALL))
-def test_training_steps_run_with_agent_and_data_on_another_device(name):
-    """PyTorch's meta device stands in for CUDA: a tensor made on the CPU inside a step (a
-    torch.tensor(...) without device=) meets the batch's tensors there and raises, as on a GPU. The
+def steps_on_meta(name: str):
+    """(training step, batch) of each of the file's phases, agent and batches on the meta device. The
     fused Adam kernel has no meta version, so here the optimisers run unfused."""
     meta = torch.device("meta")
     module, agent = agent_on(name, meta)
@@ -68,9 +66,16 @@ def test_training_steps_run_with_agent_and_data_on_another_device(name):
             group["fused"] = False
     for step in SMALL[name][1]:
         batch = batch_for(module, step)
-        batch = type(batch)(*(t.to(meta) for t in batch))
+        yield getattr(agent, step), type(batch)(*(t.to(meta) for t in batch))
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_training_steps_run_with_agent_and_data_on_another_device(name):
+    """PyTorch's meta device stands in for CUDA: a tensor made on the CPU inside a step (a
+    torch.tensor(...) without device=) meets the batch's tensors there and raises, as on a GPU."""
+    for step, batch in steps_on_meta(name):
         for _ in range(2):
-            getattr(agent, step)(batch)
+            step(batch)
 
 
 def test_arq_keeps_its_evaluation_generator_on_the_cpu_so_a_checkpoint_resumes_on_any_device():
@@ -103,15 +108,8 @@ class CpuFactories(torch.overrides.TorchFunctionMode):
 def test_training_steps_make_no_tensor_on_the_cpu(name):
     """A 0-dim CPU tensor mixes with CUDA tensors without an error, but it is a host value inside the
     step: a host-to-device copy in eager mode, and it keeps a compiled step out of CUDA graphs."""
-    meta = torch.device("meta")
-    module, agent = agent_on(name, meta)
-    for optimizer in (v for v in vars(agent).values() if isinstance(v, torch.optim.Optimizer)):
-        for group in optimizer.param_groups:
-            group["fused"] = False
-    for step in SMALL[name][1]:
-        batch = batch_for(module, step)
-        batch = type(batch)(*(t.to(meta) for t in batch))
+    for step, batch in steps_on_meta(name):
         with CpuFactories() as probe:
             for _ in range(2):
-                getattr(agent, step)(batch)
-        assert probe.made == [], f"{name}.{step}"
+                step(batch)
+        assert probe.made == [], f"{name}.{step.__name__}"
