@@ -75,7 +75,7 @@ def test_every_network_ends_in_an_fp32_output_layer(name):
 def test_under_autocast_hidden_layers_are_bf16_and_outputs_are_fp32_and_not_rounded(network):
     """A Q-sized output (bias 300.3): in bf16 (8-bit mantissa, steps of 2 at 300) it would be off
     by up to 1; from an fp32 output layer it is within 0.02 of the fp32 network's. td3_bc_q1 is
-    TD3+BC's Critic.q1, which runs the first member's layers itself."""
+    TD3+BC's Critic.q1, which runs the first member alone (member=0)."""
     module = load_algorithm("td3_bc")
     torch.manual_seed(0)
     if network == "mlp":
