@@ -145,6 +145,7 @@ def normalize_obs(data: OfflineData, mean: torch.Tensor, std: torch.Tensor) -> N
     """Normalise observations and next observations in place; evaluation must use the same stats."""
     data.observations = (data.observations - mean) / std
     data.next_observations = (data.next_observations - mean) / std
+    data.obs_normalized = True
 
 
 RewardTransform = Literal["none", "return-range", "minus-one", "cql-antmaze", "min-max", "plus-five"]
@@ -516,7 +517,7 @@ class Run:
             load_training_state(agent, saved["agent"])
             return steps
         load_training_state(agent, saved["agent"])
-        set_rng_states(saved["rng"])
+        set_rng_states(saved["rng"], self.data.observations.device)
         step = saved["step"]
         self.start -= saved["wall_time"]
         if phase is None:
@@ -535,7 +536,7 @@ class Run:
         """Write everything needed to continue after `step` of `phase` (None: the main loop); the
         previous checkpoint is kept until the new one is whole (a reader falls back to it)."""
         state = {"step": step, "phase": phase, "args": dict(vars(self.args)), "agent": training_state(agent),
-                 "rng": rng_states(),
+                 "rng": rng_states(self.data.observations.device),
                  "evaluations": self.results["evaluations"], "train_seconds": self.train_seconds(),
                  "wall_time": time.time() - self.start}
         buffer = io.BytesIO()
@@ -668,30 +669,33 @@ def load_training_state(agent, state: dict) -> None:
             setattr(agent, name, saved)
 
 
-def rng_states() -> dict:
+def rng_states(device: torch.device) -> dict:
+    """The random streams a run draws from: Python's, numpy's, torch's CPU one and, on CUDA, that of
+    the run's own device only (so that a run resumes with fewer or other GPUs visible)."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_states(states: dict) -> None:
+def set_rng_states(states: dict, device: torch.device) -> None:
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if isinstance(states.get("cuda"), torch.Tensor) and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 # ----------------------------------------------------------------------------------------------
 # Pretraining cache (behaviour models that take an hour are trained once, not once per seed)
 # ----------------------------------------------------------------------------------------------
 def pretraining_key(args, fields: tuple[str, ...], data: OfflineData, recipe: tuple = ()) -> str:
-    """Hash of what a pretrained model depends on: the dataset id, the bytes of the (normalised)
-    states and actions it is trained on, the named fields of `args`, and `recipe`, the file's words
-    for how it trains the model (so that a model trained another way is not taken for it). --seed is
-    not one of them, so every seed and every setting of the later phases shares the model."""
+    """Hash of what a pretrained model depends on: the dataset id, the dataset's states and actions as
+    loaded (`data.fingerprint`) and whether states are normalised, the named fields of `args`, and
+    `recipe`, the file's words for how it trains the model (so that a model trained another way is not
+    taken for it). --seed is not one of them, so every seed and every setting of the later phases
+    shares the model. Nothing computed on the device enters it (the normalised states round
+    differently on a GPU), so a model trained on one device is found on another."""
     digest = hashlib.sha256(args.env.encode())
-    digest.update(data.observations.cpu().numpy().tobytes())
-    digest.update(data.actions.cpu().numpy().tobytes())
+    digest.update(f"{data.fingerprint} normalised={data.obs_normalized}".encode())
     digest.update(repr([(f, getattr(args, f)) for f in fields]).encode())
     if recipe:
         digest.update(repr(recipe).encode())

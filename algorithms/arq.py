@@ -563,10 +563,12 @@ def _sha(*parts) -> str:
     return h.hexdigest()[:24]
 
 
-def score_model_key(args: Args, obs: torch.Tensor, act: torch.Tensor) -> str:
+def score_model_key(args: Args, data: common.OfflineData) -> str:
+    """The dataset as loaded (not its normalised states, which round differently on each device) and
+    the score model's flags."""
     fields = ("bc_steps", "score_lr", "score_batch_size", "score_hidden_dim", "score_blocks", "fourier_scale",
               "ema", "beta_min", "beta_max", "score_seed")
-    return _sha(args.env, obs.cpu().numpy().tobytes(), act.cpu().numpy().tobytes(), ("init", "glorot"),
+    return _sha(args.env, data.fingerprint, data.obs_normalized, ("init", "glorot"),
                 *[(f, getattr(args, f)) for f in fields])
 
 
@@ -727,7 +729,7 @@ if __name__ == "__main__":
 
     agent = ARQ(args, data.obs_dim, data.act_dim, device)
     run = common.Run(args, "arq", data, phases=("score model",))
-    score_path = os.path.join(cache_dir, f"score_{score_model_key(args, data.observations, data.actions)}.pt")
+    score_path = os.path.join(cache_dir, f"score_{score_model_key(args, data)}.pt")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.score_seed)  # the score model and the support do not depend on --seed
         score_bytes = None

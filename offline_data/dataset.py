@@ -8,6 +8,7 @@ first use from the shipped snapshots (recipe.py), and Minari datasets, local or 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,10 @@ class OfflineData:
     minari_dataset: Any
     source: str = "minari"  # or "D4RL file <path>; <where the next observations came from>"
     eval_env: str | None = None  # the id of the env evaluations run in
+    # sha256 of the loaded states and actions as read (before any device, normalisation or reward
+    # transform): the same on every machine, so pretrained models are cached under it
+    fingerprint: str = ""
+    obs_normalized: bool = False  # set by common.normalize_obs
 
     @property
     def obs_dim(self) -> int:
@@ -111,6 +116,10 @@ def load(dataset_id: str, device: str | torch.device = "cpu") -> OfflineData:
     def t(x):
         return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32, device=device)
 
+    fingerprint = hashlib.sha256()
+    for x in (arrays["observations"], actions, lengths):
+        fingerprint.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+
     return OfflineData(
         dataset_id=dataset_id,
         observations=t(arrays["observations"][~is_last]),
@@ -130,4 +139,5 @@ def load(dataset_id: str, device: str | torch.device = "cpu") -> OfflineData:
         minari_dataset=dataset,
         source=d4rl_file.source if d4rl_file else "minari",
         eval_env=d4rl_file.eval_env_id if d4rl_file else minari_datasets.eval_env_id(dataset),
+        fingerprint=fingerprint.hexdigest(),
     )

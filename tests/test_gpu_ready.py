@@ -113,3 +113,52 @@ def test_training_steps_make_no_tensor_on_the_cpu(name):
             for _ in range(2):
                 step(batch)
         assert probe.made == [], f"{name}.{step.__name__}"
+
+
+def test_a_checkpoint_keeps_the_cuda_random_state_of_the_run_device_only(monkeypatch):
+    """A run on cuda:3 requeued on a one-GPU job (its device now cuda:0) must resume: the checkpoint
+    holds one CUDA state, that of the run's device, not one per GPU visible when it was written."""
+    import common
+
+    written = torch.arange(16, dtype=torch.uint8)
+    read_from, restored = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [written] * 4)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": read_from.append(device) or written)
+
+    def set_all(states):
+        if len(states) > 1:  # what torch does with four states and one GPU visible
+            raise IndexError("list index out of range")
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((state, device)))
+    states = common.rng_states(torch.device("cuda", 3))
+    assert read_from == [torch.device("cuda", 3)]
+    common.set_rng_states(states, torch.device("cuda", 0))
+    assert len(restored) == 1 and torch.equal(restored[0][0], written) and restored[0][1] == torch.device("cuda", 0)
+    restored.clear()
+    common.set_rng_states(states, torch.device("cpu"))  # a GPU run resumed on a CPU: no CUDA stream to restore
+    assert restored == []
+
+
+def test_pretrained_models_are_cached_under_a_key_the_device_does_not_change(datasets_path):
+    """The behaviour models' cache key must not hash the normalised states: their mean and std are
+    computed on the device, and a GPU's sums round differently from a CPU's (here: one ulp), so a
+    model trained on one would be trained again on the other."""
+    import common
+
+    tmp_dataset = "test/hopper/random-v0"
+    data = common.load_dataset(tmp_dataset, "cpu")
+    mean, std = common.compute_obs_stats(data)
+    other = common.load_dataset(tmp_dataset, "cpu")
+    common.normalize_obs(data, mean, std)
+    common.normalize_obs(other, mean, torch.nextafter(std, torch.full_like(std, float("inf"))))
+    assert not torch.equal(data.observations, other.observations)
+    args = load_algorithm("fisher_brc").Args(env=tmp_dataset)
+    fields = ("bc_steps", "hidden_dim")
+    assert common.pretraining_key(args, fields, data) == common.pretraining_key(args, fields, other)
+    raw = common.load_dataset(tmp_dataset, "cpu")  # states not normalised: another model
+    assert common.pretraining_key(args, fields, raw) != common.pretraining_key(args, fields, data)
+    arq = load_algorithm("arq")
+    arq_args = arq.Args(env=tmp_dataset)
+    assert arq.score_model_key(arq_args, data) == arq.score_model_key(arq_args, other)
