@@ -1,7 +1,9 @@
 """Shared plumbing for the single-file algorithms in `algorithms/`: checks of flags, state
-normalisation and reward transforms, batches, evaluation, seeding, devices, precision, the run
-folder (logs, results.json, checkpoints) and the pretraining caches. Data comes from the data layer
-(`offline_data/`) through `load_dataset`. No algorithmic code: every loss lives in its algorithm's file.
+normalisation and reward transforms, batches, seeding, devices, precision and the layers that carry
+it, and the pretraining caches; evaluation (offline_data/evaluation.py) and the run folder
+(run_folder.py: logs, results.json, checkpoints) are used through it as `common.evaluate` and
+`common.Run`. Data comes from the data layer (`offline_data/`) through `load_dataset`. No
+algorithmic code: every loss lives in its algorithm's file.
 
 What the algorithm files can rely on:
 - Importing this module has no side effects. A script calls `install_user_error_hook()` first (an
@@ -17,9 +19,10 @@ What the algorithm files can rely on:
   and `transform_rewards` (rewards) change it, in place; `episode_returns` stays raw.
 - `Run(args, algorithm, data)` takes the script's `Args` with the fields every file shares (all of
   them go into results.json). The loop starts at `Run.resume(agent)`, calls `Run.log` every
-  log_every steps (where device scalars are synced), `Run.checkpoint(step, agent)` after each
-  evaluation and `Run.stop_if_signalled(step, agent)` after each step. A checkpoint holds whatever
-  `training_state(agent)` finds on the agent object, the random streams and the evaluations.
+  log_every steps (where device scalars are synced), `Run.evaluate` and `Run.checkpoint(step, agent)`
+  every eval_every steps and `Run.stop_if_signalled(step, agent)` after each step. A checkpoint holds
+  whatever networks, optimisers, tensors and numbers it finds on the agent object, the random
+  streams and the evaluations.
 The data conventions and those the files share (names, per-domain defaults, caches) are described
 in docs/implementation_notes.md.
 """
@@ -31,24 +34,21 @@ import copy
 import dataclasses
 import hashlib
 import io
-import json
 import math
 import os
 import random
-import signal
-import time
 from typing import Callable, Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
 
 import offline_data
-# The scripts use OfflineData, UserError, install_user_error_hook, dataset_task and is_antmaze as common.<name>.
+# The scripts use these as common.<name>.
 from offline_data import OfflineData  # noqa: F401
-from offline_data.errors import (UserError, atomic_write_bytes, atomic_write_json,  # noqa: F401
-                                 install_user_error_hook, save_checkpoint)
-from offline_data.tasks import dataset_task, flatten_obs, goal_obs_keys, is_antmaze  # noqa: F401
-
+from offline_data.errors import UserError, atomic_write_bytes, install_user_error_hook  # noqa: F401
+from offline_data.evaluation import evaluate, normalized_score  # noqa: F401
+from offline_data.tasks import dataset_task, is_antmaze  # noqa: F401
+from run_folder import Run  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------
 # Checking flags: right after parsing, so that a bad value is one line before any work, not a
@@ -117,15 +117,6 @@ def check_args(args) -> None:
     check_output_dir(args.output_dir)
 
 
-def check_batch_sizes(args, data: OfflineData) -> None:
-    """Every *batch_size flag is at most the number of transitions. Minibatches are drawn with
-    replacement, so a larger one would run, but it only repeats transitions within each step at a
-    higher cost: it means a typo or the wrong dataset (and at 1e8, an allocation that fails)."""
-    for field in dataclasses.fields(args):
-        value = getattr(args, field.name)
-        if field.name.endswith("batch_size") and value is not None and value > len(data):
-            raise UserError(f"{_flag(field.name)} {value} is larger than the dataset '{data.dataset_id}' "
-                            f"({len(data)} transitions); use at most {len(data)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,49 +200,6 @@ class ReplayBuffer:
         idx = torch.randint(0, self.size, (batch_size,), device=self.table.device)
         obs, actions, rewards, next_obs, terminals = self.table[idx].split(self.widths, dim=1)
         return Batch(obs, actions, rewards.squeeze(1), next_obs, terminals.squeeze(1))
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------
-def normalized_score(returns: np.ndarray, ref_min: float | None, ref_max: float | None):
-    if ref_min is None or ref_max is None:
-        return None
-    return 100.0 * (np.asarray(returns, dtype=np.float64) - ref_min) / (ref_max - ref_min)
-
-
-@torch.no_grad()
-def evaluate(data: OfflineData, policy: Callable[[torch.Tensor], torch.Tensor], n_episodes: int, seed: int,
-             obs_mean: torch.Tensor | None = None, obs_std: torch.Tensor | None = None) -> dict:
-    """Run `n_episodes` at once in a vector env of the dataset's eval env, one batched policy call
-    per step. `policy` maps (normalised) observations to actions in [-1, 1] and should be
-    deterministic. Returns raw return mean/std and the normalised score (None without references)."""
-    import gymnasium as gym
-
-    dataset = data.minari_dataset
-    keys = goal_obs_keys(dataset, data.dataset_id)
-    envs = gym.vector.SyncVectorEnv([lambda: dataset.recover_environment(eval_env=True)] * n_episodes)
-    device = data.observations.device
-    low, high = data.action_low, data.action_high
-    obs, _ = envs.reset(seed=seed)
-    returns = np.zeros(n_episodes)
-    done = np.zeros(n_episodes, dtype=bool)
-    while not done.all():
-        o = torch.as_tensor(flatten_obs(obs, keys), device=device)
-        if obs_mean is not None:
-            o = (o - obs_mean) / obs_std
-        a = policy(o).clamp(-1.0, 1.0).cpu().numpy()
-        obs, reward, terminated, truncated, _ = envs.step(low + (a + 1.0) * 0.5 * (high - low))
-        returns += np.where(done, 0.0, reward)
-        done |= terminated | truncated
-    envs.close()
-    scores = normalized_score(returns, data.ref_min_score, data.ref_max_score)
-    return {
-        "return_mean": float(returns.mean()),
-        "return_std": float(returns.std()),
-        "normalized_score_mean": None if scores is None else float(scores.mean()),
-        "normalized_score_std": None if scores is None else float(scores.std()),
-    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,320 +316,6 @@ def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: i
         d = hidden_dim
     return EnsembleMLP(*layers, EnsembleLinear(n, d, out_dim, output=True))
 
-
-# ----------------------------------------------------------------------------------------------
-# Run bookkeeping: run folder, tensorboard, console, results.json, checkpoint
-# ----------------------------------------------------------------------------------------------
-def _fmt_time(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint.pt", "checkpoint.prev.pt"
-# Flags that may differ between a run and its resumption: none of them changes what is trained.
-RESUME_FREE_FLAGS = {"run_name", "output_dir", "resume", "track", "wandb_project", "log_every", "save_model",
-                     "total_steps", "compile"}
-
-
-class Run:
-    """One training run: `<output_dir>/<run_name>/` with tensorboard events, results.json and a
-    checkpoint. Losses that are not finite stop the run with one line instead of training on NaNs.
-    With --resume auto (the default) a folder that holds a finished run ends the script at once, and
-    one that holds a checkpoint is continued from it (docs/usage.md, "Resuming")."""
-
-    def __init__(self, args, algorithm: str, data: OfflineData, phases: tuple[str, ...] = ()):
-        """`phases`: the file's pretraining phases in the order they run (they checkpoint as the main
-        loop does, see `resume`); the main loop, None, comes after them."""
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.args, self.algorithm, self.data = args, algorithm, data
-        self.phases = (*phases, None)
-        run_name = args.run_name or f"{args.env.replace('/', '__')}__{algorithm}__{args.seed}__{int(time.time())}"
-        self.dir = os.path.join(args.output_dir, run_name)
-        check_batch_sizes(args, data)
-        self.saved = None
-        if args.resume == "auto":
-            if _finished(os.path.join(self.dir, "results.json")):
-                print(f"[{algorithm}] {self.dir} holds a finished run: nothing to do (--resume never starts it over)")
-                raise SystemExit(0)
-            self.saved = self._read_checkpoint()
-        else:
-            _remove_checkpoints(self.dir)
-        try:
-            os.makedirs(self.dir, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"cannot create the run folder {self.dir}: {exc.strerror or exc}") from None
-        # a resumed run drops the events logged after its checkpoint, which it is about to log again
-        self.writer = SummaryWriter(self.dir, purge_step=None if self.saved is None else self.saved["step"] + 1)
-        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-            f"|{k}|{v}|" for k, v in vars(args).items()))
-        self.wandb = None
-        if args.track:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--track needs wandb: pip install wandb") from None
-            self.wandb = wandb.init(project=args.wandb_project, name=run_name, config=vars(args),
-                                    sync_tensorboard=True, dir=self.dir)
-        self.results = {
-            "algorithm": algorithm,
-            "env": args.env,
-            "seed": args.seed,
-            "args": {k: v for k, v in vars(args).items()},
-            "dataset": {"transitions": len(data), "episodes": len(data.episode_lengths),
-                        "ref_min_score": data.ref_min_score, "ref_max_score": data.ref_max_score,
-                        "ref_scores_source": data.ref_scores_source, "source": data.source,
-                        "eval_env": data.eval_env, "episode_return_mean": float(data.episode_returns.mean())},
-            "evaluations": [], "final_normalized_score": None, "final_return": None, "finished": False,
-        }
-        self.last_metrics: dict[str, float] = {}
-        self.start = time.time()
-        self.signalled: int | None = None
-        self.handlers_installed = False
-        self.train_seconds_before = 0.0
-        self.reset_clock()
-        print(f"[{algorithm}] {args.env}: {len(data)} transitions, {len(data.episode_lengths)} episodes, "
-              f"obs {data.obs_dim}, act {data.act_dim}, device {data.observations.device}; run dir {self.dir}")
-        if data.ref_scores_source == "D4RL constants (v2 envs)":
-            print(f"[{algorithm}] normalised scores use D4RL's reference returns "
-                  f"({data.ref_min_score}, {data.ref_max_score}), measured on the v2 MuJoCo envs")
-        elif data.ref_scores_source == "none":
-            print(f"[{algorithm}] the dataset has no reference scores: raw returns only")
-
-    def log(self, step: int, metrics: dict, phase: str | None = None) -> None:
-        """Write scalars; with `phase` (a pretraining phase such as "behaviour model"), also print
-        one progress line, since such phases have no evaluations to report on."""
-        values = {k: float(v) for k, v in metrics.items()}
-        bad = [k for k, v in values.items() if not np.isfinite(v)]
-        if bad:
-            raise UserError(
-                f"{', '.join(bad)} became {values[bad[0]]} at step {step}: training diverged. Try a "
-                f"lower learning rate or another --seed."
-            )
-        for k, v in values.items():
-            self.writer.add_scalar(k, v, step)
-        sps = (step - self.clock_step) / max(time.time() - self.clock - self.eval_time, 1e-9)
-        if phase is None:
-            self.writer.add_scalar("charts/SPS", sps, step)
-            self.last_metrics = values
-        else:
-            print(f"{phase} step {step} | {sps:.0f} SPS | " + " ".join(
-                f"{k.split('/')[-1]} {v:.3g}" for k, v in values.items()), flush=True)
-
-    def reset_clock(self, step: int = 0) -> None:
-        """Start SPS and ETA afresh at `step`, e.g. after a pretraining phase."""
-        self.clock, self.clock_step = time.time(), step
-        self.eval_time = 0.0
-
-    # -- checkpoints ---------------------------------------------------------------------------
-    def _read_checkpoint(self) -> dict | None:
-        for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
-            path = os.path.join(self.dir, name)
-            if not os.path.exists(path):
-                continue
-            try:  # our own file: it holds numpy and python random states, hence weights_only=False
-                saved = torch.load(path, map_location="cpu", weights_only=False)
-                saved["step"], saved["agent"], saved["rng"]
-            except Exception as exc:
-                print(f"[{self.algorithm}] {path} is unreadable ({type(exc).__name__}); trying the previous "
-                      f"checkpoint", flush=True)
-                continue
-            now = vars(self.args)
-            # a flag added to the file after the checkpoint was written ran at its default
-            then = {**{f.name: f.default for f in dataclasses.fields(self.args)
-                       if f.default is not dataclasses.MISSING and f.name not in saved["args"]}, **saved["args"]}
-            differ = [k for k in sorted(set(then) | set(now))
-                      if k not in RESUME_FREE_FLAGS and then.get(k) != now.get(k)]
-            if differ:
-                flags = ", ".join(f"--{k.replace('_', '-')} {then.get(k)} (now {now.get(k)})" for k in differ)
-                raise UserError(f"{path} was written with other flags: {flags}. Pass another --run-name, or "
-                                f"--resume never to start this run over.")
-            saved["path"] = path
-            return saved
-        return None
-
-    def resume(self, agent, phase: str | None = None, steps: int = 0) -> int:
-        """Restore `agent`, the random streams and the evaluations from the checkpoint if it was
-        written in `phase` (None: the main loop). Returns the step to continue after (0: from the
-        start). A checkpoint of a later phase holds this phase's result: `agent` takes its state and
-        `steps`, the phase's length, is returned, so that the phase's loop is skipped. One of an
-        earlier phase is left alone (that phase was read from its cache)."""
-        saved = self.saved
-        if saved is None:
-            return 0
-        mine = self.phases.index(phase)
-        theirs = self.phases.index(saved.get("phase")) if saved.get("phase") in self.phases else -1
-        if theirs < mine:
-            return 0
-        if theirs > mine:
-            load_training_state(agent, saved["agent"])
-            return steps
-        load_training_state(agent, saved["agent"])
-        set_rng_states(saved["rng"], self.data.observations.device)
-        step = saved["step"]
-        self.start -= saved["wall_time"]
-        if phase is None:
-            self.results["evaluations"] = saved["evaluations"]
-            self.train_seconds_before = saved["train_seconds"]
-        self.reset_clock(step)
-        print(f"[{self.algorithm}] resuming{f' the {phase} phase' if phase else ''} from step {step} ({saved['path']})",
-              flush=True)
-        self.saved = None
-        return step
-
-    def train_seconds(self) -> float:
-        return self.train_seconds_before + time.time() - self.clock - self.eval_time
-
-    def checkpoint(self, step: int, agent, phase: str | None = None) -> None:
-        """Write everything needed to continue after `step` of `phase` (None: the main loop); the
-        previous checkpoint is kept until the new one is whole (a reader falls back to it)."""
-        state = {"step": step, "phase": phase, "args": dict(vars(self.args)), "agent": training_state(agent),
-                 "rng": rng_states(self.data.observations.device),
-                 "evaluations": self.results["evaluations"], "train_seconds": self.train_seconds(),
-                 "wall_time": time.time() - self.start}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        path = os.path.join(self.dir, CHECKPOINT)
-        if os.path.exists(path):
-            os.replace(path, os.path.join(self.dir, PREVIOUS_CHECKPOINT))
-        atomic_write_bytes(path, buffer.getvalue())
-
-    def stop_if_signalled(self, step: int, agent, phase: str | None = None) -> None:
-        """Called after every training step. Its first call makes SIGTERM, SIGINT and SIGUSR1 set a
-        flag instead of killing the process; once one has come, checkpoint at `step` and exit
-        (status 128 + signal number)."""
-        if not self.handlers_installed:
-            def handler(signum, frame):
-                self.signalled = signum
-
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-                signal.signal(signum, handler)
-            self.handlers_installed = True
-        if self.signalled is None:
-            return
-        self.checkpoint(step, agent, phase)
-        self.writer.close()
-        print(f"[{self.algorithm}] stopped by {signal.Signals(self.signalled).name} after step {step}"
-              f"{f' of the {phase} phase' if phase else ''}; "
-              f"checkpoint written: the same command resumes the run", flush=True)
-        raise SystemExit(128 + self.signalled)
-
-    def pretraining_step(self, step: int, agent, phase: str) -> None:
-        """Called after every step of a pretraining phase: a checkpoint every --eval-every steps and
-        the stop on a signal, as in the main loop, since a behaviour model can take hours."""
-        if step % self.args.eval_every == 0:
-            self.checkpoint(step, agent, phase)
-        self.stop_if_signalled(step, agent, phase)
-
-    def evaluate(self, step: int, policy: Callable[[torch.Tensor], torch.Tensor],
-                 obs_mean: torch.Tensor | None = None, obs_std: torch.Tensor | None = None) -> dict:
-        """Evaluate `policy` (see `evaluate`), log it, and rewrite results.json atomically."""
-        t0 = time.time()
-        evaluation = evaluate(self.data, policy, self.args.eval_episodes, self.args.seed,
-                              obs_mean, obs_std)
-        self.eval_time += time.time() - t0
-        entry = {"step": step, **evaluation, "wall_time": time.time() - self.start}
-        self.results["evaluations"].append(entry)
-        self.writer.add_scalar("eval/return", evaluation["return_mean"], step)
-        if evaluation["normalized_score_mean"] is not None:
-            self.writer.add_scalar("eval/normalized_score", evaluation["normalized_score_mean"], step)
-        atomic_write_json(os.path.join(self.dir, "results.json"), self.results)
-
-        train_time = max(time.time() - self.clock - self.eval_time, 1e-9)
-        sps = (step - self.clock_step) / train_time
-        eta = (self.args.total_steps - step) / max(sps, 1e-9)
-        losses = " ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in self.last_metrics.items()
-                          if k.startswith("losses/"))
-        score = evaluation["normalized_score_mean"]
-        score_txt = "" if score is None else f" | score {score:.1f} ± {evaluation['normalized_score_std']:.1f}"
-        print(f"step {step}/{self.args.total_steps} | {sps:.0f} SPS | ETA {_fmt_time(eta)} | {losses} "
-              f"| return {evaluation['return_mean']:.1f} ± {evaluation['return_std']:.1f}{score_txt}",
-              flush=True)
-        return evaluation
-
-    def finish(self, checkpoint: dict | None = None) -> None:
-        evals = self.results["evaluations"]
-        if evals:
-            self.results["final_return"] = evals[-1]["return_mean"]
-            self.results["final_normalized_score"] = evals[-1]["normalized_score_mean"]
-        self.results["finished"] = True
-        self.results["train_seconds"] = self.train_seconds()
-        if checkpoint is not None and self.args.save_model:
-            save_checkpoint(os.path.join(self.dir, "model.pt"), {
-                "algorithm": self.algorithm, "args": vars(self.args),
-                "action_low": self.data.action_low, "action_high": self.data.action_high,
-                **checkpoint})
-        atomic_write_json(os.path.join(self.dir, "results.json"), self.results)
-        _remove_checkpoints(self.dir)  # a finished run is never resumed; results.json says it finished
-        self.writer.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-        print(f"[{self.algorithm}] done: final return {self.results['final_return']}, "
-              f"normalised score {self.results['final_normalized_score']}; results in {self.dir}")
-
-
-def _finished(results_path: str) -> bool:
-    try:
-        with open(results_path) as f:
-            return bool(json.load(f).get("finished"))
-    except (OSError, ValueError):
-        return False
-
-
-def _remove_checkpoints(folder: str) -> None:
-    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
-        if os.path.exists(os.path.join(folder, name)):
-            os.remove(os.path.join(folder, name))
-
-
-def training_state(agent) -> dict:
-    """What training changes in an agent object: the state dicts of its networks, optimisers and
-    schedulers (also in lists), its tensors (multipliers, in place), generators and numbers."""
-    state = {}
-    for name, value in vars(agent).items():
-        if hasattr(value, "state_dict"):
-            state[name] = value.state_dict()
-        elif isinstance(value, list) and value and all(hasattr(v, "state_dict") for v in value):
-            state[name] = [v.state_dict() for v in value]
-        elif isinstance(value, torch.Tensor):
-            state[name] = value.detach().clone()
-        elif isinstance(value, torch.Generator):
-            state[name] = value.get_state()
-        elif isinstance(value, (bool, int, float)):
-            state[name] = value
-    return state
-
-
-def load_training_state(agent, state: dict) -> None:
-    for name, saved in state.items():
-        value = getattr(agent, name)
-        if hasattr(value, "load_state_dict"):
-            value.load_state_dict(saved)
-        elif isinstance(value, list):
-            for item, item_state in zip(value, saved):
-                item.load_state_dict(item_state)
-        elif isinstance(value, torch.Tensor):
-            with torch.no_grad():  # in place: the optimisers hold these very tensors
-                value.copy_(saved)
-        elif isinstance(value, torch.Generator):
-            value.set_state(saved)
-        else:
-            setattr(agent, name, saved)
-
-
-def rng_states(device: torch.device) -> dict:
-    """The random streams a run draws from: Python's, numpy's, torch's CPU one and, on CUDA, that of
-    the run's own device only (so that a run resumes with fewer or other GPUs visible)."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_states(states: dict, device: torch.device) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if isinstance(states.get("cuda"), torch.Tensor) and device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 # ----------------------------------------------------------------------------------------------

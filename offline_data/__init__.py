@@ -5,6 +5,7 @@
     minari_datasets.py  Minari datasets, local or downloaded, read into flat arrays
     flat.py             the flat arrays' cache and checks
     tasks.py            what a dataset id says (its task) and how observations are flattened
+    evaluation.py       a policy's returns and normalised score in the dataset's evaluation env
     recipe.py           D4RL's recipe: local/<env>/<kind>-v0 datasets from SAC snapshots
     snapshots.py        the snapshots' manifest (medium, expert) and the shipped snapshots
     rollouts.py         the snapshots' actor, behaviour policies, rollouts

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+import run_folder
 from conftest import ROOT, load_algorithm, run_script
 
 
@@ -433,10 +434,10 @@ def test_beta_adam_state_starts_afresh_for_the_rl_phase():
     agent.train(a_batch())
     assert agent.beta_raw.item() - before == pytest.approx(-agent.args.multiplier_lr, rel=1e-3)
     # both optimisers are in the checkpoint, so a resumed RL phase continues with beta's own state
-    state = bp.common.training_state(agent)
+    state = run_folder.training_state(agent)
     assert {"pretrain_beta_optimizer", "beta_optimizer"} <= set(state)
     fresh = small_agent(n_samples=2, n_latent=2)
-    bp.common.load_training_state(fresh, state)
+    run_folder.load_training_state(fresh, state)
     assert fresh.beta_optimizer.state_dict()["state"][0]["step"] == 1
     assert fresh.pretrain_beta_optimizer.state_dict()["state"][0]["step"] == 3
 

@@ -118,7 +118,7 @@ def test_training_steps_make_no_tensor_on_the_cpu(name):
 def test_a_checkpoint_keeps_the_cuda_random_state_of_the_run_device_only(monkeypatch):
     """A run on cuda:3 requeued on a one-GPU job (its device now cuda:0) must resume: the checkpoint
     holds one CUDA state, that of the run's device, not one per GPU visible when it was written."""
-    import common
+    import run_folder
 
     written = torch.arange(16, dtype=torch.uint8)
     read_from, restored = [], []
@@ -132,12 +132,12 @@ def test_a_checkpoint_keeps_the_cuda_random_state_of_the_run_device_only(monkeyp
 
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((state, device)))
-    states = common.rng_states(torch.device("cuda", 3))
+    states = run_folder.rng_states(torch.device("cuda", 3))
     assert read_from == [torch.device("cuda", 3)]
-    common.set_rng_states(states, torch.device("cuda", 0))
+    run_folder.set_rng_states(states, torch.device("cuda", 0))
     assert len(restored) == 1 and torch.equal(restored[0][0], written) and restored[0][1] == torch.device("cuda", 0)
     restored.clear()
-    common.set_rng_states(states, torch.device("cpu"))  # a GPU run resumed on a CPU: no CUDA stream to restore
+    run_folder.set_rng_states(states, torch.device("cpu"))  # a GPU run resumed on a CPU: no CUDA stream to restore
     assert restored == []
 
 

@@ -28,6 +28,7 @@ import torch
 import tyro
 
 import common
+import run_folder
 from conftest import ROOT, build_dataset, make_buffers, run_script
 from offline_data import errors, flat
 from tools.pretraining import shrink_flags
@@ -198,13 +199,13 @@ def test_a_batch_may_be_as_large_as_the_dataset_and_no_larger(datasets_path):
     data = common.load_dataset(DATASET)
     arq = load_script("arq")
     args = arq.Args(batch_size=len(data), score_batch_size=len(data))
-    common.check_batch_sizes(args, data)
+    run_folder.check_batch_sizes(args, data)
     for field in ("batch_size", "score_batch_size"):
         too_large = dataclasses.replace(args, **{field: len(data) + 1})
         flag = "--" + field.replace("_", "-")
         with pytest.raises(common.UserError, match=f"{flag} {len(data) + 1} is larger than the dataset .*"
                                                    f"use at most {len(data)}"):
-            common.check_batch_sizes(too_large, data)
+            run_folder.check_batch_sizes(too_large, data)
 
 
 # ----------------------------------------------------------------------------------------------

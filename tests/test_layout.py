@@ -1,4 +1,4 @@
-"""The import graph: algorithms -> common -> offline_data, and tools -> common / offline_data.
+"""The import graph: algorithms -> common -> run_folder -> offline_data, and tools -> common / offline_data.
 
 Every import statement counts, wherever it is (imports inside functions run when the function does)."""
 
@@ -57,13 +57,18 @@ def test_the_moved_files_are_gone():
         assert not within(imports(path), "basics", "d4rl_files"), path
 
 
-def test_the_data_layer_imports_neither_common_nor_tools_nor_algorithms():
+def test_the_data_layer_imports_neither_common_nor_the_run_folder_nor_tools_nor_algorithms():
     for path in LIBRARY:
-        assert not within(imports(path), "common", "tools", "algorithms"), path
+        assert not within(imports(path), "common", "run_folder", "tools", "algorithms"), path
 
 
 def test_common_imports_neither_tools_nor_algorithms():
     assert not within(imports("common.py"), "tools", "algorithms")
+
+
+def test_the_run_folder_imports_only_the_data_layer_from_the_repository():
+    repository = within(imports("run_folder.py"), "common", "tools", "algorithms", PACKAGE)
+    assert {name.split(".")[0] for name in repository} == {PACKAGE}
 
 
 def test_the_algorithm_files_import_only_common_from_the_repository():
@@ -74,7 +79,7 @@ def test_the_algorithm_files_import_only_common_from_the_repository():
 
 def test_the_library_loads_no_module_by_path_or_by_name():
     """importlib and __import__ would hide an import from the checks above."""
-    for path in ["common.py", *LIBRARY]:
+    for path in ["common.py", "run_folder.py", *LIBRARY]:
         with open(os.path.join(ROOT, path)) as f:
             tree = ast.parse(f.read(), path)
         assert not within(imports(path), "importlib"), path
