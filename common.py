@@ -223,8 +223,11 @@ def normalized_score(returns: np.ndarray, ref_min: float | None, ref_max: float 
 def evaluate(data: OfflineData, policy: Callable[[torch.Tensor], torch.Tensor], n_episodes: int, seed: int,
              obs_mean: torch.Tensor | None = None, obs_std: torch.Tensor | None = None) -> dict:
     """Run `n_episodes` at once in a vector env of the dataset's eval env, one batched policy call
-    per step. `policy` maps (normalised) observations to actions in [-1, 1] and should be
-    deterministic. Returns raw return mean/std and the normalised score (None without references)."""
+    per step; episode i starts from reset(seed=seed + i), as Gymnasium seeds a vector env. `policy`
+    maps (normalised) observations to actions in [-1, 1]. A policy that samples (ARQ's implicit one)
+    draws from torch's CPU random stream, which is seeded with `seed` here and given back to the run
+    as it was, so that an evaluation depends on the weights and the seed alone. Returns raw return
+    mean/std and the normalised score (None without references)."""
     import gymnasium as gym
 
     dataset = data.minari_dataset
@@ -232,17 +235,19 @@ def evaluate(data: OfflineData, policy: Callable[[torch.Tensor], torch.Tensor], 
     envs = gym.vector.SyncVectorEnv([lambda: dataset.recover_environment(eval_env=True)] * n_episodes)
     device = data.observations.device
     low, high = data.action_low, data.action_high
-    obs, _ = envs.reset(seed=seed)
     returns = np.zeros(n_episodes)
     done = np.zeros(n_episodes, dtype=bool)
-    while not done.all():
-        o = torch.as_tensor(flatten_obs(obs, keys), device=device)
-        if obs_mean is not None:
-            o = (o - obs_mean) / obs_std
-        a = policy(o).clamp(-1.0, 1.0).cpu().numpy()
-        obs, reward, terminated, truncated, _ = envs.step(low + (a + 1.0) * 0.5 * (high - low))
-        returns += np.where(done, 0.0, reward)
-        done |= terminated | truncated
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        obs, _ = envs.reset(seed=seed)
+        while not done.all():
+            o = torch.as_tensor(flatten_obs(obs, keys), device=device)
+            if obs_mean is not None:
+                o = (o - obs_mean) / obs_std
+            a = policy(o).clamp(-1.0, 1.0).cpu().numpy()
+            obs, reward, terminated, truncated, _ = envs.step(low + (a + 1.0) * 0.5 * (high - low))
+            returns += np.where(done, 0.0, reward)
+            done |= terminated | truncated
     envs.close()
     scores = normalized_score(returns, data.ref_min_score, data.ref_max_score)
     return {
