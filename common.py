@@ -258,6 +258,28 @@ def evaluate(data: OfflineData, policy: Callable[[torch.Tensor], torch.Tensor], 
     }
 
 
+class Policy(torch.nn.Module):
+    """A trained policy apart from its agent, as tools/evaluate.py rebuilds it from a model.pt: the
+    networks that the algorithm's `act` reads, under the names the agent gives them (and its
+    `state_dict` saves them under), the run's args, and `act` itself, the agent's own method called
+    on this object. Each file's `make_policy(args, obs_dim, act_dim)` builds one."""
+
+    def __init__(self, act: Callable, args, **networks: torch.nn.Module | None):
+        super().__init__()
+        self.act_function, self.args = act, args
+        for name, network in networks.items():
+            setattr(self, name, network)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.act_function(self, obs)
+
+    def load(self, saved: dict) -> Policy:
+        """Load each network from saved[name], the agent's `state_dict` (as model.pt holds it)."""
+        for name, network in self.named_children():
+            network.load_state_dict(saved[name])
+        return self
+
+
 # ----------------------------------------------------------------------------------------------
 # Seeding, devices
 # ----------------------------------------------------------------------------------------------
@@ -611,10 +633,11 @@ class Run:
         self.results["finished"] = True
         self.results["train_seconds"] = self.train_seconds()
         if checkpoint is not None and self.args.save_model:
-            save_checkpoint(os.path.join(self.dir, "model.pt"), {
-                "algorithm": self.algorithm, "args": vars(self.args),
+            save_checkpoint(os.path.join(self.dir, "model.pt"), portable({
+                "algorithm": self.algorithm, "args": dict(vars(self.args)),
+                "obs_dim": self.data.obs_dim, "act_dim": self.data.act_dim,
                 "action_low": self.data.action_low, "action_high": self.data.action_high,
-                **checkpoint})
+                **checkpoint}))
         atomic_write_json(os.path.join(self.dir, "results.json"), self.results)
         _remove_checkpoints(self.dir)  # a finished run is never resumed; results.json says it finished
         self.writer.close()
@@ -622,6 +645,24 @@ class Run:
             self.wandb.finish()
         print(f"[{self.algorithm}] done: final return {self.results['final_return']}, "
               f"normalised score {self.results['final_normalized_score']}; results in {self.dir}")
+
+
+def portable(value):
+    """`value` with every tensor on the CPU and numpy arrays and numbers as python lists and numbers
+    (dicts, lists and tuples are walked): model.pt then loads with torch.load(weights_only=True) on
+    any machine, with or without a GPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    if isinstance(value, dict):
+        out = type(value)((k, portable(v)) for k, v in value.items())  # a state_dict stays an OrderedDict
+        if hasattr(value, "_metadata"):
+            out._metadata = value._metadata
+        return out
+    if isinstance(value, (list, tuple)):
+        return type(value)(portable(v) for v in value)
+    return value
 
 
 def _finished(results_path: str) -> bool:

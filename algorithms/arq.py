@@ -108,7 +108,7 @@ class Args:
     run_name: Optional[str] = None
     """folder name of this run (default: <env>__<algorithm>__<seed>__<unix time>)"""
     save_model: bool = False
-    """write model.pt (networks, normalisation statistics, args) at the end"""
+    """write model.pt (networks, normalisation statistics, args) at the end; tools/evaluate.py evaluates it"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "offline-rl"
@@ -694,7 +694,17 @@ class ARQ:
 
     def state_dict(self) -> dict:
         return {"actor": None if self.actor is None else self.actor.state_dict(),
-                "critic": self.critic.state_dict(), "score": self.score.state_dict()}
+                "critic": self.critic.state_dict(), "critic_target": self.critic_target.state_dict(),
+                "score": self.score.state_dict()}
+
+
+def make_policy(args: Args, obs_dim: int, act_dim: int) -> common.Policy:
+    """`ARQ.act` apart from training, with the networks it reads (untrained): tools/evaluate.py
+    loads a model.pt into it. The implicit policy reads the score model and the target critic."""
+    if args.policy == "awr":
+        return common.Policy(ARQ.act, args, actor=Actor(obs_dim, act_dim, args.hidden_dim))
+    return common.Policy(ARQ.act, args, actor=None, score=ScoreModel(obs_dim, act_dim, args),
+                         critic_target=Critic(obs_dim, act_dim, args.hidden_dim))
 
 
 # ----------------------------------------------------------------------------------------------
