@@ -115,6 +115,10 @@ class Args:
     """folder name of this run (default: <env>__<algorithm>__<seed>__<unix time>)"""
     save_model: bool = False
     """write model.pt (networks, normalisation statistics, args) at the end; tools/evaluate.py evaluates it"""
+    capture_video: bool = False
+    """record the first episode of the last evaluation to <run dir>/videos/step_<step>.mp4"""
+    video_every: Optional[int] = None
+    """with --capture-video, also record every this many evaluations"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "offline-rl"

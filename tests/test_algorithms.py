@@ -387,7 +387,7 @@ def test_help_works_and_lists_the_shared_flags(algorithm, datasets_path):
     assert result.returncode == 0, result.stderr[-2000:]
     for flag in ("--env", "--seed", "--total-steps", "--batch-size", "--eval-every", "--eval-episodes",
                  "--log-every", "--device", "--output-dir", "--run-name", "--save-model", "--track",
-                 "--wandb-project"):
+                 "--wandb-project", "--capture-video", "--video-every"):
         assert flag in result.stdout, (algorithm, flag)
 
 

@@ -1,7 +1,7 @@
 """Evaluate a saved policy: the model.pt a run writes with --save-model, on its dataset's eval env.
 
     python tools/evaluate.py runs/<run>/model.pt                   # the run's final evaluation, again
-    python tools/evaluate.py runs/<run>/model.pt --episodes 10 --seed 1 --device cpu
+    python tools/evaluate.py runs/<run>/model.pt --episodes 10 --seed 1 --capture-video --device cpu
 
 The policy is rebuilt from the file alone: its `algorithm` names the file in algorithms/ whose
 `make_policy` builds the networks that the file's own `act` reads, and the file holds their weights,
@@ -9,7 +9,7 @@ the run's args, the observation statistics and the action bounds. The dataset (`
 on this machine) gives the eval env, its reference scores and its observation keys. With the run's
 seed and episode count, the defaults, the numbers are those of the run's final evaluation
 (results.json's final_return and final_normalized_score), on a CPU or a GPU whichever the run
-trained on.
+trained on. With --capture-video the first episode is recorded as an MP4, as a run's are.
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ class Args:
     """seed of the evaluation envs (default: the run's --seed)"""
     device: str = "cpu"
     """torch device of the policy: cpu, auto (cuda if available), cuda, cuda:1, ..."""
+    capture_video: bool = False
+    """record the first episode to <video-dir>/seed_<seed>.mp4"""
+    video_dir: Optional[str] = None
+    """where --capture-video writes (default: videos/ next to the model file)"""
 
 
 def algorithm_files() -> list[str]:
@@ -91,9 +95,11 @@ def rebuild(saved: dict, device: torch.device) -> tuple[object, common.Policy]:
     return args, policy.to(device).eval()
 
 
-def evaluate_model(path: str, episodes: int | None = None, seed: int | None = None, device: str = "cpu") -> dict:
+def evaluate_model(path: str, episodes: int | None = None, seed: int | None = None, device: str = "cpu",
+                   video_dir: str | None = None) -> dict:
     """Evaluate the policy in `path` (common.evaluate) and return the evaluation with its
-    `algorithm`, `env`, `episodes` and `seed`."""
+    `algorithm`, `env`, `episodes` and `seed`, and with `video_dir`, the `video` of its first
+    episode, <video_dir>/seed_<seed>.mp4 (where the eval env renders)."""
     saved = read_model(path)
     device = common.resolve_device(device)
     common.flush_denormals()
@@ -107,20 +113,35 @@ def evaluate_model(path: str, episodes: int | None = None, seed: int | None = No
     if data.obs_dim != saved["obs_dim"] or data.act_dim != saved["act_dim"]:
         raise UserError(f"{path} has observations of {saved['obs_dim']} and actions of {saved['act_dim']} "
                         f"dimensions, the dataset {args.env} here {data.obs_dim} and {data.act_dim}")
+    video = None if video_dir is None else os.path.join(video_dir, f"seed_{seed}.mp4")
+    if video is not None:
+        problem = common.render_problem(data)
+        if problem is not None:
+            print(f"--capture-video: the eval env does not render on this machine ({problem}); evaluating "
+                  f"without video (MUJOCO_GL=egl or osmesa renders MuJoCo without a display)", flush=True)
+            video = None
     obs_mean, obs_std = (None if saved.get(k) is None else saved[k].to(device) for k in ("obs_mean", "obs_std"))
-    evaluation = common.evaluate(data, policy, episodes, seed, obs_mean, obs_std)
+    evaluation = common.evaluate(data, policy, episodes, seed, obs_mean, obs_std, video)
+    if video is not None and os.path.exists(video):
+        evaluation["video"] = video
     return {"algorithm": saved["algorithm"], "env": args.env, "episodes": episodes, "seed": seed, **evaluation}
 
 
 def main(flags: Args) -> None:
     common.check_positive(flags, "episodes")
     common.check_seed(flags, "seed")
-    result = evaluate_model(flags.model, flags.episodes, flags.seed, flags.device)
+    video_dir = None
+    if flags.capture_video:
+        video_dir = flags.video_dir or os.path.join(os.path.dirname(os.path.abspath(flags.model)), "videos")
+        common.check_output_dir(video_dir, "--video-dir")
+    result = evaluate_model(flags.model, flags.episodes, flags.seed, flags.device, video_dir)
     score = result["normalized_score_mean"]
     episodes = f"{result['episodes']} episode{'s' if result['episodes'] > 1 else ''}"
     print(f"{result['algorithm']} on {result['env']}, {episodes} from seed {result['seed']}: "
           f"return {result['return_mean']:.2f} ± {result['return_std']:.2f}"
           + ("" if score is None else f", normalised score {score:.2f} ± {result['normalized_score_std']:.2f}"))
+    if "video" in result:
+        print(f"video of the first episode: {result['video']}")
 
 
 if __name__ == "__main__":
