@@ -7,9 +7,11 @@ The policy is rebuilt from the file alone: its `algorithm` names the file in alg
 `make_policy` builds the networks that the file's own `act` reads, and the file holds their weights,
 the run's args, the observation statistics and the action bounds. The dataset (`--env` of the run,
 on this machine) gives the eval env, its reference scores and its observation keys. With the run's
-seed and episode count, the defaults, the numbers are those of the run's final evaluation
-(results.json's final_return and final_normalized_score), on a CPU or a GPU whichever the run
-trained on. With --capture-video the first episode is recorded as an MP4, as a run's are.
+seed and episode count, the defaults, and the kind of device it trained on, the numbers are those
+of the run's final evaluation (results.json's final_return and final_normalized_score). The file
+loads on any device; another one, or another episode count (the policy's batch), rounds the
+policy's outputs a little differently, which can change where an episode ends. With
+--capture-video the first episode is recorded as an MP4, as a run's are.
 """
 
 from __future__ import annotations
