@@ -112,7 +112,9 @@ def check_args(args) -> None:
         value = getattr(args, field.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{_flag(field.name)} must be a finite number, got {value}")
-    check_positive(args, "total_steps", "batch_size", "eval_every", "eval_episodes", "log_every")
+    check_positive(args, "total_steps", "batch_size", "eval_every", "eval_episodes", "log_every", "video_every")
+    if args.video_every is not None and not args.capture_video:
+        raise UserError("--video-every says which evaluations --capture-video records; add --capture-video")
     check_seed(args, "seed")
     check_output_dir(args.output_dir)
 
@@ -200,6 +202,31 @@ class ReplayBuffer:
         idx = torch.randint(0, self.size, (batch_size,), device=self.table.device)
         obs, actions, rewards, next_obs, terminals = self.table[idx].split(self.widths, dim=1)
         return Batch(obs, actions, rewards.squeeze(1), next_obs, terminals.squeeze(1))
+
+
+# ----------------------------------------------------------------------------------------------
+# A trained policy on its own (tools/evaluate.py)
+# ----------------------------------------------------------------------------------------------
+class Policy(torch.nn.Module):
+    """A trained policy apart from its agent, as tools/evaluate.py rebuilds it from a model.pt: the
+    networks that the algorithm's `act` reads, under the names the agent gives them (and its
+    `state_dict` saves them under), the run's args, and `act` itself, the agent's own method called
+    on this object. Each file's `make_policy(args, obs_dim, act_dim)` builds one."""
+
+    def __init__(self, act: Callable, args, **networks: torch.nn.Module | None):
+        super().__init__()
+        self.act_function, self.args = act, args
+        for name, network in networks.items():
+            setattr(self, name, network)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.act_function(self, obs)
+
+    def load(self, saved: dict) -> Policy:
+        """Load each network from saved[name], the agent's `state_dict` (as model.pt holds it)."""
+        for name, network in self.named_children():
+            network.load_state_dict(saved[name])
+        return self
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 
 from offline_data import OfflineData
 from offline_data.errors import UserError, atomic_write_bytes, atomic_write_json, save_checkpoint
-from offline_data.evaluation import evaluate
+from offline_data.evaluation import evaluate, render_problem
 
 
 def check_batch_sizes(args, data: OfflineData) -> None:
@@ -40,7 +40,7 @@ def _fmt_time(seconds: float) -> str:
 CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint.pt", "checkpoint.prev.pt"
 # Flags that may differ between a run and its resumption: none of them changes what is trained.
 RESUME_FREE_FLAGS = {"run_name", "output_dir", "resume", "track", "wandb_project", "log_every", "save_model",
-                     "total_steps", "compile"}
+                     "total_steps", "compile", "capture_video", "video_every"}
 
 
 class Run:
@@ -233,14 +233,40 @@ class Run:
             self.checkpoint(step, agent, phase)
         self.stop_if_signalled(step, agent, phase)
 
+    renders: bool | None = None  # with --capture-video: whether the eval env renders here (found once)
+
+    def video_path(self, step: int) -> str | None:
+        """Where the evaluation at `step` records its first episode, or None. With --capture-video:
+        the last evaluation and every --video-every-th, `<run dir>/videos/step_<step>.mp4`. The first
+        evaluation finds out whether the eval env renders here; if not, it says so in one line and
+        the run goes on without video."""
+        args = self.args
+        if not args.capture_video:
+            return None
+        if self.renders is None:
+            problem = render_problem(self.data)
+            self.renders = problem is None
+            if problem is not None:
+                print(f"[{self.algorithm}] --capture-video: the eval env does not render on this machine "
+                      f"({problem}); training goes on without video (MUJOCO_GL=egl or osmesa renders MuJoCo "
+                      f"without a display)", flush=True)
+        number = len(self.results["evaluations"]) + 1  # this evaluation's
+        if not self.renders or not (step == args.total_steps or args.video_every and number % args.video_every == 0):
+            return None
+        return os.path.join(self.dir, "videos", f"step_{step}.mp4")
+
     def evaluate(self, step: int, policy: Callable[[torch.Tensor], torch.Tensor],
                  obs_mean: torch.Tensor | None = None, obs_std: torch.Tensor | None = None) -> dict:
-        """Evaluate `policy` (see `evaluate`), log it, and rewrite results.json atomically."""
+        """Evaluate `policy` (see `evaluate`), log it, and rewrite results.json atomically; with
+        --capture-video, record the first episode where `video_path` says."""
         t0 = time.time()
+        video = self.video_path(step)
         evaluation = evaluate(self.data, policy, self.args.eval_episodes, self.args.seed,
-                              obs_mean, obs_std)
+                              obs_mean, obs_std, video)
         self.eval_time += time.time() - t0
         entry = {"step": step, **evaluation, "wall_time": time.time() - self.start}
+        if video is not None and os.path.exists(video):
+            entry["video"] = os.path.relpath(video, self.dir)
         self.results["evaluations"].append(entry)
         self.writer.add_scalar("eval/return", evaluation["return_mean"], step)
         if evaluation["normalized_score_mean"] is not None:
@@ -257,6 +283,8 @@ class Run:
         print(f"step {step}/{self.args.total_steps} | {sps:.0f} SPS | ETA {_fmt_time(eta)} | {losses} "
               f"| return {evaluation['return_mean']:.1f} ± {evaluation['return_std']:.1f}{score_txt}",
               flush=True)
+        if "video" in entry:
+            print(f"[{self.algorithm}] video of the first episode: {video}", flush=True)
         return evaluation
 
     def finish(self, checkpoint: dict | None = None) -> None:
@@ -267,10 +295,11 @@ class Run:
         self.results["finished"] = True
         self.results["train_seconds"] = self.train_seconds()
         if checkpoint is not None and self.args.save_model:
-            save_checkpoint(os.path.join(self.dir, "model.pt"), {
-                "algorithm": self.algorithm, "args": vars(self.args),
+            save_checkpoint(os.path.join(self.dir, "model.pt"), portable({
+                "algorithm": self.algorithm, "args": dict(vars(self.args)),
+                "obs_dim": self.data.obs_dim, "act_dim": self.data.act_dim,
                 "action_low": self.data.action_low, "action_high": self.data.action_high,
-                **checkpoint})
+                **checkpoint}))
         atomic_write_json(os.path.join(self.dir, "results.json"), self.results)
         _remove_checkpoints(self.dir)  # a finished run is never resumed; results.json says it finished
         self.writer.close()
@@ -278,6 +307,24 @@ class Run:
             self.wandb.finish()
         print(f"[{self.algorithm}] done: final return {self.results['final_return']}, "
               f"normalised score {self.results['final_normalized_score']}; results in {self.dir}")
+
+
+def portable(value):
+    """`value` with every tensor on the CPU and numpy arrays and numbers as python lists and numbers
+    (dicts, lists and tuples are walked): model.pt then loads with torch.load(weights_only=True) on
+    any machine, with or without a GPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    if isinstance(value, dict):
+        out = type(value)((k, portable(v)) for k, v in value.items())  # a state_dict stays an OrderedDict
+        if hasattr(value, "_metadata"):
+            out._metadata = value._metadata
+        return out
+    if isinstance(value, (list, tuple)):
+        return type(value)(portable(v) for v in value)
+    return value
 
 
 def _finished(results_path: str) -> bool:

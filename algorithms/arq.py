@@ -108,7 +108,11 @@ class Args:
     run_name: Optional[str] = None
     """folder name of this run (default: <env>__<algorithm>__<seed>__<unix time>)"""
     save_model: bool = False
-    """write model.pt (networks, normalisation statistics, args) at the end"""
+    """write model.pt (networks, normalisation statistics, args) at the end; tools/evaluate.py evaluates it"""
+    capture_video: bool = False
+    """record the first episode of the last evaluation to <run dir>/videos/step_<step>.mp4"""
+    video_every: Optional[int] = None
+    """with --capture-video, also record every this many evaluations"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "offline-rl"
@@ -615,8 +619,6 @@ class ARQ:
         if args.policy == "awr":
             self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
             self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, fused=True)
-        # on the CPU: a checkpoint's generator state then restores on any device (evaluation noise is small)
-        self.eval_gen = torch.Generator().manual_seed(args.seed)
         for name in ("train_score", "train"):
             step = common.autocast(getattr(self, name), args.precision, device)
             setattr(self, name, torch.compile(step) if args.compile else step)
@@ -679,9 +681,10 @@ class ARQ:
                 return self.actor.mean(obs).clamp(-1.0, 1.0)
             return torch.tanh(self.actor.mean(obs))
         # Implicit policy, eq. (6): a fresh support for the visited states, clipped to the box and
-        # scored as the code's build_pi, then softmax(alpha * A).
-        args = self.args
-        actions, ll = self.score.sample_with_likelihood(obs, args.n_support, args, self.eval_gen, clip=True)
+        # scored as the code's build_pi, then softmax(alpha * A). Its noise comes from torch's CPU
+        # stream on any device (common.evaluate seeds it with the evaluation's seed).
+        args, gen = self.args, torch.default_generator
+        actions, ll = self.score.sample_with_likelihood(obs, args.n_support, args, gen, clip=True)
         keep = ll > args.log_likelihood_threshold
         keep |= F.one_hot(ll.argmax(1), ll.shape[1]).bool() & ~keep.any(1, keepdim=True)
         # One Q, as the code's grader (arq/algo/penalty.py): q0 loaded from q0.tf and called with its
@@ -691,13 +694,23 @@ class ARQ:
         adv = q - (q * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True)
         logits = torch.where(keep, args.alpha * adv, -torch.inf)
         # a draw from softmax(logits) by the Gumbel-max trick, from the CPU generator's uniform noise
-        u = drawn(torch.rand, logits.shape, logits.device, self.eval_gen).clamp_min(1e-20)
+        u = drawn(torch.rand, logits.shape, logits.device, gen).clamp_min(1e-20)
         choice = (logits - torch.log(-torch.log(u))).argmax(1)
         return actions[torch.arange(len(obs), device=obs.device), choice]
 
     def state_dict(self) -> dict:
         return {"actor": None if self.actor is None else self.actor.state_dict(),
-                "critic": self.critic.state_dict(), "score": self.score.state_dict()}
+                "critic": self.critic.state_dict(), "critic_target": self.critic_target.state_dict(),
+                "score": self.score.state_dict()}
+
+
+def make_policy(args: Args, obs_dim: int, act_dim: int) -> common.Policy:
+    """`ARQ.act` apart from training, with the networks it reads (untrained): tools/evaluate.py
+    loads a model.pt into it. The implicit policy reads the score model and the target critic."""
+    if args.policy == "awr":
+        return common.Policy(ARQ.act, args, actor=Actor(obs_dim, act_dim, args.hidden_dim))
+    return common.Policy(ARQ.act, args, actor=None, score=ScoreModel(obs_dim, act_dim, args),
+                         critic_target=Critic(obs_dim, act_dim, args.hidden_dim))
 
 
 # ----------------------------------------------------------------------------------------------

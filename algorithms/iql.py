@@ -60,7 +60,11 @@ class Args:
     run_name: Optional[str] = None
     """folder name of this run (default: <env>__<algorithm>__<seed>__<unix time>)"""
     save_model: bool = False
-    """write model.pt (networks, normalisation statistics, args) at the end"""
+    """write model.pt (networks, normalisation statistics, args) at the end; tools/evaluate.py evaluates it"""
+    capture_video: bool = False
+    """record the first episode of the last evaluation to <run dir>/videos/step_<step>.mp4"""
+    video_every: Optional[int] = None
+    """with --capture-video, also record every this many evaluations"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "offline-rl"
@@ -231,6 +235,12 @@ class IQL:
     def state_dict(self) -> dict:
         return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
                 "value": self.value.state_dict()}
+
+
+def make_policy(args: Args, obs_dim: int, act_dim: int) -> common.Policy:
+    """`IQL.act` apart from training, with the networks it reads (untrained): tools/evaluate.py
+    loads a model.pt into it."""
+    return common.Policy(IQL.act, args, actor=Actor(obs_dim, act_dim, args.hidden_dim, args.dropout))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -99,3 +99,39 @@ def run_script(args: list[str], datasets_path: str, cwd: str | None = None, time
     env = {**os.environ, "MINARI_DATASETS_PATH": datasets_path, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def check_saved_model(run_dir) -> None:
+    """The run's model.pt loads as weights only, holds tensors on the CPU alone (no numpy), and
+    tools/evaluate.py's evaluation of it, with the run's seed and episodes, is the run's final one."""
+    import json
+
+    from tools.evaluate import evaluate_model
+
+    path = os.path.join(run_dir, "model.pt")
+    saved = torch.load(path, weights_only=True)
+    tensors, others = [], []
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+        elif value is not None and not isinstance(value, (str, bool, int, float)):
+            others.append(type(value).__name__)
+
+    walk(saved)
+    assert tensors and all(t.device.type == "cpu" for t in tensors) and not others, others
+    with open(os.path.join(run_dir, "results.json")) as f:
+        final = json.load(f)["evaluations"][-1]
+    try:
+        evaluation = evaluate_model(path)
+    finally:
+        torch.set_flush_denormal(False)  # as the tool sets it for its process; the other tests run without
+    assert evaluation["seed"] == saved["args"]["seed"] and evaluation["episodes"] == saved["args"]["eval_episodes"]
+    for key in ("return_mean", "return_std", "normalized_score_mean", "normalized_score_std"):
+        assert evaluation[key] == final[key], (key, evaluation[key], final[key])

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, load_algorithm, run_script
+from conftest import ROOT, check_saved_model, load_algorithm, run_script
 from tools.pretraining import BC_WARMUP, PRETRAINING, shrink_flags
 
 ALGORITHMS = ["bc", "td3_bc", "awr", "iql", "cql", "fisher_brc", "itrpo"]
@@ -342,9 +342,10 @@ def test_algorithm_end_to_end(algorithm, datasets_path, tmp_path):
                           "normalized_score_std", "wall_time"}
     assert results["final_return"] == results["evaluations"][-1]["return_mean"]
     assert results["final_normalized_score"] == pytest.approx(results["final_return"])  # refs (0, 100)
-    checkpoint = torch.load(out / "r" / "model.pt", weights_only=False)
+    checkpoint = torch.load(out / "r" / "model.pt", weights_only=True)
     assert checkpoint["algorithm"] == algorithm and "actor" in checkpoint
     assert checkpoint["obs_mean"].shape == (11,) and checkpoint["args"]["env"] == "test/hopper/random-v0"
+    check_saved_model(out / "r")  # tools/evaluate.py gives the final evaluation again
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "r"))
     assert "step 300/300" in result.stdout
 
@@ -386,7 +387,7 @@ def test_help_works_and_lists_the_shared_flags(algorithm, datasets_path):
     assert result.returncode == 0, result.stderr[-2000:]
     for flag in ("--env", "--seed", "--total-steps", "--batch-size", "--eval-every", "--eval-episodes",
                  "--log-every", "--device", "--output-dir", "--run-name", "--save-model", "--track",
-                 "--wandb-project"):
+                 "--wandb-project", "--capture-video", "--video-every"):
         assert flag in result.stdout, (algorithm, flag)
 
 

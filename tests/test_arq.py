@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_algorithm, run_script
+from conftest import ROOT, check_saved_model, load_algorithm, run_script
 
 
 arq = load_algorithm("arq")
@@ -258,16 +258,17 @@ TINY = ["--bc-steps", "30", "--n-support", "4", "--sampler-steps", "4", "--likel
 
 def test_arq_end_to_end_and_the_caches_are_reused(datasets_path, tmp_path):
     common_args = [os.path.join(ROOT, "algorithms", "arq.py"), "--env", "test/hopper/random-v0",
-                   "--output-dir", str(tmp_path), *TINY]
+                   "--output-dir", str(tmp_path), "--save-model", *TINY]
     first = run_script([*common_args, "--seed", "0", "--run-name", "first"], datasets_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "score model step 30" in first.stdout and "[arq] support 100.0%" in first.stdout
     cache = os.listdir(tmp_path / "arq_support_cache")
     assert sorted(name.split("_")[0] for name in cache) == ["score", "support"]
 
-    # another seed and the implicit policy: nothing is trained or generated again
-    second = run_script([*common_args, "--seed", "1", "--run-name", "second", "--policy", "implicit"],
-                        datasets_path)
+    # another seed and the implicit policy: nothing is trained or generated again (two evaluations:
+    # the second draws the same noise as a lone one, which tools/evaluate.py replays)
+    second = run_script([*common_args, "--seed", "1", "--run-name", "second", "--policy", "implicit",
+                         "--eval-every", "10"], datasets_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "reusing cached score model" in second.stdout and "reusing cached support" in second.stdout
     assert "score model step" not in second.stdout and "generating the support" not in second.stdout
@@ -275,6 +276,7 @@ def test_arq_end_to_end_and_the_caches_are_reused(datasets_path, tmp_path):
     for name in ("first", "second"):
         results = json.load(open(tmp_path / name / "results.json"))
         assert results["finished"] and np.isfinite(results["final_return"])
+        check_saved_model(tmp_path / name)  # the AWR and the implicit policy, from model.pt alone
 
     # another sampler is another support, from the same score model
     third = run_script([*common_args, "--run-name", "third", "--sampler", "ode"], datasets_path)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import run_folder
-from conftest import ROOT, load_algorithm, run_script
+from conftest import ROOT, check_saved_model, load_algorithm, run_script
 
 
 bp = load_algorithm("brac_plus")
@@ -300,7 +300,8 @@ def test_brac_plus_end_to_end(variant, datasets_path, tmp_path):
          "--bc-steps", "20", "--pretrain-steps", "20", "--total-steps", "40", "--eval-every", "20",
          "--log-every", "10", "--epoch-steps", "10", "--kl-states", "64", "--eval-episodes", "2",
          "--batch-size", "16", "--hidden-dim", "32", "--actor-hidden-dim", "32", "--vae-hidden-dim", "32",
-         "--n-samples", "2", "--n-latent", "2", "--output-dir", str(out), "--run-name", "r", *variant],
+         "--n-samples", "2", "--n-latent", "2", "--output-dir", str(out), "--run-name", "r", "--save-model",
+         *variant],
         datasets_path, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "r" / "results.json").read_text())
@@ -309,6 +310,7 @@ def test_brac_plus_end_to_end(variant, datasets_path, tmp_path):
     assert results["args"]["kl_margin"] == 3.0  # the random-dataset default
     for phase in ("behaviour model step 20", "initial policy step 20", "Q initialisation step 20", "step 40/40"):
         assert phase in result.stdout
+    check_saved_model(out / "r")  # tools/evaluate.py gives the final evaluation again
 
 
 def test_alpha_max_must_leave_room_for_the_floor_of_alpha():

@@ -1,0 +1,166 @@
+"""Watching a policy (--capture-video), evaluating it again (the same numbers from the same weights
+and seed) and evaluating a saved one (tools/evaluate.py).
+
+That tools/evaluate.py gives every file's final evaluation again from its model.pt is checked on the
+end-to-end runs of tests/test_algorithms.py, test_brac_plus.py and test_arq.py (conftest's
+check_saved_model)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+from offline_data.tasks import flatten_obs
+
+DATASET = "test/hopper/random-v0"  # Hopper-v5 episodes of at most 40 steps
+
+
+@pytest.fixture(scope="module")
+def renders(datasets_path):
+    """The tests that record need a renderer (EGL on Linux: Mesa's on a CPU machine)."""
+    import common
+    from offline_data.evaluation import render_problem
+
+    problem = render_problem(common.load_dataset(DATASET))
+    if problem is not None:
+        pytest.skip(f"Hopper does not render on this machine: {problem}")
+
+
+def frames_of(path):
+    reader = imageio.get_reader(path)
+    try:
+        return [frame for frame in reader]
+    finally:
+        reader.close()
+
+
+def elementwise_policy(obs):
+    """Row by row the same numbers whatever the batch (a matrix product's last bits can depend on it)."""
+    return torch.tanh(2.0 * obs[:, :3] - obs[:, 3:6])
+
+
+def test_recording_changes_no_return_and_has_a_frame_per_step_of_the_first_episode(renders, datasets_path,
+                                                                                    tmp_path):
+    import common
+
+    data = common.load_dataset(DATASET)
+    policy = elementwise_policy
+    plain = common.evaluate(data, policy, 3, seed=5)
+    video = str(tmp_path / "videos" / "v.mp4")
+    recorded = common.evaluate(data, policy, 3, seed=5, video=video)
+    assert recorded == plain
+
+    # the vector env's first env starts from reset(seed=5): the same episode in an env of its own
+    env = data.minari_dataset.recover_environment(eval_env=True)
+    obs, _ = env.reset(seed=5)
+    low, high = data.action_low, data.action_high
+    length, done = 0, False
+    while not done:
+        a = policy(torch.as_tensor(flatten_obs(obs[None], None))).clamp(-1, 1).numpy()[0]
+        obs, _, terminated, truncated, _ = env.step(low + (a + 1.0) * 0.5 * (high - low))
+        length, done = length + 1, terminated or truncated
+    frames = frames_of(video)
+    assert len(frames) == length and frames[0].shape == (480, 480, 3)
+    assert os.listdir(tmp_path / "videos") == ["v.mp4"]  # no temporary file left
+
+
+def test_a_sampling_policy_draws_the_same_noise_in_every_evaluation_and_leaves_the_run_s_stream(datasets_path):
+    """ARQ's implicit policy samples: its noise comes from torch's CPU stream, seeded by the evaluation."""
+    import common
+
+    data = common.load_dataset(DATASET)
+    policy = lambda obs: (elementwise_policy(obs) + 0.3 * torch.randn(obs.shape[0], 3)).clamp(-1, 1)  # noqa: E731
+    torch.manual_seed(123)
+    first = common.evaluate(data, policy, 2, seed=0)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    torch.rand(7)  # the run's stream elsewhere: the evaluation does not depend on it
+    assert common.evaluate(data, policy, 2, seed=0) == first
+    torch.manual_seed(123)
+    common.evaluate(data, policy, 2, seed=1)
+    assert torch.equal(torch.rand(3), after)  # the run's stream goes on as if no evaluation had run
+
+
+def bc_run(out, datasets_path, *extra, env=None):
+    args = [os.path.join(ROOT, "algorithms", "bc.py"), "--env", DATASET, "--total-steps", "30", "--eval-every", "10",
+            "--log-every", "10", "--eval-episodes", "2", "--batch-size", "16", "--device", "cpu",
+            "--output-dir", str(out), "--run-name", "r", *extra]
+    if env is None:
+        return run_script(args, datasets_path)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MINARI_DATASETS_PATH": datasets_path, "OMP_NUM_THREADS": "1", **env})
+
+
+def evaluations(run_dir):
+    with open(os.path.join(run_dir, "results.json")) as f:
+        return json.load(f)["evaluations"]
+
+
+def test_capture_video_records_without_changing_the_run_and_the_model_file_replays_it(renders, datasets_path,
+                                                                                      tmp_path):
+    plain = bc_run(tmp_path / "plain", datasets_path)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    result = bc_run(tmp_path / "video", datasets_path, "--capture-video", "--video-every", "2", "--save-model")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "video" / "r"
+    assert sorted(os.listdir(run_dir / "videos")) == ["step_20.mp4", "step_30.mp4"]  # the 2nd and the last
+    assert f"[bc] video of the first episode: {run_dir / 'videos' / 'step_30.mp4'}" in result.stdout
+    recorded, unrecorded = evaluations(run_dir), evaluations(tmp_path / "plain" / "r")
+    assert [e.pop("video", None) for e in recorded] == [None, "videos/step_20.mp4", "videos/step_30.mp4"]
+    for e in recorded + unrecorded:
+        e.pop("wall_time")
+    assert recorded == unrecorded
+    run_frames = frames_of(run_dir / "videos" / "step_30.mp4")
+    assert 1 <= len(run_frames) <= 40 and run_frames[0].shape == (480, 480, 3)
+
+    # the command of the README: the same numbers, and the same first episode on video
+    tool = run_script([os.path.join("tools", "evaluate.py"), str(run_dir / "model.pt"), "--capture-video",
+                       "--video-dir", str(tmp_path / "watch")], datasets_path)
+    assert tool.returncode == 0, tool.stderr[-3000:]
+    final = recorded[-1]
+    assert (f"bc on {DATASET}, 2 episodes from seed 0: return {final['return_mean']:.2f} ± "
+            f"{final['return_std']:.2f}, normalised score {final['normalized_score_mean']:.2f}") in tool.stdout
+    tool_frames = frames_of(tmp_path / "watch" / "seed_0.mp4")
+    assert len(tool_frames) == len(run_frames) and np.array_equal(tool_frames[-1], run_frames[-1])
+
+
+def test_without_a_render_backend_the_run_trains_with_one_notice(datasets_path, tmp_path):
+    result = bc_run(tmp_path, datasets_path, "--capture-video", env={"MUJOCO_GL": "disable"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("--capture-video: the eval env does not render on this machine") == 1, result.stdout
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr[-3000:]
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["finished"]
+    assert not os.path.exists(tmp_path / "r" / "videos")
+
+
+def test_video_every_needs_capture_video(datasets_path, tmp_path):
+    result = bc_run(tmp_path, datasets_path, "--video-every", "2")
+    assert result.returncode == 1 and result.stderr.strip() == (
+        "error: --video-every says which evaluations --capture-video records; add --capture-video")
+
+
+def test_evaluate_refuses_what_is_not_a_model_file_in_one_line(datasets_path, tmp_path):
+    from tools.evaluate import read_model
+
+    import common
+
+    with pytest.raises(common.UserError, match="does not exist"):
+        read_model(str(tmp_path / "missing.pt"))
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(common.UserError, match="is not a model.pt written by a run with --save-model"):
+        read_model(str(tmp_path / "text.pt"))
+    torch.save({"w": torch.ones(1)}, tmp_path / "weights.pt")
+    with pytest.raises(common.UserError, match="holds no algorithm"):
+        read_model(str(tmp_path / "weights.pt"))
+    torch.save({"algorithm": "../common", "args": {}, "obs_dim": 1, "act_dim": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(common.UserError, match="algorithm '../common', which is not a file in algorithms/"):
+        read_model(str(tmp_path / "foreign.pt"))
+
+    result = run_script([os.path.join("tools", "evaluate.py"), str(tmp_path / "missing.pt")], datasets_path)
+    assert result.returncode == 1 and result.stderr.strip() == f"error: {tmp_path / 'missing.pt'} does not exist"
