@@ -298,15 +298,23 @@ def autocast(step: Callable, precision: str, device: torch.device) -> Callable:
     8-bit mantissa. Only the training steps: evaluation runs in fp32."""
     if precision == "fp32":
         return step
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
-                        "use --precision fp32.")
+    if device.type == "cuda" and not native_bf16(device):
+        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native bfloat16 support "
+                        "(before Ampere, bf16 is emulated and slower than fp32); use --precision fp32.")
 
     def bf16_step(*args, **kwargs):
         with torch.autocast(device.type, dtype=torch.bfloat16):
             return step(*args, **kwargs)
 
     return bf16_step
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA device `device` (that of --device cuda:N, not the current device) does bf16
+    arithmetic in hardware; torch.cuda.is_bf16_supported() alone also counts the emulation of
+    V100s and T4s."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def _autocasting(x: torch.Tensor) -> bool:

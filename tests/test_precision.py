@@ -160,3 +160,59 @@ def test_pretrained_models_of_bf16_runs_have_their_own_cache_key():
     bf16 = types.SimpleNamespace(env="x/y-v0", bc_steps=10, precision="bf16")
     assert common.pretraining_key(fp32, fields, data) == common.pretraining_key(legacy, fields, data)
     assert common.pretraining_key(bf16, fields, data) != common.pretraining_key(fp32, fields, data)
+
+
+class FakeGpus:
+    """Two CUDA devices for torch.cuda's functions, on a machine without any: cuda:0 an A100
+    (compute capability 8.0, bf16 in hardware), cuda:1 a V100 (7.0, where bf16 tensors can be made
+    but the arithmetic is emulated). cuda:0 is the current device unless a `torch.cuda.device`
+    block says otherwise."""
+
+    NAMES, MAJORS = ("NVIDIA A100", "Tesla V100"), (8, 7)
+
+    def __init__(self, monkeypatch):
+        import contextlib
+
+        self.current = 0
+
+        @contextlib.contextmanager
+        def device(d):
+            index = torch.device(d).index
+            before, self.current = self.current, self.current if index is None else index
+            yield
+            self.current = before
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+        monkeypatch.setattr(torch.cuda, "device", device)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda d=None: types.SimpleNamespace(major=self.MAJORS[self._index(d)]))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: self.NAMES[self._index(d)])
+        monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True)  # emulation
+
+    def _index(self, d) -> int:
+        index = d if isinstance(d, int) else None if d is None else torch.device(d).index
+        return self.current if index is None else index
+
+
+@pytest.mark.parametrize("device, native", [("cuda:0", True), ("cuda:1", False), ("cuda", True)])
+def test_bf16_is_accepted_on_the_flag_s_gpu_only_where_it_is_not_emulated(monkeypatch, device, native):
+    """--device cuda:1 is a V100 while cuda:0, the current device, is an A100: the V100 is refused
+    although torch.cuda.is_bf16_supported() (the current device, emulation counted) says True."""
+    FakeGpus(monkeypatch)
+    assert torch.cuda.is_bf16_supported()
+    if native:
+        common.autocast(lambda: None, "bf16", torch.device(device))
+    else:
+        with pytest.raises(common.UserError, match="Tesla V100 has no native bfloat16 support"):
+            common.autocast(lambda: None, "bf16", torch.device(device))
+
+
+def test_bf16_is_refused_on_a_gpu_that_only_emulates_it(monkeypatch):
+    """The V100 as the current device: torch.cuda.is_bf16_supported() is True there (emulation)."""
+    gpus = FakeGpus(monkeypatch)
+    gpus.current = 1
+    assert torch.cuda.is_bf16_supported()
+    with pytest.raises(common.UserError, match="Tesla V100 has no native bfloat16 support"):
+        common.autocast(lambda: None, "bf16", torch.device("cuda"))
