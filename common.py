@@ -285,9 +285,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ----------------------------------------------------------------------------------------------
-# Network layers that carry the speed mechanics: batched ensembles and --precision bf16
+# Network layers that carry the speed mechanics: batched ensembles and --precision
 # ----------------------------------------------------------------------------------------------
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "tf32", "bf16"]
 
 
 def autocast(step: Callable, precision: str, device: torch.device) -> Callable:
@@ -295,8 +295,17 @@ def autocast(step: Callable, precision: str, device: torch.device) -> Callable:
     matrix products of the hidden layers take bf16 inputs, while parameters, gradients and optimiser
     states stay fp32 and every network's output layer computes in fp32 (OutputLinear and
     EnsembleLinear(output=True)), so that Q values, log-stds and logits are not rounded to bf16's
-    8-bit mantissa. Only the training steps: evaluation runs in fp32."""
+    8-bit mantissa. Only the training steps: evaluation runs in fp32.
+
+    tf32: `step` as it is, with TF32 allowed for the fp32 matrix products and convolutions of CUDA
+    GPUs from Ampere on (10-bit mantissa inputs, fp32 accumulation), for the whole process, evaluation
+    included. It is torch.set_float32_matmul_precision("high") for CUDA alone: in torch 2.13 that call
+    also lets oneDNN use TF32 for CPU products, while on a CPU --precision tf32 changes nothing."""
     if precision == "fp32":
+        return step
+    if precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
         return step
     if device.type == "cuda" and not native_bf16(device):
         raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native bfloat16 support "

@@ -70,7 +70,7 @@ class Args:
     compile: bool = False
     """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
     precision: common.Precision = "fp32"
-    """fp32, or bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/results.md, Precision)"""
+    """fp32; tf32: fp32 with TF32 matrix products on CUDA GPUs from Ampere on (no effect on a CPU); bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/usage.md, Precision)"""
     # --- IQL ---
     expectile: Optional[float] = None
     """expectile tau of the value loss (default per domain: 0.9 antmaze, else 0.7)"""

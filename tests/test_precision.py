@@ -1,5 +1,5 @@
 """--precision bf16: training steps under torch.autocast(bfloat16), every network's output layer in
-fp32, the default fp32 untouched."""
+fp32, the default fp32 untouched; --precision tf32: TF32 for CUDA's fp32 products, nothing on a CPU."""
 
 import types
 
@@ -216,3 +216,34 @@ def test_bf16_is_refused_on_a_gpu_that_only_emulates_it(monkeypatch):
     assert torch.cuda.is_bf16_supported()
     with pytest.raises(common.UserError, match="Tesla V100 has no native bfloat16 support"):
         common.autocast(lambda: None, "bf16", torch.device("cuda"))
+
+
+@pytest.mark.parametrize("name", ["td3_bc", "brac_plus"])
+def test_tf32_allows_tf32_cuda_matmuls_and_leaves_the_steps_and_the_cpu_alone(monkeypatch, name):
+    for flags, attr in ((torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")):
+        monkeypatch.setattr(flags, attr, False)  # restored after the test: the setting is process-wide
+    mkldnn = torch.backends.mkldnn.matmul.fp32_precision
+    _, fp32 = agent_of(name, "fp32")
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    _, tf32 = agent_of(name, "tf32")
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert torch.get_float32_matmul_precision() == "high"  # the legacy API agrees, and does not raise
+    assert torch.backends.mkldnn.matmul.fp32_precision == mkldnn  # CPU products untouched
+    for step in SMALL[name][1]:
+        assert getattr(tf32, step).__func__ is getattr(type(tf32), step)  # not wrapped: fp32 arithmetic
+
+
+def test_tf32_on_a_cpu_computes_what_fp32_computes(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+    module, fp32 = agent_of("td3_bc", "fp32")
+    _, tf32 = agent_of("td3_bc", "tf32")
+    batch = batch_for(module, "train")
+    for _ in range(2):
+        torch.manual_seed(5)
+        want = fp32.train(batch)
+        torch.manual_seed(5)
+        got = tf32.train(batch)
+        assert {k: v.item() for k, v in got.items()} == {k: v.item() for k, v in want.items()}
+    for p, q in zip(fp32.actor.parameters(), tf32.actor.parameters()):
+        assert torch.equal(p, q)
