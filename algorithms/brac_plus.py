@@ -502,8 +502,10 @@ class BRACPlus:
         self.gp_raw = torch.tensor(inverse_softplus(args.gp_weight), device=device, requires_grad=True)
         self.gp_optimizer = torch.optim.Adam([self.gp_raw], lr=args.multiplier_lr, fused=True)
         self.target_entropy = 0.0
-        self.kl_threshold = 0.0
-        self.gp_threshold = 0.0
+        # delta_KL and eps_GP as tensors: eps_GP changes every epoch, and a compiled step reads a new
+        # tensor value without being compiled again (a new Python float would be)
+        self.kl_threshold = torch.zeros((), device=device)
+        self.gp_threshold = torch.zeros((), device=device)
         for name in ("train_behavior", "train_initial_policy", "train_initial_critic", "train"):
             step = common.autocast(getattr(self, name), args.precision, device)
             setattr(self, name, torch.compile(step) if args.compile else step)
@@ -594,14 +596,14 @@ class BRACPlus:
     def set_thresholds(self, obs: torch.Tensor) -> tuple[float, float]:
         """After phase 2: delta_KL = mean KL(pi_0 || pi_b) + margin, with one policy sample per state
         (K with the MMD) as the code's compute_pi_pib_distance; eps_GP of the first epoch."""
-        self.kl_threshold = self.state_kl(obs, self.n_divergence).mean().item() + self.args.kl_margin
-        return self.kl_threshold, self.update_gp_threshold(obs)
+        self.kl_threshold.fill_(self.state_kl(obs, self.n_divergence).mean().item() + self.args.kl_margin)
+        return self.kl_threshold.item(), self.update_gp_threshold(obs)
 
     def update_gp_threshold(self, obs: torch.Tensor) -> float:
         """Section 3.3: eps_GP = mean + std of the per-state KL at the end of the epoch."""
         kl = self.state_kl(obs)
-        self.gp_threshold = (kl.mean() + kl.std()).item()
-        return self.gp_threshold
+        self.gp_threshold.copy_(kl.mean() + kl.std())
+        return self.gp_threshold.item()
 
     def td_loss(self, batch: common.Batch) -> tuple[torch.Tensor, torch.Tensor]:
         obs, actions, rewards, next_obs, terminals = batch
@@ -693,7 +695,7 @@ class BRACPlus:
                 "losses/alpha_loss": alpha_loss, "losses/q1": q1.mean().detach(),
                 "charts/kl": kl.mean().detach(), "charts/kl_violation": (kl > self.kl_threshold).float().mean(),
                 "charts/gp_fraction": (gate_kl > self.gp_threshold).float().mean(),
-                "charts/gp_threshold": torch.full((), self.gp_threshold, device=kl.device),
+                "charts/gp_threshold": self.gp_threshold.clone(),
                 "charts/alpha": alpha.mean(), "charts/beta": beta, "charts/gp_weight": gp_weight,
                 "charts/entropy": -log_pi.mean().detach()}
 
@@ -709,7 +711,7 @@ class BRACPlus:
             multipliers["alpha_raw"] = self.alpha_raw.detach()
         return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
                 "behavior": self.behavior.state_dict(), **multipliers,
-                "kl_threshold": self.kl_threshold, "gp_threshold": self.gp_threshold,
+                "kl_threshold": self.kl_threshold.item(), "gp_threshold": self.gp_threshold.item(),
                 "target_entropy": self.target_entropy}
 
 
