@@ -386,6 +386,18 @@ def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: i
 
 
 # ----------------------------------------------------------------------------------------------
+# --compile: each network update's forward passes and loss as one compiled graph
+# ----------------------------------------------------------------------------------------------
+def compiled(loss: Callable, enabled: bool) -> Callable:
+    """`loss` (a method that runs one network update's forward passes and returns its loss and the
+    values it logs) compiled as one graph with --compile, itself without. fullgraph: a break inside
+    is an error, not a silent split. Its backward pass is compiled with it. The training step that
+    calls it stays Python, so that its counters, periodic branches and thresholds compile nothing;
+    the optimiser steps stay fused Adam (one kernel; Dynamo does not trace into fused optimisers)."""
+    return torch.compile(loss, fullgraph=True) if enabled else loss
+
+
+# ----------------------------------------------------------------------------------------------
 # Run bookkeeping: run folder, tensorboard, console, results.json, checkpoint
 # ----------------------------------------------------------------------------------------------
 def _fmt_time(seconds: float) -> str:

@@ -105,12 +105,14 @@ class BC:
         self.args = args
         self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr, fused=True)
+        self.actor_loss = common.compiled(self.actor_loss, args.compile)
         self.train = common.autocast(self.train, args.precision, device)
-        if args.compile:
-            self.train = torch.compile(self.train)
+
+    def actor_loss(self, batch: common.Batch) -> torch.Tensor:
+        return F.mse_loss(self.actor(batch.observations), batch.actions)
 
     def train(self, batch: common.Batch) -> dict:
-        loss = F.mse_loss(self.actor(batch.observations), batch.actions)
+        loss = self.actor_loss(batch)
         self.actor_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.actor_optimizer.step()

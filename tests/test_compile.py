@@ -1,5 +1,6 @@
-"""--compile: once each path through a training step has been taken (warm-up), nothing is compiled
-again, whatever the step counters and the thresholds that change during a run say."""
+"""--compile: each network update's forward passes and loss are one graph without a break
+(common.compiled, fullgraph), and once each path through a training step has been taken (warm-up),
+nothing is compiled again, whatever the step counters and the thresholds that change during a run say."""
 
 import functools
 
@@ -37,6 +38,38 @@ def compiled_agent(name: str, **overrides):
 def graphs() -> int:
     """Graphs Dynamo has captured so far in this test, recompilations included."""
     return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_training_step_runs_compiled_and_compiles_nothing_after_warm_up(dynamo_only, name):
+    """fullgraph: a graph break inside a loss would raise here."""
+    module, agent = compiled_agent(name)
+    if name == "brac_plus":
+        agent.kl_threshold.fill_(1.0), agent.gp_threshold.fill_(0.5)
+    for step in SMALL[name][1]:
+        if step == "train":
+            for pretrained in ("behavior", "score"):  # frozen after their phase, as in the scripts
+                if hasattr(agent, pretrained):
+                    getattr(agent, pretrained).requires_grad_(False)
+        batch = batch_for(module, step)
+        for _ in range(2):
+            getattr(agent, step)(batch)
+        warm = graphs()
+        assert warm > 0, step  # compiled, not silently eager
+        for _ in range(3):
+            getattr(agent, step)(batch)
+        assert graphs() == warm, step
+
+
+def test_td3_bc_compiles_nothing_after_one_critic_step_and_one_actor_step(dynamo_only):
+    module, agent = compiled_agent("td3_bc", policy_freq=2)
+    batch = batch_for(module, "train")
+    for _ in range(2):  # a critic update alone, then critic and actor
+        agent.train(batch)
+    warm = graphs()
+    for _ in range(6):
+        agent.train(batch)
+    assert graphs() == warm
 
 
 def test_brac_plus_compiles_nothing_when_its_thresholds_change(dynamo_only):
