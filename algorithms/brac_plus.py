@@ -506,9 +506,10 @@ class BRACPlus:
         # tensor value without being compiled again (a new Python float would be)
         self.kl_threshold = torch.zeros((), device=device)
         self.gp_threshold = torch.zeros((), device=device)
+        for name in ("behavior_loss", "initial_policy_loss", "td_loss", "gp_samples", "actor_loss", "alpha_loss"):
+            setattr(self, name, common.compiled(getattr(self, name), args.compile))
         for name in ("train_behavior", "train_initial_policy", "train_initial_critic", "train"):
-            step = common.autocast(getattr(self, name), args.precision, device)
-            setattr(self, name, torch.compile(step) if args.compile else step)
+            setattr(self, name, common.autocast(getattr(self, name), args.precision, device))
 
     def alpha(self, obs: torch.Tensor) -> torch.Tensor:
         """alpha(s) per state, (N,); the global mode broadcasts its scalar."""
@@ -530,10 +531,14 @@ class BRACPlus:
             return torch.full((), self.args.gp_weight, device=self.gp_raw.device)  # made on the device: no host copy
         return self.gp_multiplier().detach()
 
+    def behavior_loss(self, batch: common.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The members' negative ELBOs, summed; and their KL terms."""
+        nll, kl = self.behavior.neg_elbo(batch.observations, clipped_atanh(batch.actions))
+        return (nll + kl).mean(1).sum(), kl
+
     def train_behavior(self, batch: common.Batch) -> dict:
         """Phase 1: maximise each member's ELBO on the same batch (the code does the same)."""
-        nll, kl = self.behavior.neg_elbo(batch.observations, clipped_atanh(batch.actions))
-        loss = (nll + kl).mean(1).sum()
+        loss, kl = self.behavior_loss(batch)
         self.behavior_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.behavior_optimizer.step()
@@ -579,12 +584,16 @@ class BRACPlus:
         optimizer.step()
         return beta_loss.detach()
 
+    def initial_policy_loss(self, batch: common.Batch) -> tuple[torch.Tensor, ...]:
+        """KL(pi || pi_b) under the entropy bound; and the KL, log pi and beta."""
+        kl, _, log_pi = self.policy_kl(batch.observations, self.n_divergence)
+        beta = self.beta().detach()
+        return (kl - self.entropy_sign * beta * log_pi.mean(1)).mean(), kl, log_pi, beta
+
     def train_initial_policy(self, batch: common.Batch) -> dict:
         """Phase 2 (line 2): pi_0 = argmin KL(pi || pi_b), under the entropy bound (code), with one
         policy sample per state (K with the MMD), as the code's update_actor_cloning."""
-        kl, _, log_pi = self.policy_kl(batch.observations, self.n_divergence)
-        beta = self.beta().detach()
-        loss = (kl - self.entropy_sign * beta * log_pi.mean(1)).mean()
+        loss, kl, log_pi, beta = self.initial_policy_loss(batch)
         self.pretrain_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.pretrain_optimizer.step()
@@ -636,17 +645,37 @@ class BRACPlus:
         alpha), projected so that alpha(s) stays in [1 / alpha_max, alpha_max]: x(s) is regressed on
         clip(x(s) + KL(s) - delta_KL), whose gradient inside the box is the dual step. A step on
         alpha(s) itself vanishes in the softplus tail (see the docstring)."""
-        violation = kl.detach() - self.kl_threshold
-        if self.args.alpha_mode == "state":
-            x = self.alpha_net.net(obs).squeeze(-1)
-            low, high = inverse_softplus(1.0 / self.args.alpha_max), inverse_softplus(self.args.alpha_max)
-            alpha_loss = 0.5 * (x - (x.detach() + violation).clamp(low, high)).pow(2).mean()
-        else:
-            alpha_loss = -(self.alpha(obs) * violation).mean()
+        alpha_loss = self.alpha_loss(obs, kl)
         self.alpha_optimizer.zero_grad(set_to_none=True)
         alpha_loss.backward()
         self.alpha_optimizer.step()
         return alpha_loss.detach()
+
+    def alpha_loss(self, obs: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
+        violation = kl.detach() - self.kl_threshold
+        if self.args.alpha_mode == "state":
+            x = self.alpha_net.net(obs).squeeze(-1)
+            low, high = inverse_softplus(1.0 / self.args.alpha_max), inverse_softplus(self.args.alpha_max)
+            return 0.5 * (x - (x.detach() + violation).clamp(low, high)).pow(2).mean()
+        return -(self.alpha(obs) * violation).mean()
+
+    @torch.no_grad()
+    def gp_samples(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradient penalty's n_divergence policy actions per state and the divergence that gates it."""
+        gate_kl, gp_actions, _ = self.policy_kl(obs, self.n_divergence)
+        return gate_kl, gp_actions
+
+    def actor_loss(self, obs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Eq. (8): -(Q - alpha(s) (KL(s) - delta_KL)) under the entropy bound; and the KL, log pi,
+        alpha(s) and beta."""
+        args = self.args
+        kl, actions, log_pi = self.policy_kl(obs, args.n_samples)
+        q1_pi, q2_pi = self.critic(obs.repeat_interleave(args.n_samples, 0), actions)
+        q_pi = torch.min(q1_pi, q2_pi).view(-1, args.n_samples).mean(1)
+        alpha = self.alpha(obs).detach()
+        beta = self.beta().detach()
+        actor_loss = (-q_pi + alpha * (kl - self.kl_threshold) - self.entropy_sign * beta * log_pi.mean(1)).mean()
+        return actor_loss, kl, log_pi, alpha, beta
 
     def train(self, batch: common.Batch) -> dict:
         args = self.args
@@ -656,8 +685,7 @@ class BRACPlus:
         # the n_divergence samples per state whose divergence gates it.
         td_loss, q1 = self.td_loss(batch)
         k = self.n_divergence
-        with torch.no_grad():
-            gate_kl, gp_actions, _ = self.policy_kl(obs, k)
+        gate_kl, gp_actions = self.gp_samples(obs)
         gp = gated_gradient_penalty(self.critic, obs.repeat_interleave(k, 0), gp_actions, gate_kl.repeat_interleave(k),
                                     self.gp_threshold, args.gp_mode, args.gp_gate).view(-1, k).mean(1)
         gp_weight = self.gp_weight()
@@ -673,14 +701,9 @@ class BRACPlus:
 
         # Line 7, eq. (8): maximise Q - alpha(s) (KL(s) - delta_KL) under the entropy bound; the
         # constant alpha(s) delta_KL changes the logged loss (the code's value), not the gradient.
-        kl, actions, log_pi = self.policy_kl(obs, args.n_samples)
         self.critic.requires_grad_(False)  # the actor's loss moves the actor only: no critic weight gradients
-        q1_pi, q2_pi = self.critic(obs.repeat_interleave(args.n_samples, 0), actions)
+        actor_loss, kl, log_pi, alpha, beta = self.actor_loss(obs)
         self.critic.requires_grad_(True)
-        q_pi = torch.min(q1_pi, q2_pi).view(-1, args.n_samples).mean(1)
-        alpha = self.alpha(obs).detach()
-        beta = self.beta().detach()
-        actor_loss = (-q_pi + alpha * (kl - self.kl_threshold) - self.entropy_sign * beta * log_pi.mean(1)).mean()
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()
