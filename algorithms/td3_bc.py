@@ -61,7 +61,7 @@ class Args:
     resume: Literal["auto", "never"] = "auto"
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
     compile: bool = False
-    """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
+    """torch.compile each network update's forward passes and loss (the first steps are slow while it compiles)"""
     precision: common.Precision = "fp32"
     """fp32; tf32: fp32 with TF32 matrix products on CUDA GPUs from Ampere on (no effect on a CPU); bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/usage.md, Precision)"""
     # --- TD3+BC ---
