@@ -576,3 +576,13 @@ def test_official_hard_gate_is_the_indicator_on_the_norm_of_grad_min_q():
     gp = bp.gated_gradient_penalty(KnownCritic(), torch.zeros(3, 1), act, kl, 1.0, "official", "hard")
     # grad of min: Q_1 on row 0 -> (3, 3); Q_2 on row 2 -> 2a = (1, 1); row 1 is not above the threshold
     torch.testing.assert_close(gp, torch.tensor([math.sqrt(18.0), 0.0, math.sqrt(2.0)]))
+
+
+def test_a_checkpoint_that_holds_the_thresholds_as_numbers_still_resumes():
+    """Checkpoints written while delta_KL and eps_GP were Python floats load into the tensors."""
+    agent = small_agent()
+    state = bp.common.training_state(agent)
+    state["kl_threshold"], state["gp_threshold"] = 0.25, 1.5
+    bp.common.load_training_state(agent, state)
+    assert agent.kl_threshold.item() == 0.25 and agent.gp_threshold.item() == 1.5
+    assert isinstance(agent.kl_threshold, torch.Tensor)
