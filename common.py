@@ -690,7 +690,7 @@ def load_training_state(agent, state: dict) -> None:
                 item.load_state_dict(item_state)
         elif isinstance(value, torch.Tensor):
             with torch.no_grad():  # in place: the optimisers hold these very tensors
-                value.copy_(torch.as_tensor(saved))  # (a number in a checkpoint of a file that kept one)
+                value.copy_(saved)
         elif isinstance(value, torch.Generator):
             value.set_state(saved)
         else:
