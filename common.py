@@ -261,9 +261,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ----------------------------------------------------------------------------------------------
-# Network layers that carry the speed mechanics: batched ensembles and --precision bf16
+# Network layers that carry the speed mechanics: batched ensembles and --precision
 # ----------------------------------------------------------------------------------------------
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "tf32", "bf16"]
 
 
 def autocast(step: Callable, precision: str, device: torch.device) -> Callable:
@@ -271,18 +271,35 @@ def autocast(step: Callable, precision: str, device: torch.device) -> Callable:
     matrix products of the hidden layers take bf16 inputs, while parameters, gradients and optimiser
     states stay fp32 and every network's output layer computes in fp32 (OutputLinear and
     EnsembleLinear(output=True)), so that Q values, log-stds and logits are not rounded to bf16's
-    8-bit mantissa. Only the training steps: evaluation runs in fp32."""
+    8-bit mantissa. Only the training steps: evaluation runs in fp32.
+
+    tf32: `step` as it is, with TF32 allowed for the fp32 matrix products and convolutions of CUDA
+    GPUs from Ampere on (10-bit mantissa inputs, fp32 accumulation), for the whole process, evaluation
+    included. It is torch.set_float32_matmul_precision("high") for CUDA alone: in torch 2.13 that call
+    also lets oneDNN use TF32 for CPU products, while on a CPU --precision tf32 changes nothing."""
     if precision == "fp32":
         return step
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
-                        "use --precision fp32.")
+    if precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return step
+    if device.type == "cuda" and not native_bf16(device):
+        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native bfloat16 support "
+                        "(before Ampere, bf16 is emulated and slower than fp32); use --precision fp32.")
 
     def bf16_step(*args, **kwargs):
         with torch.autocast(device.type, dtype=torch.bfloat16):
             return step(*args, **kwargs)
 
     return bf16_step
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA device `device` (that of --device cuda:N, not the current device) does bf16
+    arithmetic in hardware; torch.cuda.is_bf16_supported() alone also counts the emulation of
+    V100s and T4s."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def _autocasting(x: torch.Tensor) -> bool:
@@ -343,6 +360,17 @@ def ensemble_mlp(n: int, in_dim: int, out_dim: int, hidden_dim: int, n_hidden: i
         d = hidden_dim
     return EnsembleMLP(*layers, EnsembleLinear(n, d, out_dim, output=True))
 
+
+# ----------------------------------------------------------------------------------------------
+# --compile: each network update's forward passes and loss as one compiled graph
+# ----------------------------------------------------------------------------------------------
+def compiled(loss: Callable, enabled: bool) -> Callable:
+    """`loss` (a method that runs one network update's forward passes and returns its loss and the
+    values it logs) compiled as one graph with --compile, itself without. fullgraph: a break inside
+    is an error, not a silent split. Its backward pass is compiled with it. The training step that
+    calls it stays Python, so that its counters, periodic branches and thresholds compile nothing;
+    the optimiser steps stay fused Adam (one kernel; Dynamo does not trace into fused optimisers)."""
+    return torch.compile(loss, fullgraph=True) if enabled else loss
 
 
 # ----------------------------------------------------------------------------------------------

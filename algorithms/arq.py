@@ -120,9 +120,9 @@ class Args:
     resume: Literal["auto", "never"] = "auto"
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
     compile: bool = False
-    """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
+    """torch.compile each network update's forward passes and loss (the first steps are slow while it compiles)"""
     precision: common.Precision = "fp32"
-    """fp32, or bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/results.md, Precision)"""
+    """fp32; tf32: fp32 with TF32 matrix products on CUDA GPUs from Ampere on (no effect on a CPU); bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/usage.md, Precision)"""
     # --- ARQ: score model ---
     bc_steps: Optional[int] = None
     """score-model training steps (default per domain: 300k kitchen/adroit, else 1M)"""
@@ -619,12 +619,17 @@ class ARQ:
         if args.policy == "awr":
             self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
             self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, fused=True)
-        for name in ("train_score", "train"):
-            step = common.autocast(getattr(self, name), args.precision, device)
-            setattr(self, name, torch.compile(step) if args.compile else step)
+        self.score_loss = common.compiled(self.score_loss, args.compile)
+        self.critic_loss = common.compiled(self.critic_loss, args.compile)
+        self.actor_loss = common.compiled(self.actor_loss, args.compile)
+        self.train_score = common.autocast(self.train_score, args.precision, device)
+        self.train = common.autocast(self.train, args.precision, device)
+
+    def score_loss(self, batch: common.Batch) -> torch.Tensor:
+        return self.score.loss(batch.observations, batch.actions)
 
     def train_score(self, batch: common.Batch) -> dict:
-        loss = self.score.loss(batch.observations, batch.actions)
+        loss = self.score_loss(batch)
         self.score_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.score_optimizer.step()
@@ -637,7 +642,8 @@ class ARQ:
         q = self.critic_target(obs.repeat_interleave(m, 0), actions.flatten(0, 1))
         return torch.min(*q).view(batch_size, m)
 
-    def train(self, batch: SupportBatch) -> dict:
+    def critic_loss(self, batch: SupportBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """TD loss towards the k-th largest target Q over the support at s'; and Q1(s, a) and that backup."""
         args = self.args
         with torch.no_grad():
             next_q = self.target_q(batch.next_observations, batch.next_support_actions)
@@ -646,7 +652,26 @@ class ARQ:
             backup = torch.maximum(backup, torch.where(batch.next_support_valid[:, 0], next_q[:, 0], -torch.inf))
             target = batch.rewards + args.gamma * (1.0 - batch.terminals) * backup
         q1, q2 = self.critic(batch.observations, batch.actions)
-        critic_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
+        return F.mse_loss(q1, target) + F.mse_loss(q2, target), q1, backup
+
+    def actor_loss(self, batch: SupportBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """--policy awr: the dataset action's log-likelihood (or squared error) weighted by
+        exp(alpha * its advantage over the support); and the weights."""
+        args = self.args
+        with torch.no_grad():
+            q = self.target_q(batch.observations, batch.support_actions)  # slot 0: the dataset action
+            mean_q = (q * batch.support_valid).sum(1) / batch.support_valid.sum(1)
+            weights = torch.exp(args.alpha * (q[:, 0] - mean_q)).clamp(max=args.max_weight)
+        if args.deterministic_policy:
+            # arq/modules/policy.py, DeterministicPolicy (squash_output=False in experiments/pi.gin):
+            # no tanh, half the weighted mean over the batch of the mean over the action dimensions
+            error = self.actor.mean(batch.observations) - batch.actions
+            return 0.5 * (weights * error.pow(2).mean(-1)).mean(), weights
+        return -(weights * self.actor.log_prob(batch.observations, batch.actions)).mean(), weights
+
+    def train(self, batch: SupportBatch) -> dict:
+        args = self.args
+        critic_loss, q1, backup = self.critic_loss(batch)
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_optimizer.step()
@@ -658,17 +683,7 @@ class ARQ:
         if self.actor is None:
             return metrics
 
-        with torch.no_grad():
-            q = self.target_q(batch.observations, batch.support_actions)  # slot 0: the dataset action
-            mean_q = (q * batch.support_valid).sum(1) / batch.support_valid.sum(1)
-            weights = torch.exp(args.alpha * (q[:, 0] - mean_q)).clamp(max=args.max_weight)
-        if args.deterministic_policy:
-            # arq/modules/policy.py, DeterministicPolicy (squash_output=False in experiments/pi.gin):
-            # no tanh, half the weighted mean over the batch of the mean over the action dimensions
-            error = self.actor.mean(batch.observations) - batch.actions
-            actor_loss = 0.5 * (weights * error.pow(2).mean(-1)).mean()
-        else:
-            actor_loss = -(weights * self.actor.log_prob(batch.observations, batch.actions)).mean()
+        actor_loss, weights = self.actor_loss(batch)
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()

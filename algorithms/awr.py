@@ -69,9 +69,9 @@ class Args:
     resume: Literal["auto", "never"] = "auto"
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
     compile: bool = False
-    """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
+    """torch.compile each network update's forward passes and loss (the first steps are slow while it compiles)"""
     precision: common.Precision = "fp32"
-    """fp32, or bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/results.md, Precision)"""
+    """fp32; tf32: fp32 with TF32 matrix products on CUDA GPUs from Ampere on (no effect on a CPU); bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/usage.md, Precision)"""
     # --- AWR ---
     awr_lambda: float = 1.0 / 3.0
     """temperature lambda: weights are exp(A / lambda); smaller means greedier"""
@@ -163,24 +163,25 @@ class AWR:
         self.critic_target = copy.deepcopy(self.critic)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, fused=True)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, fused=True)
+        self.critic_loss = common.compiled(self.critic_loss, args.compile)
+        self.actor_loss = common.compiled(self.actor_loss, args.compile)
         self.train = common.autocast(self.train, args.precision, device)
-        if args.compile:
-            self.train = torch.compile(self.train)
 
-    def train(self, batch: common.Batch) -> dict:
+    def critic_loss(self, batch: common.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """TD loss of both critics towards min Q_target(s', a' ~ pi); and Q1(s, a)."""
         args = self.args
         obs, actions, rewards, next_obs, terminals = batch
-
         with torch.no_grad():
             next_actions = self.actor.sample(next_obs)
             target_q = torch.min(*self.critic_target(next_obs, next_actions))
             target_q = rewards + args.gamma * (1.0 - terminals) * target_q
         q1, q2 = self.critic(obs, actions)
-        critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        self.critic_optimizer.step()
+        return F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q), q1
 
+    def actor_loss(self, batch: common.Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Advantage-weighted log-likelihood of the dataset's actions; and the advantages and weights."""
+        args = self.args
+        obs, actions = batch.observations, batch.actions
         pi = self.actor.distribution(obs)  # one forward serves the value's sample and the log-likelihood
         with torch.no_grad():
             # V(s) from one policy action and Q(s, a) at the dataset action, in one critic call
@@ -188,7 +189,17 @@ class AWR:
             v, q_data = q.chunk(2)
             advantages = q_data - v
             weights = awr_weights(advantages, args.awr_lambda, args.max_weight)
-        actor_loss = -(weights * pi.log_prob(actions).sum(-1)).mean()
+        return -(weights * pi.log_prob(actions).sum(-1)).mean(), advantages, weights
+
+    def train(self, batch: common.Batch) -> dict:
+        args = self.args
+
+        critic_loss, q1 = self.critic_loss(batch)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_optimizer.step()
+
+        actor_loss, advantages, weights = self.actor_loss(batch)
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()

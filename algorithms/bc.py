@@ -63,9 +63,9 @@ class Args:
     resume: Literal["auto", "never"] = "auto"
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
     compile: bool = False
-    """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
+    """torch.compile each network update's forward passes and loss (the first steps are slow while it compiles)"""
     precision: common.Precision = "fp32"
-    """fp32, or bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/results.md, Precision)"""
+    """fp32; tf32: fp32 with TF32 matrix products on CUDA GPUs from Ampere on (no effect on a CPU); bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/usage.md, Precision)"""
     # --- BC ---
     lr: float = 3e-4
     """Adam learning rate"""
@@ -109,12 +109,14 @@ class BC:
         self.args = args
         self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr, fused=True)
+        self.actor_loss = common.compiled(self.actor_loss, args.compile)
         self.train = common.autocast(self.train, args.precision, device)
-        if args.compile:
-            self.train = torch.compile(self.train)
+
+    def actor_loss(self, batch: common.Batch) -> torch.Tensor:
+        return F.mse_loss(self.actor(batch.observations), batch.actions)
 
     def train(self, batch: common.Batch) -> dict:
-        loss = F.mse_loss(self.actor(batch.observations), batch.actions)
+        loss = self.actor_loss(batch)
         self.actor_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.actor_optimizer.step()

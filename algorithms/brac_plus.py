@@ -126,9 +126,9 @@ class Args:
     resume: Literal["auto", "never"] = "auto"
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
     compile: bool = False
-    """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
+    """torch.compile each network update's forward passes and loss (the first steps are slow while it compiles)"""
     precision: common.Precision = "fp32"
-    """fp32, or bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/results.md, Precision)"""
+    """fp32; tf32: fp32 with TF32 matrix products on CUDA GPUs from Ampere on (no effect on a CPU); bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/usage.md, Precision)"""
     # --- BRAC+ ---
     regularizer: Optional[Literal["kl", "mmd"]] = None
     """divergence from the behaviour model: kl (the bound of eq. 7) or mmd (Laplacian kernel) (default: mmd on Adroit, else kl)"""
@@ -506,11 +506,14 @@ class BRACPlus:
         self.gp_raw = torch.tensor(inverse_softplus(args.gp_weight), device=device, requires_grad=True)
         self.gp_optimizer = torch.optim.Adam([self.gp_raw], lr=args.multiplier_lr, fused=True)
         self.target_entropy = 0.0
-        self.kl_threshold = 0.0
-        self.gp_threshold = 0.0
+        # delta_KL and eps_GP as tensors: eps_GP changes every epoch, and a compiled step reads a new
+        # tensor value without being compiled again (a new Python float would be)
+        self.kl_threshold = torch.zeros((), device=device)
+        self.gp_threshold = torch.zeros((), device=device)
+        for name in ("behavior_loss", "initial_policy_loss", "td_loss", "gp_samples", "actor_loss", "alpha_loss"):
+            setattr(self, name, common.compiled(getattr(self, name), args.compile))
         for name in ("train_behavior", "train_initial_policy", "train_initial_critic", "train"):
-            step = common.autocast(getattr(self, name), args.precision, device)
-            setattr(self, name, torch.compile(step) if args.compile else step)
+            setattr(self, name, common.autocast(getattr(self, name), args.precision, device))
 
     def alpha(self, obs: torch.Tensor) -> torch.Tensor:
         """alpha(s) per state, (N,); the global mode broadcasts its scalar."""
@@ -532,10 +535,14 @@ class BRACPlus:
             return torch.full((), self.args.gp_weight, device=self.gp_raw.device)  # made on the device: no host copy
         return self.gp_multiplier().detach()
 
+    def behavior_loss(self, batch: common.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The members' negative ELBOs, summed; and their KL terms."""
+        nll, kl = self.behavior.neg_elbo(batch.observations, clipped_atanh(batch.actions))
+        return (nll + kl).mean(1).sum(), kl
+
     def train_behavior(self, batch: common.Batch) -> dict:
         """Phase 1: maximise each member's ELBO on the same batch (the code does the same)."""
-        nll, kl = self.behavior.neg_elbo(batch.observations, clipped_atanh(batch.actions))
-        loss = (nll + kl).mean(1).sum()
+        loss, kl = self.behavior_loss(batch)
         self.behavior_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.behavior_optimizer.step()
@@ -581,12 +588,16 @@ class BRACPlus:
         optimizer.step()
         return beta_loss.detach()
 
+    def initial_policy_loss(self, batch: common.Batch) -> tuple[torch.Tensor, ...]:
+        """KL(pi || pi_b) under the entropy bound; and the KL, log pi and beta."""
+        kl, _, log_pi = self.policy_kl(batch.observations, self.n_divergence)
+        beta = self.beta().detach()
+        return (kl - self.entropy_sign * beta * log_pi.mean(1)).mean(), kl, log_pi, beta
+
     def train_initial_policy(self, batch: common.Batch) -> dict:
         """Phase 2 (line 2): pi_0 = argmin KL(pi || pi_b), under the entropy bound (code), with one
         policy sample per state (K with the MMD), as the code's update_actor_cloning."""
-        kl, _, log_pi = self.policy_kl(batch.observations, self.n_divergence)
-        beta = self.beta().detach()
-        loss = (kl - self.entropy_sign * beta * log_pi.mean(1)).mean()
+        loss, kl, log_pi, beta = self.initial_policy_loss(batch)
         self.pretrain_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.pretrain_optimizer.step()
@@ -598,14 +609,14 @@ class BRACPlus:
     def set_thresholds(self, obs: torch.Tensor) -> tuple[float, float]:
         """After phase 2: delta_KL = mean KL(pi_0 || pi_b) + margin, with one policy sample per state
         (K with the MMD) as the code's compute_pi_pib_distance; eps_GP of the first epoch."""
-        self.kl_threshold = self.state_kl(obs, self.n_divergence).mean().item() + self.args.kl_margin
-        return self.kl_threshold, self.update_gp_threshold(obs)
+        self.kl_threshold.fill_(self.state_kl(obs, self.n_divergence).mean().item() + self.args.kl_margin)
+        return self.kl_threshold.item(), self.update_gp_threshold(obs)
 
     def update_gp_threshold(self, obs: torch.Tensor) -> float:
         """Section 3.3: eps_GP = mean + std of the per-state KL at the end of the epoch."""
         kl = self.state_kl(obs)
-        self.gp_threshold = (kl.mean() + kl.std()).item()
-        return self.gp_threshold
+        self.gp_threshold.copy_(kl.mean() + kl.std())
+        return self.gp_threshold.item()
 
     def td_loss(self, batch: common.Batch) -> tuple[torch.Tensor, torch.Tensor]:
         obs, actions, rewards, next_obs, terminals = batch
@@ -638,17 +649,37 @@ class BRACPlus:
         alpha), projected so that alpha(s) stays in [1 / alpha_max, alpha_max]: x(s) is regressed on
         clip(x(s) + KL(s) - delta_KL), whose gradient inside the box is the dual step. A step on
         alpha(s) itself vanishes in the softplus tail (see the docstring)."""
-        violation = kl.detach() - self.kl_threshold
-        if self.args.alpha_mode == "state":
-            x = self.alpha_net.net(obs).squeeze(-1)
-            low, high = inverse_softplus(1.0 / self.args.alpha_max), inverse_softplus(self.args.alpha_max)
-            alpha_loss = 0.5 * (x - (x.detach() + violation).clamp(low, high)).pow(2).mean()
-        else:
-            alpha_loss = -(self.alpha(obs) * violation).mean()
+        alpha_loss = self.alpha_loss(obs, kl)
         self.alpha_optimizer.zero_grad(set_to_none=True)
         alpha_loss.backward()
         self.alpha_optimizer.step()
         return alpha_loss.detach()
+
+    def alpha_loss(self, obs: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
+        violation = kl.detach() - self.kl_threshold
+        if self.args.alpha_mode == "state":
+            x = self.alpha_net.net(obs).squeeze(-1)
+            low, high = inverse_softplus(1.0 / self.args.alpha_max), inverse_softplus(self.args.alpha_max)
+            return 0.5 * (x - (x.detach() + violation).clamp(low, high)).pow(2).mean()
+        return -(self.alpha(obs) * violation).mean()
+
+    @torch.no_grad()
+    def gp_samples(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradient penalty's n_divergence policy actions per state and the divergence that gates it."""
+        gate_kl, gp_actions, _ = self.policy_kl(obs, self.n_divergence)
+        return gate_kl, gp_actions
+
+    def actor_loss(self, obs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Eq. (8): -(Q - alpha(s) (KL(s) - delta_KL)) under the entropy bound; and the KL, log pi,
+        alpha(s) and beta."""
+        args = self.args
+        kl, actions, log_pi = self.policy_kl(obs, args.n_samples)
+        q1_pi, q2_pi = self.critic(obs.repeat_interleave(args.n_samples, 0), actions)
+        q_pi = torch.min(q1_pi, q2_pi).view(-1, args.n_samples).mean(1)
+        alpha = self.alpha(obs).detach()
+        beta = self.beta().detach()
+        actor_loss = (-q_pi + alpha * (kl - self.kl_threshold) - self.entropy_sign * beta * log_pi.mean(1)).mean()
+        return actor_loss, kl, log_pi, alpha, beta
 
     def train(self, batch: common.Batch) -> dict:
         args = self.args
@@ -658,8 +689,7 @@ class BRACPlus:
         # the n_divergence samples per state whose divergence gates it.
         td_loss, q1 = self.td_loss(batch)
         k = self.n_divergence
-        with torch.no_grad():
-            gate_kl, gp_actions, _ = self.policy_kl(obs, k)
+        gate_kl, gp_actions = self.gp_samples(obs)
         gp = gated_gradient_penalty(self.critic, obs.repeat_interleave(k, 0), gp_actions, gate_kl.repeat_interleave(k),
                                     self.gp_threshold, args.gp_mode, args.gp_gate).view(-1, k).mean(1)
         gp_weight = self.gp_weight()
@@ -675,14 +705,9 @@ class BRACPlus:
 
         # Line 7, eq. (8): maximise Q - alpha(s) (KL(s) - delta_KL) under the entropy bound; the
         # constant alpha(s) delta_KL changes the logged loss (the code's value), not the gradient.
-        kl, actions, log_pi = self.policy_kl(obs, args.n_samples)
         self.critic.requires_grad_(False)  # the actor's loss moves the actor only: no critic weight gradients
-        q1_pi, q2_pi = self.critic(obs.repeat_interleave(args.n_samples, 0), actions)
+        actor_loss, kl, log_pi, alpha, beta = self.actor_loss(obs)
         self.critic.requires_grad_(True)
-        q_pi = torch.min(q1_pi, q2_pi).view(-1, args.n_samples).mean(1)
-        alpha = self.alpha(obs).detach()
-        beta = self.beta().detach()
-        actor_loss = (-q_pi + alpha * (kl - self.kl_threshold) - self.entropy_sign * beta * log_pi.mean(1)).mean()
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()
@@ -697,7 +722,7 @@ class BRACPlus:
                 "losses/alpha_loss": alpha_loss, "losses/q1": q1.mean().detach(),
                 "charts/kl": kl.mean().detach(), "charts/kl_violation": (kl > self.kl_threshold).float().mean(),
                 "charts/gp_fraction": (gate_kl > self.gp_threshold).float().mean(),
-                "charts/gp_threshold": torch.full((), self.gp_threshold, device=kl.device),
+                "charts/gp_threshold": self.gp_threshold.clone(),
                 "charts/alpha": alpha.mean(), "charts/beta": beta, "charts/gp_weight": gp_weight,
                 "charts/entropy": -log_pi.mean().detach()}
 
@@ -713,7 +738,7 @@ class BRACPlus:
             multipliers["alpha_raw"] = self.alpha_raw.detach()
         return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
                 "behavior": self.behavior.state_dict(), **multipliers,
-                "kl_threshold": self.kl_threshold, "gp_threshold": self.gp_threshold,
+                "kl_threshold": self.kl_threshold.item(), "gp_threshold": self.gp_threshold.item(),
                 "target_entropy": self.target_entropy}
 
 

@@ -81,9 +81,9 @@ class Args:
     resume: Literal["auto", "never"] = "auto"
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
     compile: bool = False
-    """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
+    """torch.compile each network update's forward passes and loss (the first steps are slow while it compiles)"""
     precision: common.Precision = "fp32"
-    """fp32, or bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/results.md, Precision)"""
+    """fp32; tf32: fp32 with TF32 matrix products on CUDA GPUs from Ampere on (no effect on a CPU); bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/usage.md, Precision)"""
     # --- CQL ---
     cql_weight: float = 5.0
     """w: weight of the conservative term (official MuJoCo 5.0; the paper also reports 10.0)"""
@@ -216,54 +216,55 @@ class CQL:
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, fused=True)
         self.alpha_prime_optimizer = torch.optim.Adam([self.log_alpha_prime], lr=args.critic_lr, fused=True)
         self.total_it = 0
+        self.critic_samples = common.compiled(self.critic_samples, args.compile)
+        self.policy_sample = common.compiled(self.policy_sample, args.compile)
+        self.actor_loss = common.compiled(self.actor_loss, args.compile)
+        self.critic_loss = common.compiled(self.critic_loss, args.compile)
         self.train = common.autocast(self.train, args.precision, device)
-        if args.compile:
-            self.train = torch.compile(self.train)
 
-    def train(self, batch: common.Batch) -> dict:
+    @torch.no_grad()
+    def critic_samples(self, batch: common.Batch) -> tuple[torch.Tensor, ...]:
+        """The TD target and the M actions per state of the conservative term (uniform, pi(s),
+        pi(s')) with their log-densities, all from the current policy, drawn before the actor's update."""
         args = self.args
-        self.total_it += 1
         obs, actions, rewards, next_obs, terminals = batch
         batch_size, act_dim = actions.shape
         m = args.n_actions
-
-        # The critic loss's samples come from the current policy, drawn before the actor's update.
-        with torch.no_grad():
-            if args.max_q_backup:
-                next_actions = self.actor.sample(next_obs, m)[0]
-                next_q1, next_q2 = self.critic_target(next_obs.repeat_interleave(m, 0), next_actions)
-                target_q = max_q_backup(next_q1.view(batch_size, m), next_q2.view(batch_size, m))
-            else:
-                target_q = torch.min(*self.critic_target(next_obs, self.actor.sample(next_obs)[0]))
-            target_q = rewards + args.gamma * (1.0 - terminals) * target_q
-            obs_rep = obs.repeat_interleave(m, 0)
-            rand_actions = torch.rand(batch_size * m, act_dim, device=obs.device) * 2.0 - 1.0
-            pi_actions, log_pi_rep = self.actor.sample(obs, m)
-            next_pi_actions, log_next_pi_rep = self.actor.sample(next_obs, m)
-
-        # Entropy temperature, then the actor (SAC; behaviour cloning during the first bc_warmup_steps).
-        pi, log_pi = self.actor.sample(obs)
-        # zero_grad before the loss: with --compile it closes the compiled graph that made log_pi, so
-        # that this backward pass does not free the graph the actor's loss needs
-        self.alpha_optimizer.zero_grad(set_to_none=True)
-        alpha_loss = -(self.log_alpha * (log_pi.detach() + self.target_entropy)).mean()
-        alpha_loss.backward()
-        self.alpha_optimizer.step()
-        alpha = self.log_alpha.exp().detach()
-        if self.total_it <= args.bc_warmup_steps:
-            actor_loss = (alpha * log_pi - self.actor.log_prob(obs, actions)).mean()
+        if args.max_q_backup:
+            next_actions = self.actor.sample(next_obs, m)[0]
+            next_q1, next_q2 = self.critic_target(next_obs.repeat_interleave(m, 0), next_actions)
+            target_q = max_q_backup(next_q1.view(batch_size, m), next_q2.view(batch_size, m))
         else:
-            self.critic.requires_grad_(False)  # the actor's loss moves the actor only: no critic weight gradients
-            actor_loss = (alpha * log_pi - torch.min(*self.critic(obs, pi))).mean()
-            self.critic.requires_grad_(True)
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self.actor_optimizer.step()
+            target_q = torch.min(*self.critic_target(next_obs, self.actor.sample(next_obs)[0]))
+        target_q = rewards + args.gamma * (1.0 - terminals) * target_q
+        rand_actions = torch.rand(batch_size * m, act_dim, device=obs.device) * 2.0 - 1.0
+        pi_actions, log_pi_rep = self.actor.sample(obs, m)
+        next_pi_actions, log_next_pi_rep = self.actor.sample(next_obs, m)
+        return target_q, rand_actions, pi_actions, log_pi_rep, next_pi_actions, log_next_pi_rep
 
+    def policy_sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.actor.sample(obs)
+
+    def actor_loss(self, batch: common.Batch, pi: torch.Tensor, log_pi: torch.Tensor, alpha: torch.Tensor,
+                   clone: bool) -> torch.Tensor:
+        """SAC's actor loss; with `clone` (the first bc_warmup_steps) behaviour cloning instead of Q."""
+        if clone:
+            return (alpha * log_pi - self.actor.log_prob(batch.observations, batch.actions)).mean()
+        return (alpha * log_pi - torch.min(*self.critic(batch.observations, pi))).mean()
+
+    def critic_loss(self, batch: common.Batch, samples: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The TD loss, each critic's weighted gap (logsumexp over the 3M actions minus Q at the data)
+        and Q1(s, a)."""
+        args = self.args
+        obs, actions = batch.observations, batch.actions
+        batch_size, act_dim = actions.shape
+        m = args.n_actions
+        target_q, rand_actions, pi_actions, log_pi_rep, next_pi_actions, log_next_pi_rep = samples
         q1, q2 = self.critic(obs, actions)
         td_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
 
         # Conservative term: all 3M actions per state go through both critics in one call.
+        obs_rep = obs.repeat_interleave(m, 0)
         q1_all, q2_all = self.critic(obs_rep.repeat(3, 1), torch.cat([rand_actions, pi_actions, next_pi_actions]))
         log_density_rand = act_dim * math.log(0.5)
         gaps = []
@@ -272,19 +273,44 @@ class CQL:
             lse = cql_logsumexp(q_rand, log_density_rand, q_pi, log_pi_rep.view(batch_size, m),
                                 q_next_pi, log_next_pi_rep.view(batch_size, m))
             gaps.append(args.cql_weight * (lse.mean() - q_data.mean()))
+        return td_loss, gaps[0], gaps[1], q1
+
+    def train(self, batch: common.Batch) -> dict:
+        args = self.args
+        self.total_it += 1
+
+        # The critic loss's samples come from the current policy, drawn before the actor's update.
+        samples = self.critic_samples(batch)
+
+        # Entropy temperature, then the actor (SAC; behaviour cloning during the first bc_warmup_steps).
+        pi, log_pi = self.policy_sample(batch.observations)
+        self.alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss = -(self.log_alpha * (log_pi.detach() + self.target_entropy)).mean()
+        alpha_loss.backward()
+        self.alpha_optimizer.step()
+        alpha = self.log_alpha.exp().detach()
+        clone = self.total_it <= args.bc_warmup_steps
+        self.critic.requires_grad_(False)  # the actor's loss moves the actor only: no critic weight gradients
+        actor_loss = self.actor_loss(batch, pi, log_pi, alpha, clone)
+        self.critic.requires_grad_(True)
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
+
+        td_loss, gap1, gap2, q1 = self.critic_loss(batch, samples)
         if args.lagrange_threshold is None:
-            conservative_loss = gaps[0] + gaps[1]
-            alpha_prime = torch.full((), args.cql_weight, device=q_data.device)  # made on the device: no host copy
+            conservative_loss = gap1 + gap2
+            alpha_prime = torch.full((), args.cql_weight, device=q1.device)  # made on the device: no host copy
         else:
             # Dual ascent on alpha' >= 0: it grows while the weighted gap exceeds the threshold.
-            self.alpha_prime_optimizer.zero_grad(set_to_none=True)  # first, as the temperature's (--compile)
+            self.alpha_prime_optimizer.zero_grad(set_to_none=True)
             alpha_prime = self.log_alpha_prime.exp().clamp(0.0, 1e6)
-            slack = [gap.detach() - args.lagrange_threshold for gap in gaps]
+            slack = [gap.detach() - args.lagrange_threshold for gap in (gap1, gap2)]
             alpha_prime_loss = -0.5 * alpha_prime * (slack[0] + slack[1])
             alpha_prime_loss.backward()
             self.alpha_prime_optimizer.step()
             alpha_prime = alpha_prime.detach()
-            conservative_loss = alpha_prime * (gaps[0] + gaps[1] - 2.0 * args.lagrange_threshold)
+            conservative_loss = alpha_prime * (gap1 + gap2 - 2.0 * args.lagrange_threshold)
         critic_loss = td_loss + conservative_loss
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
@@ -294,7 +320,7 @@ class CQL:
             torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), args.tau)
 
         return {"losses/critic_loss": critic_loss.detach(), "losses/td_loss": td_loss.detach(),
-                "losses/cql_gap": (gaps[0] + gaps[1]).detach() / 2, "losses/actor_loss": actor_loss.detach(),
+                "losses/cql_gap": (gap1 + gap2).detach() / 2, "losses/actor_loss": actor_loss.detach(),
                 "losses/q1": q1.mean().detach(), "charts/alpha": alpha, "charts/alpha_prime": alpha_prime,
                 "charts/entropy": -log_pi.mean().detach()}
 

@@ -85,9 +85,9 @@ class Args:
     resume: Literal["auto", "never"] = "auto"
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
     compile: bool = False
-    """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
+    """torch.compile each network update's forward passes and loss (the first steps are slow while it compiles)"""
     precision: common.Precision = "fp32"
-    """fp32, or bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/results.md, Precision)"""
+    """fp32; tf32: fp32 with TF32 matrix products on CUDA GPUs from Ampere on (no effect on a CPU); bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/usage.md, Precision)"""
     # --- Fisher-BRC ---
     bc_steps: int = 1_000_000
     """gradient steps of the behaviour model before the actor-critic phase (paper: 1M)"""
@@ -275,20 +275,26 @@ class FisherBRC:
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr, fused=True)
         self.offsets_optimizer = torch.optim.Adam(self.offsets.parameters(), lr=args.lr, fused=True)
         self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=args.lr, fused=True)
-        for name in ("train_behavior", "train"):
-            step = common.autocast(getattr(self, name), args.precision, device)
-            setattr(self, name, torch.compile(step) if args.compile else step)
+        self.behavior_loss = common.compiled(self.behavior_loss, args.compile)
+        self.td_loss = common.compiled(self.td_loss, args.compile)
+        self.actor_loss = common.compiled(self.actor_loss, args.compile)
+        self.train_behavior = common.autocast(self.train_behavior, args.precision, device)
+        self.train = common.autocast(self.train, args.precision, device)
 
-    def train_behavior(self, batch: common.Batch) -> dict:
-        """Step 1: entropy-regularised maximum likelihood, H(mu(.|s)) ~ -log mu(a~mu|s) with the
-        sample's reparameterised gradient; the temperature's loss alpha * (H - target) is the
-        official code's (its gradient is scaled by alpha, not the log alpha form)."""
+    def behavior_loss(self, batch: common.Batch) -> tuple[torch.Tensor, ...]:
+        """Step 1's loss: entropy-regularised maximum likelihood, H(mu(.|s)) ~ -log mu(a~mu|s) with the
+        sample's reparameterised gradient; and log mu(a|s), that entropy and the temperature."""
         obs, actions = batch.observations, batch.actions
         components = self.behavior.components(obs)  # one forward for both terms, as the official code
         log_prob = self.behavior.mixture_log_prob(*components, actions)
         entropy = -self.behavior.mixture_log_prob(*components, self.behavior.mixture_sample(*components))
         alpha = self.behavior_log_alpha.exp().detach()
-        loss = -(log_prob + alpha * entropy).mean()
+        return -(log_prob + alpha * entropy).mean(), log_prob, entropy, alpha
+
+    def train_behavior(self, batch: common.Batch) -> dict:
+        """Step 1; the temperature's loss alpha * (H - target) is the official code's (its gradient
+        is scaled by alpha, not the log alpha form)."""
+        loss, log_prob, entropy, alpha = self.behavior_loss(batch)
         self.behavior_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.behavior_optimizer.step()
@@ -301,11 +307,11 @@ class FisherBRC:
         return {"losses/behavior_nll": -log_prob.mean().detach(), "charts/behavior_entropy": entropy.mean().detach(),
                 "charts/behavior_alpha": alpha}
 
-    def train(self, batch: common.Batch) -> dict:
+    def td_loss(self, batch: common.Batch) -> tuple:
+        """Eq. (7)'s TD loss of the offsets; mu is frozen, so log mu enters the targets as a constant.
+        Also O_1(s, a), log mu(a|s), mu's components at s and the actions of the gradient penalty."""
         args = self.args
         obs, actions, rewards, next_obs, terminals = batch
-
-        # Step 2: offsets, eq. (7). mu is frozen, so log mu enters the targets as a constant.
         with torch.no_grad():
             next_actions, _ = self.actor.sample(next_obs)
             target_q = torch.min(*self.offsets_target(next_obs, next_actions)) + self.behavior.log_prob(next_obs, next_actions)
@@ -315,6 +321,22 @@ class FisherBRC:
             gp_actions = actions if args.gp_on_data else self.actor.sample(obs)[0]
         o1, o2 = self.offsets(obs, actions)
         td_loss = F.mse_loss(o1 + log_mu_data, target_q) + F.mse_loss(o2 + log_mu_data, target_q)
+        return td_loss, o1, log_mu_data, mu_components, gp_actions
+
+    def actor_loss(self, obs: torch.Tensor, mu_components: tuple) -> tuple[torch.Tensor, ...]:
+        """SAC's actor loss with Q = min O + log mu (gradients reach a through both); and log pi and
+        the temperature."""
+        pi, log_pi = self.actor.sample(obs)
+        q_pi = torch.min(*self.offsets(obs, pi)) + self.behavior.mixture_log_prob(*mu_components, pi)
+        alpha = self.log_alpha.exp().detach()
+        return (alpha * log_pi - q_pi).mean(), log_pi, alpha
+
+    def train(self, batch: common.Batch) -> dict:
+        args = self.args
+        obs = batch.observations
+
+        # Step 2: offsets, eq. (7), with the gradient penalty.
+        td_loss, o1, log_mu_data, mu_components, gp_actions = self.td_loss(batch)
         gp = gradient_penalty(self.offsets, obs, gp_actions)
         offsets_loss = td_loss + args.gp_weight * gp
         self.offsets_optimizer.zero_grad(set_to_none=True)
@@ -323,13 +345,10 @@ class FisherBRC:
         with torch.no_grad():
             torch._foreach_lerp_(list(self.offsets_target.parameters()), list(self.offsets.parameters()), args.tau)
 
-        # Step 3: actor and its entropy temperature (SAC); gradients reach a through O and log mu.
-        pi, log_pi = self.actor.sample(obs)
+        # Step 3: actor and its entropy temperature (SAC).
         self.offsets.requires_grad_(False)  # the actor's loss moves the actor only: no offset weight gradients
-        q_pi = torch.min(*self.offsets(obs, pi)) + self.behavior.mixture_log_prob(*mu_components, pi)
+        actor_loss, log_pi, alpha = self.actor_loss(obs, mu_components)
         self.offsets.requires_grad_(True)
-        alpha = self.log_alpha.exp().detach()
-        actor_loss = (alpha * log_pi - q_pi).mean()
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()

@@ -72,9 +72,9 @@ class Args:
     resume: Literal["auto", "never"] = "auto"
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
     compile: bool = False
-    """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
+    """torch.compile each network update's forward passes and loss (the first steps are slow while it compiles)"""
     precision: common.Precision = "fp32"
-    """fp32, or bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/results.md, Precision)"""
+    """fp32; tf32: fp32 with TF32 matrix products on CUDA GPUs from Ampere on (no effect on a CPU); bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/usage.md, Precision)"""
     # --- IQL ---
     expectile: Optional[float] = None
     """expectile tau of the value loss (default per domain: 0.9 antmaze, else 0.7)"""
@@ -185,35 +185,49 @@ class IQL:
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.lr, fused=True)
         self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=args.lr, fused=True)
         self.actor_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.actor_optimizer, args.total_steps)
+        self.value_loss = common.compiled(self.value_loss, args.compile)
+        self.actor_loss = common.compiled(self.actor_loss, args.compile)
+        self.critic_loss = common.compiled(self.critic_loss, args.compile)
         self.train = common.autocast(self.train, args.precision, device)
-        if args.compile:
-            self.train = torch.compile(self.train)
+
+    def value_loss(self, batch: common.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expectile regression of V(s) on min Q_target(s, a); and that target."""
+        with torch.no_grad():
+            target_q = torch.min(*self.critic_target(batch.observations, batch.actions))
+        v = self.value(batch.observations).squeeze(-1)
+        return expectile_loss(target_q - v, self.args.expectile), target_q
+
+    def actor_loss(self, batch: common.Batch, target_q: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Advantage-weighted log-likelihood with the updated V; and V(s), V(s') and the weights."""
+        obs, actions = batch.observations, batch.actions
+        with torch.no_grad():
+            # the updated V at s (actor weights) and at s' (critic target), in one call
+            v, next_v = self.value(torch.cat([obs, batch.next_observations])).squeeze(-1).chunk(2)
+            weights = torch.exp(self.args.beta * (target_q - v)).clamp(max=self.args.max_weight)
+        return -(weights * self.actor.log_prob(obs, actions)).mean(), v, next_v, weights
+
+    def critic_loss(self, batch: common.Batch, next_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TD loss of both critics towards r + gamma V(s'); and Q1(s, a)."""
+        args = self.args
+        target = batch.rewards + args.gamma * (1.0 - batch.terminals) * next_v
+        q1, q2 = self.critic(batch.observations, batch.actions)
+        return F.mse_loss(q1, target) + F.mse_loss(q2, target), q1
 
     def train(self, batch: common.Batch) -> dict:
         args = self.args
-        obs, actions, rewards, next_obs, terminals = batch
 
-        with torch.no_grad():
-            target_q = torch.min(*self.critic_target(obs, actions))
-        v = self.value(obs).squeeze(-1)
-        value_loss = expectile_loss(target_q - v, args.expectile)
+        value_loss, target_q = self.value_loss(batch)
         self.value_optimizer.zero_grad(set_to_none=True)
         value_loss.backward()
         self.value_optimizer.step()
 
-        with torch.no_grad():
-            # the updated V at s (actor weights) and at s' (critic target), in one call
-            v, next_v = self.value(torch.cat([obs, next_obs])).squeeze(-1).chunk(2)
-            weights = torch.exp(args.beta * (target_q - v)).clamp(max=args.max_weight)
-        actor_loss = -(weights * self.actor.log_prob(obs, actions)).mean()
+        actor_loss, v, next_v, weights = self.actor_loss(batch, target_q)
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()
         self.actor_scheduler.step()
 
-        target = rewards + args.gamma * (1.0 - terminals) * next_v
-        q1, q2 = self.critic(obs, actions)
-        critic_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
+        critic_loss, q1 = self.critic_loss(batch, next_v)
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_optimizer.step()

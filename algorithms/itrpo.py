@@ -89,9 +89,9 @@ class Args:
     resume: Literal["auto", "never"] = "auto"
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
     compile: bool = False
-    """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
+    """torch.compile each network update's forward passes and loss (the first steps are slow while it compiles)"""
     precision: common.Precision = "fp32"
-    """fp32, or bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/results.md, Precision)"""
+    """fp32; tf32: fp32 with TF32 matrix products on CUDA GPUs from Ampere on (no effect on a CPU); bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/usage.md, Precision)"""
     # --- iTRPO ---
     alpha: float = 0.9
     """alpha of eq. (5): weight of the KL terms (the candidate code's `tau`: 0.9)"""
@@ -289,19 +289,21 @@ class ITRPO:
         self.critic_target = copy.deepcopy(self.critic)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr, fused=True)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.lr, fused=True)
-        for name in ("train_behavior", "train"):
-            step = common.autocast(getattr(self, name), args.precision, device)
-            setattr(self, name, torch.compile(step) if args.compile else step)
+        self.behavior_terms = common.compiled(self.behavior_terms, args.compile)
+        self.actor_loss = common.compiled(self.actor_loss, args.compile)
+        self.td_loss = common.compiled(self.td_loss, args.compile)
+        self.train_behavior = common.autocast(self.train_behavior, args.precision, device)
+        self.train = common.autocast(self.train, args.precision, device)
+
+    def behavior_terms(self, batch: common.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi_beta(a|s) at the dataset's actions and the entropy estimate -log pi_beta(a~pi_beta|s)."""
+        params = self.behavior(batch.observations)  # one forward for both terms
+        return tanh_gaussian_log_prob(*params, batch.actions), -tanh_gaussian_sample(*params)[1]
 
     def train_behavior(self, batch: common.Batch) -> dict:
         """Maximum likelihood of dataset actions plus a tuned entropy bonus (target -|A|). As in the
         code (bc_trainer.py), the temperature is stepped first and the loss uses its new value."""
-        obs, actions = batch.observations, batch.actions
-        params = self.behavior(obs)  # one forward for both terms
-        log_prob = tanh_gaussian_log_prob(*params, actions)
-        entropy = -tanh_gaussian_sample(*params)[1]
-        # zero_grad before the loss: with --compile it closes the compiled graph that made entropy, so
-        # that this backward pass does not free the graph the model's loss needs
+        log_prob, entropy = self.behavior_terms(batch)
         self.behavior_alpha_optimizer.zero_grad(set_to_none=True)
         alpha_loss = (self.behavior_log_alpha.exp() * (entropy.detach() - self.target_entropy)).mean()
         alpha_loss.backward()
@@ -324,19 +326,24 @@ class ITRPO:
         q1, q2 = critic(obs.repeat_interleave(k, 0), actions)
         return kl, q1.view(-1, k), q2.view(-1, k)
 
+    def actor_loss(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-(Q - alpha * KL(pi || pi_beta)); and KL_hat(s)."""
+        kl, q1_pi, q2_pi = self.kl_and_q(obs, self.critic)
+        return (self.args.alpha * kl - torch.min(q1_pi.mean(1), q2_pi.mean(1))).mean(), kl
+
     def update_actor(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """pi_{k+1}: maximise Q - alpha * KL(pi || pi_beta)."""
         self.critic.requires_grad_(False)  # the actor's loss moves the actor only: no critic weight gradients
-        kl, q1_pi, q2_pi = self.kl_and_q(obs, self.critic)
+        actor_loss, kl = self.actor_loss(obs)
         self.critic.requires_grad_(True)
-        actor_loss = (self.args.alpha * kl - torch.min(q1_pi.mean(1), q2_pi.mean(1))).mean()
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()
         return actor_loss.detach(), kl.detach()
 
-    def update_critic(self, batch: common.Batch) -> dict:
-        """Q_{k+1}: shaped reward at the dataset action, KL value penalty at s', gradient penalty."""
+    def td_loss(self, batch: common.Batch) -> tuple[torch.Tensor, ...]:
+        """TD loss with the shaped reward at the dataset action and the KL value penalty at s'; and
+        Q1(s, a), the shaping reward and the gradient penalty's actions a ~ pi(s)."""
         args = self.args
         obs, actions, rewards, next_obs, terminals = batch
         with torch.no_grad():
@@ -348,8 +355,13 @@ class ITRPO:
             target_q = critic_target(rewards, shaping, terminals, next_q1, next_q2, next_kl, args.gamma, args.alpha)
             gp_actions = tanh_gaussian_sample(*pi_params)[0]
         q1, q2 = self.critic(obs, actions)
-        td_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
-        gp = gradient_penalty(self.critic, obs, gp_actions)
+        return F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q), q1, shaping, gp_actions
+
+    def update_critic(self, batch: common.Batch) -> dict:
+        """Q_{k+1}: shaped reward at the dataset action, KL value penalty at s', gradient penalty."""
+        args = self.args
+        td_loss, q1, shaping, gp_actions = self.td_loss(batch)
+        gp = gradient_penalty(self.critic, batch.observations, gp_actions)
         critic_loss = td_loss + args.gp_weight * gp
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()

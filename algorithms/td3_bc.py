@@ -65,9 +65,9 @@ class Args:
     resume: Literal["auto", "never"] = "auto"
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
     compile: bool = False
-    """torch.compile the agent's training steps (the first steps are slow while it compiles)"""
+    """torch.compile each network update's forward passes and loss (the first steps are slow while it compiles)"""
     precision: common.Precision = "fp32"
-    """fp32, or bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/results.md, Precision)"""
+    """fp32; tf32: fp32 with TF32 matrix products on CUDA GPUs from Ampere on (no effect on a CPU); bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/usage.md, Precision)"""
     # --- TD3+BC ---
     alpha: float = 2.5
     """alpha of eq. 3: lambda = alpha / mean|Q|; larger means less behaviour cloning"""
@@ -156,33 +156,40 @@ class TD3BC:
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.lr, fused=True)
         self.total_it = 0
         self.last_actor_metrics: dict = {}
+        self.critic_loss = common.compiled(self.critic_loss, args.compile)
+        self.policy_loss = common.compiled(self.policy_loss, args.compile)
         self.train = common.autocast(self.train, args.precision, device)
-        if args.compile:
-            self.train = torch.compile(self.train)
 
-    def train(self, batch: common.Batch) -> dict:
+    def critic_loss(self, batch: common.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clipped double-Q TD loss with target-policy smoothing; and Q1(s, a)."""
         args = self.args
-        self.total_it += 1
         obs, actions, rewards, next_obs, terminals = batch
-
         with torch.no_grad():
             noise = (torch.randn_like(actions) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
             next_actions = (self.actor_target(next_obs) + noise).clamp(-1.0, 1.0)
             target_q = torch.min(*self.critic_target(next_obs, next_actions))
             target_q = rewards + args.gamma * (1.0 - terminals) * target_q
-
         q1, q2 = self.critic(obs, actions)
-        critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+        return F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q), q1
+
+    def policy_loss(self, batch: common.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 3 at pi(s) (actor_loss); and lambda."""
+        pi = self.actor(batch.observations)
+        return actor_loss(self.critic.q1(batch.observations, pi), pi, batch.actions, self.args.alpha)
+
+    def train(self, batch: common.Batch) -> dict:
+        args = self.args
+        self.total_it += 1
+
+        critic_loss, q1 = self.critic_loss(batch)
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_optimizer.step()
 
         if self.total_it % args.policy_freq == 0:
-            pi = self.actor(obs)
             self.critic.requires_grad_(False)  # the actor's loss moves the actor only: no critic weight gradients
-            q_pi = self.critic.q1(obs, pi)
+            loss, lmbda = self.policy_loss(batch)
             self.critic.requires_grad_(True)
-            loss, lmbda = actor_loss(q_pi, pi, actions, args.alpha)
             self.actor_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.actor_optimizer.step()

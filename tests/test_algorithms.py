@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+import common
 from conftest import ROOT, check_saved_model, load_algorithm, run_script
 from tools.pretraining import BC_WARMUP, PRETRAINING, shrink_flags
 
@@ -125,8 +126,8 @@ def test_awr_critic_target_uses_policy_actions_and_masks_terminals():
     args = awr.Args(hidden_dim=16)
     torch.manual_seed(0)
     agent = awr.AWR(args, obs_dim=3, act_dim=2, device=torch.device("cpu"))
-    batch = (torch.randn(8, 3), torch.rand(8, 2) * 2 - 1, torch.full((8,), 5.0), torch.randn(8, 3),
-             torch.ones(8))
+    batch = common.Batch(torch.randn(8, 3), torch.rand(8, 2) * 2 - 1, torch.full((8,), 5.0), torch.randn(8, 3),
+                         torch.ones(8))
     q1_before, q2_before = agent.critic(batch[0], batch[1])
     expected = ((q1_before - 5.0) ** 2).mean() + ((q2_before - 5.0) ** 2).mean()
     metrics = agent.train(batch)
@@ -159,7 +160,7 @@ def cql_agent(**overrides):
 
 def random_batch(n=16):
     torch.manual_seed(1)
-    return (torch.randn(n, 3), torch.rand(n, 2) * 1.8 - 0.9, torch.randn(n), torch.randn(n, 3), torch.zeros(n))
+    return common.Batch(torch.randn(n, 3), torch.rand(n, 2) * 1.8 - 0.9, torch.randn(n), torch.randn(n, 3), torch.zeros(n))
 
 
 def test_cql_lagrange_multiplier_grows_while_the_gap_exceeds_the_threshold():

@@ -73,7 +73,7 @@ def test_brac_plus_global_alpha_at_its_cap_comes_back_down_when_the_constraint_i
     obs = torch.randn(16, 3)
     assert agent.alpha(obs)[0].item() == pytest.approx(100.0, rel=1e-4)
     before = agent.alpha_raw.item()
-    agent.kl_threshold = 10.0
+    agent.kl_threshold.fill_(10.0)
     agent.update_alpha(obs, torch.zeros(16))  # KL below the threshold everywhere: alpha should fall
     assert agent.alpha_raw.item() < before
 

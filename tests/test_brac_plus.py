@@ -144,7 +144,7 @@ def test_kl_bound_averages_the_ensemble_members():
 # ----------------------------------------------------------------------------------------------
 def test_state_dependent_alpha_rises_where_kl_exceeds_the_threshold_and_falls_elsewhere():
     agent = small_agent()
-    agent.kl_threshold = 1.0
+    agent.kl_threshold.fill_(1.0)
     over, under = torch.full((16, 3), 2.0), torch.full((16, 3), -2.0)
     obs = torch.cat([over, under])
     # violations +1 and -1: zero on average, so a global multiplier would not move at all
@@ -164,7 +164,7 @@ def test_state_dependent_alpha_recovers_after_a_long_stretch_without_violations(
     # 100 RL steps, and there it stayed while the KL bound grew to hundreds (local Hopper).
     torch.manual_seed(0)
     agent = bp.BRACPlus(bp.Args(alpha_init=1.0), obs_dim=3, act_dim=2, device=torch.device("cpu"))
-    agent.kl_threshold = 1.0
+    agent.kl_threshold.fill_(1.0)
     obs = torch.randn(32, 3)
     for _ in range(500):  # every state far inside the constraint
         agent.update_alpha(obs, torch.zeros(32))
@@ -179,7 +179,7 @@ def test_state_dependent_alpha_recovers_after_a_long_stretch_without_violations(
 @pytest.mark.parametrize("kl_value, rises", [(3.0, True), (0.2, False)])
 def test_global_alpha_follows_the_mean_violation(kl_value, rises):
     agent = small_agent(alpha_mode="global")
-    agent.kl_threshold = 1.0
+    agent.kl_threshold.fill_(1.0)
     obs = torch.randn(8, 3)
     before = agent.alpha(obs)[0].item()
     agent.update_alpha(obs, torch.full((8,), kl_value))
@@ -430,7 +430,7 @@ def test_beta_adam_state_starts_afresh_for_the_rl_phase():
     agent.target_entropy = -100.0  # H > H_0 while pretraining: beta rises
     for _ in range(3):
         agent.train_initial_policy(a_batch())
-    agent.kl_threshold, agent.gp_threshold = 1.0, 1.0
+    agent.kl_threshold.fill_(1.0), agent.gp_threshold.fill_(1.0)
     agent.target_entropy = 100.0  # H < H_0 in the RL phase: beta falls
     before = agent.beta_raw.item()
     agent.train(a_batch())
@@ -449,7 +449,7 @@ def test_gp_multiplier_loss_uses_the_clipped_value_with_its_gradient():
     with the gradient kept, in the critic's loss and in lambda's own loss."""
     agent = small_agent(gp_mode="official", gp_target=0.01, alpha_max=100.0, n_samples=2, n_latent=2)
     agent.behavior.requires_grad_(False)
-    agent.kl_threshold, agent.gp_threshold = 1.0, 0.0
+    agent.kl_threshold.fill_(1.0), agent.gp_threshold.fill_(0.0)
     floor = bp.inverse_softplus(agent.args.gp_weight)
     with torch.no_grad():
         agent.gp_raw.fill_(floor - 4.0)  # below the floor
@@ -472,7 +472,7 @@ def test_logged_actor_loss_is_the_lagrangian_with_delta():
     losses = []
     for agent, delta in zip(agents, (1.0, 3.0)):
         agent.behavior.requires_grad_(False)
-        agent.kl_threshold, agent.gp_threshold = delta, 1.0
+        agent.kl_threshold.fill_(delta), agent.gp_threshold.fill_(1.0)
         torch.manual_seed(4)
         losses.append(agent.train(a_batch())["losses/actor_loss"].item())
     assert losses[0] - losses[1] == pytest.approx(10.0 * 2.0, rel=1e-4)  # alpha(s) = 10 everywhere
@@ -579,3 +579,13 @@ def test_official_hard_gate_is_the_indicator_on_the_norm_of_grad_min_q():
     gp = bp.gated_gradient_penalty(KnownCritic(), torch.zeros(3, 1), act, kl, 1.0, "official", "hard")
     # grad of min: Q_1 on row 0 -> (3, 3); Q_2 on row 2 -> 2a = (1, 1); row 1 is not above the threshold
     torch.testing.assert_close(gp, torch.tensor([math.sqrt(18.0), 0.0, math.sqrt(2.0)]))
+
+
+def test_a_checkpoint_that_holds_the_thresholds_as_numbers_still_resumes():
+    """Checkpoints written while delta_KL and eps_GP were Python floats load into the tensors."""
+    agent = small_agent()
+    state = bp.common.training_state(agent)
+    state["kl_threshold"], state["gp_threshold"] = 0.25, 1.5
+    bp.common.load_training_state(agent, state)
+    assert agent.kl_threshold.item() == 0.25 and agent.gp_threshold.item() == 1.5
+    assert isinstance(agent.kl_threshold, torch.Tensor)

@@ -1,5 +1,5 @@
 """--precision bf16: training steps under torch.autocast(bfloat16), every network's output layer in
-fp32, the default fp32 untouched."""
+fp32, the default fp32 untouched; --precision tf32: TF32 for CUDA's fp32 products, nothing on a CPU."""
 
 import types
 
@@ -118,9 +118,9 @@ def test_bf16_steps_give_the_fp32_losses_to_within_bf16_rounding(name):
     for k, net in networks(fp32).items():
         for p, q in zip(net.parameters(), networks(bf16)[k].parameters()):
             assert torch.equal(p, q)
-    if name in ("fisher_brc", "itrpo", "brac_plus"):
-        fp32.kl_threshold = bf16.kl_threshold = 1.0
-        fp32.gp_threshold = bf16.gp_threshold = 0.5
+    if name == "brac_plus":
+        for agent in (fp32, bf16):
+            agent.kl_threshold.fill_(1.0), agent.gp_threshold.fill_(0.5)
     for step in SMALL[name][1]:
         if step == "train":
             for agent in (fp32, bf16):
@@ -160,3 +160,90 @@ def test_pretrained_models_of_bf16_runs_have_their_own_cache_key():
     bf16 = types.SimpleNamespace(env="x/y-v0", bc_steps=10, precision="bf16")
     assert common.pretraining_key(fp32, fields, data) == common.pretraining_key(legacy, fields, data)
     assert common.pretraining_key(bf16, fields, data) != common.pretraining_key(fp32, fields, data)
+
+
+class FakeGpus:
+    """Two CUDA devices for torch.cuda's functions, on a machine without any: cuda:0 an A100
+    (compute capability 8.0, bf16 in hardware), cuda:1 a V100 (7.0, where bf16 tensors can be made
+    but the arithmetic is emulated). cuda:0 is the current device unless a `torch.cuda.device`
+    block says otherwise."""
+
+    NAMES, MAJORS = ("NVIDIA A100", "Tesla V100"), (8, 7)
+
+    def __init__(self, monkeypatch):
+        import contextlib
+
+        self.current = 0
+
+        @contextlib.contextmanager
+        def device(d):
+            index = torch.device(d).index
+            before, self.current = self.current, self.current if index is None else index
+            yield
+            self.current = before
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+        monkeypatch.setattr(torch.cuda, "device", device)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda d=None: types.SimpleNamespace(major=self.MAJORS[self._index(d)]))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: self.NAMES[self._index(d)])
+        monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True)  # emulation
+
+    def _index(self, d) -> int:
+        index = d if isinstance(d, int) else None if d is None else torch.device(d).index
+        return self.current if index is None else index
+
+
+@pytest.mark.parametrize("device, native", [("cuda:0", True), ("cuda:1", False), ("cuda", True)])
+def test_bf16_is_accepted_on_the_flag_s_gpu_only_where_it_is_not_emulated(monkeypatch, device, native):
+    """--device cuda:1 is a V100 while cuda:0, the current device, is an A100: the V100 is refused
+    although torch.cuda.is_bf16_supported() (the current device, emulation counted) says True."""
+    FakeGpus(monkeypatch)
+    assert torch.cuda.is_bf16_supported()
+    if native:
+        common.autocast(lambda: None, "bf16", torch.device(device))
+    else:
+        with pytest.raises(common.UserError, match="Tesla V100 has no native bfloat16 support"):
+            common.autocast(lambda: None, "bf16", torch.device(device))
+
+
+def test_bf16_is_refused_on_a_gpu_that_only_emulates_it(monkeypatch):
+    """The V100 as the current device: torch.cuda.is_bf16_supported() is True there (emulation)."""
+    gpus = FakeGpus(monkeypatch)
+    gpus.current = 1
+    assert torch.cuda.is_bf16_supported()
+    with pytest.raises(common.UserError, match="Tesla V100 has no native bfloat16 support"):
+        common.autocast(lambda: None, "bf16", torch.device("cuda"))
+
+
+@pytest.mark.parametrize("name", ["td3_bc", "brac_plus"])
+def test_tf32_allows_tf32_cuda_matmuls_and_leaves_the_steps_and_the_cpu_alone(monkeypatch, name):
+    for flags, attr in ((torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")):
+        monkeypatch.setattr(flags, attr, False)  # restored after the test: the setting is process-wide
+    mkldnn = torch.backends.mkldnn.matmul.fp32_precision
+    _, fp32 = agent_of(name, "fp32")
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    _, tf32 = agent_of(name, "tf32")
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert torch.get_float32_matmul_precision() == "high"  # the legacy API agrees, and does not raise
+    assert torch.backends.mkldnn.matmul.fp32_precision == mkldnn  # CPU products untouched
+    for step in SMALL[name][1]:
+        assert getattr(tf32, step).__func__ is getattr(type(tf32), step)  # not wrapped: fp32 arithmetic
+
+
+def test_tf32_on_a_cpu_computes_what_fp32_computes(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+    module, fp32 = agent_of("td3_bc", "fp32")
+    _, tf32 = agent_of("td3_bc", "tf32")
+    batch = batch_for(module, "train")
+    for _ in range(2):
+        torch.manual_seed(5)
+        want = fp32.train(batch)
+        torch.manual_seed(5)
+        got = tf32.train(batch)
+        assert {k: v.item() for k, v in got.items()} == {k: v.item() for k, v in want.items()}
+    for p, q in zip(fp32.actor.parameters(), tf32.actor.parameters()):
+        assert torch.equal(p, q)

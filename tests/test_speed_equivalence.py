@@ -663,7 +663,7 @@ def test_brac_plus_step_is_the_unfused_step(gp_mode):
                    gp_mode=gp_mode, kl_margin=0.1, gp_target=0.01)
     agent = bp.BRACPlus(args, OBS, ACT, torch.device("cpu"))
     agent.behavior.requires_grad_(False)
-    agent.kl_threshold, agent.gp_threshold = 1.0, 0.5
+    agent.kl_threshold.fill_(1.0), agent.gp_threshold.fill_(0.5)
     ref = reference_agent(agent, bp, ["critic", "critic_target"], OBS + ACT, 16, 2,
                           {"critic_optimizer": lambda r: r.critic.parameters(),
                            "actor_optimizer": lambda r: r.actor.parameters(),
@@ -734,7 +734,7 @@ def test_brac_plus_step_is_the_unfused_step(gp_mode):
                 "losses/alpha_loss": alpha_loss, "losses/q1": q1.mean().detach(),
                 "charts/kl": kl.mean().detach(), "charts/kl_violation": (kl > ref.kl_threshold).float().mean(),
                 "charts/gp_fraction": (gate_kl > ref.gp_threshold).float().mean(),
-                "charts/gp_threshold": torch.tensor(ref.gp_threshold),
+                "charts/gp_threshold": ref.gp_threshold.clone(),
                 "charts/alpha": alpha.mean(), "charts/beta": beta, "charts/gp_weight": gp_weight,
                 "charts/entropy": -log_pi.mean().detach()}
 

@@ -61,7 +61,7 @@ class Args:
     compile: bool = False
     """time the agents with --compile"""
     precision: common.Precision = "fp32"
-    """time the agents with --precision (fp32 or bf16); the peak is then a matmul under the same autocast"""
+    """time the agents with --precision (fp32, tf32 or bf16; tf32 is fp32 on a CPU); the peak is then a matmul under the same autocast"""
 
 
 def build(dataset_id: str, transitions: int, episode_length: int) -> None:

@@ -468,8 +468,8 @@ def parse_args(argv):
                    help="OMP_NUM_THREADS of each run (default: cores / workers; 1 with --quick or --slurm)")
     p.add_argument("--output-dir", help="where runs go (default: runs/benchmark; --quick: runs/benchmark-quick)")
     p.add_argument("--results-dir", help="where the summary goes (default: results; --quick: results/quick)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="--precision of every run (default: fp32; bf16 runs go to <default dirs>-bf16)")
+    p.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32",
+                   help="--precision of every run (default: fp32; tf32 and bf16 runs go to <default dirs>-tf32, -bf16)")
     p.add_argument("--quick", action="store_true",
                    help="offline, local datasets, CPU-sized budgets (15-30 min on 2 idle cores)")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do, and stop")
