@@ -584,8 +584,8 @@ def test_official_hard_gate_is_the_indicator_on_the_norm_of_grad_min_q():
 def test_a_checkpoint_that_holds_the_thresholds_as_numbers_still_resumes():
     """Checkpoints written while delta_KL and eps_GP were Python floats load into the tensors."""
     agent = small_agent()
-    state = bp.common.training_state(agent)
+    state = run_folder.training_state(agent)
     state["kl_threshold"], state["gp_threshold"] = 0.25, 1.5
-    bp.common.load_training_state(agent, state)
+    run_folder.load_training_state(agent, state)
     assert agent.kl_threshold.item() == 0.25 and agent.gp_threshold.item() == 1.5
     assert isinstance(agent.kl_threshold, torch.Tensor)
