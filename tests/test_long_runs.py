@@ -55,3 +55,18 @@ def test_report_without_collected_runs_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(long_runs, "COLLECTED", str(tmp_path))
     with pytest.raises(long_runs.UserError, match="run `collect` first"):
         long_runs.report()
+
+
+def test_report_names_a_running_seed_that_is_ahead_of_the_others(tmp_path, monkeypatch, capsys):
+    """Two running seeds at 30k and 50k: the table's curve stops at 30k, and says where the other is."""
+    monkeypatch.setattr(long_runs, "DOCS", str(tmp_path))
+    monkeypatch.setattr(long_runs, "COLLECTED", str(tmp_path / "long_runs"))
+    os.makedirs(tmp_path / "long_runs")
+    for seed, n in ((0, 5), (1, 3)):
+        json.dump({"env": long_runs.HOPPER, "algorithm": "td3_bc", "seed": seed, "finished": False,
+                   "train_seconds": 60.0, "behaviour_score": 10.0, "transitions": 90_000, "q1": [],
+                   "evaluations": [[10_000 * (i + 1), 20.0 + i, 1.0] for i in range(n)]},
+                  open(tmp_path / "long_runs" / f"{seed}.json", "w"))
+    long_runs.report()
+    out = capsys.readouterr().out
+    assert "| td3_bc | 2 | 30,000 (running; seed 0 at 50,000) |" in out

@@ -173,7 +173,10 @@ def report() -> None:
             runs = [r for r in mine if r["algorithm"] == a]
             done = [r for r in runs if r["finished"]] or runs
             stats[a] = summary(done)
-            others[a] = [f"seed {r['seed']} at {r['evaluations'][-1][0]:,}" for r in runs if r not in done]
+            # seeds not in the summary, or ahead of the steps every seed reached
+            others[a] = [f"seed {r['seed']} at {r['evaluations'][-1][0]:,}" for r in runs
+                         if r not in done or r["evaluations"][-1][0] > stats[a]["steps"][-1]]
+            stats[a]["ahead"] = [r for r in done if r["evaluations"][-1][0] > stats[a]["steps"][-1]]
         behaviour = mine[0]["behaviour_score"]
         print(f"\n### `{dataset}` ({mine[0]['transitions']:,} transitions; behaviour average {behaviour:.1f})\n")
         print("| file | seeds | steps | final (last 10 evaluations) | best evaluation (step) | largest mean Q | hours per run |")
@@ -182,7 +185,9 @@ def report() -> None:
             s = stats[a]
             pm = f" ± {s['final_std']:.1f}" if s["seeds"] > 1 else ""
             steps = f"{s['steps'][-1]:,}" + ("" if s["finished"] else " (running)")
-            steps += f" ({', '.join(others[a])}, running)" if others[a] else ""
+            if others[a]:
+                steps += f" ({', '.join(others[a])}, running)" if s["finished"] else ""
+                steps = steps.replace(" (running)", f" (running; {', '.join(others[a])})")
             q = "—" if np.isnan(s["max_q"]) else f"{s['max_q']:.0f}"
             print(f"| {a} | {s['seeds']} | {steps} | {s['final']:.1f}{pm} | {s['best']:.1f} ({s['best_step']:,}) | "
                   f"{q} | {s['hours']:.1f} |")
@@ -195,6 +200,10 @@ def report() -> None:
                     **style)
             if s["seeds"] > 1:
                 ax.fill_between(s["steps"], s["values"].min(0), s["values"].max(0), alpha=0.15, color=style["color"])
+            for r in s["ahead"]:  # a seed beyond the steps every seed reached: its own curve, thinner
+                steps, values = zip(*[(e[0], e[1]) for e in r["evaluations"] if e[0] >= s["steps"][-1]])
+                ax.plot(steps, values, lw=0.7, alpha=0.8, color=style["color"], ls=style.get("ls", "-"),
+                        label=f"{a} seed {r['seed']} alone")
         ax.set_xlabel("gradient steps")
         ax.set_ylabel("normalised score")
         ax.set_title(f"{dataset}: mean and range over seeds, {EVAL_EPISODES} episodes every {EVAL_EVERY:,} steps",
