@@ -280,8 +280,7 @@ def autocast(step: Callable, precision: str, device: torch.device) -> Callable:
     if precision == "fp32":
         return step
     if precision == "tf32":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        allow_tf32()
         return step
     if device.type == "cuda" and not native_bf16(device):
         raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native bfloat16 support "
@@ -292,6 +291,12 @@ def autocast(step: Callable, precision: str, device: torch.device) -> Callable:
             return step(*args, **kwargs)
 
     return bf16_step
+
+
+def allow_tf32() -> None:
+    """TF32 for the fp32 matrix products and convolutions of CUDA GPUs, process-wide (--precision tf32)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -388,7 +393,7 @@ def pretraining_key(args, fields: tuple[str, ...], data: OfflineData, recipe: tu
     digest.update(repr([(f, getattr(args, f)) for f in fields]).encode())
     if recipe:
         digest.update(repr(recipe).encode())
-    if getattr(args, "precision", "fp32") != "fp32":  # fp32 models keep the keys they had without the flag
+    if getattr(args, "precision", "fp32") != "fp32":  # fp32 keys name no precision
         digest.update(f"precision={args.precision}".encode())
     return digest.hexdigest()[:20]
 

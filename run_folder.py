@@ -360,7 +360,12 @@ def training_state(agent) -> dict:
 
 
 def load_training_state(agent, state: dict) -> None:
+    unknown = [name for name in state if not hasattr(agent, name)]
+    if unknown:  # state the file no longer keeps (e.g. a generator it dropped): nothing to restore it into
+        print(f"the checkpoint's {', '.join(unknown)} has no place in this file's agent; not restored", flush=True)
     for name, saved in state.items():
+        if name in unknown:
+            continue
         value = getattr(agent, name)
         if hasattr(value, "load_state_dict"):
             value.load_state_dict(saved)
@@ -387,5 +392,8 @@ def set_rng_states(states: dict, device: torch.device) -> None:
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if isinstance(states.get("cuda"), torch.Tensor) and device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"], device)
+    cuda = states.get("cuda")
+    if isinstance(cuda, list) and device.type == "cuda":  # one state per visible GPU: that of the run's
+        cuda = cuda[device.index or 0] if (device.index or 0) < len(cuda) else None
+    if isinstance(cuda, torch.Tensor) and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)

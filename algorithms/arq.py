@@ -572,8 +572,9 @@ def score_model_key(args: Args, data: common.OfflineData) -> str:
     the score model's flags."""
     fields = ("bc_steps", "score_lr", "score_batch_size", "score_hidden_dim", "score_blocks", "fourier_scale",
               "ema", "beta_min", "beta_max", "score_seed")
+    precision = () if args.precision == "fp32" else (("precision", args.precision),)  # fp32 keys name none
     return _sha(args.env, data.fingerprint, data.obs_normalized, ("init", "glorot"),
-                *[(f, getattr(args, f)) for f in fields])
+                *[(f, getattr(args, f)) for f in fields], *precision)
 
 
 def support_key(args: Args, score_bytes: bytes, n_rows: int) -> str:

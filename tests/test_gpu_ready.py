@@ -140,6 +140,21 @@ def test_a_checkpoint_keeps_the_cuda_random_state_of_the_run_device_only(monkeyp
     restored.clear()
     run_folder.set_rng_states(states, torch.device("cpu"))  # a GPU run resumed on a CPU: no CUDA stream to restore
     assert restored == []
+    # a checkpoint that holds one state per GPU visible when it was written: the run's device's is restored
+    per_gpu = {**states, "cuda": [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]}
+    run_folder.set_rng_states(per_gpu, torch.device("cuda", 2))
+    assert len(restored) == 1 and torch.equal(restored[0][0], per_gpu["cuda"][2])
+
+
+def test_a_checkpoint_with_state_the_agent_no_longer_keeps_resumes_with_a_notice(capsys):
+    """A checkpoint of ARQ that still holds the evaluation generator the file no longer has."""
+    import run_folder
+
+    _, agent = agent_on("arq", torch.device("cpu"))
+    state = run_folder.training_state(agent)
+    state["eval_gen"] = torch.Generator().get_state()
+    run_folder.load_training_state(agent, state)
+    assert "eval_gen has no place in this file's agent" in capsys.readouterr().out
 
 
 def test_pretrained_models_are_cached_under_a_key_the_device_does_not_change(datasets_path):
@@ -163,3 +178,5 @@ def test_pretrained_models_are_cached_under_a_key_the_device_does_not_change(dat
     arq = load_algorithm("arq")
     arq_args = arq.Args(env=tmp_dataset)
     assert arq.score_model_key(arq_args, data) == arq.score_model_key(arq_args, other)
+    bf16 = arq.Args(env=tmp_dataset, precision="bf16")  # a score model trained in bf16 is another model
+    assert arq.score_model_key(bf16, data) != arq.score_model_key(arq_args, data)

@@ -156,9 +156,17 @@ def test_evaluate_refuses_what_is_not_a_model_file_in_one_line(datasets_path, tm
     with pytest.raises(common.UserError, match="is not a model.pt written by a run with --save-model"):
         read_model(str(tmp_path / "text.pt"))
     torch.save({"w": torch.ones(1)}, tmp_path / "weights.pt")
-    with pytest.raises(common.UserError, match="holds no algorithm"):
+    with pytest.raises(common.UserError, match="it needs algorithm, args, obs_dim, act_dim, action_low"):
         read_model(str(tmp_path / "weights.pt"))
-    torch.save({"algorithm": "../common", "args": {}, "obs_dim": 1, "act_dim": 1}, tmp_path / "foreign.pt")
+    no_bounds = {"algorithm": "bc", "args": {}, "obs_dim": 1, "act_dim": 1}
+    torch.save(no_bounds, tmp_path / "no_bounds.pt")
+    with pytest.raises(common.UserError, match="it needs"):
+        read_model(str(tmp_path / "no_bounds.pt"))
+    torch.save({**no_bounds, "action_low": [-1.0], "action_high": [1.0], "args": [1]}, tmp_path / "args.pt")
+    with pytest.raises(common.UserError, match="args as a dict"):
+        read_model(str(tmp_path / "args.pt"))
+    torch.save({"algorithm": "../common", "args": {}, "obs_dim": 1, "act_dim": 1, "action_low": [-1.0],
+                "action_high": [1.0]}, tmp_path / "foreign.pt")
     with pytest.raises(common.UserError, match="algorithm '../common', which is not a file in algorithms/"):
         read_model(str(tmp_path / "foreign.pt"))
 

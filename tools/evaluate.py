@@ -65,9 +65,10 @@ def read_model(path: str) -> dict:
     except Exception as exc:
         raise UserError(f"{path} is not a model.pt written by a run with --save-model "
                         f"(torch.load: {type(exc).__name__})") from None
-    if not isinstance(saved, dict) or not {"algorithm", "args", "obs_dim", "act_dim"} <= set(saved):
-        raise UserError(f"{path} is not a model.pt written by a run with --save-model (it holds no algorithm, "
-                        f"args, obs_dim and act_dim)")
+    needed = ("algorithm", "args", "obs_dim", "act_dim", "action_low", "action_high")
+    if not isinstance(saved, dict) or not set(needed) <= set(saved) or not isinstance(saved["args"], dict):
+        raise UserError(f"{path} is not a model.pt written by a run with --save-model (it needs "
+                        f"{', '.join(needed)}, args as a dict)")
     if saved["algorithm"] not in algorithm_files():
         raise UserError(f"{path} was written by the algorithm '{saved['algorithm']}', which is not a file in "
                         f"algorithms/ ({', '.join(algorithm_files())})")
@@ -92,7 +93,7 @@ def rebuild(saved: dict, device: torch.device) -> tuple[object, common.Policy]:
     policy = module.make_policy(args, saved["obs_dim"], saved["act_dim"])
     try:
         policy.load(saved)
-    except (KeyError, RuntimeError) as exc:
+    except (KeyError, RuntimeError, TypeError, AttributeError, ValueError) as exc:
         raise UserError(f"the networks in the model file do not fit algorithms/{saved['algorithm']}.py's "
                         f"make_policy ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     return args, policy.to(device).eval()
@@ -107,6 +108,8 @@ def evaluate_model(path: str, episodes: int | None = None, seed: int | None = No
     device = common.resolve_device(device)
     common.flush_denormals()
     args, policy = rebuild(saved, device)
+    if args.precision == "tf32":  # the run evaluated with TF32 on, as it trained
+        common.allow_tf32()
     episodes = args.eval_episodes if episodes is None else episodes
     seed = args.seed if seed is None else seed
     common.seed_everything(seed)
