@@ -448,7 +448,7 @@ def critic_target(rewards: torch.Tensor, terminals: torch.Tensor, next_q1: torch
 # Compiled graphs cannot be differentiated twice: under --compile the penalty runs eagerly.
 @torch.compiler.disable
 def gated_gradient_penalty(critic: Critic, obs: torch.Tensor, actions: torch.Tensor, kl: torch.Tensor,
-                           threshold: float, mode: str, gate: str = "softplus") -> torch.Tensor:
+                           threshold: torch.Tensor, mode: str, gate: str = "softplus") -> torch.Tensor:
     """Per-state gradient penalty of eq. (10) at policy actions, differentiable in the critic.
     paper: 1[KL(s) > eps_GP] * (||grad_a Q_1||^2 + ||grad_a Q_2||^2);
     official: softplus(KL(s) - eps_GP) / max_batch(.) * ||grad_a min_j Q_j||, or with gate "hard"

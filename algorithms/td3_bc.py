@@ -11,7 +11,7 @@ gamma 0.99, tau 0.005, policy noise 0.2 clipped at 0.5, actor and targets every 
 untouched, 1M steps.
 
 Deviations:
-- none. Actions are in [-1, 1] (common.py rescales them), so max_action is 1.
+- none. Actions are in [-1, 1] (the data layer rescales them), so max_action is 1.
 """
 
 import copy

@@ -11,8 +11,8 @@
     rollouts.py         the snapshots' actor, behaviour policies, rollouts
     errors.py           UserError and atomic writes
 
-Nothing here imports common.py or tools/: the algorithm files reach it through common.load_dataset,
-and tools/make_dataset.py is the command line of recipe.py plus the SAC training.
+Nothing here imports common.py, run_folder.py or tools/: the algorithm files reach it through
+common.load_dataset and common.evaluate, and tools/make_dataset.py is the command line of recipe.py plus the SAC training.
 """
 
 from offline_data.dataset import OfflineData, load, open_source  # noqa: F401
