@@ -379,6 +379,116 @@ def compiled(loss: Callable, enabled: bool) -> Callable:
 
 
 # ----------------------------------------------------------------------------------------------
+# --cuda-graphs: the whole training step, batch sampling included, captured and replayed on CUDA
+# ----------------------------------------------------------------------------------------------
+def no_cuda_graphs(args, why: str) -> None:
+    """A file's check_args refuses --cuda-graphs with this when its training step cannot be captured."""
+    if args.cuda_graphs:
+        raise UserError(f"--cuda-graphs: {why}; run without it")
+
+
+def training_step(agent, buffer, args, device: torch.device) -> Callable[[], dict]:
+    """The main loop's step: `train_step()` trains the agent on one batch and returns its metrics.
+    It is agent.train(buffer.sample(args.batch_size)); with --cuda-graphs on a CUDA device the same
+    call captured as CUDA graphs and replayed (CapturedStep). On another device --cuda-graphs is a
+    notice and the step runs eagerly, as --precision tf32 is on a CPU."""
+    def eager() -> dict:
+        return agent.train(buffer.sample(args.batch_size))
+
+    if not args.cuda_graphs:
+        return eager
+    if device.type != "cuda":
+        print(f"--cuda-graphs: {device} is not a CUDA device; training eagerly", flush=True)
+        return eager
+    for optimizer in (v for v in vars(agent).values() if isinstance(v, torch.optim.Optimizer)):
+        for group in optimizer.param_groups:
+            group["capturable"] = True  # fused Adam's arithmetic is the same; capture needs the flag
+    return CapturedStep(eager, agent, cuda_graph, cuda_side_stream)
+
+
+def cuda_graph(function: Callable[[], dict]) -> tuple[Callable[[], None], dict]:
+    """Capture `function` as one CUDA graph (recorded, not run); its replay and its static outputs."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = function()
+    return graph.replay, outputs
+
+
+@contextlib.contextmanager
+def cuda_side_stream():
+    """The warm-up steps before a capture run on a side stream (PyTorch's CUDA graphs documentation)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream().wait_stream(stream)
+
+
+def python_numbers(agent) -> dict:
+    return {k: v for k, v in vars(agent).items() if isinstance(v, (bool, int, float))}
+
+
+class CapturedStep:
+    """`step` (agent.train on a sampled batch) as CUDA graphs. A file whose train() takes one of
+    several Python paths (TD3+BC's delayed actor, CQL's behaviour-cloning warm-up) says which the next
+    call takes with `agent.branch()`; each path is one graph. A path's first WARMUP calls run eagerly
+    on a side stream (they train as any step does, and build the optimisers' state), the next one
+    captures it and every later one replays it. A captured train() may change the agent's Python
+    numbers only by adding to integer counters (TD3+BC's total_it): each replay adds the same, so that
+    a checkpoint holds what an eager run's would. If a capture raises, one line says why and every
+    later step runs eagerly. `capture` and `side_stream` are cuda_graph and cuda_side_stream on a GPU;
+    tests/test_cuda_graphs.py runs this on the CPU with a stand-in that calls the step again."""
+
+    WARMUP = 3
+
+    def __init__(self, step: Callable[[], dict], agent, capture: Callable, side_stream: Callable):
+        self.step, self.agent, self.capture, self.side_stream = step, agent, capture, side_stream
+        self.graphs: dict = {}  # path -> (replay, static metrics, counter increments)
+        self.eager_calls: dict = {}
+        self.failed = False
+
+    def __call__(self) -> dict:
+        path = self.agent.branch() if hasattr(self.agent, "branch") else None
+        if self.failed:
+            return self.step()
+        if self.eager_calls.get(path, 0) < self.WARMUP:
+            self.eager_calls[path] = self.eager_calls.get(path, 0) + 1
+            with self.side_stream():
+                return self.step()
+        if path not in self.graphs:
+            before = python_numbers(self.agent)
+            try:
+                self.graphs[path] = self.captured(before)
+            except Exception as exc:
+                for name, value in before.items():
+                    setattr(self.agent, name, value)
+                reason = (str(exc).strip().splitlines() or [""])[0]
+                print(f"--cuda-graphs: capturing the training step failed ({type(exc).__name__}: {reason}); "
+                      "training eagerly", flush=True)
+                self.failed = True
+                return self.step()
+        replay, metrics, increments = self.graphs[path]
+        replay()
+        for name, increment in increments.items():
+            setattr(self.agent, name, getattr(self.agent, name) + increment)
+        return metrics
+
+    def captured(self, before: dict) -> tuple:
+        replay, metrics = self.capture(self.step)
+        after = python_numbers(self.agent)
+        increments = {}
+        for name, value in after.items():
+            if value == before.get(name):
+                continue
+            if type(value) is not int or type(before.get(name)) is not int:
+                raise ValueError(f"train() sets the Python value {name} on every step, which a graph would freeze")
+            increments[name] = value - before[name]
+        for name, value in before.items():
+            setattr(self.agent, name, value)
+        return replay, metrics, increments
+
+
+# ----------------------------------------------------------------------------------------------
 # Pretraining cache (behaviour models that take an hour are trained once, not once per seed)
 # ----------------------------------------------------------------------------------------------
 def pretraining_key(args, fields: tuple[str, ...], data: OfflineData, recipe: tuple = ()) -> str:

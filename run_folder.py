@@ -40,7 +40,7 @@ def _fmt_time(seconds: float) -> str:
 CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint.pt", "checkpoint.prev.pt"
 # Flags that may differ between a run and its resumption: none of them changes what is trained.
 RESUME_FREE_FLAGS = {"run_name", "output_dir", "resume", "track", "wandb_project", "log_every", "save_model",
-                     "total_steps", "compile", "capture_video", "video_every"}
+                     "total_steps", "compile", "cuda_graphs", "capture_video", "video_every"}
 
 
 class Run:

@@ -73,6 +73,8 @@ class Args:
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
     compile: bool = False
     """torch.compile each network update's forward passes and loss (the first steps are slow while it compiles)"""
+    cuda_graphs: bool = False
+    """on a CUDA device, capture the whole training step (batch sampling included) as CUDA graphs and replay them; elsewhere a notice and eager steps (docs/speed.md)"""
     precision: common.Precision = "fp32"
     """fp32; tf32: fp32 with TF32 matrix products on CUDA GPUs from Ampere on (no effect on a CPU); bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/usage.md, Precision)"""
     # --- IQL ---
@@ -101,6 +103,8 @@ class Args:
 
 def check_args(args: Args) -> None:
     """This file's own flags, right after parsing (common.check_args checks the shared ones)."""
+    common.no_cuda_graphs(args, "IQL's cosine learning-rate schedule sets a Python float in its actor's optimiser on "
+                                "every step, which a captured step would freeze")
     common.check_interval(args, "expectile", 0, 1, "()")
     common.check_interval(args, "dropout", 0, 1, "[)")
     common.check_nonnegative(args, "beta")
@@ -285,8 +289,9 @@ if __name__ == "__main__":
     agent = IQL(args, data.obs_dim, data.act_dim, device)
     run = common.Run(args, "iql", data)
     start = run.resume(agent)
+    train_step = common.training_step(agent, buffer, args, device)
     for step in range(start + 1, args.total_steps + 1):
-        metrics = agent.train(buffer.sample(args.batch_size))
+        metrics = train_step()
         if step % args.log_every == 0 or step == args.total_steps:
             run.log(step, metrics)
         if step % args.eval_every == 0 or step == args.total_steps:

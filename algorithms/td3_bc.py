@@ -66,6 +66,8 @@ class Args:
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
     compile: bool = False
     """torch.compile each network update's forward passes and loss (the first steps are slow while it compiles)"""
+    cuda_graphs: bool = False
+    """on a CUDA device, capture the whole training step (batch sampling included) as CUDA graphs and replay them; elsewhere a notice and eager steps (docs/speed.md)"""
     precision: common.Precision = "fp32"
     """fp32; tf32: fp32 with TF32 matrix products on CUDA GPUs from Ampere on (no effect on a CPU); bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/usage.md, Precision)"""
     # --- TD3+BC ---
@@ -196,10 +198,18 @@ class TD3BC:
             with torch.no_grad():
                 for net, target in ((self.actor, self.actor_target), (self.critic, self.critic_target)):
                     torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), args.tau)
-            self.last_actor_metrics = {"losses/actor_loss": loss.detach(), "charts/lambda": lmbda}
+            actor_metrics = {"losses/actor_loss": loss.detach(), "charts/lambda": lmbda}
+            if not self.last_actor_metrics:
+                self.last_actor_metrics = {k: v.clone() for k, v in actor_metrics.items()}
+            for k, v in actor_metrics.items():  # in place: a captured critic-only step returns the latest
+                self.last_actor_metrics[k].copy_(v)
 
         return {"losses/critic_loss": critic_loss.detach(), "losses/q1": q1.mean().detach(),
                 **self.last_actor_metrics}
+
+    def branch(self) -> bool:
+        """Whether the next train() updates the actor (--cuda-graphs captures each path as a graph)."""
+        return (self.total_it + 1) % self.args.policy_freq == 0
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -237,8 +247,9 @@ if __name__ == "__main__":
     agent = TD3BC(args, data.obs_dim, data.act_dim, device)
     run = common.Run(args, "td3_bc", data)
     start = run.resume(agent)
+    train_step = common.training_step(agent, buffer, args, device)
     for step in range(start + 1, args.total_steps + 1):
-        metrics = agent.train(buffer.sample(args.batch_size))
+        metrics = train_step()
         if step % args.log_every == 0 or step == args.total_steps:
             run.log(step, metrics)
         if step % args.eval_every == 0 or step == args.total_steps:
