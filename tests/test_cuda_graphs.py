@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import speed
 from conftest import load_algorithm
 from test_gpu_ready import CpuFactories, host_reads
 from test_precision import SMALL, batch_for
@@ -58,7 +59,7 @@ def rerun(agent):
             if pending:
                 pending.clear()
                 return
-            numbers = common.python_numbers(agent)
+            numbers = speed.python_numbers(agent)
             for k, v in function().items():
                 outputs[k].copy_(v)
             for k, v in numbers.items():
@@ -71,7 +72,7 @@ def rerun(agent):
 
 def captured_step(args, agent, buffer, capture=None):
     eager = common.training_step(agent, buffer, args, torch.device("cpu"))
-    return common.CapturedStep(eager, agent, capture or rerun(agent), contextlib.nullcontext)
+    return speed.CapturedStep(eager, agent, capture or rerun(agent), contextlib.nullcontext)
 
 
 def trained(agent) -> dict:
@@ -132,7 +133,7 @@ def test_the_captured_step_samples_and_trains_with_no_tensor_made_on_the_cpu(nam
     for optimizer in (v for v in vars(agent).values() if isinstance(v, torch.optim.Optimizer)):
         for group in optimizer.param_groups:
             group["fused"] = False
-    step = common.CapturedStep(lambda: agent.train(buffer.sample(args.batch_size)), agent,
+    step = speed.CapturedStep(lambda: agent.train(buffer.sample(args.batch_size)), agent,
                                lambda f: (lambda: None, f()), contextlib.nullcontext)
     with CpuFactories() as probe:
         for _ in range(STEPS):
@@ -175,7 +176,7 @@ def test_on_a_cpu_it_is_a_notice_and_the_eager_step(capsys):
     args, agent, buffer = setup("bc", cuda_graphs=True)
     step = common.training_step(agent, buffer, args, torch.device("cpu"))
     assert capsys.readouterr().out == "--cuda-graphs: cpu is not a CUDA device; training eagerly\n"
-    assert not isinstance(step, common.CapturedStep)
+    assert not isinstance(step, speed.CapturedStep)
     assert not any(g.get("capturable") for o in vars(agent).values() if isinstance(o, torch.optim.Optimizer)
                    for g in o.param_groups)
 

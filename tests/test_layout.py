@@ -1,9 +1,11 @@
-"""The import graph: algorithms -> common -> run_folder -> offline_data, and tools -> common / offline_data.
+"""The import graph: algorithms -> common -> run_folder, speed -> offline_data, and tools -> common / offline_data.
 
 Every import statement counts, wherever it is (imports inside functions run when the function does)."""
 
 import ast
 import os
+
+import pytest
 
 from conftest import ROOT
 
@@ -59,15 +61,16 @@ def test_the_moved_files_are_gone():
 
 def test_the_data_layer_imports_neither_common_nor_the_run_folder_nor_tools_nor_algorithms():
     for path in LIBRARY:
-        assert not within(imports(path), "common", "run_folder", "tools", "algorithms"), path
+        assert not within(imports(path), "common", "run_folder", "speed", "tools", "algorithms"), path
 
 
 def test_common_imports_neither_tools_nor_algorithms():
     assert not within(imports("common.py"), "tools", "algorithms")
 
 
-def test_the_run_folder_imports_only_the_data_layer_from_the_repository():
-    repository = within(imports("run_folder.py"), "common", "tools", "algorithms", PACKAGE)
+@pytest.mark.parametrize("path", ["run_folder.py", "speed.py"])
+def test_the_run_folder_and_the_speed_layer_import_only_the_data_layer_from_the_repository(path):
+    repository = within(imports(path), "common", "run_folder", "speed", "tools", "algorithms", PACKAGE)
     assert {name.split(".")[0] for name in repository} == {PACKAGE}
 
 
@@ -79,7 +82,7 @@ def test_the_algorithm_files_import_only_common_from_the_repository():
 
 def test_the_library_loads_no_module_by_path_or_by_name():
     """importlib and __import__ would hide an import from the checks above."""
-    for path in ["common.py", "run_folder.py", *LIBRARY]:
+    for path in ["common.py", "run_folder.py", "speed.py", *LIBRARY]:
         with open(os.path.join(ROOT, path)) as f:
             tree = ast.parse(f.read(), path)
         assert not within(imports(path), "importlib"), path

@@ -32,6 +32,7 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 from offline_data.errors import UserError, install_user_error_hook  # noqa: E402
 from offline_data.evaluation import render_problem  # noqa: E402
+import speed  # noqa: E402
 
 
 @dataclass
@@ -109,7 +110,7 @@ def evaluate_model(path: str, episodes: int | None = None, seed: int | None = No
     common.flush_denormals()
     args, policy = rebuild(saved, device)
     if args.precision == "tf32":  # the run evaluated with TF32 on, as it trained
-        common.allow_tf32()
+        speed.allow_tf32()
     episodes = args.eval_episodes if episodes is None else episodes
     seed = args.seed if seed is None else seed
     common.seed_everything(seed)
