@@ -206,10 +206,9 @@ class Run:
             os.replace(path, os.path.join(self.dir, PREVIOUS_CHECKPOINT))
         atomic_write_bytes(path, buffer.getvalue())
 
-    def stop_if_signalled(self, step: int, agent, phase: str | None = None) -> None:
-        """Called after every training step. Its first call makes SIGTERM, SIGINT and SIGUSR1 set a
-        flag instead of killing the process; once one has come, checkpoint at `step` and exit
-        (status 128 + signal number)."""
+    def signal_received(self) -> bool:
+        """Its first call makes SIGTERM, SIGINT and SIGUSR1 set a flag instead of killing the process;
+        whether one of them has come since."""
         if not self.handlers_installed:
             def handler(signum, frame):
                 self.signalled = signum
@@ -217,14 +216,22 @@ class Run:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 signal.signal(signum, handler)
             self.handlers_installed = True
-        if self.signalled is None:
+        return self.signalled is not None
+
+    def exit_on_signal(self, what: str) -> None:
+        """End the process after a signal, once `what` (what was saved) is said (status 128 + signal)."""
+        self.writer.close()
+        print(f"[{self.algorithm}] stopped by {signal.Signals(self.signalled).name} after {what}; "
+              f"the same command resumes the run", flush=True)
+        raise SystemExit(128 + self.signalled)
+
+    def stop_if_signalled(self, step: int, agent, phase: str | None = None) -> None:
+        """Called after every training step: once a signal has come (see signal_received), checkpoint
+        at `step` and exit."""
+        if not self.signal_received():
             return
         self.checkpoint(step, agent, phase)
-        self.writer.close()
-        print(f"[{self.algorithm}] stopped by {signal.Signals(self.signalled).name} after step {step}"
-              f"{f' of the {phase} phase' if phase else ''}; "
-              f"checkpoint written: the same command resumes the run", flush=True)
-        raise SystemExit(128 + self.signalled)
+        self.exit_on_signal(f"step {step}{f' of the {phase} phase' if phase else ''}; checkpoint written")
 
     def pretraining_step(self, step: int, agent, phase: str) -> None:
         """Called after every step of a pretraining phase: a checkpoint every --eval-every steps and

@@ -41,7 +41,8 @@ Adam 3e-4 (1e-4 kitchen, adroit), policy Adam 3e-4, tau 0.005; alpha 1 (locomoti
 (adroit, antmaze); rewards * 1000 / (max - min episode return) on halfcheetah/hopper/walker2d,
 r - 1 on antmaze, else untouched. Every layer starts as a Keras Dense layer (the code is TF2):
 Glorot-uniform weights, zero biases. The score model and the support are cached in --cache-dir
-(keyed by the data, their flags and --score-seed, not --seed), so seeds and runs share them.
+(keyed by the data, their flags and --score-seed, not --seed), so seeds and runs share them; the
+support's progress is saved every 5% and on a stop signal, and the same command goes on from there.
 
 Deviations:
 - Policy and Q are trained together, each Q step followed by one AWR step with the current target
@@ -586,22 +587,52 @@ def support_key(args: Args, score_bytes: bytes, n_rows: int) -> str:
                 *[(f, getattr(args, f)) for f in fields])
 
 
-def generate_support(model: ScoreModel, states: torch.Tensor, args: Args, gen: torch.Generator,
-                     log=print) -> tuple[torch.Tensor, torch.Tensor]:
-    """N samples and log-likelihoods for every state, in batches, with a progress line every 5%."""
-    samples, lls = [], []
-    start, next_report = time.time(), 0.05
-    for i in range(0, len(states), args.sample_batch_states):
+def generate_support(model: ScoreModel, states: torch.Tensor, args: Args, gen: torch.Generator, partial_path: str,
+                     run: common.Run | None = None, log=print) -> tuple[torch.Tensor, torch.Tensor]:
+    """N samples and log-likelihoods for every state, in batches, with a progress line every 5%.
+    Hours of work on a CPU, so the rows done and `gen`'s state go to `partial_path` with every line
+    and when `run` receives a stop signal: the same command goes on from there, and the result
+    equals an uninterrupted generation's."""
+    samples, lls, first = [], [], 0
+    if os.path.exists(partial_path):
+        try:  # a damaged or foreign file only means starting from the first state
+            part = torch.load(partial_path, map_location="cpu")
+            if part["samples"].shape[1:] != (args.n_support, model.act_dim) or \
+                    part["log_likelihoods"].shape != part["samples"].shape[:2] or part["rows"] > len(states):
+                raise ValueError(f"samples of shape {tuple(part['samples'].shape)}")
+            gen.set_state(part["generator"])
+            first = part["rows"]
+            samples, lls = [part["samples"].to(states.device)], [part["log_likelihoods"].to(states.device)]
+            log(f"[arq] support: going on from state {first} of {len(states)} ({partial_path})", flush=True)
+        except Exception as exc:
+            log(f"[arq] {partial_path} is unreadable or does not fit ({type(exc).__name__}); "
+                f"starting the support from the first state", flush=True)
+
+    def save_progress(rows: int) -> None:
+        samples[:], lls[:] = [torch.cat(samples)], [torch.cat(lls)]
+        payload = io.BytesIO()
+        torch.save({"rows": rows, "samples": samples[0].cpu(), "log_likelihoods": lls[0].cpu(),
+                    "generator": gen.get_state()}, payload)
+        common.save_cache(partial_path, payload.getvalue())
+
+    start, next_report = time.time(), math.floor(first / len(states) / 0.05) * 0.05 + 0.05
+    for i in range(first, len(states), args.sample_batch_states):
         act, ll = model.sample_with_likelihood(states[i:i + args.sample_batch_states], args.n_support, args, gen)
         samples.append(act)
         lls.append(ll)
-        done = min(i + args.sample_batch_states, len(states)) / len(states)
+        rows = min(i + args.sample_batch_states, len(states))
+        done = rows / len(states)
         if done >= next_report or done == 1.0:
             elapsed = time.time() - start
             log(f"[arq] support {done:6.1%} of {len(states)} states | "
-                f"{done * len(states) * args.n_support / max(elapsed, 1e-9) * 3600:,.0f} samples/h | "
-                f"ETA {elapsed / done - elapsed:.0f} s", flush=True)
+                f"{(rows - first) * args.n_support / max(elapsed, 1e-9) * 3600:,.0f} samples/h | "
+                f"ETA {elapsed / (rows - first) * (len(states) - rows):.0f} s", flush=True)
             next_report = math.floor(done / 0.05) * 0.05 + 0.05
+            if rows < len(states):
+                save_progress(rows)
+        if run is not None and rows < len(states) and run.signal_received():
+            save_progress(rows)
+            run.exit_on_signal(f"{rows} of {len(states)} support states; saved to {partial_path}")
     return torch.cat(samples), torch.cat(lls)
 
 
@@ -807,10 +838,13 @@ if __name__ == "__main__":
                   f"{args.sampler} ({args.sampler_steps} steps), likelihood RK4 ({args.likelihood_steps} steps)",
                   flush=True)
             gen = torch.Generator(device).manual_seed(args.score_seed)
-            samples, log_likelihoods = generate_support(agent.score, states, args, gen)
+            partial_path = support_path.removesuffix(".pt") + ".partial.pt"
+            samples, log_likelihoods = generate_support(agent.score, states, args, gen, partial_path, run)
             payload = io.BytesIO()
             torch.save({"samples": samples.cpu(), "log_likelihoods": log_likelihoods.cpu()}, payload)
             common.save_cache(support_path, payload.getvalue())
+            if os.path.exists(partial_path):
+                os.remove(partial_path)
     support = build_support(data.actions, samples, log_likelihoods, args.log_likelihood_threshold, next_row)
     kept = support.valid[:, 1:].float().mean().item()
     print(f"[arq] support: {kept:.1%} of the samples have log-likelihood > {args.log_likelihood_threshold}")

@@ -150,6 +150,55 @@ def test_support_rows_of_next_states():
     torch.testing.assert_close(states[5], obs[2] + 0.5)
 
 
+class StopAfter:
+    """Stands in for common.Run: a stop signal arrives after `calls` batches."""
+
+    def __init__(self, calls: int):
+        self.calls = calls
+
+    def signal_received(self) -> bool:
+        self.calls -= 1
+        return self.calls < 0
+
+    def exit_on_signal(self, what: str) -> None:
+        raise SystemExit(143)
+
+
+def test_support_generation_stopped_twice_goes_on_to_the_uninterrupted_result(tmp_path):
+    """10 states in batches of 3: stopped after the first batch, then after the second, then run to
+    the end; each start seeds its generator afresh, as the script does. A damaged progress file
+    starts over."""
+    args = arq.Args(score_hidden_dim=16, score_blocks=1, n_support=4, sampler_steps=3, likelihood_steps=2,
+                    sample_batch_states=3)
+    torch.manual_seed(0)
+    model = arq.ScoreModel(2, 2, args)
+    states = torch.randn(10, 2)
+    partial = str(tmp_path / "support.partial.pt")
+    quiet = lambda *a, **k: None  # noqa: E731
+    whole = arq.generate_support(model, states, args, torch.Generator().manual_seed(7), partial, None, quiet)
+    assert torch.load(partial)["rows"] == 9  # saved with the progress line at 90%, removed by the script
+    os.remove(partial)
+
+    for calls in (0, 0):
+        with pytest.raises(SystemExit):
+            arq.generate_support(model, states, args, torch.Generator().manual_seed(7), partial, StopAfter(calls),
+                                 quiet)
+    assert torch.load(partial)["rows"] == 6
+    resumed = arq.generate_support(model, states, args, torch.Generator().manual_seed(7), partial,
+                                   StopAfter(99), quiet)
+    for a, b in zip(whole, resumed):
+        assert torch.equal(a, b)
+
+    with open(partial, "wb") as f:
+        f.write(b"not a checkpoint")
+    lines = []
+    again = arq.generate_support(model, states, args, torch.Generator().manual_seed(7), partial, None,
+                                 lambda line, **k: lines.append(line))
+    assert "unreadable or does not fit" in lines[0]
+    for a, b in zip(whole, again):
+        assert torch.equal(a, b)
+
+
 def test_backup_is_floored_by_the_dataset_action_and_ignores_dropped_samples():
     args = arq.Args(hidden_dim=8, kth=2, policy="implicit", gamma=0.5, tau=0.0, critic_lr=3e-4)
     agent = arq.ARQ(args, obs_dim=1, act_dim=1, device=torch.device("cpu"))
