@@ -51,7 +51,7 @@ from offline_data.evaluation import evaluate, normalized_score  # noqa: F401
 from offline_data.tasks import dataset_task, is_antmaze  # noqa: F401
 from run_folder import Run  # noqa: F401
 from speed import (EnsembleLinear, EnsembleMLP, OutputLinear, Precision, autocast, compiled,  # noqa: F401
-                   ensemble_mlp, no_cuda_graphs, training_step)
+                   ensemble_mlp, training_step)
 
 # ----------------------------------------------------------------------------------------------
 # Checking flags: right after parsing, so that a bad value is one line before any work, not a

@@ -138,12 +138,6 @@ def compiled(loss: Callable, enabled: bool) -> Callable:
 # ----------------------------------------------------------------------------------------------
 # --cuda-graphs: the whole training step, batch sampling included, captured and replayed on CUDA
 # ----------------------------------------------------------------------------------------------
-def no_cuda_graphs(args, why: str) -> None:
-    """A file's check_args refuses --cuda-graphs with this when its training step cannot be captured."""
-    if args.cuda_graphs:
-        raise UserError(f"--cuda-graphs: {why}; run without it")
-
-
 def training_step(agent, buffer, args, device: torch.device) -> Callable[[], dict]:
     """The main loop's step: `train_step()` trains the agent on one batch and returns its metrics.
     It is agent.train(buffer.sample(args.batch_size)); with --cuda-graphs on a CUDA device the same
@@ -182,7 +176,31 @@ def cuda_side_stream():
 
 
 def python_numbers(agent) -> dict:
-    return {k: v for k, v in vars(agent).items() if isinstance(v, (bool, int, float))}
+    """The Python numbers that a train() call could change and a replay would not: the agent's own
+    (counters), its optimisers' settings (a learning rate that a scheduler writes) and those of its
+    other plain objects (a scheduler's step count), as name -> (object or dict, key, value)."""
+    def numbers_of(label: str, owner) -> dict:
+        items = owner.items() if isinstance(owner, dict) else vars(owner).items()
+        return {f"{label}.{k}": (owner, k, v) for k, v in items if isinstance(v, (bool, int, float))}
+
+    numbers = {}
+    for name, value in vars(agent).items():
+        if isinstance(value, (bool, int, float)):
+            numbers[name] = (agent, name, value)
+        elif isinstance(value, torch.optim.Optimizer):
+            for i, group in enumerate(value.param_groups):
+                numbers.update(numbers_of(f"{name}.param_groups[{i}]", group))
+        elif hasattr(value, "__dict__") and not isinstance(value, (torch.nn.Module, torch.Tensor)):
+            numbers.update(numbers_of(name, value))
+    return numbers
+
+
+def restore_numbers(numbers: dict) -> None:
+    for owner, key, value in numbers.values():
+        if isinstance(owner, dict):
+            owner[key] = value
+        else:
+            setattr(owner, key, value)
 
 
 class CapturedStep:
@@ -192,7 +210,8 @@ class CapturedStep:
     on a side stream (they train as any step does, and build the optimisers' state), the next one
     captures it and every later one replays it. A captured train() may change the agent's Python
     numbers only by adding to integer counters (TD3+BC's total_it): each replay adds the same, so that
-    a checkpoint holds what an eager run's would. If a capture raises, one line says why and every
+    a checkpoint holds what an eager run's would. Any other Python number it changes (a learning rate
+    that torch's schedulers write, their step counts) would be frozen by a graph: not captured. If a capture raises, one line says why and every
     later step runs eagerly. `capture` and `side_stream` are cuda_graph and cuda_side_stream on a GPU;
     tests/test_cuda_graphs.py runs this on the CPU with a stand-in that calls the step again."""
 
@@ -217,8 +236,7 @@ class CapturedStep:
             try:
                 self.graphs[path] = self.captured(before)
             except Exception as exc:
-                for name, value in before.items():
-                    setattr(self.agent, name, value)
+                restore_numbers(before)
                 reason = (str(exc).strip().splitlines() or [""])[0]
                 print(f"--cuda-graphs: capturing the training step failed ({type(exc).__name__}: {reason}); "
                       "training eagerly", flush=True)
@@ -232,14 +250,13 @@ class CapturedStep:
 
     def captured(self, before: dict) -> tuple:
         replay, metrics = self.capture(self.step)
-        after = python_numbers(self.agent)
         increments = {}
-        for name, value in after.items():
-            if value == before.get(name):
+        for name, (owner, key, value) in python_numbers(self.agent).items():
+            was = before.get(name, (None, None, None))[2]
+            if value == was:
                 continue
-            if type(value) is not int or type(before.get(name)) is not int:
+            if owner is not self.agent or type(value) is not int or type(was) is not int:
                 raise ValueError(f"train() sets the Python value {name} on every step, which a graph would freeze")
-            increments[name] = value - before[name]
-        for name, value in before.items():
-            setattr(self.agent, name, value)
+            increments[key] = value - was
+        restore_numbers(before)
         return replay, metrics, increments

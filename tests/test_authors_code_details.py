@@ -1,8 +1,9 @@
 """Details where the files follow the authors' public code: checked on hand-made inputs (CQL's
 max-Q backup, update order and log-std bounds, BRAC+'s multiplier caps and TD scale, ARQ's likelihood
 of unclipped samples, iTRPO's parameter names, log-std bounds, update order, initialisation and
-rewards, Fisher-BRC's temperature loss)."""
+rewards, Fisher-BRC's temperature loss, IQL's learning-rate schedule)."""
 
+import math
 import types
 
 import pytest
@@ -225,3 +226,48 @@ def test_fisher_brc_regression_slope():
     x = torch.tensor([0.0, 1.0, 2.0, 3.0])
     torch.testing.assert_close(fbrc.regression_slope(-x + 5.0, x), torch.tensor(-1.0))
     torch.testing.assert_close(fbrc.regression_slope(2.0 * x, x), torch.tensor(2.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# IQL (ikostrikov/implicit_q_learning, learner.py: optax.cosine_decay_schedule(-actor_lr, max_steps))
+# ----------------------------------------------------------------------------------------------
+def iql_agent(total_steps: int):
+    iql = load_algorithm("iql")
+    args = iql.Args(hidden_dim=8, total_steps=total_steps, expectile=0.7, beta=3.0, dropout=0.0,
+                    reward_transform="none")
+    return iql.IQL(args, 3, 2, torch.device("cpu"))
+
+
+def test_iql_actor_learning_rate_is_optaxs_cosine_decay_and_stays_at_zero_after_the_last_step():
+    agent = iql_agent(10)
+    rates = []
+    for _ in range(13):
+        rates.append(agent.actor_optimizer.param_groups[0]["lr"].item())
+        agent.actor_scheduler.step()
+    want = [3e-4 * 0.5 * (1 + math.cos(math.pi * min(t, 10) / 10)) for t in range(13)]
+    assert rates == pytest.approx(want, rel=1e-6, abs=1e-12)
+    assert agent.critic_optimizer.param_groups[0]["lr"] == 3e-4  # the critic and V keep a constant rate
+
+
+def test_iql_learning_rate_resumes_from_its_checkpoint_and_from_torchs_cosine_schedulers():
+    """A checkpoint of this schedule, and one of torch's CosineAnnealingLR (its last_epoch; the
+    optimiser then holds a Python float), both resume at the rate of their step."""
+    from run_folder import load_training_state, training_state
+
+    trained = iql_agent(10)
+    for _ in range(4):
+        trained.actor_scheduler.step()
+    resumed = iql_agent(10)
+    load_training_state(resumed, training_state(trained))
+    for agent in (trained, resumed):
+        agent.actor_scheduler.step()
+    lr = resumed.actor_optimizer.param_groups[0]["lr"]
+    assert lr is resumed.actor_scheduler.lr and lr.item() == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+    torch_style = iql_agent(10)
+    optimizer_state = torch_style.actor_optimizer.state_dict()
+    optimizer_state["param_groups"][0]["lr"] = 1.23e-4  # what CosineAnnealingLR left there
+    torch_style.actor_optimizer.load_state_dict(optimizer_state)
+    torch_style.actor_scheduler.load_state_dict({"last_epoch": 4, "T_max": 10, "_last_lr": [1.23e-4]})
+    lr = torch_style.actor_optimizer.param_groups[0]["lr"]
+    assert lr is torch_style.actor_scheduler.lr and lr.item() == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi * 0.4)))

@@ -56,14 +56,23 @@ def agent_on(name: str, device: torch.device):
     return module, cls(args, 5, 3, device)
 
 
-def steps_on_meta(name: str):
-    """(training step, batch) of each of the file's phases, agent and batches on the meta device. The
-    fused Adam kernel has no meta version, so here the optimisers run unfused."""
-    meta = torch.device("meta")
-    module, agent = agent_on(name, meta)
+def unfused(agent) -> None:
+    """The agent's optimisers unfused, for the meta device, which has no fused Adam kernel. Unfused
+    Adam reads a tensor learning rate (IQL's) back to the host, where the fused kernel reads it on the
+    device: such a rate becomes a number here (its schedule still runs on the meta device)."""
     for optimizer in (v for v in vars(agent).values() if isinstance(v, torch.optim.Optimizer)):
         for group in optimizer.param_groups:
             group["fused"] = False
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"] = 3e-4
+
+
+def steps_on_meta(name: str):
+    """(training step, batch) of each of the file's phases, agent and batches on the meta device, the
+    optimisers unfused."""
+    meta = torch.device("meta")
+    module, agent = agent_on(name, meta)
+    unfused(agent)
     for step in SMALL[name][1]:
         batch = batch_for(module, step)
         yield getattr(agent, step), type(batch)(*(t.to(meta) for t in batch))
