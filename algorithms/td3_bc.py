@@ -140,7 +140,7 @@ class Critic(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Algorithm
 # ----------------------------------------------------------------------------------------------
-def actor_loss(q_pi: torch.Tensor, pi_actions: torch.Tensor, data_actions: torch.Tensor,
+def bc_regularised_loss(q_pi: torch.Tensor, pi_actions: torch.Tensor, data_actions: torch.Tensor,
                alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 3: -lambda * mean Q1(s, pi(s)) + mean (pi(s) - a)^2, lambda = alpha / mean|Q1| (no grad)."""
     lmbda = alpha / q_pi.abs().mean().detach()
@@ -159,7 +159,7 @@ class TD3BC:
         self.total_it = 0
         self.last_actor_metrics: dict = {}
         self.critic_loss = common.compiled(self.critic_loss, args.compile)
-        self.policy_loss = common.compiled(self.policy_loss, args.compile)
+        self.actor_loss = common.compiled(self.actor_loss, args.compile)
         self.train = common.autocast(self.train, args.precision, device)
 
     def critic_loss(self, batch: common.Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,10 +174,10 @@ class TD3BC:
         q1, q2 = self.critic(obs, actions)
         return F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q), q1
 
-    def policy_loss(self, batch: common.Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 3 at pi(s) (actor_loss); and lambda."""
+    def actor_loss(self, batch: common.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 3 at pi(s) (bc_regularised_loss); and lambda."""
         pi = self.actor(batch.observations)
-        return actor_loss(self.critic.q1(batch.observations, pi), pi, batch.actions, self.args.alpha)
+        return bc_regularised_loss(self.critic.q1(batch.observations, pi), pi, batch.actions, self.args.alpha)
 
     def train(self, batch: common.Batch) -> dict:
         args = self.args
@@ -190,7 +190,7 @@ class TD3BC:
 
         if self.total_it % args.policy_freq == 0:
             self.critic.requires_grad_(False)  # the actor's loss moves the actor only: no critic weight gradients
-            loss, lmbda = self.policy_loss(batch)
+            loss, lmbda = self.actor_loss(batch)
             self.critic.requires_grad_(True)
             self.actor_optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -52,7 +52,7 @@ def test_td3_bc_lambda_normalises_by_mean_absolute_q():
     q = torch.tensor([1.0, -3.0, 2.0], requires_grad=True)
     pi = torch.tensor([[0.5], [0.0], [-0.5]], requires_grad=True)
     a = torch.tensor([[0.0], [0.0], [0.0]])
-    loss, lmbda = td3_bc.actor_loss(q, pi, a, alpha=2.5)
+    loss, lmbda = td3_bc.bc_regularised_loss(q, pi, a, alpha=2.5)
     assert lmbda.item() == pytest.approx(2.5 / 2.0)  # mean |Q| = 2
     assert loss.item() == pytest.approx(-1.25 * 0.0 + (0.25 + 0 + 0.25) / 3)
     loss.backward()

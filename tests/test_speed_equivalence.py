@@ -324,7 +324,7 @@ def td3_bc_reference(td3, ref):
         if ref.total_it % args.policy_freq == 0:
             pi = ref.actor(obs)
             q_pi = ref.critic.q1(torch.cat([obs, pi], dim=-1)).squeeze(-1)
-            loss, lmbda = td3.actor_loss(q_pi, pi, actions, args.alpha)
+            loss, lmbda = td3.bc_regularised_loss(q_pi, pi, actions, args.alpha)
             ref.actor_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             ref.actor_optimizer.step()
