@@ -44,7 +44,10 @@ def autocast(step: Callable, precision: str, device: torch.device) -> Callable:
                         "(before Ampere, bf16 is emulated and slower than fp32); use --precision fp32.")
 
     def bf16_step(*args, **kwargs):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        # Inside a CUDA graph capture (--cuda-graphs) without autocast's cache of casted weights, as
+        # PyTorch's CUDA graphs documentation asks: the graph must redo the casts on every replay.
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not capturing):
             return step(*args, **kwargs)
 
     return bf16_step

@@ -115,39 +115,38 @@ def tiny_flags(algorithm: str) -> dict[str, str]:
     return dict(zip(flags[::2], flags[1::2]))
 
 
-def test_every_numeric_flag_at_zero_and_below_works_or_is_one_line(datasets_path, tmp_path):
-    tried, refused, accepted = 0, 0, {}
-    for algorithm in ALGORITHMS:
-        module = load_script(algorithm)
-        fields = numeric_fields(module.Args)
-        # the flags a user sees in --help are the numeric fields of Args
-        listed = set(re.findall(r"^\s+--([a-z0-9-]+) (?:\{None\}\|)?(?:INT|FLOAT)\b", help_text(module), re.M))
-        assert listed == {name.replace("_", "-") for name in fields}, algorithm
-        for name, kind in fields.items():
-            flag = "--" + name.replace("_", "-")
-            for value in (0, -1):
-                tried += 1
-                text = str(kind(value))
-                try:
-                    args = check_stage(module, [flag, text, "--output-dir", str(tmp_path)])
-                except common.UserError as exc:
-                    refused += 1
-                    assert "\n" not in str(exc) and flag in str(exc), (algorithm, flag, str(exc))
-                    continue
-                assert getattr(args, name) == kind(value)
-                accepted.setdefault(algorithm, []).append((flag, text))
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_numeric_flag_at_zero_and_below_works_or_is_one_line(algorithm, datasets_path, tmp_path):
+    tried, refused, accepted = 0, 0, []
+    module = load_script(algorithm)
+    fields = numeric_fields(module.Args)
+    # the flags a user sees in --help are the numeric fields of Args
+    listed = set(re.findall(r"^\s+--([a-z0-9-]+) (?:\{None\}\|)?(?:INT|FLOAT)\b", help_text(module), re.M))
+    assert listed == {name.replace("_", "-") for name in fields}, algorithm
+    for name, kind in fields.items():
+        flag = "--" + name.replace("_", "-")
+        for value in (0, -1):
+            tried += 1
+            text = str(kind(value))
+            try:
+                args = check_stage(module, [flag, text, "--output-dir", str(tmp_path)])
+            except common.UserError as exc:
+                refused += 1
+                assert "\n" not in str(exc) and flag in str(exc), (algorithm, flag, str(exc))
+                continue
+            assert getattr(args, name) == kind(value)
+            accepted.append((flag, text))
 
     # every accepted value in a real run: several per run, each flag at most once in a run
-    runs = []
-    for algorithm, values in accepted.items():
-        while values:
-            batch, rest, seen = [], [], set()
-            for flag, text in values:
-                (rest if flag in seen else batch).append((flag, text))
-                seen.add(flag)
-            runs.append((algorithm, batch))
-            values = rest
-    for i, (algorithm, values) in enumerate(runs):
+    runs, values = [], accepted
+    while values:
+        batch, rest, seen = [], [], set()
+        for flag, text in values:
+            (rest if flag in seen else batch).append((flag, text))
+            seen.add(flag)
+        runs.append(batch)
+        values = rest
+    for i, values in enumerate(runs):
         flags = {**tiny_flags(algorithm), **dict(values), "--output-dir": str(tmp_path / f"run{i}"),
                  "--run-name": "r"}
         result = run_script([os.path.join(ROOT, "algorithms", f"{algorithm}.py"),
@@ -156,7 +155,7 @@ def test_every_numeric_flag_at_zero_and_below_works_or_is_one_line(datasets_path
             assert_valid_results(tmp_path / f"run{i}" / "r" / "results.json")
         else:
             assert_one_line_error(result)
-    n_accepted = sum(len(values) for _, values in runs)
+    n_accepted = sum(len(values) for values in runs)
     print(f"\n{tried} hostile values: {refused} refused by the checks, {n_accepted} accepted and trained in "
           f"{len(runs)} real runs")
     assert tried == refused + n_accepted and refused > 0 and n_accepted > 0
