@@ -214,9 +214,10 @@ class CapturedStep:
     captures it and every later one replays it. A captured train() may change the agent's Python
     numbers only by adding to integer counters (TD3+BC's total_it): each replay adds the same, so that
     a checkpoint holds what an eager run's would. Any other Python number it changes (a learning rate
-    that torch's schedulers write, their step counts) would be frozen by a graph: not captured. If a capture raises, one line says why and every
-    later step runs eagerly. `capture` and `side_stream` are cuda_graph and cuda_side_stream on a GPU;
-    tests/test_cuda_graphs.py runs this on the CPU with a stand-in that calls the step again."""
+    that torch's schedulers write, their step counts) a graph would freeze, so that step is not
+    captured. If a capture raises, one line says why and every later step runs eagerly. `capture`
+    and `side_stream` are cuda_graph and cuda_side_stream on a GPU; tests/test_cuda_graphs.py runs
+    this on the CPU with a stand-in that calls the step again."""
 
     WARMUP = 3
 
