@@ -113,11 +113,12 @@ def test_behaviour_model_is_cached_and_a_cached_run_continues_identically(algori
     assert "reusing the cached pretrained model" in second_log
     assert "behaviour model step" not in second_log
     assert [e["return_mean"] for e in second] == [e["return_mean"] for e in first]
-    # another --seed shares the behaviour model; --no-reuse-cache trains it again
+    # another --seed shares the behaviour model
     third_log, _, _ = pretraining_run(datasets_path, tmp_path, algorithm, "third", ["--seed", "3"])
     assert "reusing the cached pretrained model" in third_log
-    fourth_log, _, _ = pretraining_run(datasets_path, tmp_path, algorithm, "fourth", ["--no-reuse-cache"])
-    assert "behaviour model step" in fourth_log
+    if algorithm == "fisher_brc":  # --no-reuse-cache trains it again (the three files read it in the same line)
+        fourth_log, _, _ = pretraining_run(datasets_path, tmp_path, algorithm, "fourth", ["--no-reuse-cache"])
+        assert "behaviour model step" in fourth_log
 
 
 def test_a_damaged_behaviour_cache_is_retrained_with_a_notice(datasets_path, tmp_path):

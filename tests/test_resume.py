@@ -62,12 +62,25 @@ def start_and_interrupt(cmd, datasets_path, folder, evaluations_before: int, sig
     return proc.returncode, stdout, stderr
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(datasets_path, tmp_path_factory):
+    """algorithm -> the evaluations of its run from start to end, made once for this module's tests."""
+    out, made = tmp_path_factory.mktemp("uninterrupted"), {}
+
+    def get(algorithm: str):
+        if algorithm not in made:
+            whole = run(command(algorithm, out, algorithm), datasets_path)
+            assert whole.returncode == 0, whole.stderr[-2000:]
+            made[algorithm] = evaluations(out, algorithm)[1]
+        return made[algorithm]
+
+    return get
+
+
 @pytest.mark.parametrize("algorithm", ["td3_bc", "brac_plus"])
-def test_a_killed_run_resumes_to_the_same_evaluations(algorithm, datasets_path, tmp_path):
+def test_a_killed_run_resumes_to_the_same_evaluations(algorithm, datasets_path, tmp_path, uninterrupted):
     out = tmp_path / "runs"
-    whole = run(command(algorithm, out, "whole"), datasets_path)
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    _, expected = evaluations(out, "whole")
+    expected = uninterrupted(algorithm)
 
     cmd = command(algorithm, out, "killed")
     start_and_interrupt(cmd, datasets_path, out / "killed", evaluations_before=1)
@@ -85,10 +98,9 @@ def test_a_killed_run_resumes_to_the_same_evaluations(algorithm, datasets_path, 
     assert once_more.returncode == 0 and "nothing to do" in once_more.stdout
 
 
-def test_sigterm_writes_a_checkpoint_and_the_run_continues_from_it(datasets_path, tmp_path):
+def test_sigterm_writes_a_checkpoint_and_the_run_continues_from_it(datasets_path, tmp_path, uninterrupted):
     out = tmp_path / "runs"
-    run(command("td3_bc", out, "whole"), datasets_path)
-    _, expected = evaluations(out, "whole")
+    expected = uninterrupted("td3_bc")
     cmd = command("td3_bc", out, "stopped")
     code, stdout, stderr = start_and_interrupt(cmd, datasets_path, out / "stopped", 1, signal.SIGTERM)
     assert code == 128 + signal.SIGTERM, stderr[-2000:]
@@ -98,10 +110,9 @@ def test_sigterm_writes_a_checkpoint_and_the_run_continues_from_it(datasets_path
     assert evaluations(out, "stopped")[1] == expected
 
 
-def test_a_damaged_checkpoint_falls_back_to_the_previous_one(datasets_path, tmp_path):
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(datasets_path, tmp_path, uninterrupted):
     out = tmp_path / "runs"
-    run(command("td3_bc", out, "whole"), datasets_path)
-    _, expected = evaluations(out, "whole")
+    expected = uninterrupted("td3_bc")
     cmd = command("td3_bc", out, "damaged")
     start_and_interrupt(cmd, datasets_path, out / "damaged", evaluations_before=2)
     latest = out / "damaged" / "checkpoint.pt"
