@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT
 
 FLAGS = {
-    "td3_bc": ["--total-steps", "3000", "--eval-every", "300", "--batch-size", "64"],
+    "td3_bc": ["--total-steps", "1500", "--eval-every", "150", "--batch-size", "64"],
     "brac_plus": ["--total-steps", "300", "--eval-every", "30", "--bc-steps", "20", "--pretrain-steps", "20",
                   "--epoch-steps", "25", "--kl-states", "64", "--batch-size", "16", "--hidden-dim", "32",
                   "--actor-hidden-dim", "32", "--vae-hidden-dim", "32", "--n-samples", "2", "--n-latent", "2"],
