@@ -184,7 +184,7 @@ def test_a_slurm_task_stopped_by_usr1_checkpoints_requeues_and_resumes(tmp_path,
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
     out = tmp_path / "runs"
     script = str(tmp_path / "job.sbatch")
-    assert benchmark.main(["--algos", "bc", "--datasets", "d4rl/hopper-medium-replay-v2", "--seeds", "0", "--steps", "3000",
+    assert benchmark.main(["--algos", "bc", "--datasets", "d4rl/hopper-medium-replay-v2", "--seeds", "0", "--steps", "1500",
                            "--eval-every", "300", "--eval-episodes", "1", "--output-dir", str(out),
                            "--slurm", script]) == 0
     fake_bin = tmp_path / "bin"
@@ -214,7 +214,7 @@ def test_a_slurm_task_stopped_by_usr1_checkpoints_requeues_and_resumes(tmp_path,
     assert "resuming from step" in again.stdout and not record.exists()
     with open(run_dir / "results.json") as f:
         results = json.load(f)
-    assert results["finished"] and results["evaluations"][-1]["step"] == 3000
+    assert results["finished"] and results["evaluations"][-1]["step"] == 1500
 
 
 def test_the_d4rl_file_of_a_paper_dataset_is_preferred_to_its_stand_in(capsys, tmp_path, monkeypatch):
