@@ -8,7 +8,8 @@ official code (ikostrikov/implicit_q_learning): V first, then the actor and Q wi
 
 Hyperparameters: 2x256 networks, Adam 3e-4 with cosine decay to 0 over --total-steps for the actor
 only (CosineDecay), tau 0.005, batch 256, 1M steps; Gaussian policy with tanh on the mean and a
-state-independent log-std in [-5, 2], the mean action at evaluation. Per domain (paper appendix and official code), from the dataset id:
+state-independent log-std in [-5, 2], the mean action at evaluation. Per domain (paper appendix and
+official code), from the dataset id:
     antmaze:                        tau 0.9, beta 10.0, rewards r - 1
     kitchen, adroit:                tau 0.7, beta 0.5,  actor dropout 0.1, rewards untouched
     halfcheetah, hopper, walker2d:  tau 0.7, beta 3.0,  rewards * 1000 / (max - min episode return)
