@@ -66,6 +66,7 @@ Deviations:
   sqrt(v)): docs/implementation_notes.md, "Adam's epsilon".
 """
 
+import contextlib
 import copy
 import hashlib
 import io
@@ -592,27 +593,30 @@ def generate_support(model: ScoreModel, states: torch.Tensor, args: Args, gen: t
     """N samples and log-likelihoods for every state, in batches, with a progress line every 5%.
     Hours of work on a CPU, so the rows done and `gen`'s state go to `partial_path` with every line
     and when `run` receives a stop signal: the same command goes on from there, and the result
-    equals an uninterrupted generation's."""
+    equals an uninterrupted generation's (another --sample-batch-states starts over)."""
     samples, lls, first = [], [], 0
     if os.path.exists(partial_path):
         try:  # a damaged or foreign file only means starting from the first state
             part = torch.load(partial_path, map_location="cpu")
-            if part["samples"].shape[1:] != (args.n_support, model.act_dim) or \
-                    part["log_likelihoods"].shape != part["samples"].shape[:2] or part["rows"] > len(states):
-                raise ValueError(f"samples of shape {tuple(part['samples'].shape)}")
+            rows, done_samples, done_lls = part["rows"], part["samples"], part["log_likelihoods"]
+            if part["batch_states"] != args.sample_batch_states:  # other batches draw other noise
+                raise ValueError(f"made with --sample-batch-states {part['batch_states']}")
+            if not 0 < rows <= len(states) or done_samples.shape != (rows, args.n_support, model.act_dim) or \
+                    done_lls.shape != (rows, args.n_support):
+                raise ValueError(f"samples of shape {tuple(done_samples.shape)}")
+            done_samples, done_lls = done_samples.to(states.device), done_lls.to(states.device)
             gen.set_state(part["generator"])
-            first = part["rows"]
-            samples, lls = [part["samples"].to(states.device)], [part["log_likelihoods"].to(states.device)]
+            samples, lls, first = [done_samples], [done_lls], rows
             log(f"[arq] support: going on from state {first} of {len(states)} ({partial_path})", flush=True)
         except Exception as exc:
-            log(f"[arq] {partial_path} is unreadable or does not fit ({type(exc).__name__}); "
+            log(f"[arq] {partial_path} is unreadable or does not fit ({type(exc).__name__}: {exc}); "
                 f"starting the support from the first state", flush=True)
 
     def save_progress(rows: int) -> None:
         samples[:], lls[:] = [torch.cat(samples)], [torch.cat(lls)]
         payload = io.BytesIO()
-        torch.save({"rows": rows, "samples": samples[0].cpu(), "log_likelihoods": lls[0].cpu(),
-                    "generator": gen.get_state()}, payload)
+        torch.save({"rows": rows, "batch_states": args.sample_batch_states, "samples": samples[0].cpu(),
+                    "log_likelihoods": lls[0].cpu(), "generator": gen.get_state()}, payload)
         common.save_cache(partial_path, payload.getvalue())
 
     start, next_report = time.time(), math.floor(first / len(states) / 0.05) * 0.05 + 0.05
@@ -628,7 +632,7 @@ def generate_support(model: ScoreModel, states: torch.Tensor, args: Args, gen: t
                 f"{(rows - first) * args.n_support / max(elapsed, 1e-9) * 3600:,.0f} samples/h | "
                 f"ETA {elapsed / (rows - first) * (len(states) - rows):.0f} s", flush=True)
             next_report = math.floor(done / 0.05) * 0.05 + 0.05
-            if rows < len(states):
+            if rows < len(states) and not (run is not None and run.signal_received()):
                 save_progress(rows)
         if run is not None and rows < len(states) and run.signal_received():
             save_progress(rows)
@@ -843,7 +847,7 @@ if __name__ == "__main__":
             payload = io.BytesIO()
             torch.save({"samples": samples.cpu(), "log_likelihoods": log_likelihoods.cpu()}, payload)
             common.save_cache(support_path, payload.getvalue())
-            if os.path.exists(partial_path):
+            with contextlib.suppress(FileNotFoundError):  # another seed's run may share the cache
                 os.remove(partial_path)
     support = build_support(data.actions, samples, log_likelihoods, args.log_likelihood_threshold, next_row)
     kept = support.valid[:, 1:].float().mean().item()

@@ -194,11 +194,13 @@ class CosineDecay:
         self.lr.copy_(0.5 * self.base_lr * (1 + torch.cos(math.pi * fraction)))
 
     def state_dict(self) -> dict:
-        return {"last_epoch": self.t.clone()}
+        return {"last_epoch": self.t.clone(), "T_max": self.total_steps}
 
     def load_state_dict(self, state: dict) -> None:
-        """After the optimiser's own load_state_dict, which replaces its learning rate."""
+        """After the optimiser's own load_state_dict, which replaces its learning rate. T stays that of
+        the run's start when a resume changes --total-steps, as with torch's CosineAnnealingLR."""
         self.t.copy_(torch.as_tensor(state["last_epoch"]))
+        self.total_steps = int(state.get("T_max", self.total_steps))
         self.optimizer.param_groups[0]["lr"] = self.lr
         self.set_lr()
 

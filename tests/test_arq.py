@@ -198,6 +198,19 @@ def test_support_generation_stopped_twice_goes_on_to_the_uninterrupted_result(tm
     for a, b in zip(whole, again):
         assert torch.equal(a, b)
 
+    # progress made with other batches draws other noise from the stream: it is not continued
+    os.remove(partial)
+    with pytest.raises(SystemExit):
+        arq.generate_support(model, states, args, torch.Generator().manual_seed(7), partial, StopAfter(0), quiet)
+    args.sample_batch_states, lines = 4, []
+    by_four = arq.generate_support(model, states, args, torch.Generator().manual_seed(7), partial, None,
+                                   lambda line, **k: lines.append(line))
+    assert "made with --sample-batch-states 3" in lines[0]
+    os.remove(partial)
+    fresh = arq.generate_support(model, states, args, torch.Generator().manual_seed(7), partial, None, quiet)
+    for a, b in zip(fresh, by_four):
+        assert torch.equal(a, b)
+
 
 def test_backup_is_floored_by_the_dataset_action_and_ignores_dropped_samples():
     args = arq.Args(hidden_dim=8, kth=2, policy="implicit", gamma=0.5, tau=0.0, critic_lr=3e-4)

@@ -250,14 +250,14 @@ def test_iql_actor_learning_rate_is_optaxs_cosine_decay_and_stays_at_zero_after_
 
 
 def test_iql_learning_rate_resumes_from_its_checkpoint_and_from_torchs_cosine_schedulers():
-    """A checkpoint of this schedule, and one of torch's CosineAnnealingLR (its last_epoch; the
-    optimiser then holds a Python float), both resume at the rate of their step."""
+    """A checkpoint of this schedule, and one of torch's CosineAnnealingLR (its last_epoch and T_max;
+    the optimiser then holds a Python float), both resume at the rate of their step."""
     from run_folder import load_training_state, training_state
 
     trained = iql_agent(10)
     for _ in range(4):
         trained.actor_scheduler.step()
-    resumed = iql_agent(10)
+    resumed = iql_agent(20)  # a resume that changes --total-steps keeps the schedule of the run's start
     load_training_state(resumed, training_state(trained))
     for agent in (trained, resumed):
         agent.actor_scheduler.step()

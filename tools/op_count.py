@@ -8,7 +8,7 @@ Each file's agent is built as in tools/compile_report.py (small networks: the co
 on the widths), without --compile, and each training step runs 4 times, then 4 more under
 torch.profiler. Counted: the outermost aten operations (those not called by another one), without
 the views and metadata operations that launch nothing (VIEWS). Batch sampling, outside train(),
-adds 6 (an index draw and five gathers).
+adds 2 (an index draw and one gather from the buffer's table; ARQ's adds 11).
 """
 
 import collections
@@ -37,7 +37,7 @@ class Args:
     algorithms: tuple[str, ...] = tuple(STEPS)
     """files to count"""
     show: int = 0
-    """also list the this many most frequent operations of each step"""
+    """also list this many of each step's most frequent operations"""
 
 
 def operations(step, batch) -> collections.Counter:
