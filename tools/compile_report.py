@@ -65,12 +65,12 @@ def load_algorithm(name: str):
     return module
 
 
-def agent_of(name: str):
+def agent_of(name: str, compile: bool = True):
     module = load_algorithm(name)
     cls = next(v for v in vars(module).values()
                if isinstance(v, type) and v.__module__ == module.__name__ and hasattr(v, "act"))
     args = module.Args(**STEPS[name][0])
-    args.compile = True
+    args.compile = compile
     for k, v in (module.domain_defaults(args.env).items() if hasattr(module, "domain_defaults") else ()):
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -4,8 +4,8 @@ at least one kernel launch from Python, which is what a small network's step wai
     OMP_NUM_THREADS=1 python tools/op_count.py
     OMP_NUM_THREADS=1 python tools/op_count.py --algorithms td3_bc iql
 
-Each file's agent is built as in tools/compile_report.py (small networks: the count does not depend
-on the widths), without --compile, and each training step runs 4 times, then 4 more under
+Each file's agent is built by tools/compile_report.py's agent_of (small networks: the count does
+not depend on the widths), without --compile, and each training step runs 4 times, then 4 more under
 torch.profiler. Counted: the outermost aten operations (those not called by another one), without
 the views and metadata operations that launch nothing (VIEWS). Batch sampling, outside train(),
 adds 2 (an index draw and one gather from the buffer's table; ARQ's adds 11).
@@ -21,7 +21,7 @@ import tyro
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compile_report import ACT, OBS, STEPS, batch_for, load_algorithm  # noqa: E402
+from compile_report import STEPS, agent_of, batch_for  # noqa: E402
 
 VIEWS = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided", "aten::t", "aten::transpose",
          "aten::expand", "aten::expand_as", "aten::unsqueeze", "aten::squeeze", "aten::select", "aten::slice",
@@ -57,15 +57,7 @@ def operations(step, batch) -> collections.Counter:
 
 
 def count(name: str, show: int) -> None:
-    module = load_algorithm(name)
-    cls = next(v for v in vars(module).values()
-               if isinstance(v, type) and v.__module__ == module.__name__ and hasattr(v, "act"))
-    args = module.Args(**STEPS[name][0])
-    for k, v in (module.domain_defaults(args.env).items() if hasattr(module, "domain_defaults") else ()):
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    torch.manual_seed(0)
-    agent = cls(args, OBS, ACT, torch.device("cpu"))
+    module, agent = agent_of(name, compile=False)
     for step in STEPS[name][1]:
         if step == "train":
             for pretrained in ("behavior", "score"):  # frozen after their phase, as in the scripts
