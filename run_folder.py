@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from offline_data import OfflineData
-from offline_data.errors import UserError, atomic_write_bytes, atomic_write_json, save_checkpoint
+from offline_data.errors import UserError, atomic_write_bytes, atomic_write_json, lock_folder, save_checkpoint
 from offline_data.evaluation import evaluate, render_problem
 
 
@@ -59,6 +59,11 @@ class Run:
         run_name = args.run_name or f"{args.env.replace('/', '__')}__{algorithm}__{args.seed}__{int(time.time())}"
         self.dir = os.path.join(args.output_dir, run_name)
         check_batch_sizes(args, data)
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the run folder {self.dir}: {exc.strerror or exc}") from None
+        self.lock = lock_folder(self.dir, "wait for it to end, or pass another --run-name")
         self.saved = None
         if args.resume == "auto":
             if _finished(os.path.join(self.dir, "results.json")):
@@ -67,10 +72,6 @@ class Run:
             self.saved = self._read_checkpoint()
         else:
             _remove_checkpoints(self.dir)
-        try:
-            os.makedirs(self.dir, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"cannot create the run folder {self.dir}: {exc.strerror or exc}") from None
         # a resumed run drops the events logged after its checkpoint, which it is about to log again
         self.writer = SummaryWriter(self.dir, purge_step=None if self.saved is None else self.saved["step"] + 1)
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(

@@ -1,4 +1,5 @@
-"""UserError, the hook that prints it as one line, and atomic file writes whose failure is one.
+"""UserError, the hook that prints it as one line, atomic file writes whose failure is one, and the
+lock that keeps two processes out of one folder.
 
 The data layer, common.py and the tools all use these; the algorithm files reach them through
 `common` (common.UserError, ...). Importing this module changes nothing.
@@ -93,3 +94,33 @@ def save_checkpoint(path: str, obj: dict) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def lock_folder(folder: str, what_to_do: str):
+    """Lock `folder` for this process with an exclusive flock on `<folder>/.lock`, so that two
+    processes never write into it at once. Returns the open lock file: closing it, or the end of the
+    process (a kill included), releases the lock, so none is left stale. A folder another process
+    holds is refused in one line with that process's pid and `what_to_do`. Where there are no locks
+    (not POSIX, or a network file system without them), the folder is used unlocked."""
+    try:
+        f = open(os.path.join(folder, ".lock"), "a+")
+    except OSError as exc:
+        raise UserError(f"cannot write in {folder}: {exc.strerror or exc}") from None
+    try:
+        import fcntl
+    except ImportError:
+        return f
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise UserError(f"{folder} is in use by another process (pid {pid}); {what_to_do}") from None
+    except OSError:
+        return f
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f

@@ -70,3 +70,17 @@ def test_report_names_a_running_seed_that_is_ahead_of_the_others(tmp_path, monke
     long_runs.report()
     out = capsys.readouterr().out
     assert "| td3_bc | 2 | 30,000 (running; seed 0 at 50,000) |" in out
+
+
+def test_a_second_scheduler_on_the_same_runs_dir_is_refused_before_it_starts_anything(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(long_runs.subprocess, "run",
+                        lambda cmd, **kwargs: started.append(cmd) or long_runs.subprocess.CompletedProcess(cmd, 0))
+    with long_runs.lock_folder(str(tmp_path), ""):  # as a scheduler still running holds it
+        with pytest.raises(long_runs.UserError, match=rf"{tmp_path} is in use by another process \(pid {os.getpid()}\); "
+                                                      "it runs these runs already"):
+            long_runs.run_all(str(tmp_path), 2)
+    assert started == []
+    monkeypatch.setattr(long_runs, "RUNS", long_runs.RUNS[:1])
+    long_runs.run_all(str(tmp_path), 2)  # the lock is released with its holder
+    assert len(started) == 1

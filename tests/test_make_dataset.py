@@ -552,12 +552,10 @@ def test_a_checkpoint_from_other_flags_or_in_use_is_refused(tmp_path):
     md.train_agent(resume_args(150), snapshot_dir)
     with pytest.raises(common.UserError, match=r"other flags: --lr 0.0003 \(now 0.001\), --batch-size 32 \(now 64\)"):
         md.train_agent(resume_args(300, lr=1e-3, batch_size=64), snapshot_dir)
-    lock = md.lock_folder(os.path.join(snapshot_dir, "checkpoint"))  # as a training still running holds it
-    try:
-        with pytest.raises(common.UserError, match="another process is training into"):
+    with errors.lock_folder(os.path.join(snapshot_dir, "checkpoint"), ""):  # as a training still running holds it
+        with pytest.raises(common.UserError, match=rf"checkpoint is in use by another process \(pid {os.getpid()}\); "
+                                                   r"wait for it to end, or stop it \(it writes a checkpoint"):
             md.train_agent(resume_args(300), snapshot_dir)
-    finally:
-        lock.close()
     with open(os.path.join(snapshot_dir, "checkpoint", ".gitignore")) as f:
         assert f.read() == "*\n"  # hundreds of MB that must not be committed with the snapshots
 

@@ -148,6 +148,20 @@ def test_a_checkpoint_from_other_flags_is_refused_naming_them(datasets_path, tmp
     assert fresh.returncode == 0 and "resuming" not in fresh.stdout, fresh.stderr[-2000:]
 
 
+def test_a_run_folder_another_process_uses_is_refused_and_left_as_it_is(datasets_path, tmp_path):
+    from offline_data.errors import lock_folder
+
+    folder = tmp_path / "runs" / "busy"
+    folder.mkdir(parents=True)
+    (folder / "checkpoint.pt").write_bytes(b"the other process's checkpoint")
+    with lock_folder(str(folder), ""):  # as a run still training holds it
+        refused = run(command("td3_bc", tmp_path / "runs", "busy", ["--resume", "never"]), datasets_path)
+    assert refused.returncode == 1 and refused.stderr.strip() == (
+        f"error: {folder} is in use by another process (pid {os.getpid()}); wait for it to end, or pass another "
+        f"--run-name")
+    assert (folder / "checkpoint.pt").read_bytes() == b"the other process's checkpoint"
+
+
 PHASE_FLAGS = ["--bc-steps", "200", "--pretrain-steps", "200", "--log-every", "10", "--eval-every", "50",
                "--total-steps", "100"]
 

@@ -33,7 +33,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from offline_data.errors import UserError, atomic_write_bytes, atomic_write_json, install_user_error_hook  # noqa: E402
+from offline_data.errors import (UserError, atomic_write_bytes, atomic_write_json, install_user_error_hook,  # noqa: E402
+                                 lock_folder)
 
 DOCS = os.path.join(ROOT, "docs")
 COLLECTED = os.path.join(DOCS, "long_runs")
@@ -56,14 +57,15 @@ RUNS: list[tuple[str, str, int, int, list[str]]] = [
     ("cql", HOPPER, 0, 50_000, []),
     ("fisher_brc", HOPPER, 0, 100_000, []),
     ("iql", HOPPER, 0, 1_000_000, []),
-    ("iql", HOPPER, 1, 1_000_000, []),
     ("itrpo", HOPPER, 0, 100_000, []),
     ("awr", HOPPER, 0, 1_000_000, []),
-    ("awr", HOPPER, 1, 1_000_000, []),
-    ("brac_plus", HOPPER, 0, 50_000, ["--actor-hidden-dim", "256", "--vae-hidden-dim", "256"]),
     ("arq", HOPPER, 0, 100_000, ["--sampler", "ode"]),
+    # one seed of every file, and HalfCheetah (where BC fails), before the second seeds
     ("td3_bc", HALFCHEETAH, 0, 1_000_000, []),
     ("iql", HALFCHEETAH, 0, 1_000_000, []),
+    ("brac_plus", HOPPER, 0, 50_000, ["--actor-hidden-dim", "256", "--vae-hidden-dim", "256"]),
+    ("iql", HOPPER, 1, 1_000_000, []),
+    ("awr", HOPPER, 1, 1_000_000, []),
     ("td3_bc", WALKER2D, 0, 1_000_000, []),
     ("iql", WALKER2D, 0, 1_000_000, []),
 ]
@@ -82,6 +84,8 @@ def command(algo: str, dataset: str, seed: int, steps: int, flags: list[str], ru
 
 def run_all(runs_dir: str, workers: int) -> None:
     os.makedirs(runs_dir, exist_ok=True)
+    # a second scheduler would skip the runs in progress and start `workers` more
+    lock = lock_folder(runs_dir, "it runs these runs already; wait for it to end, or pass another --runs-dir")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
     def one(spec) -> None:
@@ -91,7 +95,7 @@ def run_all(runs_dir: str, workers: int) -> None:
             rc = subprocess.run(command(*spec, runs_dir), env=env, stdout=out, stderr=subprocess.STDOUT).returncode
         print(f"[long_runs] {time.strftime('%H:%M:%S')} end {name} (exit {rc})", flush=True)
 
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    with lock, concurrent.futures.ThreadPoolExecutor(workers) as pool:
         list(pool.map(one, RUNS))
 
 

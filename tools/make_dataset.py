@@ -41,7 +41,8 @@ import torch.nn.functional as F
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from offline_data.errors import UserError, atomic_write_json, install_user_error_hook, save_checkpoint  # noqa: E402
+from offline_data.errors import (UserError, atomic_write_json, install_user_error_hook, lock_folder,  # noqa: E402
+                                 save_checkpoint)
 from offline_data.recipe import (  # noqa: E402
     KINDS,
     STREAM_EVAL,
@@ -277,23 +278,6 @@ def read_checkpoint(folder: str, args: Args) -> Optional[dict]:
     return None
 
 
-def lock_folder(folder: str):
-    """Hold a lock on `folder` for this process (released when it exits, killed or not), so that the
-    same command started again while the first still runs is refused instead of both writing."""
-    try:
-        import fcntl
-    except ImportError:  # not on POSIX: no lock
-        return None
-    handle = open(os.path.join(folder, ".lock"), "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise UserError(f"another process is training into {os.path.dirname(folder)}; wait for it or stop it "
-                        f"(it writes a checkpoint on SIGTERM)") from None
-    return handle
-
-
 def replay_episode(env, buf: dict, first: int, step: int, seed: int, low, high) -> Optional[np.ndarray]:
     """Bring `env` to where the episode in progress stood after `step` env steps: reset it with the
     episode's seed and step it through the episode's actions in the buffer (rows first..step-1).
@@ -347,13 +331,9 @@ def train_agent(args: Args, snapshot_dir: str) -> tuple[dict, dict]:
     # The checkpoints (hundreds of MB for 1M steps) must never be committed with the snapshots.
     with open(os.path.join(checkpoint_dir, ".gitignore"), "w") as f:
         f.write("*\n")
-    lock = lock_folder(checkpoint_dir)
-    try:
-        with StopSignals() as signals:
-            return _train_agent(args, snapshot_dir, checkpoint_dir, signals)
-    finally:
-        if lock is not None:
-            lock.close()
+    with lock_folder(checkpoint_dir, "wait for it to end, or stop it (it writes a checkpoint on SIGTERM)"), \
+            StopSignals() as signals:
+        return _train_agent(args, snapshot_dir, checkpoint_dir, signals)
 
 
 def _train_agent(args: Args, snapshot_dir: str, checkpoint_dir: str, signals: StopSignals) -> tuple[dict, dict]:
