@@ -98,14 +98,22 @@ def save_checkpoint(path: str, obj: dict) -> None:
 
 def lock_folder(folder: str, what_to_do: str):
     """Lock `folder` for this process with an exclusive flock on `<folder>/.lock`, so that two
-    processes never write into it at once. Returns the open lock file: closing it, or the end of the
-    process (a kill included), releases the lock, so none is left stale. A folder another process
-    holds is refused in one line with that process's pid and `what_to_do`. Where there are no locks
-    (not POSIX, or a network file system without them), the folder is used unlocked."""
+    processes never write into it at once. Returns a context manager (the open lock file): closing
+    it, or the end of the process (a kill included), releases the lock, so none is left stale. A
+    folder another process holds is refused in one line naming that process and `what_to_do`.
+    Without locks (not POSIX, a network file system without them, a folder this process may not
+    write in) the folder is used unlocked."""
+    import contextlib
+    import socket
+
+    path = os.path.join(folder, ".lock")
     try:
-        f = open(os.path.join(folder, ".lock"), "a+")
-    except OSError as exc:
-        raise UserError(f"cannot write in {folder}: {exc.strerror or exc}") from None
+        f = open(path, "a+")
+    except OSError:
+        try:  # a read-only folder: a lock on the existing file still keeps writers out
+            f = open(path)
+        except OSError:
+            return contextlib.nullcontext()
     try:
         import fcntl
     except ImportError:
@@ -114,13 +122,14 @@ def lock_folder(folder: str, what_to_do: str):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        pid = f.read().strip() or "unknown"
+        holder = f.read().strip() or "unknown"
         f.close()
-        raise UserError(f"{folder} is in use by another process (pid {pid}); {what_to_do}") from None
+        raise UserError(f"{folder} is in use by another process (pid {holder}); {what_to_do}") from None
     except OSError:
         return f
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
+    if f.writable():
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()} on {socket.gethostname()}")
+        f.flush()
     return f

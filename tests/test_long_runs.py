@@ -3,6 +3,7 @@ report's final (mean of the last 10 evaluations) and best scores."""
 
 import json
 import os
+import socket
 
 import pytest
 
@@ -77,8 +78,8 @@ def test_a_second_scheduler_on_the_same_runs_dir_is_refused_before_it_starts_any
     monkeypatch.setattr(long_runs.subprocess, "run",
                         lambda cmd, **kwargs: started.append(cmd) or long_runs.subprocess.CompletedProcess(cmd, 0))
     with long_runs.lock_folder(str(tmp_path), ""):  # as a scheduler still running holds it
-        with pytest.raises(long_runs.UserError, match=rf"{tmp_path} is in use by another process \(pid {os.getpid()}\); "
-                                                      "it runs these runs already"):
+        with pytest.raises(long_runs.UserError, match=rf"{tmp_path} is in use by another process \(pid {os.getpid()} "
+                                                      rf"on {socket.gethostname()}\); it runs these runs already"):
             long_runs.run_all(str(tmp_path), 2)
     assert started == []
     monkeypatch.setattr(long_runs, "RUNS", long_runs.RUNS[:1])

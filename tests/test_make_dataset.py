@@ -5,6 +5,7 @@ A few hundred SAC steps on Pendulum-v1 give real (if weak) snapshots to build ev
 import io
 import json
 import os
+import socket
 import signal
 import subprocess
 import sys
@@ -553,8 +554,8 @@ def test_a_checkpoint_from_other_flags_or_in_use_is_refused(tmp_path):
     with pytest.raises(common.UserError, match=r"other flags: --lr 0.0003 \(now 0.001\), --batch-size 32 \(now 64\)"):
         md.train_agent(resume_args(300, lr=1e-3, batch_size=64), snapshot_dir)
     with errors.lock_folder(os.path.join(snapshot_dir, "checkpoint"), ""):  # as a training still running holds it
-        with pytest.raises(common.UserError, match=rf"checkpoint is in use by another process \(pid {os.getpid()}\); "
-                                                   r"wait for it to end, or stop it \(it writes a checkpoint"):
+        with pytest.raises(common.UserError, match=rf"checkpoint is in use by another process \(pid {os.getpid()} on "
+                                                   rf"{socket.gethostname()}\); wait for it to end, or stop it"):
             md.train_agent(resume_args(300), snapshot_dir)
     with open(os.path.join(snapshot_dir, "checkpoint", ".gitignore")) as f:
         assert f.read() == "*\n"  # hundreds of MB that must not be committed with the snapshots

@@ -3,6 +3,7 @@ the previous checkpoint when the last one is damaged, and refusals that say what
 
 import json
 import os
+import socket
 import signal
 import subprocess
 import sys
@@ -157,9 +158,18 @@ def test_a_run_folder_another_process_uses_is_refused_and_left_as_it_is(datasets
     with lock_folder(str(folder), ""):  # as a run still training holds it
         refused = run(command("td3_bc", tmp_path / "runs", "busy", ["--resume", "never"]), datasets_path)
     assert refused.returncode == 1 and refused.stderr.strip() == (
-        f"error: {folder} is in use by another process (pid {os.getpid()}); wait for it to end, or pass another "
-        f"--run-name")
+        f"error: {folder} is in use by another process (pid {os.getpid()} on {socket.gethostname()}); wait for it "
+        f"to end, or pass another --run-name")
     assert (folder / "checkpoint.pt").read_bytes() == b"the other process's checkpoint"
+
+
+def test_a_folder_whose_lock_file_cannot_be_opened_is_used_unlocked(tmp_path):
+    """As a read-only folder without a lock file: a finished run there still says "nothing to do"."""
+    from offline_data.errors import lock_folder
+
+    (tmp_path / ".lock").mkdir()
+    with lock_folder(str(tmp_path), ""), lock_folder(str(tmp_path), ""):
+        pass
 
 
 PHASE_FLAGS = ["--bc-steps", "200", "--pretrain-steps", "200", "--log-every", "10", "--eval-every", "50",
