@@ -101,8 +101,8 @@ def lock_folder(folder: str, what_to_do: str):
     processes never write into it at once. Returns a context manager (the open lock file): closing
     it, or the end of the process (a kill included), releases the lock, so none is left stale. A
     folder another process holds is refused in one line naming that process and `what_to_do`.
-    Without locks (not POSIX, a network file system without them, a folder this process may not
-    write in) the folder is used unlocked."""
+    Without locks (not POSIX, a network file system without them, a read-only folder without a lock
+    file) the folder is used unlocked."""
     import contextlib
     import socket
 
