@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from typing import Any
 
 import numpy as np
 import torch
 
 from offline_data import d4rl, flat, minari_datasets, recipe
-from offline_data.errors import UserError
+from offline_data.errors import UserError, waiting_lock
 from offline_data.tasks import flat_obs_dim, goal_obs_keys
 
 
@@ -66,7 +67,14 @@ def open_source(dataset_id: str):
     if d4rl.dataset_name(dataset_id) is not None:
         return d4rl.open_file(dataset_id)
     if dataset_id.startswith("local/") and not minari_datasets.stored(dataset_id):
-        recipe.build_local_dataset(dataset_id)  # local/* ids are never remote
+        # Runs started together on a new machine (benchmark.sh, two seeds) would build it at once,
+        # and all but one would fail: the first builds, the others wait for it and load its copy.
+        root = minari_datasets.datasets_root()
+        os.makedirs(root, exist_ok=True)
+        with waiting_lock(os.path.join(root, ".build-" + dataset_id.replace("/", "-") + ".lock"),
+                          f"[{dataset_id}] another process is building it: waiting for that copy"):
+            if not minari_datasets.stored(dataset_id):
+                recipe.build_local_dataset(dataset_id)  # local/* ids are never remote
     return minari_datasets.open_dataset(dataset_id)
 
 

@@ -1,5 +1,5 @@
-"""UserError, the hook that prints it as one line, atomic file writes whose failure is one, and the
-lock that keeps two processes out of one folder.
+"""UserError, the hook that prints it as one line, atomic file writes whose failure is one, the
+lock that keeps two processes out of one folder, and the one that makes a process wait for another.
 
 The data layer, common.py and the tools all use these; the algorithm files reach them through
 `common` (common.UserError, ...). Importing this module changes nothing.
@@ -133,3 +133,34 @@ def lock_folder(folder: str, what_to_do: str):
         f.write(f"{os.getpid()} on {socket.gethostname()}")
         f.flush()
     return f
+
+
+class waiting_lock:
+    """`with waiting_lock(path, waiting):` holds an exclusive flock on the file `path` for the block;
+    while another process holds it, prints `waiting` once and waits for it. Without locks (not POSIX,
+    a file system without them, a folder this process cannot write in) the block runs unlocked."""
+
+    def __init__(self, path: str, waiting: str):
+        self.path, self.waiting, self.file = path, waiting, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+
+            self.file = open(self.path, "a+")
+        except (ImportError, OSError):
+            return self
+        try:
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(self.waiting, flush=True)
+                fcntl.flock(self.file, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()  # releases the lock
+            self.file = None

@@ -65,6 +65,13 @@ def _folder(dataset_id: str) -> str:
     return str(minari.storage.get_dataset_path(dataset_id))
 
 
+def datasets_root() -> str:
+    """The folder of local Minari datasets (MINARI_DATASETS_PATH, else ~/.minari/datasets)."""
+    import minari
+
+    return str(minari.storage.get_dataset_path())
+
+
 def stored(dataset_id: str) -> bool:
     """Whether MINARI_DATASETS_PATH holds `dataset_id` (whole or damaged)."""
     return os.path.isdir(os.path.join(_folder(dataset_id), "data")) or dataset_id in _local_ids()

@@ -9,6 +9,7 @@ import socket
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import minari
@@ -19,7 +20,7 @@ import torch
 from conftest import ROOT, run_script
 
 import common
-from offline_data import d4rl, errors, recipe, rollouts, snapshots
+from offline_data import d4rl, errors, minari_datasets, recipe, rollouts, snapshots
 from tools import make_dataset as md
 
 TRAIN_STEPS, WARMUP, EVERY = 300, 100, 100
@@ -324,6 +325,24 @@ def test_loader_builds_local_dataset_on_first_use(minari_path, capsys):
     assert data.ref_min_score + 100 < data.episode_returns[0] < data.ref_max_score - 100
     again = common.load_dataset("local/pendulum/medium-300-v0")
     assert "building" not in capsys.readouterr().out and len(again) == 300
+
+
+def test_runs_that_need_one_new_local_dataset_at_once_build_it_once(minari_path, capsys):
+    """Runs started together on a new machine: one builds the dataset, the others wait and load it."""
+    dataset_id = "local/pendulum/random-300-v0"
+    minari_path.mkdir()
+    loaded = []
+    with errors.waiting_lock(str(minari_path / ".build-local-pendulum-random-300-v0.lock"), ""):  # the builder
+        waiter = threading.Thread(target=lambda: loaded.append(len(common.load_dataset(dataset_id))))
+        waiter.start()
+        time.sleep(1.0)
+        assert waiter.is_alive() and not minari_datasets.stored(dataset_id)
+        recipe.build_local_dataset(dataset_id)
+    waiter.join(60)
+    assert loaded == [300]
+    out = capsys.readouterr().out
+    assert out.count("building it from the shipped snapshots") == 1
+    assert f"[{dataset_id}] another process is building it: waiting for that copy" in out
 
 
 def test_a_sized_build_has_its_own_id(minari_path, capsys):
