@@ -82,6 +82,50 @@ def test_a_second_scheduler_on_the_same_runs_dir_is_refused_before_it_starts_any
                                                       rf"on {socket.gethostname()}\); it runs these runs already"):
             long_runs.run_all(str(tmp_path), 2)
     assert started == []
+    monkeypatch.setattr(long_runs, "COLLECTED", str(tmp_path / "collected"))
     monkeypatch.setattr(long_runs, "RUNS", long_runs.RUNS[:1])
     long_runs.run_all(str(tmp_path), 2)  # the lock is released with its holder
     assert len(started) == 1
+
+
+def _collected(folder, algo, seed, steps, evaluations, finished):
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"algorithm": algo, "env": long_runs.HOPPER, "seed": seed, "total_steps": steps, "flags": [],
+              "finished": finished, "evaluations": [[10_000 * (i + 1), 1.0, 0.0] for i in range(evaluations)]}
+    json.dump(record, open(folder / f"{long_runs.run_name(algo, long_runs.HOPPER, seed)}.json", "w"))
+
+
+def test_a_run_finished_and_collected_is_skipped_though_its_folder_is_gone(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(long_runs.subprocess, "run",
+                        lambda cmd, **kwargs: started.append(cmd) or long_runs.subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr(long_runs, "COLLECTED", str(tmp_path / "collected"))
+    monkeypatch.setattr(long_runs, "RUNS", [("bc", long_runs.HOPPER, s, 100_000, []) for s in (0, 1, 2)])
+    _collected(tmp_path / "collected", "bc", 0, 100_000, 10, finished=True)
+    _collected(tmp_path / "collected", "bc", 1, 100_000, 5, finished=False)  # stopped part way: it runs again
+    _collected(tmp_path / "collected", "bc", 2, 50_000, 5, finished=True)  # another budget: it runs again
+    long_runs.run_all(str(tmp_path / "runs"), 1)
+    assert [cmd[cmd.index("--seed") + 1] for cmd in started] == ["1", "2"]
+
+
+def test_a_restarted_run_does_not_replace_a_longer_collected_record(tmp_path, monkeypatch, capsys):
+    docs = tmp_path / "docs"
+    monkeypatch.setattr(long_runs, "COLLECTED", str(docs / "long_runs"))
+    monkeypatch.setattr(long_runs, "RUNS", [("bc", long_runs.HOPPER, 0, 100_000, [])])
+    _collected(docs / "long_runs", "bc", 0, 100_000, 9, finished=False)
+    folder = tmp_path / "runs" / long_runs.run_name("bc", long_runs.HOPPER, 0)
+    folder.mkdir(parents=True)
+
+    def restarted(evaluations):
+        json.dump({"finished": False, "train_seconds": 1.0,
+                   "dataset": {"ref_min_score": 0.0, "ref_max_score": 200.0, "episode_return_mean": 20.0,
+                               "transitions": 90_000},
+                   "evaluations": [{"step": 10_000 * (i + 1), "normalized_score_mean": 2.0,
+                                    "normalized_score_std": 0.0, "wall_time": 1.0} for i in range(evaluations)]},
+                  open(folder / "results.json", "w"))
+        long_runs.collect(str(tmp_path / "runs"))
+        return json.load(open(docs / "long_runs" / "hopper-medium-replay-v0__bc__0.json"))["evaluations"]
+
+    assert len(restarted(3)) == 9  # kept
+    assert "kept the collected record (9 evaluations) over the run folder's 3" in capsys.readouterr().out
+    assert restarted(10) == [[10_000 * (i + 1), 2.0, 0.0] for i in range(10)]  # caught up: replaced

@@ -8,11 +8,13 @@
     OMP_NUM_THREADS=1 python algorithms/<algo>.py --env <dataset> --seed <s> --total-steps <n> \
         --eval-every 10000 --eval-episodes 10 --output-dir <runs-dir> --run-name <name> --save-model
 so an interrupted `run` resumes every run from its last checkpoint (one every 10k steps) when the same
-command is given again, and a finished run is skipped. Each run's console goes to <runs-dir>/<name>.out.
+command is given again, and a finished run is skipped, as is one whose finished results are collected
+in docs/long_runs/ (its folder may be gone). Each run's console goes to <runs-dir>/<name>.out.
 
 `collect` copies what the report needs into docs/long_runs/<name>.json (the evaluations, the logged
 mean Q of dataset actions, the run's flags and time), finished or not, so that the results survive
-the run folders. `report` reads only those files: a table per dataset (file, steps, final = mean of
+the run folders; a run that restarted (its folder lost) does not replace a collected record with more
+evaluations until it has caught up. `report` reads only those files: a table per dataset (file, steps, final = mean of
 the last 10 evaluations, best evaluation, largest logged mean Q) and a figure per dataset,
 docs/long-<dataset>.png.
 """
@@ -53,9 +55,8 @@ RUNS: list[tuple[str, str, int, int, list[str]]] = [
     ("bc", HOPPER, 0, 1_000_000, []),
     ("td3_bc", HOPPER, 0, 1_000_000, []),
     ("bc", HOPPER, 1, 1_000_000, []),
-    ("td3_bc", HOPPER, 1, 1_000_000, []),
-    ("cql", HOPPER, 0, 50_000, []),
     ("fisher_brc", HOPPER, 0, 100_000, []),
+    ("cql", HOPPER, 0, 50_000, []),
     ("iql", HOPPER, 0, 1_000_000, []),
     ("itrpo", HOPPER, 0, 100_000, []),
     ("awr", HOPPER, 0, 1_000_000, []),
@@ -64,6 +65,7 @@ RUNS: list[tuple[str, str, int, int, list[str]]] = [
     ("td3_bc", HALFCHEETAH, 0, 1_000_000, []),
     ("iql", HALFCHEETAH, 0, 1_000_000, []),
     ("brac_plus", HOPPER, 0, 50_000, ["--actor-hidden-dim", "256", "--vae-hidden-dim", "256"]),
+    ("td3_bc", HOPPER, 1, 1_000_000, []),
     ("iql", HOPPER, 1, 1_000_000, []),
     ("awr", HOPPER, 1, 1_000_000, []),
     ("td3_bc", WALKER2D, 0, 1_000_000, []),
@@ -90,6 +92,9 @@ def run_all(runs_dir: str, workers: int) -> None:
 
     def one(spec) -> None:
         name = run_name(*spec[:3])
+        if collected_finished(spec):
+            print(f"[long_runs] {name}: finished, collected in {os.path.relpath(COLLECTED, ROOT)}/", flush=True)
+            return
         print(f"[long_runs] {time.strftime('%H:%M:%S')} start {name}", flush=True)
         with open(os.path.join(runs_dir, f"{name}.out"), "a") as out:
             rc = subprocess.run(command(*spec, runs_dir), env=env, stdout=out, stderr=subprocess.STDOUT).returncode
@@ -97,6 +102,21 @@ def run_all(runs_dir: str, workers: int) -> None:
 
     with lock, concurrent.futures.ThreadPoolExecutor(workers) as pool:
         list(pool.map(one, RUNS))
+
+
+def read_collected(name: str) -> dict | None:
+    path = os.path.join(COLLECTED, f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def collected_finished(spec) -> bool:
+    """Whether this run (same steps and flags) finished and its results are in docs/long_runs/."""
+    algo, dataset, seed, steps, flags = spec
+    old = read_collected(run_name(algo, dataset, seed))
+    return bool(old and old["finished"] and old["total_steps"] == steps and old["flags"] == flags)
 
 
 def logged_q(run_dir: str) -> list[list[float]]:
@@ -124,13 +144,21 @@ def collect(runs_dir: str) -> None:
         info = results["dataset"]
         lo, hi = info.get("ref_min_score"), info.get("ref_max_score")
         behaviour = None if lo is None else 100 * (info["episode_return_mean"] - lo) / (hi - lo)
+        evaluations = [[e["step"], e["normalized_score_mean"], e["normalized_score_std"]]
+                       for e in results["evaluations"]]
+        old = read_collected(name)
+        if old and old["total_steps"] == steps and old["flags"] == flags and (
+                old["finished"] or len(old["evaluations"]) > len(evaluations)):
+            # the run restarted from scratch (its folder was lost): keep the longer record
+            print(f"[long_runs] {name}: kept the collected record ({len(old['evaluations'])} evaluations"
+                  f"{', finished' if old['finished'] else ''}) over the run folder's {len(evaluations)}")
+            continue
         atomic_write_json(os.path.join(COLLECTED, f"{name}.json"), {
             "algorithm": algo, "env": dataset, "seed": seed, "total_steps": steps, "flags": flags,
             "finished": bool(results.get("finished")),
             "train_seconds": results.get("train_seconds") or results["evaluations"][-1]["wall_time"],
             "behaviour_score": behaviour, "transitions": info["transitions"],
-            "evaluations": [[e["step"], e["normalized_score_mean"], e["normalized_score_std"]]
-                            for e in results["evaluations"]],
+            "evaluations": evaluations,
             "q1": logged_q(os.path.dirname(path)),
         })
         written += 1
