@@ -69,10 +69,8 @@ def open_source(dataset_id: str):
     if dataset_id.startswith("local/") and not minari_datasets.stored(dataset_id):
         # Runs started together on a new machine (benchmark.sh, two seeds) would build it at once,
         # and all but one would fail: the first builds, the others wait for it and load its copy.
-        root = minari_datasets.datasets_root()
-        os.makedirs(root, exist_ok=True)
-        with waiting_lock(os.path.join(root, ".build-" + dataset_id.replace("/", "-") + ".lock"),
-                          f"[{dataset_id}] another process is building it: waiting for that copy"):
+        lock = os.path.join(minari_datasets.datasets_root(), ".build-" + dataset_id.replace("/", "-") + ".lock")
+        with waiting_lock(lock, f"[{dataset_id}] another process is building it: waiting for that copy"):
             if not minari_datasets.stored(dataset_id):
                 recipe.build_local_dataset(dataset_id)  # local/* ids are never remote
     return minari_datasets.open_dataset(dataset_id)

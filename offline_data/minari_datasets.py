@@ -66,7 +66,8 @@ def _folder(dataset_id: str) -> str:
 
 
 def datasets_root() -> str:
-    """The folder of local Minari datasets (MINARI_DATASETS_PATH, else ~/.minari/datasets)."""
+    """The folder of local Minari datasets (MINARI_DATASETS_PATH, else ~/.minari/datasets), made if
+    missing."""
     import minari
 
     return str(minari.storage.get_dataset_path())
