@@ -66,9 +66,10 @@ def open_source(dataset_id: str):
     the local copy, a `local/...` id built from the shipped snapshots on first use, or a download."""
     if d4rl.dataset_name(dataset_id) is not None:
         return d4rl.open_file(dataset_id)
-    if dataset_id.startswith("local/") and not minari_datasets.stored(dataset_id):
+    if dataset_id.startswith("local/"):
         # Runs started together on a new machine (benchmark.sh, two seeds) would build it at once,
         # and all but one would fail: the first builds, the others wait for it and load its copy.
+        # A copy being written already looks stored, so the check waits for the lock too.
         lock = os.path.join(minari_datasets.datasets_root(), ".build-" + dataset_id.replace("/", "-") + ".lock")
         with waiting_lock(lock, f"[{dataset_id}] another process is building it: waiting for that copy"):
             if not minari_datasets.stored(dataset_id):

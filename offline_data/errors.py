@@ -7,6 +7,7 @@ The data layer, common.py and the tools all use these; the algorithm files reach
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -103,7 +104,6 @@ def lock_folder(folder: str, what_to_do: str):
     folder another process holds is refused in one line naming that process and `what_to_do`.
     Without locks (not POSIX, a network file system without them, a read-only folder without a lock
     file) the folder is used unlocked."""
-    import contextlib
     import socket
 
     path = os.path.join(folder, ".lock")
@@ -135,32 +135,26 @@ def lock_folder(folder: str, what_to_do: str):
     return f
 
 
-class waiting_lock:
-    """`with waiting_lock(path, waiting):` holds an exclusive flock on the file `path` for the block;
-    while another process holds it, prints `waiting` once and waits for it. Without locks (not POSIX,
-    a file system without them, a folder this process cannot write in) the block runs unlocked."""
+@contextlib.contextmanager
+def waiting_lock(path: str, waiting: str):
+    """Hold an exclusive flock on the file `path` for the block; while another process holds it,
+    print `waiting` once and wait for it. Without locks (not POSIX, a file system without them, a
+    lock file that cannot be opened) the block runs unlocked."""
+    try:
+        import fcntl
 
-    def __init__(self, path: str, waiting: str):
-        self.path, self.waiting, self.file = path, waiting, None
-
-    def __enter__(self):
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
+    except (ImportError, OSError):
+        yield
+        return
+    try:
         try:
-            import fcntl
-
-            self.file = open(self.path, "a+")
-        except (ImportError, OSError):
-            return self
-        try:
-            try:
-                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(self.waiting, flush=True)
-                fcntl.flock(self.file, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(waiting, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:
             pass
-        return self
-
-    def __exit__(self, *exc):
-        if self.file is not None:
-            self.file.close()  # releases the lock
-            self.file = None
+        yield
+    finally:
+        os.close(fd)  # releases the lock

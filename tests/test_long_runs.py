@@ -127,5 +127,10 @@ def test_a_restarted_run_does_not_replace_a_longer_collected_record(tmp_path, mo
         return json.load(open(docs / "long_runs" / "hopper-medium-replay-v0__bc__0.json"))["evaluations"]
 
     assert len(restarted(3)) == 9  # kept
-    assert "kept the collected record (9 evaluations) over the run folder's 3" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "kept the collected record (9 evaluations) over the run folder's 3; delete " in out
+    assert "long_runs/hopper-medium-replay-v0__bc__0.json to replace it" in out
     assert restarted(10) == [[10_000 * (i + 1), 2.0, 0.0] for i in range(10)]  # caught up: replaced
+    assert "kept" not in capsys.readouterr().out
+    restarted(10)  # collected again from the same folder: rewritten, nothing to say
+    assert "kept" not in capsys.readouterr().out

@@ -330,13 +330,16 @@ def test_loader_builds_local_dataset_on_first_use(minari_path, capsys):
 def test_runs_that_need_one_new_local_dataset_at_once_build_it_once(minari_path, capsys):
     """Runs started together on a new machine: one builds the dataset, the others wait and load it."""
     dataset_id = "local/pendulum/random-300-v0"
-    minari_path.mkdir()
+    being_written = minari_path / dataset_id / "data"
+    being_written.mkdir(parents=True)  # a copy minari has begun to write already looks stored
     loaded = []
     with errors.waiting_lock(str(minari_path / ".build-local-pendulum-random-300-v0.lock"), ""):  # the builder
         waiter = threading.Thread(target=lambda: loaded.append(len(common.load_dataset(dataset_id))))
         waiter.start()
         time.sleep(1.0)
-        assert waiter.is_alive() and not minari_datasets.stored(dataset_id)
+        assert waiter.is_alive() and minari_datasets.stored(dataset_id)
+        being_written.rmdir()
+        being_written.parent.rmdir()
         recipe.build_local_dataset(dataset_id)
     waiter.join(60)
     assert loaded == [300]

@@ -112,11 +112,15 @@ def read_collected(name: str) -> dict | None:
         return json.load(f)
 
 
+def same_budget(record: dict | None, steps: int, flags: list[str]) -> bool:
+    return bool(record) and record["total_steps"] == steps and record["flags"] == flags
+
+
 def collected_finished(spec) -> bool:
     """Whether this run (same steps and flags) finished and its results are in docs/long_runs/."""
     algo, dataset, seed, steps, flags = spec
     old = read_collected(run_name(algo, dataset, seed))
-    return bool(old and old["finished"] and old["total_steps"] == steps and old["flags"] == flags)
+    return same_budget(old, steps, flags) and old["finished"]
 
 
 def logged_q(run_dir: str) -> list[list[float]]:
@@ -146,16 +150,17 @@ def collect(runs_dir: str) -> None:
         behaviour = None if lo is None else 100 * (info["episode_return_mean"] - lo) / (hi - lo)
         evaluations = [[e["step"], e["normalized_score_mean"], e["normalized_score_std"]]
                        for e in results["evaluations"]]
-        old = read_collected(name)
-        if old and old["total_steps"] == steps and old["flags"] == flags and (
-                old["finished"] or len(old["evaluations"]) > len(evaluations)):
-            # the run restarted from scratch (its folder was lost): keep the longer record
+        old, finished = read_collected(name), bool(results.get("finished"))
+        if same_budget(old, steps, flags) and (len(old["evaluations"]) > len(evaluations)
+                                               or (old["finished"] and not finished)):
+            # a run that restarted from scratch (its folder was lost) has not caught up yet
             print(f"[long_runs] {name}: kept the collected record ({len(old['evaluations'])} evaluations"
-                  f"{', finished' if old['finished'] else ''}) over the run folder's {len(evaluations)}")
+                  f"{', finished' if old['finished'] else ''}) over the run folder's {len(evaluations)}; "
+                  f"delete {os.path.relpath(COLLECTED, ROOT)}/{name}.json to replace it")
             continue
         atomic_write_json(os.path.join(COLLECTED, f"{name}.json"), {
             "algorithm": algo, "env": dataset, "seed": seed, "total_steps": steps, "flags": flags,
-            "finished": bool(results.get("finished")),
+            "finished": finished,
             "train_seconds": results.get("train_seconds") or results["evaluations"][-1]["wall_time"],
             "behaviour_score": behaviour, "transitions": info["transitions"],
             "evaluations": evaluations,
