@@ -14,9 +14,9 @@ in docs/long_runs/ (its folder may be gone). Each run's console goes to <runs-di
 `collect` copies what the report needs into docs/long_runs/<name>.json (the evaluations, the logged
 mean Q of dataset actions, the run's flags and time), finished or not, so that the results survive
 the run folders; a run that restarted (its folder lost) does not replace a collected record with more
-evaluations until it has caught up. `report` reads only those files: a table per dataset (file, steps, final = mean of
-the last 10 evaluations, best evaluation, largest logged mean Q) and a figure per dataset,
-docs/long-<dataset>.png.
+evaluations until it has caught up. `report` reads only those files: a table per dataset (file,
+steps, final = mean of the last 10 evaluations, best evaluation, largest logged mean Q) and a figure
+per dataset, docs/long-<dataset>.png.
 """
 
 from __future__ import annotations
