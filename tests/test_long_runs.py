@@ -134,3 +134,15 @@ def test_a_restarted_run_does_not_replace_a_longer_collected_record(tmp_path, mo
     assert "kept" not in capsys.readouterr().out
     restarted(10)  # collected again from the same folder: rewritten, nothing to say
     assert "kept" not in capsys.readouterr().out
+
+
+def test_the_fisher_brc_check_refuses_other_files_in_one_line(tmp_path):
+    from tools import fisher_brc_check
+
+    with pytest.raises(long_runs.UserError, match="is not a file; give a fisher_brc run's checkpoint.pt"):
+        fisher_brc_check.main([str(tmp_path / "missing.pt")])
+    import torch
+
+    torch.save({"algorithm": "td3_bc", "args": {}, "actor": {}}, tmp_path / "model.pt")
+    with pytest.raises(long_runs.UserError, match="is not a fisher_brc checkpoint or model.pt"):
+        fisher_brc_check.main([str(tmp_path / "model.pt")])

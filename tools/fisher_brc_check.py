@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "algorithms"))
 import common  # noqa: E402
 import fisher_brc  # noqa: E402
-from td3_bc_q_check import discounted_returns  # noqa: E402
+from tools.td3_bc_q_check import discounted_returns  # noqa: E402
 
 
 def main(argv=None) -> None:
