@@ -146,3 +146,35 @@ def test_the_fisher_brc_check_refuses_other_files_in_one_line(tmp_path):
     torch.save({"algorithm": "td3_bc", "args": {}, "actor": {}}, tmp_path / "model.pt")
     with pytest.raises(long_runs.UserError, match="is not a fisher_brc checkpoint or model.pt"):
         fisher_brc_check.main([str(tmp_path / "model.pt")])
+
+
+def test_the_fisher_brc_check_reports_q_and_return_at_the_episodes_first_states(tmp_path, datasets_path, capsys):
+    """Evaluations start where the data's episodes start; the check reports the critic there."""
+    import re
+
+    import numpy as np
+    import torch
+
+    from tools import fisher_brc_check
+
+    common, fisher_brc = fisher_brc_check.common, fisher_brc_check.fisher_brc
+    args = fisher_brc.Args(env="test/hopper/random-v0")
+    data = common.load_dataset(args.env, "cpu")
+    torch.manual_seed(3)
+    agent = fisher_brc.FisherBRC(args, data.obs_dim, data.act_dim, torch.device("cpu"))
+    torch.save({"algorithm": "fisher_brc", "args": dict(vars(args)), **agent.state_dict()}, tmp_path / "model.pt")
+    fisher_brc_check.main([str(tmp_path / "model.pt")])
+    line = [x for x in capsys.readouterr().out.splitlines() if "first states" in x][0]
+
+    starts = data.episode_starts
+    rewards = data.rewards.numpy() + 5.0  # the default --reward-transform plus-five
+    ends = list(starts[1:]) + [len(rewards)]
+    returns = [sum(0.99 ** i * r for i, r in enumerate(rewards[s:e])) for s, e in zip(starts, ends)]
+    common.normalize_obs(data, *common.compute_obs_stats(data))
+    with torch.no_grad():
+        obs, actions = data.observations[starts], data.actions[starts]
+        q = torch.min(*agent.offsets(obs, actions)) + agent.behavior.log_prob(obs, actions)
+    reported = dict(re.findall(r"(Q\(s, a\)|return after them mean) (-?[\d.]+)", line))
+    assert f"the episodes' {len(starts)} first states" in line
+    assert float(reported["Q(s, a)"]) == pytest.approx(q.mean().item(), abs=0.06)
+    assert float(reported["return after them mean"]) == pytest.approx(np.mean(returns), abs=0.06)
