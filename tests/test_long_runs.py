@@ -164,17 +164,25 @@ def test_the_fisher_brc_check_reports_q_and_return_at_the_episodes_first_states(
     agent = fisher_brc.FisherBRC(args, data.obs_dim, data.act_dim, torch.device("cpu"))
     torch.save({"algorithm": "fisher_brc", "args": dict(vars(args)), **agent.state_dict()}, tmp_path / "model.pt")
     fisher_brc_check.main([str(tmp_path / "model.pt")])
-    line = [x for x in capsys.readouterr().out.splitlines() if "first states" in x][0]
+    lines = [x for x in capsys.readouterr().out.splitlines() if "first states" in x]
+    assert len(lines) == 1, "the check reports no line on the episodes' first states"
+    line = lines[0]
 
     starts = data.episode_starts
-    rewards = data.rewards.numpy() + 5.0  # the default --reward-transform plus-five
+    assert args.reward_transform == "plus-five"
+    rewards = data.rewards.numpy() + 5.0
     ends = list(starts[1:]) + [len(rewards)]
-    returns = [sum(0.99 ** i * r for i, r in enumerate(rewards[s:e])) for s, e in zip(starts, ends)]
+    returns = [sum(args.gamma ** i * r for i, r in enumerate(rewards[s:e])) for s, e in zip(starts, ends)]
     common.normalize_obs(data, *common.compute_obs_stats(data))
     with torch.no_grad():
         obs, actions = data.observations[starts], data.actions[starts]
-        q = torch.min(*agent.offsets(obs, actions)) + agent.behavior.log_prob(obs, actions)
-    reported = dict(re.findall(r"(Q\(s, a\)|return after them mean) (-?[\d.]+)", line))
+        log_mu = agent.behavior.log_prob(obs, actions)
+        q = torch.min(*agent.offsets(obs, actions)) + log_mu
+    reported = dict(re.findall(r"(Q\(s, a\)|return after them mean|max|log mu at a) (-?[\d.]+)", line))
     assert f"the episodes' {len(starts)} first states" in line
     assert float(reported["Q(s, a)"]) == pytest.approx(q.mean().item(), abs=0.06)
     assert float(reported["return after them mean"]) == pytest.approx(np.mean(returns), abs=0.06)
+    assert float(reported["max"]) == pytest.approx(np.max(returns), abs=0.06)
+    assert float(reported["log mu at a"]) == pytest.approx(log_mu.mean().item(), abs=0.006)
+    mean_a = line.split(", a [")[1].split("]")[0].split()
+    assert [float(x) for x in mean_a] == pytest.approx(actions.mean(0).tolist(), abs=0.006)

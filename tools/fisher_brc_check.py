@@ -7,8 +7,9 @@ return that followed (s, a) in the data, both of the rewards the run trains on (
 bonus of --reward-transform plus-five); log mu, the frozen behaviour model's density, at the data's
 actions and at the policy's (its mean action, as evaluations act, and a sample); Q at the policy's
 mean action; how far that action is from the data's; and Q, the return, log mu and the mean
-actions at the episodes' first states, where every evaluation begins. A policy whose actions sit
-where mu puts little density has left the support the gradient penalty is meant to keep it in.
+actions at the episodes' first states, drawn from the distribution every evaluation episode starts
+from. A policy whose actions sit where mu puts little density has left the support the gradient
+penalty is meant to keep it in.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def main(argv=None) -> None:
     print(f"  mean log mu: data actions {log_mu_data.mean():.2f}, pi(s) {log_mu_pi.mean():.2f} (below -10 at "
           f"{(log_mu_pi < -10).float().mean():.1%} of states), sampled actions {log_mu_sample.mean():.2f}")
     print(f"  mean (pi(s) - a)^2 (as tools/td3_bc_q_check.py): {((pi - actions) ** 2).mean():.3f}")
-    first = data.episode_starts  # where every evaluation episode begins too
+    first = data.episode_starts  # from the initial-state distribution that evaluation episodes start from too
     print(f"  at the episodes' {len(first)} first states: Q(s, a) {q_data[first].mean():.1f}, Q(s, pi(s)) "
           f"{q_pi[first].mean():.1f}, return after them mean {returns[first].mean():.1f}, max {returns[first].max():.1f}; "
           f"log mu at a {log_mu_data[first].mean():.2f}, at pi(s) {log_mu_pi[first].mean():.2f}; "
