@@ -104,7 +104,7 @@ class Args:
     n_components: int = 5
     """Gaussian components per action dimension of the behaviour mixture"""
     gp_weight: float = 0.1
-    """lambda of eq. (7): weight of the gradient penalty on the offsets (at 0.1 it needs the full --bc-steps; on our hopper medium-replay it collapses at 40k-53k steps: docs/results.md)"""
+    """lambda of eq. (7): weight of the gradient penalty on the offsets (at 0.1 it needs the full --bc-steps; on local/hopper/medium-replay-v0 it collapses at 40k-53k steps: docs/results.md)"""
     gp_on_data: bool = False
     """take the gradient penalty at dataset actions instead of a ~ pi(s)"""
     reward_transform: common.RewardTransform = "plus-five"
