@@ -146,6 +146,9 @@ def test_the_fisher_brc_check_refuses_other_files_in_one_line(tmp_path):
     torch.save({"algorithm": "td3_bc", "args": {}, "actor": {}}, tmp_path / "model.pt")
     with pytest.raises(long_runs.UserError, match="is not a fisher_brc checkpoint or model.pt"):
         fisher_brc_check.main([str(tmp_path / "model.pt")])
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(long_runs.UserError, match="is not a fisher_brc checkpoint or model.pt"):
+        fisher_brc_check.main([str(tmp_path / "notes.txt")])
 
 
 def test_the_fisher_brc_check_reports_q_and_return_at_the_episodes_first_states(tmp_path, datasets_path, capsys):

@@ -36,9 +36,12 @@ def main(argv=None) -> None:
     path = parser.parse_args(argv).path
     if not os.path.isfile(path):
         raise common.UserError(f"{path} is not a file; give a fisher_brc run's checkpoint.pt or model.pt")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:
+        saved = None
     weights = saved.get("agent", saved) if isinstance(saved, dict) else {}
-    if saved.get("algorithm", "fisher_brc") != "fisher_brc" or not {"actor", "offsets", "behavior"} <= set(weights):
+    if not weights or saved.get("algorithm", "fisher_brc") != "fisher_brc" or not {"actor", "offsets", "behavior"} <= set(weights):
         raise common.UserError(f"{path} is not a fisher_brc checkpoint or model.pt")
     args = fisher_brc.Args(**{k: v for k, v in saved["args"].items() if k in fisher_brc.Args.__dataclass_fields__})
     data = common.load_dataset(args.env, "cpu")
