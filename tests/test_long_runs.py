@@ -189,3 +189,53 @@ def test_the_fisher_brc_check_reports_q_and_return_at_the_episodes_first_states(
     assert float(reported["log mu at a"]) == pytest.approx(log_mu.mean().item(), abs=0.006)
     mean_a = line.split(", a [")[1].split("]")[0].split()
     assert [float(x) for x in mean_a] == pytest.approx(actions.mean(0).tolist(), abs=0.006)
+
+
+def test_the_iql_actor_refit_refuses_other_files_and_flags_in_one_line(tmp_path):
+    import torch
+
+    from tools import iql_actor_refit
+
+    with pytest.raises(long_runs.UserError, match="is not a file; give an iql run's checkpoint.pt"):
+        iql_actor_refit.main([str(tmp_path / "missing.pt")])
+    torch.save({"algorithm": "td3_bc", "args": {}, "actor": {}, "critic": {}}, tmp_path / "model.pt")
+    with pytest.raises(long_runs.UserError, match="is not an iql checkpoint or model.pt"):
+        iql_actor_refit.main([str(tmp_path / "model.pt")])
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(long_runs.UserError, match="is not an iql checkpoint or model.pt"):
+        iql_actor_refit.main([str(tmp_path / "notes.txt")])
+    with pytest.raises(long_runs.UserError, match="--steps and --eval-every must be positive"):
+        iql_actor_refit.main([str(tmp_path / "notes.txt"), "--steps", "0"])
+
+
+def test_an_iql_actor_refit_step_is_the_runs_actor_step_and_leaves_q_and_v_alone(tmp_path, datasets_path):
+    """With V held still, IQL.train moves its actor exactly as a refit step does: with the target Q."""
+    import copy
+
+    import torch
+
+    from tools import iql_actor_refit
+
+    common, iql = iql_actor_refit.common, iql_actor_refit.iql
+    args = iql.Args(env="test/hopper/random-v0", expectile=0.7, beta=3.0, dropout=0.0, reward_transform="none")
+    data = common.load_dataset(args.env, "cpu")
+    torch.manual_seed(0)
+    run = iql.IQL(args, data.obs_dim, data.act_dim, torch.device("cpu"))
+    with torch.no_grad():  # a target critic unlike the online one, as in any run after its first step
+        for p in run.critic_target.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    refit = copy.deepcopy(run)
+    frozen = {k: copy.deepcopy(getattr(refit, k).state_dict()) for k in ("critic", "critic_target", "value")}
+    run.value_optimizer.param_groups[0]["lr"] = 0.0  # V does not move
+    run.args.tau = 0.0  # nor does the target Q (IQL.train's critic step comes after its actor step)
+    buffer = common.ReplayBuffer(data)
+    for _ in range(3):
+        batch = buffer.sample(64)
+        run.train(batch)
+        iql_actor_refit.refit_step(refit, batch)
+    for a, b in zip(run.actor.parameters(), refit.actor.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert float(refit.actor_scheduler.t) == 3
+    for name, state in frozen.items():
+        for key, value in getattr(refit, name).state_dict().items():
+            assert torch.equal(value, state[key]), f"the refit changed {name}.{key}"
