@@ -239,3 +239,37 @@ def test_an_iql_actor_refit_step_is_the_runs_actor_step_and_leaves_q_and_v_alone
     for name, state in frozen.items():
         for key, value in getattr(refit, name).state_dict().items():
             assert torch.equal(value, state[key]), f"the refit changed {name}.{key}"
+
+
+def test_the_iql_actor_refit_reports_the_weights_of_the_frozen_critic_over_the_data(tmp_path, datasets_path, capsys):
+    import re
+
+    import torch
+
+    from tools import iql_actor_refit
+
+    common, iql = iql_actor_refit.common, iql_actor_refit.iql
+    args = iql.Args(env="test/hopper/random-v0", expectile=0.7, beta=3.0, dropout=0.0, reward_transform="none")
+    data = common.load_dataset(args.env, "cpu")
+    torch.manual_seed(5)
+    agent = iql.IQL(args, data.obs_dim, data.act_dim, torch.device("cpu"))
+    with torch.no_grad():  # the target unlike the online critic: the report must read the target
+        for p in agent.critic_target.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    torch.save({"algorithm": "iql", "args": dict(vars(args)), "step": 7,
+                "agent": {k: getattr(agent, k).state_dict() for k in ("actor", "critic", "critic_target", "value")}},
+               tmp_path / "checkpoint.pt")
+    iql_actor_refit.main([str(tmp_path / "checkpoint.pt"), "--steps", "2", "--eval-every", "2",
+                          "--output", str(tmp_path / "refit.json")])
+    out = capsys.readouterr().out
+    common.normalize_obs(data, *common.compute_obs_stats(data))
+    with torch.no_grad():
+        advantage = torch.min(*agent.critic_target(data.observations, data.actions)) - agent.value(data.observations)[:, 0]
+        w = torch.exp(3.0 * advantage).clamp(max=100.0)
+    mean, clipped, ess = re.search(r"mean ([\d.]+), at the clip \(100\) ([\d.]+)%, effective sample size ([\d.]+)%",
+                                   out).groups()
+    assert float(mean) == pytest.approx(w.mean().item(), abs=0.006)
+    assert float(clipped) == pytest.approx(100 * (w == 100.0).float().mean().item(), abs=0.06)
+    assert float(ess) == pytest.approx(100 * (w.sum() ** 2 / (w**2).sum() / len(w)).item(), abs=0.06)
+    assert "(step 7)" in out and "frozen target Q" in out
+    assert [e["step"] for e in json.load(open(tmp_path / "refit.json"))["evaluations"]] == [2]

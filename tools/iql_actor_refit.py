@@ -96,10 +96,10 @@ def main(argv=None) -> None:
     with torch.no_grad():  # the weights the new actor fits, over every dataset transition
         obs = data.observations
         advantage = torch.min(*agent.critic_target(obs, data.actions)) - agent.value(obs).squeeze(-1)
-        weights = torch.exp(args.beta * advantage).clamp(max=args.max_weight)
-    ess = weights.sum() ** 2 / (weights**2).sum() / len(weights)
-    print(f"  advantage weights over the {len(weights)} transitions: mean {weights.mean():.2f}, at the clip "
-          f"({args.max_weight:g}) {(weights == args.max_weight).float().mean():.1%}, effective sample size "
+        data_weights = torch.exp(args.beta * advantage).clamp(max=args.max_weight)
+    ess = data_weights.sum() ** 2 / (data_weights**2).sum() / len(data_weights)
+    print(f"  advantage weights over the {len(data_weights)} transitions: mean {data_weights.mean():.2f}, at the "
+          f"clip ({args.max_weight:g}) {(data_weights == args.max_weight).float().mean():.1%}, effective sample size "
           f"{ess:.1%} of the data; mean V {agent.value(obs).mean():.1f}", flush=True)
     evaluations = []
     for step in range(1, flags.steps + 1):
