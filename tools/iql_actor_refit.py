@@ -9,9 +9,9 @@ run's Q (its target network where the file holds one, a checkpoint.pt; model.pt 
 online network, which the target trails by 0.5% per step) and V, keeps them fixed, and trains a new
 actor (initialised from --seed) with the run's actor loss, learning rate and cosine schedule (its
 --total-steps), batch size and evaluation (its --eval-episodes and --seed), evaluating every
---eval-every steps. If the new actor climbs to the run's early level and falls back as the run did,
-the fall lies in the actor's fitting alone; if it only reaches the run's final level, the critic's
-weights changed. --output writes the evaluations as JSON.
+--eval-every steps. A new actor that falls on a critic held still shows the actor's fitting at work;
+refits of critics from different steps, with the same --seed, compare the critics' weights.
+--output writes the evaluations as JSON.
 """
 
 from __future__ import annotations
