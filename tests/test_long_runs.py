@@ -136,59 +136,101 @@ def test_a_restarted_run_does_not_replace_a_longer_collected_record(tmp_path, mo
     assert "kept" not in capsys.readouterr().out
 
 
-def test_the_fisher_brc_check_refuses_other_files_in_one_line(tmp_path):
-    from tools import fisher_brc_check
+def test_the_support_check_refuses_other_files_in_one_line(tmp_path):
+    from tools import support_check
 
-    with pytest.raises(long_runs.UserError, match="is not a file; give a fisher_brc run's checkpoint.pt"):
-        fisher_brc_check.main([str(tmp_path / "missing.pt")])
+    with pytest.raises(long_runs.UserError, match="is not a file; give a fisher_brc or itrpo run's checkpoint.pt"):
+        support_check.main([str(tmp_path / "missing.pt")])
     import torch
 
     torch.save({"algorithm": "td3_bc", "args": {}, "actor": {}}, tmp_path / "model.pt")
-    with pytest.raises(long_runs.UserError, match="is not a fisher_brc checkpoint or model.pt"):
-        fisher_brc_check.main([str(tmp_path / "model.pt")])
+    with pytest.raises(long_runs.UserError, match="is not a fisher_brc or itrpo checkpoint or model.pt"):
+        support_check.main([str(tmp_path / "model.pt")])
+    torch.save({"step": 5, "args": {"env": "x", "alpha": 2.5}, "agent": {"actor": {}}}, tmp_path / "checkpoint.pt")
+    with pytest.raises(long_runs.UserError, match="is not a fisher_brc or itrpo checkpoint or model.pt"):
+        support_check.main([str(tmp_path / "checkpoint.pt")])
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    with pytest.raises(long_runs.UserError, match="is not a fisher_brc checkpoint or model.pt"):
-        fisher_brc_check.main([str(tmp_path / "notes.txt")])
+    with pytest.raises(long_runs.UserError, match="is not a fisher_brc or itrpo checkpoint or model.pt"):
+        support_check.main([str(tmp_path / "notes.txt")])
 
 
-def test_the_fisher_brc_check_reports_q_and_return_at_the_episodes_first_states(tmp_path, datasets_path, capsys):
-    """Evaluations start where the data's episodes start; the check reports the critic there."""
+def first_state_report(capsys) -> tuple[str, dict]:
     import re
 
+    lines = [x for x in capsys.readouterr().out.splitlines() if "first states" in x]
+    assert len(lines) == 1, "the check reports no line on the episodes' first states"
+    pattern = r"(Q\(s, a\)|return after them mean|max|log mu at a) (-?[\d.]+)"
+    return lines[0], {k: float(v) for k, v in re.findall(pattern, lines[0])}
+
+
+def first_state_returns(data, bonus: float, gamma: float) -> list[float]:
+    starts = data.episode_starts
+    rewards = data.rewards.numpy() + bonus
+    ends = list(starts[1:]) + [len(rewards)]
+    return [sum(gamma ** i * r for i, r in enumerate(rewards[s:e])) for s, e in zip(starts, ends)]
+
+
+def test_the_support_check_reports_fisher_brc_q_and_return_at_the_episodes_first_states(tmp_path, datasets_path, capsys):
+    """Evaluations start where the data's episodes start; the check reports the critic there."""
     import numpy as np
     import torch
 
-    from tools import fisher_brc_check
+    from tools import support_check
 
-    common, fisher_brc = fisher_brc_check.common, fisher_brc_check.fisher_brc
+    common, fisher_brc = support_check.common, support_check.fisher_brc
     args = fisher_brc.Args(env="test/hopper/random-v0")
     data = common.load_dataset(args.env, "cpu")
     torch.manual_seed(3)
     agent = fisher_brc.FisherBRC(args, data.obs_dim, data.act_dim, torch.device("cpu"))
     torch.save({"algorithm": "fisher_brc", "args": dict(vars(args)), **agent.state_dict()}, tmp_path / "model.pt")
-    fisher_brc_check.main([str(tmp_path / "model.pt")])
-    lines = [x for x in capsys.readouterr().out.splitlines() if "first states" in x]
-    assert len(lines) == 1, "the check reports no line on the episodes' first states"
-    line = lines[0]
+    support_check.main([str(tmp_path / "model.pt")])
+    line, reported = first_state_report(capsys)
 
     starts = data.episode_starts
     assert args.reward_transform == "plus-five"
-    rewards = data.rewards.numpy() + 5.0
-    ends = list(starts[1:]) + [len(rewards)]
-    returns = [sum(args.gamma ** i * r for i, r in enumerate(rewards[s:e])) for s, e in zip(starts, ends)]
+    returns = first_state_returns(data, 5.0, args.gamma)
     common.normalize_obs(data, *common.compute_obs_stats(data))
     with torch.no_grad():
         obs, actions = data.observations[starts], data.actions[starts]
         log_mu = agent.behavior.log_prob(obs, actions)
         q = torch.min(*agent.offsets(obs, actions)) + log_mu
-    reported = dict(re.findall(r"(Q\(s, a\)|return after them mean|max|log mu at a) (-?[\d.]+)", line))
     assert f"the episodes' {len(starts)} first states" in line
-    assert float(reported["Q(s, a)"]) == pytest.approx(q.mean().item(), abs=0.06)
-    assert float(reported["return after them mean"]) == pytest.approx(np.mean(returns), abs=0.06)
-    assert float(reported["max"]) == pytest.approx(np.max(returns), abs=0.06)
-    assert float(reported["log mu at a"]) == pytest.approx(log_mu.mean().item(), abs=0.006)
+    assert reported["Q(s, a)"] == pytest.approx(q.mean().item(), abs=0.06)
+    assert reported["return after them mean"] == pytest.approx(np.mean(returns), abs=0.06)
+    assert reported["max"] == pytest.approx(np.max(returns), abs=0.06)
+    assert reported["log mu at a"] == pytest.approx(log_mu.mean().item(), abs=0.006)
     mean_a = line.split(", a [")[1].split("]")[0].split()
     assert [float(x) for x in mean_a] == pytest.approx(actions.mean(0).tolist(), abs=0.006)
+
+
+def test_the_support_check_reads_an_itrpo_checkpoint_with_its_critic_and_reward_bonus(tmp_path, datasets_path, capsys):
+    """A checkpoint does not name its algorithm: the check knows iTRPO's by its flags, reads Q from
+    its critic (no log mu added) and the returns of r + --reward-bonus."""
+    import numpy as np
+    import torch
+
+    from tools import support_check
+
+    common, itrpo = support_check.common, support_check.itrpo
+    args = itrpo.Args(env="test/hopper/random-v0", reward_bonus=3.0)
+    data = common.load_dataset(args.env, "cpu")
+    torch.manual_seed(4)
+    agent = itrpo.ITRPO(args, data.obs_dim, data.act_dim, torch.device("cpu"))
+    torch.save({"step": 7, "phase": None, "args": dict(vars(args)), "agent": agent.state_dict()},
+               tmp_path / "checkpoint.pt")
+    support_check.main([str(tmp_path / "checkpoint.pt")])
+    line, reported = first_state_report(capsys)
+
+    starts = data.episode_starts
+    returns = first_state_returns(data, 3.0, args.gamma)
+    common.normalize_obs(data, *common.compute_obs_stats(data))
+    with torch.no_grad():
+        obs, actions = data.observations[starts], data.actions[starts]
+        q = torch.min(*agent.critic(obs, actions))
+        log_mu = agent.behavior.log_prob(obs, actions)
+    assert reported["Q(s, a)"] == pytest.approx(q.mean().item(), abs=0.06)
+    assert reported["return after them mean"] == pytest.approx(np.mean(returns), abs=0.06)
+    assert reported["log mu at a"] == pytest.approx(log_mu.mean().item(), abs=0.006)
 
 
 def test_the_iql_actor_refit_refuses_other_files_and_flags_in_one_line(tmp_path):

@@ -1,0 +1,117 @@
+"""A Fisher-BRC or iTRPO run's critic and policy against the data, read from its checkpoint.pt (or model.pt).
+
+    python tools/support_check.py ~/long_runs/hopper-medium-replay-v0__fisher_brc__0/checkpoint.pt
+    python tools/support_check.py ~/long_runs/hopper-medium-replay-v0__itrpo__0/checkpoint.pt
+
+Both files keep the policy near a frozen behaviour model mu (Fisher-BRC: Q = min(O_1, O_2) + log mu
+and a gradient penalty on O; iTRPO: a KL penalty to mu in the actor's loss and the critic's target).
+Over every dataset transition: Q(s, a) next to the discounted return that followed (s, a) in the
+data, both of the rewards the run trains on (with its survival bonus); log mu at the data's actions
+and at the policy's (its mean action, as evaluations act, and a sample); Q at the policy's mean
+action; how far that action is from the data's; the policy's log-std; and Q, the return, log mu and
+the mean actions at the episodes' first states, drawn from the distribution every evaluation episode
+starts from. A policy whose actions sit where mu puts little density has left the support the
+penalty is meant to keep it in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "algorithms"))
+import common  # noqa: E402
+import fisher_brc  # noqa: E402
+import itrpo  # noqa: E402
+from tools.td3_bc_q_check import discounted_returns  # noqa: E402
+
+NETWORKS = {"fisher_brc": ("actor", "offsets", "behavior"), "itrpo": ("actor", "critic", "behavior")}
+
+
+def load(path: str):
+    """The run's agent (networks loaded), its dataset (states normalised as the run's) and the
+    discounted returns of the rewards it trains on."""
+    if not os.path.isfile(path):
+        raise common.UserError(f"{path} is not a file; give a fisher_brc or itrpo run's checkpoint.pt or model.pt")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:
+        saved = None
+    weights = saved.get("agent", saved) if isinstance(saved, dict) else {}
+    # a model.pt names its algorithm; a checkpoint is known by its flags, which differ between files
+    fields = {n: set(m.Args.__dataclass_fields__) for n, m in (("fisher_brc", fisher_brc), ("itrpo", itrpo))}
+    name = saved.get("algorithm") if weights else None
+    if weights and name is None:
+        name = next((n for n, f in fields.items() if set(saved.get("args", {})) == f), None)
+    if name not in NETWORKS or not set(NETWORKS[name]) <= set(weights):
+        raise common.UserError(f"{path} is not a fisher_brc or itrpo checkpoint or model.pt")
+    module = {"fisher_brc": fisher_brc, "itrpo": itrpo}[name]
+    args = module.Args(**{k: v for k, v in saved["args"].items() if k in module.Args.__dataclass_fields__})
+    data = common.load_dataset(args.env, "cpu")
+    if name == "fisher_brc":
+        common.transform_rewards(data, args.reward_transform)
+        agent = fisher_brc.FisherBRC(args, data.obs_dim, data.act_dim, torch.device("cpu"))
+    else:
+        for k, v in itrpo.domain_defaults(args.env).items():  # as the run set them before training
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+        itrpo.transform_rewards(data, args)
+        agent = itrpo.ITRPO(args, data.obs_dim, data.act_dim, torch.device("cpu"))
+    returns = discounted_returns(data, args.gamma)  # of the rewards the run trains on
+    if args.normalize_states:
+        common.normalize_obs(data, *common.compute_obs_stats(data))
+    for net in NETWORKS[name]:
+        getattr(agent, net).load_state_dict(weights[net])
+    return name, saved, agent, data, returns
+
+
+def main(argv=None) -> None:
+    common.install_user_error_hook()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", help="checkpoint.pt or model.pt of a fisher_brc or itrpo run")
+    path = parser.parse_args(argv).path
+    name, saved, agent, data, returns = load(path)
+    if name == "fisher_brc":
+        def q(obs, act):
+            return torch.min(*agent.offsets(obs, act)) + agent.behavior.log_prob(obs, act)
+    else:
+        def q(obs, act):
+            return torch.min(*agent.critic(obs, act))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        obs, actions = data.observations, data.actions
+        pi = agent.act(obs)
+        log_mu_data = agent.behavior.log_prob(obs, actions)
+        log_mu_pi = agent.behavior.log_prob(obs, pi)
+        log_mu_sample = agent.behavior.log_prob(obs, agent.actor.sample(obs)[0])
+        log_std = agent.actor(obs)[1].mean(-1)
+        q_data, q_pi = q(obs, actions).numpy(), q(obs, pi).numpy()
+    step = f"step {saved['step']}" if "step" in saved else "the final policy"
+    print(f"{path} ({name}, {step}), {len(data)} transitions, rewards of the run's transform and bonus:")
+    print(f"  discounted return after (s, a): mean {returns.mean():.1f}, max {returns.max():.1f}")
+    print(f"  mean Q(s, a) {q_data.mean():.1f}; Q(s, pi(s)) {q_pi.mean():.1f}")
+    edges = np.quantile(returns, [0.25, 0.5, 0.75])
+    quartile = np.digitize(returns, edges)
+    gaps = [(q_data[quartile == i] - returns[quartile == i]).mean() for i in range(4)]
+    print("  Q - return, by quartile of the return (lowest first): " + ", ".join(f"{g:+.0f}" for g in gaps))
+    print(f"  mean log mu: data actions {log_mu_data.mean():.2f}, pi(s) {log_mu_pi.mean():.2f} (below -10 at "
+          f"{(log_mu_pi < -10).float().mean():.1%} of states), sampled actions {log_mu_sample.mean():.2f}")
+    print(f"  mean (pi(s) - a)^2 (as tools/td3_bc_q_check.py): {((pi - actions) ** 2).mean():.3f}; "
+          f"policy log-std (mean over dimensions) {log_std.mean():.2f}")
+    first = data.episode_starts  # from the initial-state distribution that evaluation episodes start from too
+    print(f"  at the episodes' {len(first)} first states: Q(s, a) {q_data[first].mean():.1f}, Q(s, pi(s)) "
+          f"{q_pi[first].mean():.1f}, return after them mean {returns[first].mean():.1f}, max {returns[first].max():.1f}; "
+          f"log mu at a {log_mu_data[first].mean():.2f}, at pi(s) {log_mu_pi[first].mean():.2f}; "
+          f"policy log-std {log_std[first].mean():.2f}; "
+          f"mean pi(s) {np.array2string(pi[first].mean(0).numpy(), precision=2)}, "
+          f"a {np.array2string(actions[first].mean(0).numpy(), precision=2)}")
+
+
+if __name__ == "__main__":
+    main()
