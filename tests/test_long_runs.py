@@ -159,7 +159,7 @@ def first_state_report(capsys) -> tuple[str, dict]:
 
     lines = [x for x in capsys.readouterr().out.splitlines() if "first states" in x]
     assert len(lines) == 1, "the check reports no line on the episodes' first states"
-    pattern = r"(Q\(s, a\)|return after them mean|max|log mu at a) (-?[\d.]+)"
+    pattern = r"(Q\(s, a\)|return after them mean|max|log mu at a|KL\(pi \|\| mu\)) (-?[\d.]+)"
     return lines[0], {k: float(v) for k, v in re.findall(pattern, lines[0])}
 
 
@@ -216,6 +216,10 @@ def test_the_support_check_reads_an_itrpo_checkpoint_with_its_critic_and_reward_
     data = common.load_dataset(args.env, "cpu")
     torch.manual_seed(4)
     agent = itrpo.ITRPO(args, data.obs_dim, data.act_dim, torch.device("cpu"))
+    with torch.no_grad():  # rlkit's small output layers start every state at Q = 0 and pi = mu: spread them
+        for net in (agent.actor, agent.behavior, agent.critic):
+            for p in net.parameters():
+                p.normal_(0.0, 0.1)
     torch.save({"step": 7, "phase": None, "args": dict(vars(args)), "agent": agent.state_dict()},
                tmp_path / "checkpoint.pt")
     support_check.main([str(tmp_path / "checkpoint.pt")])
@@ -228,7 +232,11 @@ def test_the_support_check_reads_an_itrpo_checkpoint_with_its_critic_and_reward_
         obs, actions = data.observations[starts], data.actions[starts]
         q = torch.min(*agent.critic(obs, actions))
         log_mu = agent.behavior.log_prob(obs, actions)
+        torch.manual_seed(0)  # the check's one sample per state, drawn for all states at once
+        sample, log_pi = agent.actor.sample(data.observations)
+        kl = (log_pi - agent.behavior.log_prob(data.observations, sample))[starts]
     assert reported["Q(s, a)"] == pytest.approx(q.mean().item(), abs=0.06)
+    assert reported["KL(pi || mu)"] == pytest.approx(kl.mean().item(), abs=0.006)
     assert reported["return after them mean"] == pytest.approx(np.mean(returns), abs=0.06)
     assert reported["log mu at a"] == pytest.approx(log_mu.mean().item(), abs=0.006)
 

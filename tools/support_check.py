@@ -8,7 +8,8 @@ and a gradient penalty on O; iTRPO: a KL penalty to mu in the actor's loss and t
 Over every dataset transition: Q(s, a) next to the discounted return that followed (s, a) in the
 data, both of the rewards the run trains on (with its survival bonus); log mu at the data's actions
 and at the policy's (its mean action, as evaluations act, and a sample); Q at the policy's mean
-action; how far that action is from the data's; the policy's log-std; and Q, the return, log mu and
+action; how far that action is from the data's; the policy's log-std and its KL divergence from mu
+(log pi - log mu of one sample per state, averaged); and Q, the return, log mu and
 the mean actions at the episodes' first states, drawn from the distribution every evaluation episode
 starts from. A policy whose actions sit where mu puts little density has left the support the
 penalty is meant to keep it in.
@@ -89,7 +90,9 @@ def main(argv=None) -> None:
         pi = agent.act(obs)
         log_mu_data = agent.behavior.log_prob(obs, actions)
         log_mu_pi = agent.behavior.log_prob(obs, pi)
-        log_mu_sample = agent.behavior.log_prob(obs, agent.actor.sample(obs)[0])
+        sample, log_pi_sample = agent.actor.sample(obs)
+        log_mu_sample = agent.behavior.log_prob(obs, sample)
+        kl = log_pi_sample - log_mu_sample  # one-sample estimate of KL(pi || mu) at each state
         log_std = agent.actor(obs)[1].mean(-1)
         q_data, q_pi = q(obs, actions).numpy(), q(obs, pi).numpy()
     step = f"step {saved['step']}" if "step" in saved else "the final policy"
@@ -101,14 +104,15 @@ def main(argv=None) -> None:
     gaps = [(q_data[quartile == i] - returns[quartile == i]).mean() for i in range(4)]
     print("  Q - return, by quartile of the return (lowest first): " + ", ".join(f"{g:+.0f}" for g in gaps))
     print(f"  mean log mu: data actions {log_mu_data.mean():.2f}, pi(s) {log_mu_pi.mean():.2f} (below -10 at "
-          f"{(log_mu_pi < -10).float().mean():.1%} of states), sampled actions {log_mu_sample.mean():.2f}")
+          f"{(log_mu_pi < -10).float().mean():.1%} of states), sampled actions {log_mu_sample.mean():.2f}; "
+          f"KL(pi || mu) {kl.mean():.2f}")
     print(f"  mean (pi(s) - a)^2 (as tools/td3_bc_q_check.py): {((pi - actions) ** 2).mean():.3f}; "
           f"policy log-std (mean over dimensions) {log_std.mean():.2f}")
     first = data.episode_starts  # from the initial-state distribution that evaluation episodes start from too
     print(f"  at the episodes' {len(first)} first states: Q(s, a) {q_data[first].mean():.1f}, Q(s, pi(s)) "
           f"{q_pi[first].mean():.1f}, return after them mean {returns[first].mean():.1f}, max {returns[first].max():.1f}; "
           f"log mu at a {log_mu_data[first].mean():.2f}, at pi(s) {log_mu_pi[first].mean():.2f}; "
-          f"policy log-std {log_std[first].mean():.2f}; "
+          f"policy log-std {log_std[first].mean():.2f}, KL(pi || mu) {kl[first].mean():.2f}; "
           f"mean pi(s) {np.array2string(pi[first].mean(0).numpy(), precision=2)}, "
           f"a {np.array2string(actions[first].mean(0).numpy(), precision=2)}")
 
