@@ -45,11 +45,12 @@ def load(path: str):
     except Exception:
         saved = None
     weights = saved.get("agent", saved) if isinstance(saved, dict) else {}
-    # a model.pt names its algorithm; a checkpoint is known by its flags, which differ between files
+    # a model.pt names its algorithm; a checkpoint is known by its flags: the one file that has them all
     fields = {n: set(m.Args.__dataclass_fields__) for n, m in (("fisher_brc", fisher_brc), ("itrpo", itrpo))}
     name = saved.get("algorithm") if weights else None
-    if weights and name is None:
-        name = next((n for n, f in fields.items() if set(saved.get("args", {})) == f), None)
+    if weights and name is None and isinstance(saved.get("args"), dict):
+        matches = [n for n, f in fields.items() if set(saved["args"]) <= f]
+        name = matches[0] if len(matches) == 1 else None
     if name not in NETWORKS or not set(NETWORKS[name]) <= set(weights):
         raise common.UserError(f"{path} is not a fisher_brc or itrpo checkpoint or model.pt")
     module = {"fisher_brc": fisher_brc, "itrpo": itrpo}[name]
