@@ -45,7 +45,7 @@ def load(path: str):
     except Exception:
         saved = None
     weights = saved.get("agent", saved) if isinstance(saved, dict) else {}
-    # a model.pt names its algorithm; a checkpoint is known by its flags: the one file that has them all
+    # a model.pt names its algorithm; a checkpoint is known by its flags: the one file whose Args hold them all
     fields = {n: set(m.Args.__dataclass_fields__) for n, m in (("fisher_brc", fisher_brc), ("itrpo", itrpo))}
     name = saved.get("algorithm") if weights else None
     if weights and name is None and isinstance(saved.get("args"), dict):
