@@ -19,6 +19,11 @@ def test_every_run_resumes_under_a_fixed_name_with_ten_episodes_every_10k_steps(
     assert os.path.exists(cmd[1])
 
 
+def test_every_dataset_of_the_long_runs_has_a_bc_run_for_its_figures_bc_curve():
+    datasets = {d for _, d, _, _, _ in long_runs.RUNS}
+    assert datasets == {d for a, d, _, _, _ in long_runs.RUNS if a == "bc"}
+
+
 def test_collect_keeps_evaluations_and_logged_q_and_report_scores_the_last_ten(tmp_path, monkeypatch, capsys):
     from torch.utils.tensorboard import SummaryWriter
 
@@ -58,8 +63,8 @@ def test_report_without_collected_runs_is_one_line(tmp_path, monkeypatch):
         long_runs.report()
 
 
-def test_report_names_a_running_seed_that_is_ahead_of_the_others(tmp_path, monkeypatch, capsys):
-    """Two running seeds at 30k and 50k: the table's curve stops at 30k, and says where the other is."""
+def test_report_names_an_unfinished_seed_that_is_ahead_of_the_others(tmp_path, monkeypatch, capsys):
+    """Two unfinished seeds at 30k and 50k: the table's curve stops at 30k, and says where the other is."""
     monkeypatch.setattr(long_runs, "DOCS", str(tmp_path))
     monkeypatch.setattr(long_runs, "COLLECTED", str(tmp_path / "long_runs"))
     os.makedirs(tmp_path / "long_runs")
@@ -70,7 +75,7 @@ def test_report_names_a_running_seed_that_is_ahead_of_the_others(tmp_path, monke
                   open(tmp_path / "long_runs" / f"{seed}.json", "w"))
     long_runs.report()
     out = capsys.readouterr().out
-    assert "| td3_bc | 2 | 30,000 (running; seed 0 at 50,000) |" in out
+    assert "| td3_bc | 2 | 30,000 (unfinished; seed 0 at 50,000) |" in out
 
 
 def test_a_second_scheduler_on_the_same_runs_dir_is_refused_before_it_starts_anything(tmp_path, monkeypatch):

@@ -59,17 +59,22 @@ RUNS: list[tuple[str, str, int, int, list[str]]] = [
     ("cql", HOPPER, 0, 50_000, []),
     ("iql", HOPPER, 0, 1_000_000, []),
     ("itrpo", HOPPER, 0, 100_000, []),
-    ("awr", HOPPER, 0, 1_000_000, []),
-    ("arq", HOPPER, 0, 100_000, ["--sampler", "ode"]),
-    # one seed of every file, and HalfCheetah (where BC fails), before the second seeds
+    # HalfCheetah (where BC fails) first, with BC's curve beside them; then ARQ beside the 1M-step runs
+    # (its score model, support set and RL steps take longer than any other run), BRAC+ (2 steps/s at
+    # these sizes), the second seeds; last, the two runs collected to 830k-890k whose folders were lost:
+    # they would start again at step 0
+    ("bc", HALFCHEETAH, 0, 1_000_000, []),
     ("td3_bc", HALFCHEETAH, 0, 1_000_000, []),
     ("iql", HALFCHEETAH, 0, 1_000_000, []),
-    ("brac_plus", HOPPER, 0, 50_000, ["--actor-hidden-dim", "256", "--vae-hidden-dim", "256"]),
-    ("td3_bc", HOPPER, 1, 1_000_000, []),
-    ("iql", HOPPER, 1, 1_000_000, []),
-    ("awr", HOPPER, 1, 1_000_000, []),
+    ("arq", HOPPER, 0, 100_000, ["--sampler", "ode"]),
+    ("bc", WALKER2D, 0, 1_000_000, []),
     ("td3_bc", WALKER2D, 0, 1_000_000, []),
     ("iql", WALKER2D, 0, 1_000_000, []),
+    ("brac_plus", HOPPER, 0, 50_000, ["--actor-hidden-dim", "256", "--vae-hidden-dim", "256"]),
+    ("iql", HOPPER, 1, 1_000_000, []),
+    ("awr", HOPPER, 1, 1_000_000, []),
+    ("awr", HOPPER, 0, 1_000_000, []),
+    ("td3_bc", HOPPER, 1, 1_000_000, []),
 ]
 ORDER = ["bc", "td3_bc", "awr", "iql", "cql", "fisher_brc", "itrpo", "brac_plus", "arq"]
 
@@ -221,10 +226,11 @@ def report() -> None:
         for a in algos:
             s = stats[a]
             pm = f" ± {s['final_std']:.1f}" if s["seeds"] > 1 else ""
-            steps = f"{s['steps'][-1]:,}" + ("" if s["finished"] else " (running)")
+            # "unfinished", not "running": a run's folder may be gone, and its record is then where it stopped
+            steps = f"{s['steps'][-1]:,}" + ("" if s["finished"] else " (unfinished)")
             if others[a]:
-                steps += f" ({', '.join(others[a])}, running)" if s["finished"] else ""
-                steps = steps.replace(" (running)", f" (running; {', '.join(others[a])})")
+                steps += f" ({', '.join(others[a])}, unfinished)" if s["finished"] else ""
+                steps = steps.replace(" (unfinished)", f" (unfinished; {', '.join(others[a])})")
             q = "—" if np.isnan(s["max_q"]) else f"{s['max_q']:.0f}"
             print(f"| {a} | {s['seeds']} | {steps} | {s['final']:.1f}{pm} | {s['best']:.1f} ({s['best_step']:,}) | "
                   f"{q} | {s['hours']:.1f} |")
