@@ -78,6 +78,27 @@ def test_report_names_an_unfinished_seed_that_is_ahead_of_the_others(tmp_path, m
     assert "| td3_bc | 2 | 30,000 (unfinished; seed 0 at 50,000) |" in out
 
 
+def test_report_writes_a_table_and_a_figure_for_each_dataset_from_its_own_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(long_runs, "DOCS", str(tmp_path))
+    monkeypatch.setattr(long_runs, "COLLECTED", str(tmp_path / "long_runs"))
+    os.makedirs(tmp_path / "long_runs")
+    for dataset, algo, score in ((long_runs.HOPPER, "td3_bc", 40.0), (long_runs.HALFCHEETAH, "bc", 18.0),
+                                 (long_runs.HALFCHEETAH, "iql", 33.0)):
+        json.dump({"env": dataset, "algorithm": algo, "seed": 0, "finished": True, "train_seconds": 60.0,
+                   "behaviour_score": 10.0, "transitions": 90_000, "q1": [],
+                   "evaluations": [[10_000 * (i + 1), score, 1.0] for i in range(3)]},
+                  open(tmp_path / "long_runs" / f"{algo}-{dataset.replace('/', '-')}.json", "w"))
+    long_runs.report()
+    out = capsys.readouterr().out
+    sections = {part.split("`")[1]: part for part in out.split("### ")[1:]}
+    hopper, halfcheetah = sections[long_runs.HOPPER], sections[long_runs.HALFCHEETAH]
+    assert "| td3_bc | 1 | 30,000 | 40.0 |" in hopper and "| bc |" not in hopper and "| iql |" not in hopper
+    assert "| bc | 1 | 30,000 | 18.0 |" in halfcheetah and "| iql | 1 | 30,000 | 33.0 |" in halfcheetah
+    assert "| td3_bc |" not in halfcheetah
+    assert os.path.exists(tmp_path / "long-hopper-medium-replay-v0.png")
+    assert os.path.exists(tmp_path / "long-halfcheetah-medium-replay-v0.png")
+
+
 def test_a_second_scheduler_on_the_same_runs_dir_is_refused_before_it_starts_anything(tmp_path, monkeypatch):
     started = []
     monkeypatch.setattr(long_runs.subprocess, "run",

@@ -212,11 +212,11 @@ def report() -> None:
         # seeds that finished, where any did; the others are named in the steps cell
         stats, others = {}, {}
         for a in algos:
-            runs = [r for r in mine if r["algorithm"] == a]
-            done = [r for r in runs if r["finished"]] or runs
+            seeds = [r for r in mine if r["algorithm"] == a]
+            done = [r for r in seeds if r["finished"]] or seeds
             stats[a] = summary(done)
             # seeds not in the summary, or ahead of the steps every seed reached
-            others[a] = [f"seed {r['seed']} at {r['evaluations'][-1][0]:,}" for r in runs
+            others[a] = [f"seed {r['seed']} at {r['evaluations'][-1][0]:,}" for r in seeds
                          if r not in done or r["evaluations"][-1][0] > stats[a]["steps"][-1]]
             stats[a]["ahead"] = [r for r in done if r["evaluations"][-1][0] > stats[a]["steps"][-1]]
         behaviour = mine[0]["behaviour_score"]
