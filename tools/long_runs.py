@@ -59,10 +59,10 @@ RUNS: list[tuple[str, str, int, int, list[str]]] = [
     ("cql", HOPPER, 0, 50_000, []),
     ("iql", HOPPER, 0, 1_000_000, []),
     ("itrpo", HOPPER, 0, 100_000, []),
-    # HalfCheetah (where BC fails) first, with BC's curve beside them; then ARQ beside the 1M-step runs
-    # (its score model, support set and RL steps take longer than any other run), BRAC+ (2 steps/s at
-    # these sizes), the second seeds; last, the two runs collected to 830k-890k whose folders were lost:
-    # they would start again at step 0
+    # HalfCheetah (where BC needs 400k steps to reach the behaviour average) first, with BC's curve;
+    # then ARQ beside the 1M-step runs (its score model, support set and RL steps take longer than any
+    # other run), BRAC+ (2 steps/s at these sizes), the second seeds; last, TD3+BC seed 1 and AWR seed 0,
+    # collected to 830k and 890k without their checkpoints: they would start again at step 0
     ("bc", HALFCHEETAH, 0, 1_000_000, []),
     ("td3_bc", HALFCHEETAH, 0, 1_000_000, []),
     ("iql", HALFCHEETAH, 0, 1_000_000, []),
