@@ -34,8 +34,9 @@ def evaluate(data: OfflineData, policy: Callable[[torch.Tensor], torch.Tensor], 
     draws from torch's CPU random stream, which is seeded with `seed` here and given back to the run
     as it was, so that an evaluation depends on the weights and the seed alone. With `video` (a
     path), the first episode is also rendered, one frame per step, and written there as an MP4
-    (`Recording`); this changes neither the episodes nor the returns. Returns raw return mean/std
-    and the normalised score (None without references)."""
+    (`Recording`); this changes neither the episodes nor the returns. Returns raw return mean/std,
+    the normalised score (None without references) and each episode's return, in episode order:
+    the mean hides an episode that fails among good ones."""
     import gymnasium as gym
 
     dataset = data.minari_dataset
@@ -77,6 +78,7 @@ def evaluate(data: OfflineData, policy: Callable[[torch.Tensor], torch.Tensor], 
         "return_std": float(returns.std()),
         "normalized_score_mean": None if scores is None else float(scores.mean()),
         "normalized_score_std": None if scores is None else float(scores.std()),
+        "episode_returns": [float(r) for r in returns],
     }
 
 

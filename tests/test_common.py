@@ -201,6 +201,7 @@ def test_evaluate_matches_a_manual_rollout(datasets_path):
         returns.append(total)
     assert result["return_mean"] == pytest.approx(np.mean(returns), rel=1e-5)
     assert result["return_std"] == pytest.approx(np.std(returns), rel=1e-4, abs=1e-6)
+    assert result["episode_returns"] == pytest.approx(returns, rel=1e-5)  # each episode, in seed order
     # test datasets are built with reference scores (0, 100): the score equals the return
     assert result["normalized_score_mean"] == pytest.approx(result["return_mean"], rel=1e-6)
 

@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 from offline_data.errors import UserError, install_user_error_hook  # noqa: E402
-from offline_data.evaluation import render_problem  # noqa: E402
+from offline_data.evaluation import normalized_score, render_problem  # noqa: E402
 import speed  # noqa: E402
 
 
@@ -103,8 +103,9 @@ def rebuild(saved: dict, device: torch.device) -> tuple[object, common.Policy]:
 def evaluate_model(path: str, episodes: int | None = None, seed: int | None = None, device: str = "cpu",
                    video_dir: str | None = None) -> dict:
     """Evaluate the policy in `path` (common.evaluate) and return the evaluation with its
-    `algorithm`, `env`, `episodes` and `seed`, and with `video_dir`, the `video` of its first
-    episode, <video_dir>/seed_<seed>.mp4 (where the eval env renders)."""
+    `algorithm`, `env`, `episodes`, `seed` and `episode_scores` (each episode's normalised score,
+    None without references), and with `video_dir`, the `video` of its first episode,
+    <video_dir>/seed_<seed>.mp4 (where the eval env renders)."""
     saved = read_model(path)
     device = common.resolve_device(device)
     common.flush_denormals()
@@ -131,6 +132,8 @@ def evaluate_model(path: str, episodes: int | None = None, seed: int | None = No
     evaluation = common.evaluate(data, policy, episodes, seed, obs_mean, obs_std, video)
     if video is not None and os.path.exists(video):
         evaluation["video"] = video
+    scores = normalized_score(evaluation["episode_returns"], data.ref_min_score, data.ref_max_score)
+    evaluation["episode_scores"] = None if scores is None else scores.tolist()
     return {"algorithm": saved["algorithm"], "env": args.env, "episodes": episodes, "seed": seed, **evaluation}
 
 
@@ -147,6 +150,11 @@ def main(flags: Args) -> None:
     print(f"{result['algorithm']} on {result['env']}, {episodes} from seed {result['seed']}: "
           f"return {result['return_mean']:.2f} ± {result['return_std']:.2f}"
           + ("" if score is None else f", normalised score {score:.2f} ± {result['normalized_score_std']:.2f}"))
+    # episode i starts from reset(seed=seed + i): `--episodes 1 --seed <seed + i> --capture-video` starts it again
+    each, what = ((result["episode_scores"], "normalised score") if score is not None
+                  else (result["episode_returns"], "return"))
+    print(f"{what} of each episode (seeds {result['seed']} to {result['seed'] + result['episodes'] - 1}): "
+          + " ".join(f"{v:.1f}" for v in each))
     if "video" in result:
         print(f"video of the first episode: {result['video']}")
 
