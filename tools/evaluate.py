@@ -150,7 +150,7 @@ def main(flags: Args) -> None:
     print(f"{result['algorithm']} on {result['env']}, {episodes} from seed {result['seed']}: "
           f"return {result['return_mean']:.2f} ± {result['return_std']:.2f}"
           + ("" if score is None else f", normalised score {score:.2f} ± {result['normalized_score_std']:.2f}"))
-    # episode i starts from reset(seed=seed + i): `--episodes 1 --seed <seed + i> --capture-video` starts it again
+    # episode i starts from reset(seed=seed + i): the same --episodes with --seed <seed + i> --capture-video records it
     each, what = ((result["episode_scores"], "normalised score") if score is not None
                   else (result["episode_returns"], "return"))
     print(f"{what} of each episode (seeds {result['seed']} to {result['seed'] + result['episodes'] - 1}): "
