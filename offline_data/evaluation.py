@@ -35,8 +35,8 @@ def evaluate(data: OfflineData, policy: Callable[[torch.Tensor], torch.Tensor], 
     as it was, so that an evaluation depends on the weights and the seed alone. With `video` (a
     path), the first episode is also rendered, one frame per step, and written there as an MP4
     (`Recording`); this changes neither the episodes nor the returns. Returns raw return mean/std,
-    the normalised score (None without references) and each episode's return, in episode order:
-    the mean hides an episode that fails among good ones."""
+    the normalised score (None without references), and each episode's return and length (steps),
+    in episode order: the mean hides an episode that fails among good ones."""
     import gymnasium as gym
 
     dataset = data.minari_dataset
@@ -50,6 +50,7 @@ def evaluate(data: OfflineData, policy: Callable[[torch.Tensor], torch.Tensor], 
     device = data.observations.device
     low, high = data.action_low, data.action_high
     returns = np.zeros(n_episodes)
+    lengths = np.zeros(n_episodes, dtype=np.int64)
     done = np.zeros(n_episodes, dtype=bool)
     try:
         with torch.random.fork_rng(devices=[]):
@@ -64,6 +65,7 @@ def evaluate(data: OfflineData, policy: Callable[[torch.Tensor], torch.Tensor], 
                 if recording is not None and not done[0]:
                     recording.capture()  # the state this step led to
                 returns += np.where(done, 0.0, reward)
+                lengths += ~done
                 done |= terminated | truncated
     except BaseException:
         if recording is not None:
@@ -79,6 +81,7 @@ def evaluate(data: OfflineData, policy: Callable[[torch.Tensor], torch.Tensor], 
         "normalized_score_mean": None if scores is None else float(scores.mean()),
         "normalized_score_std": None if scores is None else float(scores.std()),
         "episode_returns": [float(r) for r in returns],
+        "episode_lengths": [int(n) for n in lengths],
     }
 
 

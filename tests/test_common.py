@@ -281,6 +281,8 @@ def test_evaluate_counts_each_episode_once_when_they_end_at_different_steps(data
     assert len(set(lengths)) >= 3, lengths  # the seeds give episodes of different lengths
     assert result["return_mean"] == pytest.approx(np.mean(returns), rel=1e-6)
     assert result["return_std"] == pytest.approx(np.std(returns), rel=1e-6)
+    assert result["episode_returns"] == pytest.approx(returns, rel=1e-6)
+    assert result["episode_lengths"] == lengths  # each stops counting at its own end
 
 
 def test_replay_buffer_samples_rows_of_the_dataset(datasets_path):

@@ -126,8 +126,8 @@ def test_capture_video_records_without_changing_the_run_and_the_model_file_repla
     final = recorded[-1]
     assert (f"bc on {DATASET}, 2 episodes from seed 0: return {final['return_mean']:.2f} ± "
             f"{final['return_std']:.2f}, normalised score {final['normalized_score_mean']:.2f}") in tool.stdout
-    each = " ".join(f"{r:.1f}" for r in final["episode_returns"])  # references (0, 100): score = return
-    assert f"normalised score of each episode (seeds 0 to 1): {each}\n" in tool.stdout
+    each = " ".join(f"{r:.1f} ({n})" for r, n in zip(final["episode_returns"], final["episode_lengths"]))
+    assert f"normalised score (steps) of each episode, seeds 0 to 1: {each}\n" in tool.stdout  # score = return here
     tool_frames = frames_of(tmp_path / "watch" / "seed_0.mp4")
     assert len(tool_frames) == len(run_frames) and np.array_equal(tool_frames[-1], run_frames[-1])
 

@@ -153,8 +153,8 @@ def main(flags: Args) -> None:
     # episode i starts from reset(seed=seed + i): the same --episodes with --seed <seed + i> --capture-video records it
     each, what = ((result["episode_scores"], "normalised score") if score is not None
                   else (result["episode_returns"], "return"))
-    print(f"{what} of each episode (seeds {result['seed']} to {result['seed'] + result['episodes'] - 1}): "
-          + " ".join(f"{v:.1f}" for v in each))
+    print(f"{what} (steps) of each episode, seeds {result['seed']} to {result['seed'] + result['episodes'] - 1}: "
+          + " ".join(f"{v:.1f} ({n})" for v, n in zip(each, result["episode_lengths"])))
     if "video" in result:
         print(f"video of the first episode: {result['video']}")
 
