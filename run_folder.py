@@ -276,6 +276,7 @@ class Run:
         if video is not None and os.path.exists(video):
             entry["video"] = os.path.relpath(video, self.dir)
         self.results["evaluations"].append(entry)
+        self.results["train_seconds"] = self.train_seconds()  # so far; the final figure at finish()
         self.writer.add_scalar("eval/return", evaluation["return_mean"], step)
         if evaluation["normalized_score_mean"] is not None:
             self.writer.add_scalar("eval/normalized_score", evaluation["normalized_score_mean"], step)

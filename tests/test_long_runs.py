@@ -57,6 +57,31 @@ def test_collect_keeps_evaluations_and_logged_q_and_report_scores_the_last_ten(t
     assert (docs / "long-hopper-medium-replay-v0.png").stat().st_size > 0
 
 
+def test_hours_are_the_runs_training_time_not_its_process_wall_time(tmp_path, monkeypatch, capsys):
+    """An unfinished run's hours are its training time so far (results.json's train_seconds); a run
+    folder without that field gets "—", not the wall time of its last process (pretraining included)."""
+    docs = tmp_path / "docs"
+    monkeypatch.setattr(long_runs, "DOCS", str(docs))
+    monkeypatch.setattr(long_runs, "COLLECTED", str(docs / "long_runs"))
+    monkeypatch.setattr(long_runs, "RUNS", [("arq", long_runs.HOPPER, 0, 100_000, [])])
+    folder = tmp_path / "runs" / long_runs.run_name("arq", long_runs.HOPPER, 0)
+    folder.mkdir(parents=True)
+
+    def hours(**train_seconds):
+        json.dump({"finished": False, **train_seconds,
+                   "dataset": {"ref_min_score": 0.0, "ref_max_score": 200.0, "episode_return_mean": 20.0,
+                               "transitions": 90_000},
+                   "evaluations": [{"step": 10_000, "normalized_score_mean": 2.0, "normalized_score_std": 0.0,
+                                    "wall_time": 9 * 3600.0}]},
+                  open(folder / "results.json", "w"))
+        long_runs.collect(str(tmp_path / "runs"))
+        long_runs.report()
+        return capsys.readouterr().out.split("| arq | 1 | 10,000 (unfinished) | 2.0 | 2.0 (10,000) | — | ")[1][:4]
+
+    assert hours() == "— |\n"
+    assert hours(train_seconds=1800.0) == "0.5 "
+
+
 def test_report_without_collected_runs_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(long_runs, "COLLECTED", str(tmp_path))
     with pytest.raises(long_runs.UserError, match="run `collect` first"):

@@ -86,12 +86,13 @@ def test_a_killed_run_resumes_to_the_same_evaluations(algorithm, datasets_path, 
     cmd = command(algorithm, out, "killed")
     start_and_interrupt(cmd, datasets_path, out / "killed", evaluations_before=1)
     partial, _ = evaluations(out, "killed")
-    assert not partial["finished"]
+    assert not partial["finished"] and partial["train_seconds"] > 0  # the training time so far
     again = run(cmd, datasets_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from step" in again.stdout
     results, got = evaluations(out, "killed")
     assert results["finished"] and got == expected
+    assert results["train_seconds"] > partial["train_seconds"]  # both processes' training time
     assert not os.path.exists(out / "killed" / "checkpoint.pt")  # a finished run keeps no checkpoint
 
     # a finished run is not run again

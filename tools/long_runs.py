@@ -166,7 +166,9 @@ def collect(runs_dir: str) -> None:
         atomic_write_json(os.path.join(COLLECTED, f"{name}.json"), {
             "algorithm": algo, "env": dataset, "seed": seed, "total_steps": steps, "flags": flags,
             "finished": finished,
-            "train_seconds": results.get("train_seconds") or results["evaluations"][-1]["wall_time"],
+            # the main loop's training time (evaluations and pretraining phases excluded), None for a
+            # run folder whose results.json predates that field; not the process's wall time
+            "train_seconds": results.get("train_seconds"),
             "behaviour_score": behaviour, "transitions": info["transitions"],
             "evaluations": evaluations,
             "q1": logged_q(os.path.dirname(path)),
@@ -194,7 +196,7 @@ def summary(runs: list[dict]) -> dict:
     return {"steps": steps, "values": values, "final": finals.mean(), "final_std": finals.std(),
             "best": mean.max(), "best_step": steps[int(mean.argmax())], "seeds": len(runs),
             "max_q": max((v for r in runs for _, v in r["q1"]), default=float("nan")),
-            "finished": all(r["finished"] for r in runs), "hours": np.mean([r["train_seconds"] or 0 for r in runs]) / 3600}
+            "finished": all(r["finished"] for r in runs), "hours": np.mean([r["train_seconds"] for r in runs if r["train_seconds"] is not None] or [np.nan]) / 3600}
 
 
 def report() -> None:
@@ -232,8 +234,9 @@ def report() -> None:
                 steps += f" ({', '.join(others[a])}, unfinished)" if s["finished"] else ""
                 steps = steps.replace(" (unfinished)", f" (unfinished; {', '.join(others[a])})")
             q = "—" if np.isnan(s["max_q"]) else f"{s['max_q']:.0f}"
+            hours = "—" if np.isnan(s["hours"]) else f"{s['hours']:.1f}"
             print(f"| {a} | {s['seeds']} | {steps} | {s['final']:.1f}{pm} | {s['best']:.1f} ({s['best_step']:,}) | "
-                  f"{q} | {s['hours']:.1f} |")
+                  f"{q} | {hours} |")
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.axhline(behaviour, color="black", lw=1, ls=":", label=f"behaviour average ({behaviour:.1f})")
         for i, a in enumerate(algos):
