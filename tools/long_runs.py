@@ -196,7 +196,8 @@ def summary(runs: list[dict]) -> dict:
     return {"steps": steps, "values": values, "final": finals.mean(), "final_std": finals.std(),
             "best": mean.max(), "best_step": steps[int(mean.argmax())], "seeds": len(runs),
             "max_q": max((v for r in runs for _, v in r["q1"]), default=float("nan")),
-            "finished": all(r["finished"] for r in runs), "hours": np.mean([r["train_seconds"] for r in runs if r["train_seconds"] is not None] or [np.nan]) / 3600}
+            "finished": all(r["finished"] for r in runs),
+            "hours": np.mean([r["train_seconds"] for r in runs if r["train_seconds"] is not None] or [np.nan]) / 3600}
 
 
 def report() -> None:
