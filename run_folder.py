@@ -72,8 +72,11 @@ class Run:
             self.saved = self._read_checkpoint()
         else:
             _remove_checkpoints(self.dir)
-        # a resumed run drops the events logged after its checkpoint, which it is about to log again
-        self.writer = SummaryWriter(self.dir, purge_step=None if self.saved is None else self.saved["step"] + 1)
+        # a resumed run drops the events logged after its checkpoint, which it is about to log again;
+        # a pretraining phase has a writer of its own (`phase_writer`), with its own steps to drop
+        self.resumed_at = None if self.saved is None else (self.saved.get("phase"), self.saved["step"])
+        self.writer = SummaryWriter(self.dir, purge_step=self._purge_step(None))
+        self.phase_writers: dict = {}
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
             f"|{k}|{v}|" for k, v in vars(args).items()))
         self.wandb = None
@@ -110,8 +113,8 @@ class Run:
             print(f"[{algorithm}] the dataset has no reference scores: raw returns only")
 
     def log(self, step: int, metrics: dict, phase: str | None = None) -> None:
-        """Write scalars; with `phase` (a pretraining phase such as "behaviour model"), also print
-        one progress line, since such phases have no evaluations to report on."""
+        """Write scalars; with `phase` (a pretraining phase such as "behaviour model"), to that
+        phase's writer, and print one progress line, since such phases have no evaluations."""
         values = {k: float(v) for k, v in metrics.items()}
         bad = [k for k, v in values.items() if not np.isfinite(v)]
         if bad:
@@ -119,8 +122,9 @@ class Run:
                 f"{', '.join(bad)} became {values[bad[0]]} at step {step}: training diverged. Try a "
                 f"lower learning rate or another --seed."
             )
+        writer = self.writer if phase is None else self.phase_writer(phase)
         for k, v in values.items():
-            self.writer.add_scalar(k, v, step)
+            writer.add_scalar(k, v, step)
         sps = (step - self.clock_step) / max(time.time() - self.clock - self.eval_time, 1e-9)
         if phase is None:
             self.writer.add_scalar("charts/SPS", sps, step)
@@ -128,6 +132,24 @@ class Run:
         else:
             print(f"{phase} step {step} | {sps:.0f} SPS | " + " ".join(
                 f"{k.split('/')[-1]} {v:.3g}" for k, v in values.items()), flush=True)
+
+    def _purge_step(self, phase: str | None) -> int | None:
+        return self.resumed_at[1] + 1 if self.resumed_at and self.resumed_at[0] == phase else None
+
+    def phase_writer(self, phase: str):
+        """A pretraining phase's events go to `<run dir>/<phase>/` (`q_initialisation/`), a run of
+        their own in tensorboard: their steps count from 1 again and may carry the main loop's
+        names (BRAC+'s Q_0 logs losses/q1), which in one run would interleave with its curves."""
+        if phase not in self.phase_writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.phase_writers[phase] = SummaryWriter(os.path.join(self.dir, phase.lower().replace(" ", "_")),
+                                                      purge_step=self._purge_step(phase))
+        return self.phase_writers[phase]
+
+    def close_writers(self) -> None:
+        for writer in (self.writer, *self.phase_writers.values()):
+            writer.close()
 
     def reset_clock(self, step: int = 0) -> None:
         """Start SPS and ETA afresh at `step`, e.g. after a pretraining phase."""
@@ -221,7 +243,7 @@ class Run:
 
     def exit_on_signal(self, what: str) -> None:
         """End the process after a signal, once `what` (what was saved) is said (status 128 + signal)."""
-        self.writer.close()
+        self.close_writers()
         print(f"[{self.algorithm}] stopped by {signal.Signals(self.signalled).name} after {what}; "
               f"the same command resumes the run", flush=True)
         raise SystemExit(128 + self.signalled)
@@ -311,7 +333,7 @@ class Run:
                 **checkpoint}))
         atomic_write_json(os.path.join(self.dir, "results.json"), self.results)
         _remove_checkpoints(self.dir)  # a finished run is never resumed; results.json says it finished
-        self.writer.close()
+        self.close_writers()
         if self.wandb is not None:
             self.wandb.finish()
         print(f"[{self.algorithm}] done: final return {self.results['final_return']}, "

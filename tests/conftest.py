@@ -101,6 +101,26 @@ def run_script(args: list[str], datasets_path: str, cwd: str | None = None, time
                           text=True, timeout=timeout)
 
 
+def check_curves(run_dir, total_steps: int, phases: tuple[str, ...] = ()) -> None:
+    """The run folder's tensorboard curves are the main loop's, each step once, up to `total_steps`;
+    each pretraining phase's are in a folder of their own (`q_initialisation/`), whose steps also
+    count from 1, so that a name both log (BRAC+'s losses/q1) is two curves, not one mixed."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for folder in ("", *(p.lower().replace(" ", "_") for p in phases)):
+        events = EventAccumulator(os.path.join(run_dir, folder), size_guidance={"scalars": 0})
+        events.Reload()
+        tags = events.Tags()["scalars"]
+        assert tags and all(t.split("/")[0] in ("losses", "charts", "eval") for t in tags), (folder, tags)
+        assert ("eval/normalized_score" in tags) == (folder == ""), (folder, tags)
+        for tag in tags:
+            steps = [e.step for e in events.Scalars(tag)]
+            assert steps == sorted(set(steps)), (folder, tag, steps)
+            assert folder or steps[-1] == total_steps, (tag, steps)
+    subfolders = {f for f in os.listdir(run_dir) if os.path.isdir(os.path.join(run_dir, f))}
+    assert subfolders == {p.lower().replace(" ", "_") for p in phases}, subfolders
+
+
 def check_saved_model(run_dir) -> None:
     """The run's model.pt loads as weights only, holds tensors on the CPU alone (no numpy), and
     tools/evaluate.py's evaluation of it, with the run's seed and episodes, is the run's final one."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, check_saved_model, load_algorithm, run_script
+from conftest import ROOT, check_curves, check_saved_model, load_algorithm, run_script
 
 
 arq = load_algorithm("arq")
@@ -324,6 +324,7 @@ def test_arq_end_to_end_and_the_caches_are_reused(datasets_path, tmp_path):
     first = run_script([*common_args, "--seed", "0", "--run-name", "first"], datasets_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "score model step 30" in first.stdout and "[arq] support 100.0%" in first.stdout
+    check_curves(tmp_path / "first", 20, phases=("score model",))
     cache = os.listdir(tmp_path / "arq_support_cache")
     assert sorted(name.split("_")[0] for name in cache) == ["score", "support"]
 

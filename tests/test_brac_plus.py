@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import run_folder
-from conftest import ROOT, check_saved_model, load_algorithm, run_script
+from conftest import ROOT, check_curves, check_saved_model, load_algorithm, run_script
 
 
 bp = load_algorithm("brac_plus")
@@ -311,6 +311,7 @@ def test_brac_plus_end_to_end(variant, datasets_path, tmp_path):
     for phase in ("behaviour model step 20", "initial policy step 20", "Q initialisation step 20", "step 40/40"):
         assert phase in result.stdout
     check_saved_model(out / "r")  # tools/evaluate.py gives the final evaluation again
+    check_curves(out / "r", 40, phases=("behaviour model", "initial policy", "Q initialisation"))  # Q_0's q1 is apart
 
 
 def test_alpha_max_must_leave_room_for_the_floor_of_alpha():

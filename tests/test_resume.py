@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -205,3 +206,56 @@ def test_a_run_stopped_in_a_pretraining_phase_resumes_it_to_the_same_evaluations
     if phase == "Q initialisation":
         assert "initial policy step" not in again.stdout
     assert evaluations(tmp_path / "b", "stopped")[1] == expected
+
+
+def test_a_resumed_phase_drops_its_own_steps_after_the_checkpoint_and_no_other_curve(datasets_path, tmp_path,
+                                                                                    monkeypatch):
+    """Logged after the checkpoint at step 50 of "initial policy" and lost in a kill: steps 60-70 of
+    that phase are dropped when it resumes from 50 and logs them again; the behaviour model's curve,
+    in its own folder, keeps its steps past 50, and the main loop's curve starts clean."""
+    import dataclasses
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import common
+
+    @dataclasses.dataclass
+    class Args:
+        env: str = "test/hopper/random-v0"
+        seed: int = 0
+        output_dir: str = str(tmp_path)
+        run_name: str = "r"
+        resume: str = "auto"
+        track: bool = False
+        eval_every: int = 50
+        batch_size: int = 16
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", datasets_path)
+    data, args = common.load_dataset(Args.env), Args()
+    phases = ("behaviour model", "initial policy")
+    agent = torch.nn.Linear(2, 2)
+
+    first = common.Run(args, "fake", data, phases=phases)
+    for step in range(10, 101, 10):
+        first.log(step, {"losses/a": step}, phase="behaviour model")
+    for step in range(10, 71, 10):
+        first.log(step, {"losses/a": step}, phase="initial policy")
+        first.pretraining_step(step, agent, "initial policy")  # a checkpoint at 50
+    first.close_writers()  # what was logged reached the disk; the process dies without finishing
+    first.lock.close()
+
+    again = common.Run(args, "fake", data, phases=phases)
+    assert again.resume(agent, "initial policy", 100) == 50
+    for step in range(60, 101, 10):
+        again.log(step, {"losses/a": -step}, phase="initial policy")
+    again.log(10, {"losses/a": 1.0})
+    again.close_writers()
+
+    def curve(folder):
+        events = EventAccumulator(str(tmp_path / "r" / folder), size_guidance={"scalars": 0})
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars("losses/a")]
+
+    assert curve("behaviour_model") == [(s, s) for s in range(10, 101, 10)]
+    assert curve("initial_policy") == [(s, s) for s in range(10, 51, 10)] + [(s, -s) for s in range(60, 101, 10)]
+    assert curve("") == [(10, 1.0)]
