@@ -210,9 +210,9 @@ def test_a_run_stopped_in_a_pretraining_phase_resumes_it_to_the_same_evaluations
 
 def test_a_resumed_phase_drops_its_own_steps_after_the_checkpoint_and_no_other_curve(datasets_path, tmp_path,
                                                                                     monkeypatch):
-    """Logged after the checkpoint at step 50 of "initial policy" and lost in a kill: steps 60-70 of
-    that phase are dropped when it resumes from 50 and logs them again; the behaviour model's curve,
-    in its own folder, keeps its steps past 50, and the main loop's curve starts clean."""
+    """Steps 60-70 of "initial policy", logged after its checkpoint at 50 and before a kill, are
+    dropped when the phase resumes from 50 and logs them again; the behaviour model's curve, in its
+    own folder, keeps its steps past 50, and the main loop's curve starts clean."""
     import dataclasses
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
