@@ -375,3 +375,73 @@ def test_the_iql_actor_refit_reports_the_weights_of_the_frozen_critic_over_the_d
     assert float(ess) == pytest.approx(100 * (w.sum() ** 2 / (w**2).sum() / len(w)).item(), abs=0.06)
     assert "(step 7)" in out and "frozen target Q" in out
     assert [e["step"] for e in json.load(open(tmp_path / "refit.json"))["evaluations"]] == [2]
+
+
+def test_the_awr_check_refuses_other_files_and_flags_in_one_line(tmp_path):
+    import torch
+
+    from tools import awr_check
+
+    with pytest.raises(long_runs.UserError, match="is not a file; give an awr run's checkpoint.pt"):
+        awr_check.main([str(tmp_path / "missing.pt")])
+    torch.save({"algorithm": "td3_bc", "args": {}, "actor": {}, "critic": {}}, tmp_path / "model.pt")
+    with pytest.raises(long_runs.UserError, match="is not an awr checkpoint or model.pt"):
+        awr_check.main([str(tmp_path / "model.pt")])
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(long_runs.UserError, match="is not an awr checkpoint or model.pt"):
+        awr_check.main([str(tmp_path / "notes.txt")])
+    with pytest.raises(long_runs.UserError, match="--episodes must be 0"):
+        awr_check.main([str(tmp_path / "notes.txt"), "--episodes", "-1"])
+
+
+def test_the_awr_checks_effective_sample_size_counts_the_transitions_a_batch_learns_from():
+    import torch
+
+    from tools.awr_check import effective_sample_size
+
+    assert effective_sample_size(torch.ones(512)) == pytest.approx(256.0)
+    one_of_each = torch.full((512,), 1e-6)
+    one_of_each[::256] = 100.0
+    assert effective_sample_size(one_of_each) == pytest.approx(1.0, abs=1e-3)
+    half = torch.cat([torch.ones(128), torch.zeros(128)])
+    assert effective_sample_size(half, batch=256) == pytest.approx(128.0)
+
+
+def test_the_awr_check_reads_a_checkpoint_and_follows_the_episodes_it_evaluates(tmp_path, datasets_path, capsys):
+    """Q, the weights and the policy's distance to the data are those of the checkpoint's networks;
+    the evaluated episodes are the run's (same score) and their states are the ones they visited."""
+    import re
+
+    import numpy as np
+    import torch
+
+    from tools import awr_check
+
+    common, awr = awr_check.common, awr_check.awr
+    args = awr.Args(env="test/hopper/random-v0")
+    data = common.load_dataset(args.env, "cpu")
+    stats = common.compute_obs_stats(data)
+    common.normalize_obs(data, *stats)
+    torch.manual_seed(3)
+    agent = awr.AWR(args, data.obs_dim, data.act_dim, torch.device("cpu"))
+    torch.save({"step": 5, "phase": None, "args": vars(args), "agent": agent.state_dict()}, tmp_path / "checkpoint.pt")
+    awr_check.main([str(tmp_path / "checkpoint.pt"), "--episodes", "3", "--seed", "7"])
+    out = capsys.readouterr().out
+    assert "(awr, step 5)" in out
+    with torch.no_grad():
+        q = torch.min(*agent.critic(data.observations, data.actions))
+        distance = ((agent.act(data.observations) - data.actions) ** 2).mean()
+    assert float(re.search(r"mean Q\(s, a\) (-?[\d.]+)", out).group(1)) == pytest.approx(q.mean().item(), abs=0.06)
+    assert float(re.search(r"\(pi\(s\) - a\)\^2 ([\d.]+)", out).group(1)) == pytest.approx(distance.item(), abs=6e-4)
+    expected = awr_check.evaluate(data, agent.act, 3, 7, *stats)
+    score = float(re.search(r"3 episodes from seed 7: score (-?[\d.]+)", out).group(1))
+    assert score == pytest.approx(expected["normalized_score_mean"], abs=0.06)
+    length = float(re.search(r"score [-\d.]+ ± [\d.]+, length ([\d.]+)", out).group(1))
+    assert length == pytest.approx(np.mean(expected["episode_lengths"]), abs=0.5)
+
+    result, states = awr_check.visited_states(data, agent, 3, 7, stats)
+    assert [len(s) for s in states] == result["episode_lengths"]
+    env = data.minari_dataset.recover_environment(eval_env=True)
+    first = torch.as_tensor(env.reset(seed=7)[0], dtype=torch.float32)
+    assert torch.allclose(states[0][0], (first - stats[0]) / stats[1], atol=1e-5)
+    assert awr_check.nearest_distance(data.observations[:600], data.observations).abs().max() < 1e-6
