@@ -390,6 +390,9 @@ def test_the_awr_check_refuses_other_files_and_flags_in_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     with pytest.raises(long_runs.UserError, match="is not an awr checkpoint or model.pt"):
         awr_check.main([str(tmp_path / "notes.txt")])
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(long_runs.UserError, match="is not an awr checkpoint or model.pt"):
+        awr_check.main([str(tmp_path / "tensor.pt")])
     with pytest.raises(long_runs.UserError, match="--episodes must be 0"):
         awr_check.main([str(tmp_path / "notes.txt"), "--episodes", "-1"])
 
@@ -405,6 +408,7 @@ def test_the_awr_checks_effective_sample_size_counts_the_transitions_a_batch_lea
     assert effective_sample_size(one_of_each) == pytest.approx(1.0, abs=1e-3)
     half = torch.cat([torch.ones(128), torch.zeros(128)])
     assert effective_sample_size(half, batch=256) == pytest.approx(128.0)
+    assert effective_sample_size(torch.ones(100)) == pytest.approx(100.0)  # fewer than a batch: one batch
 
 
 def test_the_awr_check_reads_a_checkpoint_and_follows_the_episodes_it_evaluates(tmp_path, datasets_path, capsys):

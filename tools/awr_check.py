@@ -45,10 +45,12 @@ def load(path: str):
         saved = torch.load(path, map_location="cpu", weights_only=False)
     except Exception:
         saved = None
-    weights = saved.get("agent", saved) if isinstance(saved, dict) else {}
-    stored = saved.get("args") if isinstance(saved, dict) else None
+    if not isinstance(saved, dict):
+        saved = {}
+    weights, stored = saved.get("agent", saved), saved.get("args")
     fields = set(awr.Args.__dataclass_fields__)
-    is_awr = saved.get("algorithm") == "awr" if "algorithm" in (saved or {}) else (
+    # a model.pt names its algorithm; a checkpoint is known by its flags
+    is_awr = saved.get("algorithm") == "awr" if "algorithm" in saved else (
         isinstance(stored, dict) and "awr_lambda" in stored and set(stored) <= fields)
     if not is_awr or not {"actor", "critic"} <= set(weights):
         raise common.UserError(f"{path} is not an awr checkpoint or model.pt")
@@ -65,7 +67,9 @@ def load(path: str):
 
 def effective_sample_size(weights: torch.Tensor, batch: int = BATCH) -> float:
     """Mean over whole batches of sum(w)^2 / sum(w^2): how many of a batch's transitions the actor's
-    weighted loss effectively learns from (batch when all weights are equal, 1 when one dominates)."""
+    weighted loss effectively learns from (batch when all weights are equal, 1 when one dominates).
+    Fewer transitions than a batch make one batch of all of them."""
+    batch = min(batch, len(weights))
     w = weights[: len(weights) // batch * batch].view(-1, batch)
     return float((w.sum(1) ** 2 / (w ** 2).sum(1)).mean())
 
