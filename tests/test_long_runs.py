@@ -411,7 +411,8 @@ def test_the_awr_checks_effective_sample_size_counts_the_transitions_a_batch_lea
     assert effective_sample_size(torch.ones(100)) == pytest.approx(100.0)  # fewer than a batch: one batch
 
 
-def test_the_awr_check_reads_a_checkpoint_and_follows_the_episodes_it_evaluates(tmp_path, datasets_path, capsys):
+def test_the_awr_check_reads_a_checkpoint_and_follows_the_episodes_it_evaluates(tmp_path, datasets_path, capsys,
+                                                                                  monkeypatch):
     """Q, the weights and the policy's distance to the data are those of the checkpoint's networks;
     the evaluated episodes are the run's (same score) and their states are the ones they visited."""
     import re
@@ -432,6 +433,8 @@ def test_the_awr_check_reads_a_checkpoint_and_follows_the_episodes_it_evaluates(
     awr_check.main([str(tmp_path / "checkpoint.pt"), "--episodes", "3", "--seed", "7"])
     out = capsys.readouterr().out
     assert "(awr, step 5)" in out
+    assert len(data) < 256 and f"per batch of {len(data)}" in out  # a smaller dataset is one batch
+    assert "of them the env's 40 steps" in out
     with torch.no_grad():
         q = torch.min(*agent.critic(data.observations, data.actions))
         distance = ((agent.act(data.observations) - data.actions) ** 2).mean()
@@ -442,6 +445,11 @@ def test_the_awr_check_reads_a_checkpoint_and_follows_the_episodes_it_evaluates(
     assert score == pytest.approx(expected["normalized_score_mean"], abs=0.06)
     length = float(re.search(r"score [-\d.]+ ± [\d.]+, length ([\d.]+)", out).group(1))
     assert length == pytest.approx(np.mean(expected["episode_lengths"]), abs=0.5)
+
+    monkeypatch.setattr(awr_check, "episode_limit", lambda data: None)  # an eval env without a time limit
+    awr_check.main([str(tmp_path / "checkpoint.pt"), "--episodes", "3", "--seed", "7"])
+    out = capsys.readouterr().out
+    assert "3 episodes from seed 7" in out and "of them the env's" not in out
 
     result, states = awr_check.visited_states(data, agent, 3, 7, stats)
     assert [len(s) for s in states] == result["episode_lengths"]

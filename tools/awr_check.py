@@ -8,7 +8,7 @@ return that followed (s, a) in the data, by quartile of that return, as tools/td
 prints for TD3+BC; the actor's weights exp(A / lambda), clipped at --max-weight, with V(s) the mean
 of Q over 4 policy samples (the run uses one): their mean, the share at the clip and their
 effective sample size sum(w)^2 / sum(w^2) per batch of 256 (the transitions in a fixed random
-order, cut into batches); the policy's standard deviation; and the squared distance of the
+order, cut into batches; one batch of all where there are fewer); the policy's standard deviation; and the squared distance of the
 policy's mean action to the data's, over all transitions and over the 10% with the largest weights.
 With --episodes N: the policy's normalised score over N evaluation episodes from --seed (as a run
 evaluates), their lengths, and how far the states they visit lie from the nearest dataset state, in
@@ -74,6 +74,12 @@ def effective_sample_size(weights: torch.Tensor, batch: int = BATCH) -> float:
     return float((w.sum(1) ** 2 / (w ** 2).sum(1)).mean())
 
 
+def episode_limit(data) -> int | None:
+    """The evaluation env's episode length limit (None where it has none)."""
+    spec = data.minari_dataset.recover_environment(eval_env=True).spec
+    return None if spec is None else spec.max_episode_steps
+
+
 def visited_states(data, agent, episodes: int, seed: int, stats) -> tuple[dict, list[torch.Tensor]]:
     """The run's evaluation of the policy's mean action, and the (normalised) states each episode visited."""
     seen = []
@@ -125,7 +131,7 @@ def main(argv=None) -> None:
           + ", ".join(f"{g:+.0f}" for g in gaps))
     print(f"  weights exp(A / {args.awr_lambda:.3g}) clipped at {args.max_weight:g}: mean {weights.mean():.2f}, "
           f"{(weights >= args.max_weight).float().mean():.1%} at the clip, effective sample size "
-          f"{effective_sample_size(weights[order]):.1f} per batch of {BATCH}")
+          f"{effective_sample_size(weights[order]):.1f} per batch of {min(BATCH, len(weights))}")
     print(f"  policy std {np.array2string(std.numpy(), precision=3)}; mean (pi(s) - a)^2 {distance.mean():.3f}, "
           f"on the 10% of transitions with the largest weights {distance[top].mean():.3f}")
     if options.episodes:
@@ -133,12 +139,13 @@ def main(argv=None) -> None:
         near = [nearest_distance(s, obs) for s in states]
         every = torch.cat(near)
         lengths = np.array(result["episode_lengths"])
-        limit = data.minari_dataset.recover_environment(eval_env=True).spec.max_episode_steps
+        limit = episode_limit(data)
+        full = "" if limit is None else f" ({(lengths >= limit).mean():.0%} of them the env's {limit} steps)"
         score = result["normalized_score_mean"]
         what = f"score {score:.1f} ± {result['normalized_score_std']:.1f}" if score is not None else \
             f"return {result['return_mean']:.1f} ± {result['return_std']:.1f}"
-        print(f"  {options.episodes} episodes from seed {options.seed}: {what}, length {lengths.mean():.0f} "
-              f"({(lengths >= limit).mean():.0%} of them the env's {limit} steps); distance of the states "
+        print(f"  {options.episodes} episodes from seed {options.seed}: {what}, length {lengths.mean():.0f}"
+              f"{full}; distance of the states "
               f"they visit to the nearest dataset state: mean {every.mean():.2f}, over their last 20 steps "
               f"{torch.stack([d[-20:].mean() for d in near]).mean():.2f}, above 1: {(every > 1).float().mean():.1%}")
 
