@@ -8,8 +8,9 @@ return that followed (s, a) in the data, by quartile of that return, as tools/td
 prints for TD3+BC; the actor's weights exp(A / lambda), clipped at --max-weight, with V(s) the mean
 of Q over 4 policy samples (the run uses one): their mean, the share at the clip and their
 effective sample size sum(w)^2 / sum(w^2) per batch of 256 (the transitions in a fixed random
-order, cut into batches; one batch of all where there are fewer); the policy's standard deviation; and the squared distance of the
-policy's mean action to the data's, over all transitions and over the 10% with the largest weights.
+order, cut into batches; one batch of all where there are fewer); the policy's standard deviation;
+and the squared distance of the policy's mean action to the data's, over all transitions and over
+the 10% with the largest weights.
 With --episodes N: the policy's normalised score over N evaluation episodes from --seed (as a run
 evaluates), their lengths, and how far the states they visit lie from the nearest dataset state, in
 the data's standard deviations (the run's state normalisation): a policy whose episodes leave the
