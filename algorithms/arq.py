@@ -55,7 +55,6 @@ Deviations:
 - --batch-size stays the shared default 256 (paper: 512 for Q and policy).
 - States at which a time-limit truncation ends an episode have no dataset action: they get a
   support of their own and keep their most likely sample if none passes the threshold.
-- States are standardised for the Q and policy networks (as in every file here).
 - The critic loss is MSE(Q1, y) + MSE(Q2, y), the code's is half of it (0.5 (q - y)^2 per Q); Adam
   makes the step the same up to its epsilon (docs/implementation_notes.md, "Adam's epsilon").
 - Fourier time features use 2 pi, the code 2 * 3.1415: frequencies 3e-5 (relative) larger here, a
@@ -193,8 +192,8 @@ class Args:
     """Adam learning rate of the AWR policy"""
     hidden_dim: int = 256
     """width of the two hidden layers of critic and policy"""
-    normalize_states: bool = True
-    """standardise states with the dataset's mean and std"""
+    normalize_states: bool = False
+    """standardise the Q and policy networks' states with the dataset's mean and std (the code feeds them raw states)"""
 
 
 def check_args(args: Args) -> None:
@@ -348,10 +347,11 @@ class ScoreModel(nn.Module):
             self.register_buffer(f"{name}_std", torch.ones(dim))
 
     def set_normalization(self, obs: torch.Tensor, act: torch.Tensor) -> None:
-        """Mean and std (floored at 0.05, official code) of the states and actions it models."""
+        """Mean and std (floored at 0.05) of the states and actions it models, as the official code:
+        numpy's std, which divides by n (torch's default divides by n - 1)."""
         for name, x in (("obs", obs), ("act", act)):
             getattr(self, f"{name}_mean").copy_(x.mean(0))
-            getattr(self, f"{name}_std").copy_(x.std(0).clamp(min=0.05))
+            getattr(self, f"{name}_std").copy_(x.std(0, correction=0).clamp(min=0.05))
 
     def to_x(self, act: torch.Tensor) -> torch.Tensor:
         return (act - self.act_mean) / self.act_std
@@ -577,7 +577,7 @@ def score_model_key(args: Args, data: common.OfflineData) -> str:
     fields = ("bc_steps", "score_lr", "score_batch_size", "score_hidden_dim", "score_blocks", "fourier_scale",
               "ema", "beta_min", "beta_max", "score_seed")
     precision = () if args.precision == "fp32" else (("precision", args.precision),)  # fp32 keys name none
-    return _sha(args.env, data.fingerprint, data.obs_normalized, ("init", "glorot"),
+    return _sha(args.env, data.fingerprint, data.obs_normalized, ("init", "glorot"), ("std", "1/n"),
                 *[(f, getattr(args, f)) for f in fields], *precision)
 
 

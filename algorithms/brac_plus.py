@@ -71,7 +71,6 @@ Deviations:
   evaluating with the best of 20 clipped samples under Q (here: tanh of the mean).
 - The code's Adroit settings (listed for the human datasets, the only ones the paper reports) are the
   defaults on every Adroit dataset.
-- States are standardised (as in every file here; the code does not).
 """
 
 import copy
@@ -198,8 +197,8 @@ class Args:
     """width of the policy's 2 hidden layers (appendix F; the official code: 256)"""
     vae_hidden_dim: int = 512
     """width of the 2 hidden layers of each encoder and decoder (appendix F; the official code: 256)"""
-    normalize_states: bool = True
-    """standardise states with the dataset's mean and std"""
+    normalize_states: bool = False
+    """standardise states with the dataset's mean and std (the authors' code feeds raw states)"""
 
 
 def check_args(args: Args) -> None:

@@ -19,11 +19,11 @@ first revision stepped the critics before the actor; docs/implementation_notes.m
 
 Hyperparameters (official MuJoCo settings): w 5.0 (the paper also reports 10.0), 3x256 networks,
 policy log-std in [-5, 2], critic Adam 3e-4, actor Adam 1e-4, tau 0.005, batch 256, warm-up 40k
-steps, rewards untouched, 1M steps. Antmaze, from the dataset id: Lagrange threshold 5.0, rewards
+steps, rewards untouched, 1M steps; raw states and rlkit's initialisation (rlkit_init), as the
+official code (--normalize-states and --init torch for CORL's choices). Antmaze, from the dataset id: Lagrange threshold 5.0, rewards
 (r - 0.5) * 4.
 
 Deviations:
-- States are standardised (CORL's option; the official code does not).
 - The tanh log-density is exact; the code adds 1e-6 inside log(1 - a^2).
 - --bc-warmup-steps 40000 clones for 40,000 steps; the code's policy_eval_start 40000 for 39,999.
 - The target critics start as copies of the critics; the code's launcher initialises them separately.
@@ -109,8 +109,10 @@ class Args:
     """Adam learning rate of the critics and of the Lagrange multiplier"""
     hidden_dim: int = 256
     """width of the three hidden layers of every network"""
-    normalize_states: bool = True
-    """standardise states with the dataset's mean and std"""
+    normalize_states: bool = False
+    """standardise states with the dataset's mean and std (CORL's option; the official code feeds raw states)"""
+    init: Literal["rlkit", "torch"] = "rlkit"
+    """rlkit: the official code's initialisation (rlkit_init); torch: PyTorch's default (CORL's)"""
 
 
 def check_args(args: Args) -> None:
@@ -140,6 +142,22 @@ def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequent
     return nn.Sequential(*layers, common.OutputLinear(d, out_dim))
 
 
+def rlkit_init(net: nn.Sequential, output_bound: float) -> nn.Sequential:
+    """rlkit's Mlp initialisation, the official code's: hidden weights U(+-1/sqrt(fan)), where
+    fanin_init reads fan from weight.size(0), an nn.Linear's *output* width; hidden biases 0.1; output
+    weights and biases U(+-output_bound) (3e-3 for the critics, 1e-3 for the policy's mean and log-std
+    heads). EnsembleLinear weights are (E, in, out), each member's nn.Linear weight transposed."""
+    layers = [m for m in net if hasattr(m, "weight")]
+    with torch.no_grad():
+        for layer in layers[:-1]:
+            fan = layer.weight.shape[-1] if layer.weight.dim() == 3 else layer.weight.shape[0]
+            layer.weight.uniform_(-1.0 / math.sqrt(fan), 1.0 / math.sqrt(fan))
+            layer.bias.fill_(0.1)
+        layers[-1].weight.uniform_(-output_bound, output_bound)
+        layers[-1].bias.uniform_(-output_bound, output_bound)
+    return net
+
+
 def tanh_log_det(u: torch.Tensor) -> torch.Tensor:
     """log |d tanh(u) / du| = log(1 - tanh(u)^2), in a form that stays finite for large |u|."""
     return 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
@@ -148,9 +166,11 @@ def tanh_log_det(u: torch.Tensor) -> torch.Tensor:
 class Actor(nn.Module):
     """Tanh-squashed Gaussian policy (SAC), state-dependent log-std in [-5, 2] (the official policies.py)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, init: str = "torch"):
         super().__init__()
         self.net = mlp(obs_dim, 2 * act_dim, hidden_dim, 3)
+        if init == "rlkit":  # rlkit's TanhGaussianPolicy
+            rlkit_init(self.net, output_bound=1e-3)
 
     def forward(self, obs: torch.Tensor):
         mean, log_std = self.net(obs).chunk(2, dim=-1)
@@ -176,9 +196,11 @@ class Actor(nn.Module):
 class Critic(nn.Module):
     """Twin Q networks as a 2-member ensemble: every layer is one batched matmul for both."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, init: str = "torch"):
         super().__init__()
         self.net = common.ensemble_mlp(2, obs_dim + act_dim, 1, hidden_dim, 3)
+        if init == "rlkit":  # rlkit's FlattenMlp
+            rlkit_init(self.net, output_bound=3e-3)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """(2, N): Q1(s, a) and Q2(s, a), which unpack as `q1, q2 = critic(obs, act)`."""
@@ -207,8 +229,8 @@ def max_q_backup(next_q1: torch.Tensor, next_q2: torch.Tensor) -> torch.Tensor:
 class CQL:
     def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
         self.args = args
-        self.actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
-        self.critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
+        self.actor = Actor(obs_dim, act_dim, args.hidden_dim, args.init).to(device)
+        self.critic = Critic(obs_dim, act_dim, args.hidden_dim, args.init).to(device)
         self.critic_target = copy.deepcopy(self.critic)
         self.log_alpha = torch.zeros((), device=device, requires_grad=True)
         self.log_alpha_prime = torch.zeros((), device=device, requires_grad=True)

@@ -22,12 +22,13 @@ initialisation (gain sqrt 2, output 1e-2), actions clipped to +-(1 - 1e-6) befor
 temperatures trained with the loss alpha * (H - target) (all from the official code, google-research
 fisher_brc); Adam 3e-4, tau 0.005, batch 256, 1M steps; behaviour model and its temperature Adam
 1e-3, both x0.1 after 80% and 90% of --bc-steps (the code's PiecewiseConstantDecay([800k, 900k]):
-updates 800,002 and 900,002 of 1M are the first at the lower rates). The behaviour model is cached
-in --cache-dir, keyed by the data and its flags; it is trained on its own stream (--bc-seed), so
-every --seed and lambda reuses it.
+updates 800,002 and 900,002 of 1M are the first at the lower rates). Raw states, as the official
+d4rl_utils.py feeds them (--normalize-states standardises them). The behaviour model is trained in
+every run from --seed, as the official train_eval_offline.py does after seeding (--bc-seed S trains
+one model from S for every --seed); it runs on a random stream of its own and is cached in
+--cache-dir, keyed by the data, its flags and its seed, so a run with another lambda reuses it.
 
 Deviations:
-- States are standardised (as in every file here; the official code does not).
 - The behaviour model has 2 hidden layers, as in the code; appendix A says 3.
 - Minibatches are drawn with replacement, each phase from its own stream; the code draws them
   without replacement from one stream of reshuffled epochs that both phases share.
@@ -95,8 +96,8 @@ class Args:
     """gradient steps of the behaviour model before the actor-critic phase (paper: 1M)"""
     bc_lr: float = 1e-3
     """initial Adam learning rate of the behaviour model and its temperature (x0.1 after 80% and 90% of bc_steps)"""
-    bc_seed: int = 0
-    """seed of the behaviour model's initialisation and training (not --seed, so that seeds share the cache)"""
+    bc_seed: Optional[int] = None
+    """seed of the behaviour model's initialisation and training (default: --seed, as the authors' code; one value shares one model across seeds)"""
     cache_dir: Optional[str] = None
     """where trained behaviour models are cached (default <output_dir>/pretrained_cache)"""
     reuse_cache: bool = True
@@ -117,8 +118,8 @@ class Args:
     """Adam learning rate of actor, offsets and entropy temperature"""
     hidden_dim: int = 256
     """width of the hidden layers (3 in actor and offsets, 2 in the behaviour model)"""
-    normalize_states: bool = True
-    """standardise states with the dataset's mean and std"""
+    normalize_states: bool = False
+    """standardise states with the dataset's mean and std (the official code feeds raw states)"""
 
 
 def check_args(args: Args) -> None:
@@ -128,6 +129,11 @@ def check_args(args: Args) -> None:
     common.check_seed(args, "bc_seed")
     common.check_interval(args, "gamma", 0, 1, "[)")
     common.check_interval(args, "tau", 0, 1, "(]")
+
+
+def behavior_seed(args: Args) -> int:
+    """The behaviour model's seed: --bc-seed, else --seed (the authors train it in every run)."""
+    return args.seed if args.bc_seed is None else args.bc_seed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,7 +266,7 @@ class FisherBRC:
     def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
         self.args = args
         self.target_entropy = -float(act_dim)
-        with common.separate_rng(args.bc_seed, device):  # independent of --seed: the model is cached
+        with common.separate_rng(behavior_seed(args), device):  # a stream of its own: the model is cached
             self.behavior = BehaviorModel(obs_dim, act_dim, args.hidden_dim, args.n_components).to(device)
         self.behavior_log_alpha = torch.zeros((), device=device, requires_grad=True)
         self.behavior_optimizer = torch.optim.Adam(self.behavior.parameters(), lr=args.bc_lr, fused=True)
@@ -389,6 +395,7 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     common.check_args(args)
     check_args(args)
+    args.bc_seed = behavior_seed(args)  # recorded in results.json and the cache key
     device = common.resolve_device(args.device)
     common.flush_denormals()
     common.seed_everything(args.seed)

@@ -19,7 +19,6 @@ Each can be overridden by its flag.
 Deviations:
 - PyTorch's default initialisation instead of the official orthogonal one (CORL does the same and
   reproduces the scores).
-- States are standardised (CORL's default; the official code does not).
 """
 
 import copy
@@ -99,8 +98,8 @@ class Args:
     """Adam learning rate of actor, critic and value network"""
     hidden_dim: int = 256
     """width of the two hidden layers of every network"""
-    normalize_states: bool = True
-    """standardise states with the dataset's mean and std"""
+    normalize_states: bool = False
+    """standardise states with the dataset's mean and std (CORL's default; the official code feeds raw states)"""
 
 
 def check_args(args: Args) -> None:

@@ -25,12 +25,13 @@ below at -1; policy and behaviour log-std in [-5, 2]; actor and critics 3x256, A
 batch 256, 1M steps; rlkit's initialisation (rlkit_init). Behaviour model: tanh-Gaussian 2x256,
 maximum likelihood with a tuned entropy bonus (target -|A|; the temperature is stepped first and
 its new value weights the step's entropy term), Adam 1e-3 for it and its temperature, both x0.1 at
-80% and 90% of --bc-steps; cached like Fisher-BRC's (--cache-dir, --bc-seed, --no-reuse-cache).
+80% and 90% of --bc-steps; one model for every --seed (--bc-seed), as the code loads one checkpoint
+in every run, cached like Fisher-BRC's (--cache-dir, --no-reuse-cache). Raw states, as the code's
+obs_norm False (--normalize-states standardises them).
 
 Deviations:
 - The shaping log-ratio's clip at -1 is the code's, not eq. (5)'s (--shaping-clip None removes it).
 - Actor before critic by default (eq. 5); the code updates the critic first (--update-order critic-first).
-- States are standardised (as in every file here; the code's obs_norm is False).
 - The target critics start as copies of the critics; the code's launcher (rlkit's convention)
   initialises them separately and never copies.
 - The gradient penalty is the squared norm of the action gradient; the code adds float32's machine
@@ -129,8 +130,8 @@ class Args:
     """Adam learning rate of actor and critics"""
     hidden_dim: int = 256
     """width of the hidden layers (3 in actor and critics, 2 in the behaviour model)"""
-    normalize_states: bool = True
-    """standardise states with the dataset's mean and std"""
+    normalize_states: bool = False
+    """standardise states with the dataset's mean and std (the code's obs_norm is False)"""
 
 
 def check_args(args: Args) -> None:
