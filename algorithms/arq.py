@@ -48,7 +48,7 @@ Deviations:
 - Policy and Q are trained together, each Q step followed by one AWR step with the current target
   Qs (the code does this when given a policy; Algorithm 1 runs them one after the other).
 - Fixed-step RK4 (--likelihood-steps, grid quadratic in t) instead of the code's scipy RK45
-  (tools/bench_arq_sampler.py measures the difference); exact divergence for small |A|.
+  (tools/diagnostics/bench_arq_sampler.py measures the difference); exact divergence for small |A|.
 - pc's Langevin step averages the norms over the N samples of one state (the code: per sample,
   which diverges where the score vanishes; Song et al.: over the whole batch, coupling states).
 - The adroit/robomimic score-model ensembles (3 members) are not implemented.
@@ -68,7 +68,6 @@ Deviations:
 import contextlib
 import copy
 import hashlib
-import io
 import math
 import os
 import sys
@@ -581,10 +580,10 @@ def score_model_key(args: Args, data: common.OfflineData) -> str:
                 *[(f, getattr(args, f)) for f in fields], *precision)
 
 
-def support_key(args: Args, score_bytes: bytes, n_rows: int) -> str:
+def support_key(args: Args, score_digest: str, n_rows: int) -> str:
     fields = ("n_support", "sampler", "sampler_steps", "snr", "likelihood_steps", "exact_divergence_max_dim",
               "hutchinson_probes", "score_seed")
-    return _sha(args.env, hashlib.sha256(score_bytes).hexdigest(), n_rows, ("samples", "unclipped"),
+    return _sha(args.env, score_digest, n_rows, ("samples", "unclipped"),
                 *[(f, getattr(args, f)) for f in fields])
 
 
@@ -595,9 +594,9 @@ def generate_support(model: ScoreModel, states: torch.Tensor, args: Args, gen: t
     and when `run` receives a stop signal: the same command goes on from there, and the result
     equals an uninterrupted generation's (another --sample-batch-states starts over)."""
     samples, lls, first = [], [], 0
-    if os.path.exists(partial_path):
-        try:  # a damaged or foreign file only means starting from the first state
-            part = torch.load(partial_path, map_location="cpu")
+    part = common.load_cache(partial_path, "cpu")  # a damaged or foreign file: from the first state
+    if part is not None:
+        try:
             rows, done_samples, done_lls = part["rows"], part["samples"], part["log_likelihoods"]
             if part["batch_states"] != args.sample_batch_states:  # other batches draw other noise
                 raise ValueError(f"made with --sample-batch-states {part['batch_states']}")
@@ -614,10 +613,9 @@ def generate_support(model: ScoreModel, states: torch.Tensor, args: Args, gen: t
 
     def save_progress(rows: int) -> None:
         samples[:], lls[:] = [torch.cat(samples)], [torch.cat(lls)]
-        payload = io.BytesIO()
-        torch.save({"rows": rows, "batch_states": args.sample_batch_states, "samples": samples[0].cpu(),
-                    "log_likelihoods": lls[0].cpu(), "generator": gen.get_state()}, payload)
-        common.save_cache(partial_path, payload.getvalue())
+        common.save_cache(partial_path, {"rows": rows, "batch_states": args.sample_batch_states,
+                                         "samples": samples[0].cpu(), "log_likelihoods": lls[0].cpu(),
+                                         "generator": gen.get_state()})
 
     start, next_report = time.time(), math.floor(first / len(states) / 0.05) * 0.05 + 0.05
     for i in range(first, len(states), args.sample_batch_states):
@@ -632,11 +630,11 @@ def generate_support(model: ScoreModel, states: torch.Tensor, args: Args, gen: t
                 f"{(rows - first) * args.n_support / max(elapsed, 1e-9) * 3600:,.0f} samples/h | "
                 f"ETA {elapsed / (rows - first) * (len(states) - rows):.0f} s", flush=True)
             next_report = math.floor(done / 0.05) * 0.05 + 0.05
-            if rows < len(states) and not (run is not None and run.signal_received()):
+            if rows < len(states) and not (run is not None and run.signalled is not None):
                 save_progress(rows)
-        if run is not None and rows < len(states) and run.signal_received():
+        if run is not None and rows < len(states) and run.signalled is not None:
             save_progress(rows)
-            run.exit_on_signal(f"{rows} of {len(states)} support states; saved to {partial_path}")
+            run.exit(f"{rows} of {len(states)} support states; saved to {partial_path}")
     return torch.cat(samples), torch.cat(lls)
 
 
@@ -798,36 +796,21 @@ if __name__ == "__main__":
     score_path = os.path.join(cache_dir, f"score_{score_model_key(args, data)}.pt")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.score_seed)  # the score model and the support do not depend on --seed
-        score_bytes = None
-        if os.path.exists(score_path):
-            try:  # a damaged or foreign file is only a cache miss
-                with open(score_path, "rb") as f:
-                    score_bytes = f.read()
-                common.load_state_dicts({"score": agent.score},
-                                        {"score": torch.load(io.BytesIO(score_bytes), map_location=device)})
-                print(f"[arq] reusing cached score model {score_path}")
-            except Exception as exc:
-                print(f"[arq] cache {score_path} is unreadable or does not fit ({type(exc).__name__}); "
-                      f"training the score model again", flush=True)
-                score_bytes = None
-        if score_bytes is None:
+        if not common.load_pretrained(score_path, {"score": agent.score}, device):
             agent.score.set_normalization(data.observations, data.actions)
             for step in range(run.resume(agent, "score model", args.bc_steps) + 1, args.bc_steps + 1):
                 metrics = agent.train_score(buffer.sample(args.score_batch_size))
                 if step % args.log_every == 0 or step == args.bc_steps:
                     run.log(step, metrics, phase="score model")
                 run.pretraining_step(step, agent, "score model")
-            payload = io.BytesIO()
-            torch.save(agent.score.state_dict(), payload)
-            score_bytes = payload.getvalue()
-            common.save_cache(score_path, score_bytes)
+            common.save_pretrained(score_path, {"score": agent.score})
 
         states, next_row = support_states(data)
-        support_path = os.path.join(cache_dir, f"support_{support_key(args, score_bytes, len(states))}.pt")
-        cached = None
-        if os.path.exists(support_path):
-            try:  # a damaged or foreign file is only a cache miss
-                cached = torch.load(support_path, map_location=device)
+        score_digest = common.digest(agent.score.state_dict())
+        support_path = os.path.join(cache_dir, f"support_{support_key(args, score_digest, len(states))}.pt")
+        cached = common.load_cache(support_path, device)  # a damaged or foreign file is only a cache miss
+        if cached is not None:
+            try:
                 samples, log_likelihoods = cached["samples"], cached["log_likelihoods"]
                 if samples.shape != (len(states), args.n_support, data.act_dim) or \
                         log_likelihoods.shape != samples.shape[:2]:
@@ -844,9 +827,7 @@ if __name__ == "__main__":
             gen = torch.Generator(device).manual_seed(args.score_seed)
             partial_path = support_path.removesuffix(".pt") + ".partial.pt"
             samples, log_likelihoods = generate_support(agent.score, states, args, gen, partial_path, run)
-            payload = io.BytesIO()
-            torch.save({"samples": samples.cpu(), "log_likelihoods": log_likelihoods.cpu()}, payload)
-            common.save_cache(support_path, payload.getvalue())
+            common.save_cache(support_path, {"samples": samples.cpu(), "log_likelihoods": log_likelihoods.cpu()})
             with contextlib.suppress(FileNotFoundError):  # another seed's run may share the cache
                 os.remove(partial_path)
     support = build_support(data.actions, samples, log_likelihoods, args.log_likelihood_threshold, next_row)

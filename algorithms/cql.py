@@ -348,10 +348,6 @@ class CQL:
                 "losses/q1": q1.mean().detach(), "charts/alpha": alpha, "charts/alpha_prime": alpha_prime,
                 "charts/entropy": -log_pi.mean().detach()}
 
-    def branch(self) -> bool:
-        """Whether the next train() clones the data's actions (--cuda-graphs captures each path as a graph)."""
-        return self.total_it + 1 <= self.args.bc_warmup_steps
-
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.actor(obs)[0])
@@ -394,7 +390,9 @@ if __name__ == "__main__":
     agent = CQL(args, data.obs_dim, data.act_dim, device)
     run = common.Run(args, "cql", data)
     start = run.resume(agent)
-    train_step = common.training_step(agent, buffer, args, device)
+    # --cuda-graphs captures each path of train(): cloning the data's actions, or not
+    train_step = common.training_step(agent, buffer, args, device,
+                                      branch=lambda: agent.total_it < args.bc_warmup_steps)
     for step in range(start + 1, args.total_steps + 1):
         metrics = train_step()
         if step % args.log_every == 0 or step == args.total_steps:

@@ -7,7 +7,7 @@ official code (ikostrikov/implicit_q_learning): V first, then the actor and Q wi
     Q:  L_Q = E_(s,a,s')~D [ (r + gamma * (1 - d) * V(s') - Q_i(s, a))^2 ]   for both Q_i
 
 Hyperparameters: 2x256 networks, Adam 3e-4 with cosine decay to 0 over --total-steps for the actor
-only (CosineDecay), tau 0.005, batch 256, 1M steps; Gaussian policy with tanh on the mean and a
+only, tau 0.005, batch 256, 1M steps; Gaussian policy with tanh on the mean and a
 state-independent log-std in [-5, 2], the mean action at evaluation. Per domain (paper appendix and
 official code), from the dataset id:
     antmaze:                        tau 0.9, beta 10.0, rewards r - 1
@@ -171,39 +171,6 @@ class Critic(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Algorithm
 # ----------------------------------------------------------------------------------------------
-class CosineDecay:
-    """The actor's learning rate after t updates, lr_t = lr * (1 + cos(pi * min(t, T) / T)) / 2 with T =
-    --total-steps: the official code's optax.cosine_decay_schedule. t and lr_t are float32 tensors on the
-    device that the optimiser reads (as optax computes them), so that --cuda-graphs can capture the
-    step; torch's CosineAnnealingLR would write a Python float into the optimiser every step."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int):
-        self.optimizer, self.total_steps = optimizer, total_steps
-        self.base_lr = optimizer.param_groups[0]["lr"]
-        self.t = torch.zeros((), device=optimizer.param_groups[0]["params"][0].device)
-        self.lr = optimizer.param_groups[0]["lr"] = torch.full_like(self.t, self.base_lr)
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self.t += 1
-        self.set_lr()
-
-    def set_lr(self) -> None:
-        fraction = self.t.clamp(max=self.total_steps) / self.total_steps
-        self.lr.copy_(0.5 * self.base_lr * (1 + torch.cos(math.pi * fraction)))
-
-    def state_dict(self) -> dict:
-        return {"last_epoch": self.t.clone(), "T_max": self.total_steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        """After the optimiser's own load_state_dict, which replaces its learning rate. T stays that of
-        the run's start when a resume changes --total-steps, as with torch's CosineAnnealingLR."""
-        self.t.copy_(torch.as_tensor(state["last_epoch"]))
-        self.total_steps = int(state.get("T_max", self.total_steps))
-        self.optimizer.param_groups[0]["lr"] = self.lr
-        self.set_lr()
-
-
 def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
     """Asymmetric L2 of diff = Q - V: weight tau where V under-estimates Q, 1 - tau where it over-estimates."""
     weight = torch.where(diff > 0, expectile, 1.0 - expectile)
@@ -220,7 +187,9 @@ class IQL:
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr, fused=True)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.lr, fused=True)
         self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=args.lr, fused=True)
-        self.actor_scheduler = CosineDecay(self.actor_optimizer, args.total_steps)
+        # optax.cosine_decay_schedule of the official code: lr * (1 + cos(pi * min(t, T) / T)) / 2 after t updates
+        self.actor_scheduler = torch.optim.lr_scheduler.LambdaLR(self.actor_optimizer, lambda t: 0.5 * (
+            1.0 + math.cos(math.pi * min(t, args.total_steps) / args.total_steps)))
         self.value_loss = common.compiled(self.value_loss, args.compile)
         self.actor_loss = common.compiled(self.actor_loss, args.compile)
         self.critic_loss = common.compiled(self.critic_loss, args.compile)

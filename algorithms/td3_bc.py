@@ -157,7 +157,6 @@ class TD3BC:
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.lr, fused=True)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.lr, fused=True)
         self.total_it = 0
-        self.last_actor_metrics: dict = {}
         self.critic_loss = common.compiled(self.critic_loss, args.compile)
         self.actor_loss = common.compiled(self.actor_loss, args.compile)
         self.train = common.autocast(self.train, args.precision, device)
@@ -187,6 +186,7 @@ class TD3BC:
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_optimizer.step()
+        metrics = {"losses/critic_loss": critic_loss.detach(), "losses/q1": q1.mean().detach()}
 
         if self.total_it % args.policy_freq == 0:
             self.critic.requires_grad_(False)  # the actor's loss moves the actor only: no critic weight gradients
@@ -198,18 +198,8 @@ class TD3BC:
             with torch.no_grad():
                 for net, target in ((self.actor, self.actor_target), (self.critic, self.critic_target)):
                     torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), args.tau)
-            actor_metrics = {"losses/actor_loss": loss.detach(), "charts/lambda": lmbda}
-            if not self.last_actor_metrics:
-                self.last_actor_metrics = {k: v.clone() for k, v in actor_metrics.items()}
-            for k, v in actor_metrics.items():  # in place: a captured critic-only step returns the latest
-                self.last_actor_metrics[k].copy_(v)
-
-        return {"losses/critic_loss": critic_loss.detach(), "losses/q1": q1.mean().detach(),
-                **self.last_actor_metrics}
-
-    def branch(self) -> bool:
-        """Whether the next train() updates the actor (--cuda-graphs captures each path as a graph)."""
-        return (self.total_it + 1) % self.args.policy_freq == 0
+            metrics |= {"losses/actor_loss": loss.detach(), "charts/lambda": lmbda}
+        return metrics
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -247,7 +237,9 @@ if __name__ == "__main__":
     agent = TD3BC(args, data.obs_dim, data.act_dim, device)
     run = common.Run(args, "td3_bc", data)
     start = run.resume(agent)
-    train_step = common.training_step(agent, buffer, args, device)
+    # --cuda-graphs captures each path of train(): with or without the delayed actor update
+    train_step = common.training_step(agent, buffer, args, device,
+                                      branch=lambda: (agent.total_it + 1) % args.policy_freq == 0)
     for step in range(start + 1, args.total_steps + 1):
         metrics = train_step()
         if step % args.log_every == 0 or step == args.total_steps:

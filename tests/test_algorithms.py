@@ -176,7 +176,7 @@ def test_cql_lagrange_multiplier_grows_while_the_gap_exceeds_the_threshold():
 
 def test_cql_conservative_term_pushes_down_out_of_data_actions():
     """Critic-only training on a fixed batch: Q at the data actions ends above Q at random actions."""
-    _, agent = cql_agent(bc_warmup_steps=10**9)
+    _, agent = cql_agent(bc_warmup_steps=10**9, init="torch")  # rlkit's tiny output layer moves slower
     batch = random_batch(32)
     obs, actions = batch[0], batch[1]
     for _ in range(300):
@@ -346,7 +346,11 @@ def test_algorithm_end_to_end(algorithm, datasets_path, tmp_path):
     assert results["final_normalized_score"] == pytest.approx(results["final_return"])  # refs (0, 100)
     checkpoint = torch.load(out / "r" / "model.pt", weights_only=True)
     assert checkpoint["algorithm"] == algorithm and "actor" in checkpoint
-    assert checkpoint["obs_mean"].shape == (11,) and checkpoint["args"]["env"] == "test/hopper/random-v0"
+    assert checkpoint["args"]["env"] == "test/hopper/random-v0"
+    if checkpoint["args"]["normalize_states"]:  # the raw-state files save None
+        assert checkpoint["obs_mean"].shape == (11,)
+    else:
+        assert checkpoint["obs_mean"] is None and checkpoint["obs_std"] is None
     check_saved_model(out / "r")  # tools/evaluate.py gives the final evaluation again
     check_curves(out / "r", 300, phases=("behaviour model",) if algorithm in ("fisher_brc", "itrpo") else ())
     assert "step 300/300" in result.stdout

@@ -2,11 +2,12 @@
 "Defaults before the first step"): states, behaviour models, initialisation, preprocessing."""
 
 import math
+import os
 
 import numpy as np
 import torch
 
-from conftest import load_algorithm
+from conftest import ROOT, load_algorithm
 
 # Whether the reference code standardises states: sfujim/TD3_BC (and its BC), CORL's awac.py do;
 # the official IQL, CQL, Fisher-BRC, iTRPO (obs_norm False) and BRAC+ codes feed raw states.
@@ -18,6 +19,17 @@ CPU = torch.device("cpu")
 def test_states_are_standardised_by_default_only_where_the_reference_code_does():
     for name, standardised in STANDARDISED.items():
         assert load_algorithm(name).Args().normalize_states is standardised, name
+
+
+def test_the_defaults_table_names_every_file_and_its_states():
+    with open(os.path.join(ROOT, "docs", "implementation_notes.md")) as f:
+        notes = f.read()
+    table = notes.split("## Defaults before the first step", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| `")]
+    states = {r[0].strip().strip("`").removesuffix(".py"): r[3] for r in rows if r[1].strip() == "states"}
+    assert set(states) == set(STANDARDISED)
+    for name, ours in states.items():
+        assert ("standardised" in ours) is STANDARDISED[name], (name, ours)
 
 
 def test_fisher_brc_trains_its_behaviour_model_from_each_seed_unless_one_is_given():

@@ -1,4 +1,4 @@
-"""tools/bench_cpu.py: its FLOP count on a step whose matmuls are known, and a run end to end."""
+"""tools/diagnostics/bench_cpu.py: its FLOP count on a step whose matmuls are known, and a run end to end."""
 
 import os
 import re
@@ -7,7 +7,7 @@ import torch
 
 import common
 from conftest import ROOT, run_script
-from tools import bench_cpu
+from tools.diagnostics import bench_cpu
 
 
 def test_flops_per_step_counts_the_forward_and_backward_matmuls_of_a_bc_step(datasets_path):
@@ -31,8 +31,9 @@ def test_flops_are_counted_through_the_gradient_penalties(datasets_path):
 
 
 def test_bench_cpu_reports_speed_flops_and_the_fraction_of_peak(datasets_path, tmp_path):
-    result = run_script([os.path.join(ROOT, "tools", "bench_cpu.py"), "--threads", "1", "--transitions", "3000",
-                         "--steps", "3", "--warmup", "1", "--algorithms", "bc", "arq"], datasets_path, cwd=str(tmp_path))
+    result = run_script([os.path.join(ROOT, "tools", "diagnostics", "bench_cpu.py"), "--threads", "1", "--transitions",
+                         "3000", "--steps", "3", "--warmup", "1", "--algorithms", "bc", "arq"], datasets_path,
+                        cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "obs 17, act 6, 3000 transitions" in result.stdout  # HalfCheetah's dimensions
     peak = float(re.search(r"fp32 matmul peak ([\d.]+) GFLOP/s", result.stdout).group(1))
@@ -43,7 +44,8 @@ def test_bench_cpu_reports_speed_flops_and_the_fraction_of_peak(datasets_path, t
         assert sps > 0 and gflop_step > 0
         assert abs(gflops - sps * gflop_step) <= 0.05 * gflops + 0.1
         assert abs(fraction / 100 - gflops / peak) <= 0.01
-        assert abs(ceiling - peak / gflop_step) <= 0.03 * ceiling + 1  # the steps/s the peak would give (GFLOP/step printed to 3 decimals)
+        # the steps/s the peak would give (GFLOP/step printed to 3 decimals)
+        assert abs(ceiling - peak / gflop_step) <= 0.03 * ceiling + 1
 
 
 def test_bench_cpu_times_the_agents_in_the_precision_it_is_given(datasets_path):
@@ -52,7 +54,8 @@ def test_bench_cpu_times_the_agents_in_the_precision_it_is_given(datasets_path):
     data = common.load_dataset("test/hopper/random-v0")
     seen = []
     for precision in ("fp32", "bf16"):
-        agent, buffer, batch_size = bench_cpu.prepare("bc", data, torch.device("cpu"), precision=precision, batch_size=32)
+        agent, buffer, batch_size = bench_cpu.prepare("bc", data, torch.device("cpu"), precision=precision,
+                                                      batch_size=32)
         assert agent.args.precision == precision
         hook = agent.actor.net[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
         agent.train(buffer.sample(batch_size))

@@ -35,7 +35,7 @@ def write_results(folder, algo, env, seed, scores, total_steps=1_000_000, finish
                "evaluations": evaluations, "final_return": evaluations[-1]["return_mean"],
                "final_normalized_score": scores[-1], "finished": finished, "train_seconds": 1.0}
     with open(os.path.join(run_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)  # indented as common.atomic_write_json does: the sbatch grep relies on it
+        json.dump(results, f, indent=2)  # indented as common.write_json does: the sbatch grep relies on it
 
 
 def test_dry_run_lists_the_expected_commands(capsys, tmp_path):
@@ -232,7 +232,7 @@ def test_the_d4rl_file_of_a_paper_dataset_is_preferred_to_its_stand_in(capsys, t
     for name in ("hopper_medium_replay-v2.hdf5", "walker2d_random-v2.hdf5",
                  "Ant_maze_u-maze_noisy_multistart_False_multigoal_False_sparse_fixed.hdf5"):
         (d4rl_dir / name).write_bytes(b"")  # only its presence matters to the selection
-    # AntMaze files cannot be evaluated here (offline_data/d4rl.py, REFUSED): the Minari port stays.
+    # AntMaze files are not read here (common.d4rl_files has none): the Minari port stays.
     assert envs() == ["d4rl/hopper-medium-replay-v2", "D4RL/antmaze/umaze-v1"]
     # A paper dataset without a stand-in becomes available; the default selection takes the file too.
     assert envs("walker2d-random-v2") == ["d4rl/hopper-medium-replay-v2", "D4RL/antmaze/umaze-v1",

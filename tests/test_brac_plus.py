@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-import run_folder
+import common
+
 from conftest import ROOT, check_curves, check_saved_model, load_algorithm, run_script
 
 
@@ -437,10 +438,10 @@ def test_beta_adam_state_starts_afresh_for_the_rl_phase():
     agent.train(a_batch())
     assert agent.beta_raw.item() - before == pytest.approx(-agent.args.multiplier_lr, rel=1e-3)
     # both optimisers are in the checkpoint, so a resumed RL phase continues with beta's own state
-    state = run_folder.training_state(agent)
+    state = common.training_state(agent)
     assert {"pretrain_beta_optimizer", "beta_optimizer"} <= set(state)
     fresh = small_agent(n_samples=2, n_latent=2)
-    run_folder.load_training_state(fresh, state)
+    common.load_training_state(fresh, state)
     assert fresh.beta_optimizer.state_dict()["state"][0]["step"] == 1
     assert fresh.pretrain_beta_optimizer.state_dict()["state"][0]["step"] == 3
 
@@ -585,8 +586,8 @@ def test_official_hard_gate_is_the_indicator_on_the_norm_of_grad_min_q():
 def test_a_checkpoint_that_holds_the_thresholds_as_numbers_still_resumes():
     """Checkpoints written while delta_KL and eps_GP were Python floats load into the tensors."""
     agent = small_agent()
-    state = run_folder.training_state(agent)
+    state = common.training_state(agent)
     state["kl_threshold"], state["gp_threshold"] = 0.25, 1.5
-    run_folder.load_training_state(agent, state)
+    common.load_training_state(agent, state)
     assert agent.kl_threshold.item() == 0.25 and agent.gp_threshold.item() == 1.5
     assert isinstance(agent.kl_threshold, torch.Tensor)

@@ -1,5 +1,4 @@
-"""common.py and the data layer behind common.load_dataset: flattening, normalisation, reward
-transforms, evaluation, files."""
+"""common.py: loading and flattening data, normalisation, reward transforms, evaluation, files."""
 
 import dataclasses
 import json
@@ -13,7 +12,6 @@ import torch
 
 import common
 from conftest import ROOT
-from offline_data import errors, flat, minari_datasets
 
 
 def test_flattening_aligns_transitions_within_episodes(datasets_path):
@@ -45,26 +43,6 @@ def test_terminals_come_from_terminations_and_truncations_are_kept(datasets_path
     last = data.episode_starts + data.episode_lengths - 1
     truncated_last = last[data.timeouts.numpy()[last] == 1]
     assert len(truncated_last) > 0 and (data.terminals.numpy()[truncated_last] == 0).all()
-
-
-def test_flat_cache_is_reused_and_invalidated_when_the_data_changes(datasets_path, monkeypatch):
-    first = common.load_dataset("test/pendulum/random-v0")
-    cache = flat.cache_path(first.minari_dataset)
-    assert os.path.exists(cache)
-    calls = []
-    original = minari_datasets.read_episodes
-    monkeypatch.setattr(minari_datasets, "read_episodes", lambda *a: calls.append(1) or original(*a))
-    second = common.load_dataset("test/pendulum/random-v0")
-    assert calls == []  # served from the cache
-    for field in ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts"):
-        assert torch.equal(getattr(first, field), getattr(second, field)), field
-    np.testing.assert_array_equal(first.episode_lengths, second.episode_lengths)
-    # a changed data file (new mtime) makes the cache stale: the episodes are read again
-    data_dir = first.minari_dataset.storage.data_path
-    for name in os.listdir(data_dir):
-        os.utime(os.path.join(data_dir, name), ns=(1, 1))
-    common.load_dataset("test/pendulum/random-v0")
-    assert calls == [1]
 
 
 def test_dict_observations_concatenate_observation_and_goal(datasets_path):
@@ -111,7 +89,7 @@ def test_antmaze_evaluation_gives_the_policy_the_position(antmaze):
     common.evaluate(data, policy, n_episodes=2, seed=3)
     assert seen[0].shape == (2, 31)
     for i in range(2):  # the same rollout by hand: the first two columns are the env's x, y
-        env = data.minari_dataset.recover_environment(eval_env=True)
+        env = data.make_env()
         obs, _ = env.reset(seed=3 + i)
         for t in range(5):
             np.testing.assert_allclose(seen[t][i, :2].numpy(), obs["achieved_goal"], rtol=1e-6)
@@ -154,12 +132,6 @@ def test_reward_transforms(datasets_path, name, expected):
     np.testing.assert_allclose(data.rewards.numpy(), expected(r, data.episode_returns), rtol=1e-5, atol=1e-5)
 
 
-def test_unknown_reward_transform_is_a_user_error(datasets_path):
-    data = common.load_dataset("test/hopper/random-v0")
-    with pytest.raises(common.UserError, match="unknown reward transform"):
-        common.transform_rewards(data, "scale")
-
-
 def test_normalized_score_arithmetic():
     np.testing.assert_allclose(common.normalized_score(np.array([-20.0, 3234.3 * 0.5]), -20.0, 3234.3 * 0.5),
                                [0.0, 100.0])
@@ -167,15 +139,12 @@ def test_normalized_score_arithmetic():
     assert common.normalized_score(np.array([1.0]), None, None) is None
 
 
-def test_reference_scores_fall_back_to_d4rl_constants_for_mujoco_ids():
-    class Fake:
-        class storage:  # noqa: N801
-            metadata = {}
-
-    assert minari_datasets.reference_scores(Fake, "mujoco/hopper/medium-v0") == (-20.272305, 3234.3, "D4RL constants (v2 envs)")
-    assert minari_datasets.reference_scores(Fake, "mujoco/swimmer/medium-v0") == (None, None, "none")
-    Fake.storage.metadata = {"ref_min_score": 1.0, "ref_max_score": 2.0}
-    assert minari_datasets.reference_scores(Fake, "mujoco/hopper/medium-v0") == (1.0, 2.0, "dataset")
+def test_reference_scores_come_from_the_dataset_else_from_d4rls_constants_for_mujoco_ids(datasets_path):
+    assert (common.load_dataset("test/hopper/random-v0").ref_scores_source, common.load_dataset(
+        "test/pendulum/noref-v0").ref_min_score) == ("dataset", None)
+    assert common.D4RL_REF_SCORES["hopper"] == (-20.272305, 3234.3)
+    assert common.dataset_task("mujoco/hopper/medium-v0") in common.D4RL_REF_SCORES
+    assert common.dataset_task("mujoco/swimmer/medium-v0") not in common.D4RL_REF_SCORES
 
 
 def test_evaluate_matches_a_manual_rollout(datasets_path):
@@ -190,7 +159,7 @@ def test_evaluate_matches_a_manual_rollout(datasets_path):
     result = common.evaluate(data, policy, n_episodes=3, seed=7, obs_mean=mean, obs_std=std)
     returns = []
     for i in range(3):
-        env = data.minari_dataset.recover_environment(eval_env=True)
+        env = data.make_env()
         obs, _ = env.reset(seed=7 + i)
         total, done = 0.0, False
         while not done:
@@ -251,15 +220,8 @@ def make_countdown():
 def test_evaluate_counts_each_episode_once_when_they_end_at_different_steps(datasets_path):
     """Episodes that end (by termination or the time limit) at different steps each count once,
     with their own return: the vector env's autoreset must not add a next episode's rewards."""
-    class Dataset:  # what evaluate needs of a MinariDataset
-        env_spec = None
-
-        @staticmethod
-        def recover_environment(eval_env=False):
-            return make_countdown()
-
     data = dataclasses.replace(common.load_dataset("test/pendulum/noref-v0"), dataset_id="test/countdown/v0",
-                               minari_dataset=Dataset(), action_low=np.float32([-1.0]),
+                               make_env=lambda render_mode=None: make_countdown(), action_low=np.float32([-1.0]),
                                action_high=np.float32([1.0]))
 
     def policy(obs):
@@ -299,19 +261,20 @@ def test_replay_buffer_samples_rows_of_the_dataset(datasets_path):
 
 def test_atomic_writes_leave_no_partial_files(tmp_path):
     path = tmp_path / "sub" / "results.json"
-    errors.atomic_write_json(str(path), {"a": 1})
-    errors.atomic_write_json(str(path), {"a": 2})
+    common.write_json(str(path), {"a": 1})
+    common.write_json(str(path), {"a": 2})
     assert json.loads(path.read_text()) == {"a": 2}
-    errors.save_checkpoint(str(tmp_path / "model.pt"), {"w": torch.ones(2)})
-    assert torch.equal(torch.load(tmp_path / "model.pt")["w"], torch.ones(2))
+    common.save_file(str(tmp_path / "model.pt"), {"w": torch.ones(2)})
+    assert torch.equal(torch.load(tmp_path / "model.pt", weights_only=True)["w"], torch.ones(2))
+    assert torch.equal(common.load_file(str(tmp_path / "model.pt"))["w"], torch.ones(2))
     assert sorted(os.listdir(tmp_path)) == ["model.pt", "sub"] and os.listdir(tmp_path / "sub") == ["results.json"]
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "results.json"
-    errors.atomic_write_json(str(path), {"a": 1})
+    common.write_json(str(path), {"a": 1})
     with pytest.raises(TypeError):
-        errors.atomic_write_json(str(path), {"a": object()})  # not serialisable
+        common.write_json(str(path), {"a": object()})  # not serialisable
     assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["results.json"]
 
 
@@ -324,12 +287,6 @@ def test_seeding_makes_sampling_repeatable(datasets_path):
     assert torch.equal(a, b)
 
 
-def test_known_remote_ids_exclude_nothing_we_benchmark():
-    for dataset_id in ("mujoco/hopper/medium-v0", "D4RL/antmaze/umaze-v1", "D4RL/door/human-v2",
-                       "D4RL/kitchen/mixed-v2"):
-        assert dataset_id in minari_datasets.KNOWN_REMOTE_DATASETS
-
-
 def test_flush_denormals_flushes_and_importing_common_has_no_side_effects():
     # a multiplier decaying into float32's denormal range slowed the behaviour models ~10x
     torch.set_flush_denormal(False)
@@ -339,9 +296,9 @@ def test_flush_denormals_flushes_and_importing_common_has_no_side_effects():
     common.flush_denormals()
     assert (torch.tensor(1e-39) * 1.0).item() == 0.0
     import subprocess, sys
-    # nor does importing the data layer (all of it, the dataset builder included) or the tools that use it
+    # nor does importing common, the dataset builder or the tools that use it
     code = ("import sys, torch; torch.set_flush_denormal(False); hook = sys.excepthook; "
-            "import common, offline_data.recipe, tools.make_dataset; "
+            "import common, tools.make_dataset, dataset_recipe; "
             "print(sys.excepthook is hook, (torch.tensor(1e-39) * 1.0).item() != 0.0)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.strip() == "True True", out.stderr

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import common
-from offline_data import d4rl
 from conftest import run_script
 
 HOPPER = "hopper-medium-replay-v2"
@@ -68,7 +67,7 @@ def test_without_next_observations_transitions_are_qlearning_datasets(d4rl_dir):
     assert data.episode_lengths.tolist() == [4, 3, 3]
     assert data.episode_returns.tolist() == [1 + 2 + 3 + 4, 5 + 6 + 7, 9 + 10 + 11]
     assert data.timeouts.numpy().nonzero()[0].tolist() == [6, 9]  # cut, not terminated
-    assert "next observations from the next row" in data.source
+    assert data.source == f"D4RL file {d4rl_dir / 'hopper_medium_replay-v2.hdf5'}"
 
 
 def test_with_next_observations_every_transition_is_kept(d4rl_dir):
@@ -81,7 +80,7 @@ def test_with_next_observations_every_transition_is_kept(d4rl_dir):
     np.testing.assert_array_equal(data.terminals.numpy(), arrays["terminals"])
     assert data.timeouts.numpy().nonzero()[0].tolist() == [7, 11]
     assert data.episode_lengths.tolist() == [4, 4, 4]
-    assert "the file's next_observations" in data.source
+    assert data.source == f"D4RL file {d4rl_dir / 'hopper_medium_replay-v2.hdf5'}"
 
 
 def test_a_next_observation_that_is_not_the_next_row_starts_a_new_episode(d4rl_dir):
@@ -111,14 +110,15 @@ def test_reference_scores_and_eval_envs_are_d4rls(d4rl_dir):
     write_file(d4rl_dir / "pen-v0_demos_clipped.hdf5", 5, obs_dim=45, act_dim=24)  # pen-human-v0
     hopper = common.load_dataset(f"d4rl/{HOPPER}")
     assert (hopper.ref_min_score, hopper.ref_max_score) == (-20.272305, 3234.3)
-    assert hopper.ref_scores_source == "D4RL constants (infos.py)" and hopper.eval_env == "Hopper-v4"
+    assert hopper.ref_scores_source == "D4RL constants" and hopper.eval_env == "Hopper-v4"
+    assert not hopper.antmaze
     np.testing.assert_allclose(common.normalized_score(np.array([-20.272305, 3234.3, 1607.013848]),
                                                        hopper.ref_min_score, hopper.ref_max_score), [0, 100, 50])
     cheetah = common.load_dataset("d4rl/halfcheetah-medium-replay-v0")
     assert (cheetah.ref_min_score, cheetah.ref_max_score, cheetah.eval_env) == (-280.178953, 12135.0, "HalfCheetah-v4")
     pen = common.load_dataset("d4rl/pen-human-v0")
     assert (pen.ref_min_score, pen.ref_max_score) == (96.262799, 3076.8331017826877)
-    env = pen.minari_dataset.recover_environment(eval_env=True)
+    env = pen.make_env()
     assert env.spec.id == "AdroitHandPen-v1" and env.spec.max_episode_steps == 100  # D4RL's pen limit, not 200
     env.close()
     # v0 and v2 share each env's references (d4rl/infos.py)
@@ -128,12 +128,21 @@ def test_reference_scores_and_eval_envs_are_d4rls(d4rl_dir):
 
 
 def test_file_names_and_ids_follow_d4rl():
-    assert d4rl.FILE_NAMES["hopper-medium-replay-v2"] == "hopper_medium_replay-v2.hdf5"
-    assert d4rl.FILE_NAMES["walker2d-medium-replay-v0"] == "walker_mixed.hdf5"
-    assert d4rl.FILE_NAMES["halfcheetah-medium-expert-v0"] == "halfcheetah_medium_expert.hdf5"
-    assert d4rl.FILE_NAMES["door-cloned-v0"] == "door-demos-v0-bc-combined.hdf5"
-    assert d4rl.dataset_name("/data/hopper_medium-v2.hdf5") == "hopper-medium-v2"
-    assert d4rl.dataset_name("D4RL/antmaze/umaze-v1") is None  # Minari's port, not a D4RL file
+    files = common.d4rl_files()  # the paths below D4RL's download address
+    assert files["hopper-medium-replay-v2"] == "gym_mujoco_v2/hopper_medium_replay-v2.hdf5"
+    assert files["walker2d-medium-replay-v0"] == "gym_mujoco/walker_mixed.hdf5"
+    assert files["halfcheetah-medium-expert-v0"] == "gym_mujoco/halfcheetah_medium_expert.hdf5"
+    assert files["hopper-full-replay-v2"] == "gym_mujoco_v2/hopper_full_replay-v2.hdf5"
+    assert "hopper-full-replay-v0" not in files  # v0 had no full-replay
+    assert files["door-cloned-v0"] == "hand_dapg/door-demos-v0-bc-combined.hdf5"
+    assert files["pen-human-v0"] == "hand_dapg/pen-v0_demos_clipped.hdf5"
+    assert files["relocate-expert-v1"] == "hand_dapg_v1/relocate-expert-v1.hdf5"
+    assert len(files) == 3 * (6 + 5) + 4 * 6
+    assert common.d4rl_name("d4rl/hopper-medium-v2") == "hopper-medium-v2"
+    assert common.d4rl_name("/data/hopper_medium-v2.hdf5") == "hopper-medium-v2"
+    assert common.d4rl_name("/data/my_hopper.hdf5") == ""  # a .hdf5 file D4RL does not name so
+    assert common.d4rl_name("D4RL/antmaze/umaze-v1") is None  # Minari's port, not a D4RL file
+    assert common.d4rl_name("mujoco/hopper/medium-v0") is None
     assert common.dataset_task("d4rl/hopper-medium-replay-v2") == "hopper"  # per-domain settings
     assert common.dataset_task("/data/pen-v0_demos_clipped.hdf5") == "pen"
 
@@ -148,22 +157,38 @@ def test_a_path_to_the_file_reads_the_same(d4rl_dir, tmp_path):
     assert len(data) == len(rows)
 
 
-@pytest.mark.parametrize("dataset_id, message", [
-    ("d4rl/antmaze-medium-play-v2", "use Minari's port D4RL/antmaze/medium-play-v1 instead"),
-    ("d4rl/kitchen-partial-v0", "use Minari's port D4RL/kitchen/partial-v2 instead"),
-    ("d4rl/hoper-medium-v2", "did you mean d4rl/hopper-medium-v2"),
-    ("/data/Ant_maze_u-maze_noisy_multistart_False_multigoal_False_sparse.hdf5", "use Minari's port D4RL/antmaze/"),
-    ("/data/my_hopper.hdf5", "not a file name D4RL uses"),
+MINARI_PORTS = "for antmaze and kitchen use Minari's ports (D4RL/antmaze/..., D4RL/kitchen/...)"
+READ_HERE = ("takes {halfcheetah,hopper,walker2d}-<kind>-v0/v2 and {pen,hammer,door,relocate}-"
+             "{human,cloned,expert}-v0/v1")
+
+
+@pytest.mark.parametrize("dataset_id, messages", [
+    ("d4rl/antmaze-medium-play-v2", [MINARI_PORTS]),
+    ("d4rl/kitchen-partial-v0", [MINARI_PORTS]),
+    ("d4rl/hoper-medium-v2", [READ_HERE]),  # what d4rl/ takes, instead of a guess
+    ("/data/Ant_maze_u-maze_noisy_multistart_False_multigoal_False_sparse.hdf5", [MINARI_PORTS]),
+    ("/data/my_hopper.hdf5", ["or a file named as D4RL names it", READ_HERE]),
 ])
-def test_unreadable_datasets_are_refused_saying_what_to_use(d4rl_dir, dataset_id, message):
-    with pytest.raises(common.UserError, match=message.replace("(", r"\(")):
+def test_unreadable_datasets_are_refused_saying_what_to_use(d4rl_dir, dataset_id, messages):
+    with pytest.raises(common.UserError) as refused:
         common.load_dataset(dataset_id)
+    line = str(refused.value)
+    assert "\n" not in line and f"'{dataset_id}' is not a D4RL dataset read here" in line, line
+    for message in messages:
+        assert message in line, line
 
 
-def test_a_file_that_does_not_fit_the_env_is_refused(d4rl_dir):
-    write_file(d4rl_dir / "hopper_medium_replay-v2.hdf5", 5, obs_dim=17)
-    with pytest.raises(common.UserError, match=r"does not fit Hopper-v4 .* observations \(5, 17\)"):
-        common.load_dataset(f"d4rl/{HOPPER}")
+@pytest.mark.parametrize("widths, wrong", [(dict(obs_dim=17), "holds 17 and 3"), (dict(act_dim=6), "holds 11 and 6")])
+def test_a_file_that_does_not_fit_the_env_is_refused(d4rl_dir, widths, wrong):
+    path = d4rl_dir / "hopper_medium_replay-v2.hdf5"
+    write_file(path, 5, **widths)
+    try:
+        data = common.load_dataset(f"d4rl/{HOPPER}")
+    except common.UserError as refused:
+        line = str(refused)
+    else:
+        raise AssertionError(f"loaded {data.obs_dim}-wide states and {data.act_dim}-wide actions for Hopper-v4")
+    assert "\n" not in line and str(path) in line and "Hopper-v4" in line and wrong in line, line
 
 
 def test_a_missing_file_says_where_it_looked_and_how_to_get_it(d4rl_dir, tmp_path):
@@ -172,8 +197,10 @@ def test_a_missing_file_says_where_it_looked_and_how_to_get_it(d4rl_dir, tmp_pat
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert str(d4rl_dir) in lines[0] and str(tmp_path / "home" / ".d4rl" / "datasets") in lines[0]
-    assert "hopper_medium_replay-v2.hdf5" in lines[0] and "gym.make('hopper-medium-replay-v2').get_dataset()" in lines[0]
-    assert "gym_mujoco_v2/hopper_medium_replay-v2.hdf5" in lines[0]  # D4RL's download address
+    assert "Traceback" not in result.stderr and lines[0].startswith("error: ")
+    assert f"'d4rl/{HOPPER}'" in lines[0] and "D4RL_DATASET_DIR" in lines[0]
+    # D4RL's download address, which names the file
+    assert "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/hopper_medium_replay-v2.hdf5" in lines[0]
 
 
 def test_bc_trains_on_a_d4rl_file_and_is_scored_in_hopper_v4(d4rl_dir, tmp_path):
@@ -183,11 +210,12 @@ def test_bc_trains_on_a_d4rl_file_and_is_scored_in_hopper_v4(d4rl_dir, tmp_path)
                          "--eval-episodes", "2", "--batch-size", "16", "--device", "cpu", "--output-dir", str(out),
                          "--run-name", "r"], str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "next observations from the next row" in result.stdout and "evaluated in Hopper-v4" in result.stdout
+    assert "normalised scores: D4RL constants" in result.stdout
     with open(out / "r" / "results.json") as f:
         results = json.load(f)
     assert results["dataset"]["eval_env"] == "Hopper-v4"
-    assert results["dataset"]["source"].startswith(f"D4RL file {d4rl_dir / 'hopper_medium_replay-v2.hdf5'}")
+    assert results["dataset"]["source"] == f"D4RL file {d4rl_dir / 'hopper_medium_replay-v2.hdf5'}"
+    assert results["dataset"]["ref_scores_source"] == "D4RL constants"
     assert results["dataset"]["transitions"] == 58
     last = results["evaluations"][-1]
     assert last["normalized_score_mean"] == pytest.approx(100 * (last["return_mean"] + 20.272305) / (3234.3 + 20.272305))

@@ -18,29 +18,33 @@ def assert_clean_error(result, *fragments):
         assert fragment in lines[-1], lines[-1]
 
 
-def test_unknown_dataset_id_suggests_close_matches(datasets_path, tmp_path):
+def test_unknown_dataset_id_is_one_line_naming_it(datasets_path, tmp_path, monkeypatch):
+    """An id that is neither local nor downloadable (here: no network) is one line naming it and
+    saying how to get a dataset; no list of remote ids is kept any more, so no remote id is guessed."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail at once instead of retrying on a dead network
     result = run_script([SCRIPT, "--env", "mujoco/hoper/medium-v0", "--output-dir", str(tmp_path)],
                         datasets_path)
-    assert_clean_error(result, "unknown dataset id 'mujoco/hoper/medium-v0'", "mujoco/hopper/medium-v0")
+    assert_clean_error(result, "'mujoco/hoper/medium-v0'", "minari download", "minari list local")
 
 
-def test_unknown_dataset_id_suggests_local_datasets(datasets_path, tmp_path):
+def test_unknown_dataset_id_suggests_local_datasets(datasets_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = run_script([SCRIPT, "--env", "test/hoper/random-v0", "--output-dir", str(tmp_path)],
                         datasets_path)
-    assert_clean_error(result, "test/hopper/random-v0")
+    assert_clean_error(result, "'test/hoper/random-v0'", "test/hopper/random-v0")
 
 
 def test_discrete_action_space_is_refused(datasets_path, tmp_path):
     result = run_script([SCRIPT, "--env", "test/cartpole/random-v0", "--output-dir", str(tmp_path)],
                         datasets_path)
-    assert_clean_error(result, "Discrete action space", "continuous control")
+    assert_clean_error(result, "test/cartpole/random-v0", "action space Discrete(2)", "continuous control")
 
 
 def test_download_without_network_says_what_to_do(datasets_path, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail at once instead of retrying on a dead network
     result = run_script([SCRIPT, "--env", "mujoco/hopper/medium-v0", "--output-dir", str(tmp_path)],
                         datasets_path)
-    assert_clean_error(result, "could not download 'mujoco/hopper/medium-v0'", "minari download")
+    assert_clean_error(result, "'mujoco/hopper/medium-v0'", "without network", "minari download")
 
 
 def test_nan_losses_stop_the_run_with_a_message(datasets_path, tmp_path):

@@ -57,12 +57,13 @@ def agent_on(name: str, device: torch.device):
 
 
 def unfused(agent) -> None:
-    """The agent's optimisers unfused, for the meta device, which has no fused Adam kernel. Unfused
-    Adam reads a tensor learning rate (IQL's) back to the host, where the fused kernel reads it on the
-    device: such a rate becomes a number here (its schedule still runs on the meta device)."""
+    """The agent's optimisers unfused and not capturable, for the meta device, which has neither fused
+    nor capturable Adam. Unfused Adam reads a tensor learning rate (a scheduled one that CapturedStep
+    made a tensor) back to the host, where the fused kernel reads it on the device: such a rate
+    becomes a number here (its scheduler still steps it)."""
     for optimizer in (v for v in vars(agent).values() if isinstance(v, torch.optim.Optimizer)):
         for group in optimizer.param_groups:
-            group["fused"] = False
+            group["fused"], group["capturable"] = False, False
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"] = 3e-4
 
@@ -125,10 +126,11 @@ def test_training_steps_make_no_tensor_on_the_cpu(name):
         assert probe.made == [], f"{name}.{step.__name__}"
 
 
-def test_a_checkpoint_keeps_the_cuda_random_state_of_the_run_device_only(monkeypatch):
+def test_a_checkpoint_keeps_the_cuda_random_state_of_the_run_device_only(monkeypatch, tmp_path):
     """A run on cuda:3 requeued on a one-GPU job (its device now cuda:0) must resume: the checkpoint
-    holds one CUDA state, that of the run's device, not one per GPU visible when it was written."""
-    import run_folder
+    holds one CUDA state, that of the run's device, not one per GPU visible when it was written; and
+    the states, written with save_file, read back as weights only."""
+    import common
 
     written = torch.arange(16, dtype=torch.uint8)
     read_from, restored = [], []
@@ -142,27 +144,45 @@ def test_a_checkpoint_keeps_the_cuda_random_state_of_the_run_device_only(monkeyp
 
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((state, device)))
-    states = run_folder.rng_states(torch.device("cuda", 3))
+    common.save_file(str(tmp_path / "checkpoint.pt"), {"rng": common.rng_states(torch.device("cuda", 3))})
     assert read_from == [torch.device("cuda", 3)]
-    run_folder.set_rng_states(states, torch.device("cuda", 0))
+    states = common.load_file(str(tmp_path / "checkpoint.pt"))["rng"]
+    common.set_rng_states(states, torch.device("cuda", 0))
     assert len(restored) == 1 and torch.equal(restored[0][0], written) and restored[0][1] == torch.device("cuda", 0)
     restored.clear()
-    run_folder.set_rng_states(states, torch.device("cpu"))  # a GPU run resumed on a CPU: no CUDA stream to restore
+    common.set_rng_states(states, torch.device("cpu"))  # a GPU run resumed on a CPU: no CUDA stream to restore
     assert restored == []
-    # a checkpoint that holds one state per GPU visible when it was written: the run's device's is restored
-    per_gpu = {**states, "cuda": [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]}
-    run_folder.set_rng_states(per_gpu, torch.device("cuda", 2))
-    assert len(restored) == 1 and torch.equal(restored[0][0], per_gpu["cuda"][2])
 
 
-def test_a_checkpoint_with_state_the_agent_no_longer_keeps_resumes_with_a_notice(capsys):
+def test_the_random_streams_resume_from_a_file_read_as_weights_only(tmp_path):
+    """Python's, numpy's and torch's streams, saved with save_file and read with load_file (weights
+    only), continue where they were."""
+    import random
+
+    import numpy as np
+
+    import common
+
+    common.seed_everything(7)
+    random.random(), np.random.rand(3), np.random.randn(), torch.rand(2)  # numpy with a cached Gaussian too
+    path = str(tmp_path / "rng.pt")
+    common.save_file(path, {"rng": common.rng_states(torch.device("cpu"))})
+    draws = lambda: (random.random(), np.random.rand(3).tolist(), np.random.randn(), torch.rand(3).tolist())  # noqa: E731
+    want = draws()
+    common.seed_everything(8)
+    common.set_rng_states(common.load_file(path)["rng"], torch.device("cpu"))
+    assert draws() == want
+
+
+def test_a_checkpoint_with_state_the_agent_no_longer_keeps_resumes_with_a_notice(capsys, tmp_path):
     """A checkpoint of ARQ that still holds the evaluation generator the file no longer has."""
-    import run_folder
+    import common
 
     _, agent = agent_on("arq", torch.device("cpu"))
-    state = run_folder.training_state(agent)
+    state = common.training_state(agent)
     state["eval_gen"] = torch.Generator().get_state()
-    run_folder.load_training_state(agent, state)
+    common.save_file(str(tmp_path / "checkpoint.pt"), {"agent": state})
+    common.load_training_state(agent, common.load_file(str(tmp_path / "checkpoint.pt"))["agent"])
     assert "eval_gen has no place in this file's agent" in capsys.readouterr().out
 
 

@@ -2,8 +2,8 @@
 
 Flags: every numeric flag of every algorithm file, at 0 and at -1, is either refused by the checks
 the script runs right after parsing (one-line UserError naming the flag) or accepted, and every
-accepted value then trains to a valid results.json in a real run. Data: the flat arrays are
-checked at load. Caches are rebuilt when damaged. Output problems are one line and leave no
+accepted value then trains to a valid results.json in a real run. Data: the arrays are checked
+at load. Caches (checksummed files) are rebuilt when damaged. Output problems are one line and leave no
 partial file."""
 
 import dataclasses
@@ -15,6 +15,7 @@ import math
 import os
 import re
 import resource
+import signal
 import subprocess
 import sys
 import typing
@@ -28,9 +29,7 @@ import torch
 import tyro
 
 import common
-import run_folder
 from conftest import ROOT, build_dataset, make_buffers, run_script
-from offline_data import errors, flat
 from tools.pretraining import shrink_flags
 
 ALGORITHMS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "algorithms")) if f.endswith(".py"))
@@ -194,17 +193,25 @@ def test_the_issue_s_hostile_flags_are_one_line_each(argv, message, datasets_pat
     assert not os.listdir(tmp_path), "refused before the run folder is made"
 
 
-def test_a_batch_may_be_as_large_as_the_dataset_and_no_larger(datasets_path):
+def test_a_batch_may_be_as_large_as_the_dataset_and_no_larger(datasets_path, tmp_path):
     data = common.load_dataset(DATASET)
     arq = load_script("arq")
-    args = arq.Args(batch_size=len(data), score_batch_size=len(data))
-    run_folder.check_batch_sizes(args, data)
+    args = arq.Args(env=DATASET, batch_size=len(data), score_batch_size=len(data), output_dir=str(tmp_path),
+                    run_name="fits")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        common.Run(args, "arq", data).close()  # Run installs signal handlers: pytest's come back below
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     for field in ("batch_size", "score_batch_size"):
-        too_large = dataclasses.replace(args, **{field: len(data) + 1})
+        too_large = dataclasses.replace(args, run_name=field, **{field: len(data) + 1})
         flag = "--" + field.replace("_", "-")
         with pytest.raises(common.UserError, match=f"{flag} {len(data) + 1} is larger than the dataset .*"
-                                                   f"use at most {len(data)}"):
-            run_folder.check_batch_sizes(too_large, data)
+                                                   f"use at most {len(data)}") as exc_info:
+            common.Run(too_large, "arq", data)
+        assert "\n" not in str(exc_info.value)
+        assert not os.path.exists(tmp_path / field), "refused before the run folder is made"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,8 +241,8 @@ def test_values_that_are_not_finite_are_refused_saying_where(own_datasets):
         common.load_dataset("test/hopper/nan-v0")
     message = str(exc_info.value)
     assert "\n" not in message and "not finite (NaN or inf)" in message
-    assert "2 in observations (first at episode 2, step 0)" in message
-    assert "1 in rewards (first at episode 1, step 3)" in message and "actions" not in message
+    assert "2 rows of observations (first at episode 2, step 0)" in message
+    assert "1 rows of rewards (first at episode 1, step 3)" in message and "actions" not in message
 
 
 def test_actions_beyond_the_bounds_are_clipped_with_a_notice(own_datasets, capsys):
@@ -252,20 +259,22 @@ def test_actions_beyond_the_bounds_are_clipped_with_a_notice(own_datasets, capsy
     assert data.actions.abs().max().item() == 1.0
 
 
-def test_episodes_of_length_zero_are_dropped_with_a_notice(own_datasets, capsys):
-    """Minari cannot store an empty episode, but other sources of the flat arrays (a D4RL file, the
-    cache) can hold one: the check runs on the arrays whatever their source."""
+def test_episodes_of_length_zero_are_dropped_with_a_notice(own_datasets, capsys, monkeypatch):
+    """Minari cannot store an empty episode, but a reader's arrays could hold one: the check runs on
+    the arrays whatever their source (here the Minari reader's, with an empty episode put in)."""
     env, buffers = hopper_buffers()
     minari.create_dataset_from_buffers("test/hopper/empty-v0", buffers, env=env)
     before = common.load_dataset("test/hopper/empty-v0")
-    dataset = minari.load_dataset("test/hopper/empty-v0")
-    path = flat.cache_path(dataset)
-    with np.load(path) as f:
-        arrays = {k: f[k] for k in f.files}
-    first = int(arrays["lengths"][0]) + 1  # episode 0's observation rows
-    arrays["observations"] = np.insert(arrays["observations"], first, arrays["observations"][first], axis=0)
-    arrays["lengths"] = np.insert(arrays["lengths"], 1, 0)
-    np.savez(path, **arrays)
+    read_minari = common._read_minari
+
+    def with_an_empty_episode(dataset_id):
+        arrays, *rest = read_minari(dataset_id)
+        first = int(arrays["lengths"][0]) + 1  # episode 0's observation rows
+        arrays["observations"] = np.insert(arrays["observations"], first, arrays["observations"][first], axis=0)
+        arrays["lengths"] = np.insert(arrays["lengths"], 1, 0)
+        return (arrays, *rest)
+
+    monkeypatch.setattr(common, "_read_minari", with_an_empty_episode)
     capsys.readouterr()
     after = common.load_dataset("test/hopper/empty-v0")
     out = capsys.readouterr().out
@@ -290,31 +299,37 @@ def data_file(dataset_id):
     return os.path.join(os.environ["MINARI_DATASETS_PATH"], dataset_id, "data", "main_data.hdf5")
 
 
-def test_a_damaged_data_file_names_the_file_and_the_way_to_replace_it(own_datasets):
+DAMAGED = ("it is damaged: delete ", "and build or download it again")  # its folder, named
+
+
+def test_a_damaged_data_file_names_the_dataset_and_the_way_to_replace_it(own_datasets):
     build_dataset(DATASET, "Hopper-v5", n_episodes=3, max_steps=20)
     truncate(data_file(DATASET))
     with pytest.raises(common.UserError) as exc_info:
         common.load_dataset(DATASET)
     message = str(exc_info.value)
-    assert "\n" not in message and f"{data_file(DATASET)} could not be read" in message
-    assert f"minari download --force {DATASET}" in message
+    assert "\n" not in message and f"dataset '{DATASET}' could not be read (OSError" in message
+    assert all(part in message for part in DAMAGED)
 
 
 def test_a_damaged_local_dataset_says_to_delete_its_folder(own_datasets):
     dataset_id = "local/hopper/random-v0"
     build_dataset(dataset_id, "Hopper-v5", n_episodes=3, max_steps=20)  # stands in for the built one
     truncate(data_file(dataset_id))
-    folder = os.path.join(os.environ["MINARI_DATASETS_PATH"], dataset_id)
-    with pytest.raises(common.UserError, match=re.escape(f"delete {folder} and it is rebuilt on first use")):
-        common.load_dataset(dataset_id)
+    with pytest.raises(common.UserError, match=re.escape(f"dataset '{dataset_id}' could not be read")) as exc_info:
+        common.load_dataset(dataset_id)  # not built again over the damaged copy: the user deletes it
+    assert "\n" not in str(exc_info.value) and all(part in str(exc_info.value) for part in DAMAGED)
 
 
 def test_damaged_metadata_is_named_not_reported_as_an_unknown_id(own_datasets):
     build_dataset(DATASET, "Hopper-v5", n_episodes=3, max_steps=20)
     metadata = os.path.join(os.environ["MINARI_DATASETS_PATH"], DATASET, "data", "metadata.json")
     truncate(metadata)
-    with pytest.raises(common.UserError, match=re.escape(f"{metadata} could not be read (JSONDecodeError")):
+    with pytest.raises(common.UserError, match=re.escape(f"dataset '{DATASET}' could not be read (JSONDecodeError")) \
+            as exc_info:
         common.load_dataset(DATASET)
+    message = str(exc_info.value)
+    assert "\n" not in message and all(part in message for part in DAMAGED) and "minari download" not in message
 
 
 def test_a_damaged_d4rl_file_names_the_file_and_where_to_download_it(tmp_path):
@@ -329,38 +344,9 @@ def test_a_damaged_d4rl_file_names_the_file_and_where_to_download_it(tmp_path):
     with pytest.raises(common.UserError) as exc_info:
         common.load_dataset(str(path))
     message = str(exc_info.value)
-    assert "\n" not in message and f"{path} is damaged: it could not be read (OSError" in message
-    assert "download it again from http://rail.eecs.berkeley.edu/datasets/offline_rl/" in message
-
-
-def assert_same_data(a, b):
-    for name in ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts"):
-        torch.testing.assert_close(getattr(a, name), getattr(b, name))
-
-
-def test_a_stale_or_damaged_flat_cache_is_rebuilt_with_a_notice(own_datasets, capsys):
-    build_dataset(DATASET, "Hopper-v5", n_episodes=3, max_steps=20)
-    fresh = common.load_dataset(DATASET)
-    path = flat.cache_path(minari.load_dataset(DATASET))
-    assert os.path.exists(path)
-
-    def load_again():
-        capsys.readouterr()
-        data = common.load_dataset(DATASET)
-        assert_same_data(data, fresh)
-        return capsys.readouterr().out
-
-    assert "cache" not in load_again()  # a sound cache is reused silently
-    os.utime(data_file(DATASET))  # the data file changed since the cache was written
-    assert f"the flat-array cache {path} is stale" in load_again()
-    assert "cache" not in load_again()  # and it was written again
-    truncate(path)
-    assert f"the flat-array cache {path} is damaged (BadZipFile" in load_again()
-    with np.load(path) as f:  # the right key, the wrong arrays: a foreign file
-        arrays = {k: f[k] for k in f.files}
-    arrays["actions"] = arrays["actions"][:5]
-    np.savez(path, **arrays)
-    assert "is damaged (ValueError: actions have shape (5, 3)" in load_again()
+    assert "\n" not in message and f"{path} is not a whole D4RL file (OSError" in message
+    assert ("download it again from http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
+            "hopper_medium_replay-v2.hdf5") in message
 
 
 def test_the_issue_s_damaged_files_in_a_real_run(own_datasets, tmp_path):
@@ -369,15 +355,11 @@ def test_the_issue_s_damaged_files_in_a_real_run(own_datasets, tmp_path):
             "--eval-episodes", "1", "--batch-size", "16", "--output-dir", str(tmp_path / "runs")]
     first = run_script([*argv, "--run-name", "first"], str(own_datasets))
     assert first.returncode == 0, first.stderr[-3000:]
-    cache = os.path.join(own_datasets, DATASET, "flat_transitions_v1.npz")
-    truncate(cache)
-    second = run_script([*argv, "--run-name", "second"], str(own_datasets))
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "is damaged (BadZipFile" in second.stdout and "rebuilding it" in second.stdout
-    assert_valid_results(tmp_path / "runs" / "second" / "results.json")
+    assert_valid_results(tmp_path / "runs" / "first" / "results.json")
     truncate(data_file(DATASET))
     third = run_script([*argv, "--run-name", "third"], str(own_datasets))
-    assert_one_line_error(third, f"{data_file(DATASET)} could not be read", "minari download --force")
+    assert_one_line_error(third, f"dataset '{DATASET}' could not be read (OSError", *DAMAGED)
+    assert not os.path.exists(tmp_path / "runs" / "third"), "refused before the run folder is made"
 
 
 def test_a_cache_that_does_not_fit_leaves_the_modules_as_they_were(tmp_path, capsys):
@@ -385,11 +367,24 @@ def test_a_cache_that_does_not_fit_leaves_the_modules_as_they_were(tmp_path, cap
     fits, misfit = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     before = {k: v.clone() for k, v in fits.state_dict().items()}
     path = str(tmp_path / "cache.pt")
-    torch.save({"a": torch.nn.Linear(3, 2).state_dict(), "b": torch.nn.Linear(4, 2).state_dict()}, path)
+    common.save_file(path, {"a": torch.nn.Linear(3, 2).state_dict(), "b": torch.nn.Linear(4, 2).state_dict()})
     assert not common.load_pretrained(path, {"a": fits, "b": misfit}, torch.device("cpu"))
     for k, v in fits.state_dict().items():  # "a" fitted, but training again must start from its own weights
         torch.testing.assert_close(v, before[k])
-    assert "does not fit" in capsys.readouterr().out
+    assert f"cache {path} does not fit" in capsys.readouterr().out
+
+
+def test_a_cache_that_is_damaged_or_not_ours_is_a_miss_with_a_notice(tmp_path, capsys):
+    path = str(tmp_path / "cache.pt")
+    module = torch.nn.Linear(3, 2)
+    common.save_pretrained(path, {"a": module})
+    assert common.load_pretrained(path, {"a": torch.nn.Linear(3, 2)}, torch.device("cpu"))
+    torch.save({"a": module.state_dict()}, path)  # no checksum: not a file of this library
+    assert common.load_cache(path, "cpu") is None
+    assert f"{path} is not a file of this library" in capsys.readouterr().out
+    truncate(path)
+    assert not common.load_pretrained(path, {"a": torch.nn.Linear(3, 2)}, torch.device("cpu"))
+    assert f"{path} cannot be read as weights only" in capsys.readouterr().out
 
 
 def test_arq_rebuilds_a_damaged_score_model_or_support_cache(datasets_path, tmp_path):
@@ -402,17 +397,17 @@ def test_arq_rebuilds_a_damaged_score_model_or_support_cache(datasets_path, tmp_
     (support,) = cache.glob("support_*.pt")
     reference = assert_valid_results(tmp_path / "first" / "results.json")["final_return"]
 
-    torch.save({"samples": torch.zeros(3, 2, 3), "log_likelihoods": torch.zeros(3, 2)}, support)  # foreign
+    common.save_file(str(support), {"samples": torch.zeros(3, 2, 3), "log_likelihoods": torch.zeros(3, 2)})  # foreign
     second = run_script([*argv, "--run-name", "second"], datasets_path)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "reusing cached score model" in second.stdout
+    assert f"reusing the cached pretrained model {score}" in second.stdout
     assert f"cache {support} is unreadable or does not fit (ValueError)" in second.stdout
     assert assert_valid_results(tmp_path / "second" / "results.json")["final_return"] == reference
 
     truncate(score)
     third = run_script([*argv, "--run-name", "third"], datasets_path)
     assert third.returncode == 0, third.stderr[-3000:]
-    assert f"cache {score} is unreadable or does not fit" in third.stdout and "score model step" in third.stdout
+    assert f"cache: {score} cannot be read as weights only" in third.stdout and "score model step" in third.stdout
     assert assert_valid_results(tmp_path / "third" / "results.json")["final_return"] == reference
 
 
@@ -424,27 +419,27 @@ def test_an_output_dir_that_cannot_be_a_folder_is_one_line_before_any_work(datas
     blocker.write_text("")
     result = run_script([os.path.join(ROOT, "algorithms", "bc.py"), "--env", DATASET, "--batch-size", "16",
                          "--output-dir", str(blocker / "runs")], datasets_path)
-    assert_one_line_error(result, f"--output-dir {blocker / 'runs'} cannot be a folder: {blocker} is a file")
+    assert_one_line_error(result, f"--output-dir {blocker / 'runs'} cannot be a folder written here: {blocker} is a file")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
 def test_an_output_dir_without_write_permission_is_one_line(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    with pytest.raises(common.UserError, match="is not writable: no permission to write in"):
+    with pytest.raises(common.UserError, match=re.escape(f"cannot be a folder written here: {locked} is not writable")):
         common.check_output_dir(str(locked / "runs"))
 
 
 def test_a_failed_write_keeps_the_old_file_leaves_no_temporary_and_is_one_line(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
-    errors.atomic_write_json(str(path), {"a": 1})
+    common.write_json(str(path), {"a": 1})
 
     def full_disk(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(common.UserError) as exc_info:
-        errors.atomic_write_json(str(path), {"a": 2})
+        common.write_json(str(path), {"a": 2})
     assert str(exc_info.value) == f"could not write {path}: No space left on device"
     assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["results.json"]
 
@@ -469,7 +464,7 @@ def test_a_run_that_hits_the_file_size_limit_stops_with_one_line_and_no_partial_
     if failing == "checkpoint.pt":
         assert_one_line_error(result, f"could not write {out / 'r' / 'checkpoint.pt'}: File too large")
     else:
-        assert_one_line_error(result, "could not write a file: File too large")
+        assert_one_line_error(result, f"could not write in {out / 'r'}: File too large")
     names = os.listdir(out / "r")
     assert "checkpoint.pt" not in names and "model.pt" not in names
     assert not [n for n in names if n.startswith(".tmp-")], names

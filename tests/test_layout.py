@@ -1,112 +1,121 @@
-"""The import graph: algorithms -> common -> run_folder, speed -> offline_data, and tools -> common / offline_data.
-
-Every import statement counts, wherever it is (imports inside functions run when the function does)."""
+"""The card's layout: an algorithm file and common.py are all a run needs. Copied alone into an
+empty folder they train, evaluate, resume and answer --help; common.py is small and imports
+nothing of the repository, and the algorithm files import nothing else of it."""
 
 import ast
+import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 
-PACKAGE = "offline_data"
-
-
-def python_files(folder: str) -> list[str]:
-    path = os.path.join(ROOT, folder)
-    return sorted(os.path.join(folder, f) for f in os.listdir(path) if f.endswith(".py")) if os.path.isdir(path) else []
-
-
-def module_name(path: str) -> str:
-    """'offline_data/recipe.py' -> 'offline_data.recipe', 'offline_data/__init__.py' -> 'offline_data'."""
-    name = path[:-3].replace(os.sep, ".")
-    return name[: -len(".__init__")] if name.endswith(".__init__") else name
+ALGORITHMS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "algorithms")) if f.endswith(".py"))
+REPOSITORY = {"common", "algorithms", "tools", "tests", "offline_data", "run_folder", "speed", "conftest",
+              "make_dataset", *ALGORITHMS}
+# Behaviour models, pretraining phases and ARQ's support, made seconds long.
+SMALL = {"fisher_brc": ["--bc-steps", "20"], "itrpo": ["--bc-steps", "20"],
+         "brac_plus": ["--bc-steps", "20", "--pretrain-steps", "20"], "cql": ["--bc-warmup-steps", "10"],
+         "arq": ["--bc-steps", "20", "--score-batch-size", "32", "--n-support", "2", "--sampler", "ode", "--sampler-steps", "2",
+                 "--likelihood-steps", "2"]}
 
 
 def imports(path: str) -> set[str]:
-    """The modules a file imports, as absolute dotted names (`from a import b` counts as a and a.b)."""
-    with open(os.path.join(ROOT, path)) as f:
+    """The top-level names of every module a file imports, wherever the import statement is."""
+    with open(path) as f:
         tree = ast.parse(f.read(), path)
-    package = module_name(path) if path.endswith("__init__.py") else module_name(path).rpartition(".")[0]
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: from the file's package, one level up per extra dot
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parts + ([node.module] if node.module else []))
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            found.add(node.module.split(".")[0])
     return found
 
 
-def within(names: set[str], *tops: str) -> set[str]:
-    return {name for name in names if name.split(".")[0] in tops}
+def test_the_top_level_is_the_cards():
+    ignored = {"__pycache__", "runs", "results", "MUJOCO_LOG.TXT"}  # .gitignore's
+    entries = {e for e in os.listdir(ROOT) if not e.startswith(".")} - ignored
+    assert entries == {"algorithms", "common.py", "requirements.txt", "benchmark.sh", "tests", "README.md",
+                       "docs", "tools", "benchmarks"}, entries
 
 
-LIBRARY = python_files(PACKAGE)
-TOOLS = python_files("tools")
-ALGORITHMS = python_files("algorithms")
-
-
-def test_the_moved_files_are_gone():
-    assert LIBRARY, f"no {PACKAGE}/ package"
-    for name in ("basics.py", "d4rl_files.py"):
-        assert not os.path.exists(os.path.join(ROOT, name)), f"{name} is still at the repository root"
-    for path in ["common.py", *LIBRARY, *TOOLS, *ALGORITHMS]:
-        assert not within(imports(path), "basics", "d4rl_files"), path
-
-
-def test_the_data_layer_imports_neither_common_nor_the_run_folder_nor_tools_nor_algorithms():
-    for path in LIBRARY:
-        assert not within(imports(path), "common", "run_folder", "speed", "tools", "algorithms"), path
-
-
-def test_common_imports_neither_tools_nor_algorithms():
-    assert not within(imports("common.py"), "tools", "algorithms")
-
-
-@pytest.mark.parametrize("path", ["run_folder.py", "speed.py"])
-def test_the_run_folder_and_the_speed_layer_import_only_the_data_layer_from_the_repository(path):
-    repository = within(imports(path), "common", "run_folder", "speed", "tools", "algorithms", PACKAGE)
-    assert {name.split(".")[0] for name in repository} == {PACKAGE}
+def test_common_imports_nothing_of_the_repository_but_the_builder_on_demand():
+    path = os.path.join(ROOT, "common.py")
+    assert imports(path) & REPOSITORY == {"make_dataset"}, imports(path) & REPOSITORY  # local/* builds
 
 
 def test_the_algorithm_files_import_only_common_from_the_repository():
-    for path in ALGORITHMS:
-        repository = within(imports(path), "common", PACKAGE, "tools", "algorithms", "basics", "d4rl_files")
-        assert repository == {"common"}, path
+    for name in ALGORITHMS:
+        assert imports(os.path.join(ROOT, "algorithms", f"{name}.py")) & REPOSITORY == {"common"}, name
 
 
-def test_the_library_loads_no_module_by_path_or_by_name():
-    """importlib and __import__ would hide an import from the checks above."""
-    for path in ["common.py", "run_folder.py", "speed.py", *LIBRARY]:
-        with open(os.path.join(ROOT, path)) as f:
-            tree = ast.parse(f.read(), path)
-        assert not within(imports(path), "importlib"), path
-        calls = [node.func.id for node in ast.walk(tree)
-                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)]
-        assert "__import__" not in calls, path
+def copied(tmp_path, name: str) -> str:
+    folder = tmp_path / f"project_{name}"
+    folder.mkdir()
+    shutil.copy(os.path.join(ROOT, "algorithms", f"{name}.py"), folder)
+    shutil.copy(os.path.join(ROOT, "common.py"), folder)
+    return str(folder)
 
 
-def test_the_data_layer_modules_import_each_other_in_one_direction():
-    graph = {module_name(path): within(imports(path), PACKAGE) for path in LIBRARY}
-    # `from offline_data import d4rl` names offline_data.d4rl; the package itself is its __init__
-    graph = {module: {name for name in names if name in graph} - {module} for module, names in graph.items()}
+def outside(args, datasets_path, cwd, timeout=600):
+    """A run in the copied folder with nothing of the repository on the path."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(MINARI_DATASETS_PATH=datasets_path, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
-    def cycle_from(module, path):
-        if module in path:
-            return path[path.index(module):] + [module]
-        for imported in sorted(graph[module]):
-            if imported == PACKAGE:  # every submodule's import runs __init__ first: not an edge back
-                continue
-            found = cycle_from(imported, path + [module])
-            if found:
-                return found
-        return None
 
-    for module in graph:
-        cycle = cycle_from(module, [])
-        assert cycle is None, " -> ".join(cycle)
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_a_copied_file_and_common_train_evaluate_and_resume_alone(datasets_path, tmp_path, name):
+    folder = copied(tmp_path, name)
+    assert sorted(os.listdir(folder)) == sorted([f"{name}.py", "common.py"])
+    help_ = outside([f"{name}.py", "--help"], datasets_path, folder)
+    assert help_.returncode == 0 and "--env" in help_.stdout, help_.stderr[-2000:]
+    flags = [f"{name}.py", "--env", "test/hopper/random-v0", "--total-steps", "40", "--eval-every", "10",
+             "--eval-episodes", "2", "--batch-size", "32", "--output-dir", "runs", *SMALL.get(name, [])]
+    whole = outside([*flags, "--run-name", "whole"], datasets_path, folder)
+    assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-3000:]
+    # the same run, killed after its second evaluation and started again by the same command
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(MINARI_DATASETS_PATH=datasets_path, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, *flags, "--run-name", "killed"], cwd=folder, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    results = os.path.join(folder, "runs", "killed", "results.json")
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with open(results) as f:
+                if len(json.load(f)["evaluations"]) >= 2:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    proc.communicate(timeout=60)
+    again = outside([*flags, "--run-name", "killed"], datasets_path, folder)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    runs = {}
+    for run in ("whole", "killed"):
+        with open(os.path.join(folder, "runs", run, "results.json")) as f:
+            runs[run] = json.load(f)
+    assert runs["killed"]["finished"] and [e["return_mean"] for e in runs["killed"]["evaluations"]] == \
+        [e["return_mean"] for e in runs["whole"]["evaluations"]]
+    assert len(runs["whole"]["evaluations"]) == 4
+
+
+def test_a_local_id_that_is_not_built_tells_a_copied_file_how_to_build_it(datasets_path, tmp_path):
+    folder = copied(tmp_path, "bc")
+    result = outside(["bc.py", "--env", "local/hopper/medium-3k-v0"], datasets_path, folder)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "make_dataset.py --id local/hopper/medium-3k-v0" in result.stderr.strip().splitlines()[-1]
+
+
+def test_the_repository_runs_the_files_from_anywhere(datasets_path, tmp_path):
+    result = run_script([os.path.join(ROOT, "algorithms", "bc.py"), "--help"], datasets_path, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr

@@ -188,21 +188,32 @@ def test_a_restarted_run_does_not_replace_a_longer_collected_record(tmp_path, mo
 
 
 def test_the_support_check_refuses_other_files_in_one_line(tmp_path):
-    from tools import support_check
+    from tools.diagnostics import support_check
 
     with pytest.raises(long_runs.UserError, match="is not a file; give a fisher_brc or itrpo run's checkpoint.pt"):
         support_check.main([str(tmp_path / "missing.pt")])
     import torch
 
-    torch.save({"algorithm": "td3_bc", "args": {}, "actor": {}}, tmp_path / "model.pt")
+    save_file = support_check.common.save_file  # with the checksum that the library's files carry
+    save_file(str(tmp_path / "model.pt"), {"algorithm": "td3_bc", "args": {}, "actor": {}})
     with pytest.raises(long_runs.UserError, match="is not a fisher_brc or itrpo checkpoint or model.pt"):
         support_check.main([str(tmp_path / "model.pt")])
-    torch.save({"step": 5, "args": {"env": "x", "alpha": 2.5}, "agent": {"actor": {}}}, tmp_path / "checkpoint.pt")
+    save_file(str(tmp_path / "checkpoint.pt"), {"step": 5, "args": {"env": "x", "alpha": 2.5}, "agent": {"actor": {}}})
     with pytest.raises(long_runs.UserError, match="is not a fisher_brc or itrpo checkpoint or model.pt"):
         support_check.main([str(tmp_path / "checkpoint.pt")])
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     with pytest.raises(long_runs.UserError, match="is not a fisher_brc or itrpo checkpoint or model.pt"):
         support_check.main([str(tmp_path / "notes.txt")])
+
+    class RunsCode:  # a pickle that would make a folder when loaded
+        def __reduce__(self):
+            return os.mkdir, (str(tmp_path / "ran"),)
+
+    torch.save({"algorithm": "fisher_brc", "args": {}, "actor": RunsCode()}, tmp_path / "code.pt")
+    with pytest.raises(long_runs.UserError, match="is not a fisher_brc or itrpo checkpoint or model.pt: it cannot be "
+                                                  "read as weights only") as refused:
+        support_check.main([str(tmp_path / "code.pt")])
+    assert "\n" not in str(refused.value) and not (tmp_path / "ran").exists()
 
 
 def first_state_report(capsys) -> tuple[str, dict]:
@@ -221,26 +232,29 @@ def first_state_returns(data, bonus: float, gamma: float) -> list[float]:
     return [sum(gamma ** i * r for i, r in enumerate(rewards[s:e])) for s, e in zip(starts, ends)]
 
 
-def test_the_support_check_reports_fisher_brc_q_and_return_at_the_episodes_first_states(tmp_path, datasets_path, capsys):
+def test_the_support_check_reports_fisher_brc_q_and_return_at_the_episodes_first_states(tmp_path, datasets_path,
+                                                                                          capsys):
     """Evaluations start where the data's episodes start; the check reports the critic there."""
     import numpy as np
     import torch
 
-    from tools import support_check
+    from tools.diagnostics import support_check
 
     common, fisher_brc = support_check.common, support_check.fisher_brc
     args = fisher_brc.Args(env="test/hopper/random-v0")
     data = common.load_dataset(args.env, "cpu")
     torch.manual_seed(3)
     agent = fisher_brc.FisherBRC(args, data.obs_dim, data.act_dim, torch.device("cpu"))
-    torch.save({"algorithm": "fisher_brc", "args": dict(vars(args)), **agent.state_dict()}, tmp_path / "model.pt")
+    common.save_file(str(tmp_path / "model.pt"), {"algorithm": "fisher_brc", "args": dict(vars(args)),
+                                                  **agent.state_dict()})
     support_check.main([str(tmp_path / "model.pt")])
     line, reported = first_state_report(capsys)
 
     starts = data.episode_starts
     assert args.reward_transform == "plus-five"
     returns = first_state_returns(data, 5.0, args.gamma)
-    common.normalize_obs(data, *common.compute_obs_stats(data))
+    if args.normalize_states:  # as the run's states
+        common.normalize_obs(data, *common.compute_obs_stats(data))
     with torch.no_grad():
         obs, actions = data.observations[starts], data.actions[starts]
         log_mu = agent.behavior.log_prob(obs, actions)
@@ -261,7 +275,7 @@ def test_the_support_check_reads_an_itrpo_checkpoint_with_its_critic_and_reward_
     import numpy as np
     import torch
 
-    from tools import support_check
+    from tools.diagnostics import support_check
 
     common, itrpo = support_check.common, support_check.itrpo
     args = itrpo.Args(env="test/hopper/random-v0", reward_bonus=3.0)
@@ -273,13 +287,15 @@ def test_the_support_check_reads_an_itrpo_checkpoint_with_its_critic_and_reward_
             for p in net.parameters():
                 p.normal_(0.0, 0.1)
     stored = {k: v for k, v in vars(args).items() if k != "cuda_graphs"}  # as from before a flag was added
-    torch.save({"step": 7, "phase": None, "args": stored, "agent": agent.state_dict()}, tmp_path / "checkpoint.pt")
+    common.save_file(str(tmp_path / "checkpoint.pt"), {"step": 7, "phase": None, "args": stored,
+                                                       "agent": agent.state_dict()})
     support_check.main([str(tmp_path / "checkpoint.pt")])
     line, reported = first_state_report(capsys)
 
     starts = data.episode_starts
     returns = first_state_returns(data, 3.0, args.gamma)
-    common.normalize_obs(data, *common.compute_obs_stats(data))
+    if args.normalize_states:  # as the run's states
+        common.normalize_obs(data, *common.compute_obs_stats(data))
     with torch.no_grad():
         obs, actions = data.observations[starts], data.actions[starts]
         q = torch.min(*agent.critic(obs, actions))
@@ -296,16 +312,27 @@ def test_the_support_check_reads_an_itrpo_checkpoint_with_its_critic_and_reward_
 def test_the_iql_actor_refit_refuses_other_files_and_flags_in_one_line(tmp_path):
     import torch
 
-    from tools import iql_actor_refit
+    from tools.diagnostics import iql_actor_refit
 
     with pytest.raises(long_runs.UserError, match="is not a file; give an iql run's checkpoint.pt"):
         iql_actor_refit.main([str(tmp_path / "missing.pt")])
-    torch.save({"algorithm": "td3_bc", "args": {}, "actor": {}, "critic": {}}, tmp_path / "model.pt")
+    iql_actor_refit.common.save_file(str(tmp_path / "model.pt"),
+                                     {"algorithm": "td3_bc", "args": {}, "actor": {}, "critic": {}})
     with pytest.raises(long_runs.UserError, match="is not an iql checkpoint or model.pt"):
         iql_actor_refit.main([str(tmp_path / "model.pt")])
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     with pytest.raises(long_runs.UserError, match="is not an iql checkpoint or model.pt"):
         iql_actor_refit.main([str(tmp_path / "notes.txt")])
+
+    class RunsCode:  # a pickle that would make a folder when loaded
+        def __reduce__(self):
+            return os.mkdir, (str(tmp_path / "ran"),)
+
+    torch.save({"algorithm": "iql", "args": {}, "critic": RunsCode(), "value": {}}, tmp_path / "code.pt")
+    with pytest.raises(long_runs.UserError, match="is not an iql checkpoint or model.pt: it cannot be read as "
+                                                  "weights only") as refused:
+        iql_actor_refit.main([str(tmp_path / "code.pt")])
+    assert "\n" not in str(refused.value) and not (tmp_path / "ran").exists()
     with pytest.raises(long_runs.UserError, match="--steps and --eval-every must be positive"):
         iql_actor_refit.main([str(tmp_path / "notes.txt"), "--steps", "0"])
 
@@ -316,7 +343,7 @@ def test_an_iql_actor_refit_step_is_the_runs_actor_step_and_leaves_q_and_v_alone
 
     import torch
 
-    from tools import iql_actor_refit
+    from tools.diagnostics import iql_actor_refit
 
     common, iql = iql_actor_refit.common, iql_actor_refit.iql
     args = iql.Args(env="test/hopper/random-v0", expectile=0.7, beta=3.0, dropout=0.0, reward_transform="none")
@@ -337,7 +364,7 @@ def test_an_iql_actor_refit_step_is_the_runs_actor_step_and_leaves_q_and_v_alone
         iql_actor_refit.refit_step(refit, batch)
     for a, b in zip(run.actor.parameters(), refit.actor.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert float(refit.actor_scheduler.t) == 3
+    assert refit.actor_scheduler.last_epoch == 3  # the cosine schedule's step count
     for name, state in frozen.items():
         for key, value in getattr(refit, name).state_dict().items():
             assert torch.equal(value, state[key]), f"the refit changed {name}.{key}"
@@ -348,7 +375,7 @@ def test_the_iql_actor_refit_reports_the_weights_of_the_frozen_critic_over_the_d
 
     import torch
 
-    from tools import iql_actor_refit
+    from tools.diagnostics import iql_actor_refit
 
     common, iql = iql_actor_refit.common, iql_actor_refit.iql
     args = iql.Args(env="test/hopper/random-v0", expectile=0.7, beta=3.0, dropout=0.0, reward_transform="none")
@@ -358,15 +385,17 @@ def test_the_iql_actor_refit_reports_the_weights_of_the_frozen_critic_over_the_d
     with torch.no_grad():  # the target unlike the online critic: the report must read the target
         for p in agent.critic_target.parameters():
             p.add_(0.5 * torch.randn_like(p))
-    torch.save({"algorithm": "iql", "args": dict(vars(args)), "step": 7,
-                "agent": {k: getattr(agent, k).state_dict() for k in ("actor", "critic", "critic_target", "value")}},
-               tmp_path / "checkpoint.pt")
+    common.save_file(str(tmp_path / "checkpoint.pt"), {
+        "algorithm": "iql", "args": dict(vars(args)), "step": 7,
+        "agent": {k: getattr(agent, k).state_dict() for k in ("actor", "critic", "critic_target", "value")}})
     iql_actor_refit.main([str(tmp_path / "checkpoint.pt"), "--steps", "2", "--eval-every", "2",
                           "--output", str(tmp_path / "refit.json")])
     out = capsys.readouterr().out
-    common.normalize_obs(data, *common.compute_obs_stats(data))
+    if args.normalize_states:  # as the run's states
+        common.normalize_obs(data, *common.compute_obs_stats(data))
     with torch.no_grad():
-        advantage = torch.min(*agent.critic_target(data.observations, data.actions)) - agent.value(data.observations)[:, 0]
+        advantage = torch.min(*agent.critic_target(data.observations, data.actions)) \
+            - agent.value(data.observations)[:, 0]
         w = torch.exp(3.0 * advantage).clamp(max=100.0)
     mean, clipped, ess = re.search(r"mean ([\d.]+), at the clip \(100\) ([\d.]+)%, effective sample size ([\d.]+)%",
                                    out).groups()
@@ -380,11 +409,12 @@ def test_the_iql_actor_refit_reports_the_weights_of_the_frozen_critic_over_the_d
 def test_the_awr_check_refuses_other_files_and_flags_in_one_line(tmp_path):
     import torch
 
-    from tools import awr_check
+    from tools.diagnostics import awr_check
 
     with pytest.raises(long_runs.UserError, match="is not a file; give an awr run's checkpoint.pt"):
         awr_check.main([str(tmp_path / "missing.pt")])
-    torch.save({"algorithm": "td3_bc", "args": {}, "actor": {}, "critic": {}}, tmp_path / "model.pt")
+    awr_check.common.save_file(str(tmp_path / "model.pt"),
+                               {"algorithm": "td3_bc", "args": {}, "actor": {}, "critic": {}})
     with pytest.raises(long_runs.UserError, match="is not an awr checkpoint or model.pt"):
         awr_check.main([str(tmp_path / "model.pt")])
     (tmp_path / "notes.txt").write_text("not a checkpoint")
@@ -396,11 +426,21 @@ def test_the_awr_check_refuses_other_files_and_flags_in_one_line(tmp_path):
     with pytest.raises(long_runs.UserError, match="--episodes must be 0"):
         awr_check.main([str(tmp_path / "notes.txt"), "--episodes", "-1"])
 
+    class RunsCode:  # a pickle that would make a folder when loaded
+        def __reduce__(self):
+            return os.mkdir, (str(tmp_path / "ran"),)
+
+    torch.save({"algorithm": "awr", "args": {}, "actor": RunsCode(), "critic": {}}, tmp_path / "code.pt")
+    with pytest.raises(long_runs.UserError, match="is not an awr checkpoint or model.pt: it cannot be read as "
+                                                  "weights only") as refused:
+        awr_check.main([str(tmp_path / "code.pt")])
+    assert "\n" not in str(refused.value) and not (tmp_path / "ran").exists()
+
 
 def test_the_awr_checks_effective_sample_size_counts_the_transitions_a_batch_learns_from():
     import torch
 
-    from tools.awr_check import effective_sample_size
+    from tools.diagnostics.awr_check import effective_sample_size
 
     assert effective_sample_size(torch.ones(512)) == pytest.approx(256.0)
     one_of_each = torch.full((512,), 1e-6)
@@ -420,7 +460,7 @@ def test_the_awr_check_reads_a_checkpoint_and_follows_the_episodes_it_evaluates(
     import numpy as np
     import torch
 
-    from tools import awr_check
+    from tools.diagnostics import awr_check
 
     common, awr = awr_check.common, awr_check.awr
     args = awr.Args(env="test/hopper/random-v0")
@@ -429,7 +469,8 @@ def test_the_awr_check_reads_a_checkpoint_and_follows_the_episodes_it_evaluates(
     common.normalize_obs(data, *stats)
     torch.manual_seed(3)
     agent = awr.AWR(args, data.obs_dim, data.act_dim, torch.device("cpu"))
-    torch.save({"step": 5, "phase": None, "args": vars(args), "agent": agent.state_dict()}, tmp_path / "checkpoint.pt")
+    common.save_file(str(tmp_path / "checkpoint.pt"), {"step": 5, "phase": None, "args": dict(vars(args)),
+                                                       "agent": agent.state_dict()})
     awr_check.main([str(tmp_path / "checkpoint.pt"), "--episodes", "3", "--seed", "7"])
     out = capsys.readouterr().out
     assert "(awr, step 5)" in out
@@ -440,7 +481,7 @@ def test_the_awr_check_reads_a_checkpoint_and_follows_the_episodes_it_evaluates(
         distance = ((agent.act(data.observations) - data.actions) ** 2).mean()
     assert float(re.search(r"mean Q\(s, a\) (-?[\d.]+)", out).group(1)) == pytest.approx(q.mean().item(), abs=0.06)
     assert float(re.search(r"\(pi\(s\) - a\)\^2 ([\d.]+)", out).group(1)) == pytest.approx(distance.item(), abs=6e-4)
-    expected = awr_check.evaluate(data, agent.act, 3, 7, *stats)
+    expected = common.evaluate(data, agent.act, 3, 7, *stats)
     score = float(re.search(r"3 episodes from seed 7: score (-?[\d.]+)", out).group(1))
     assert score == pytest.approx(expected["normalized_score_mean"], abs=0.06)
     length = float(re.search(r"score [-\d.]+ ± [\d.]+, length ([\d.]+)", out).group(1))
@@ -453,7 +494,7 @@ def test_the_awr_check_reads_a_checkpoint_and_follows_the_episodes_it_evaluates(
 
     result, states = awr_check.visited_states(data, agent, 3, 7, stats)
     assert [len(s) for s in states] == result["episode_lengths"]
-    env = data.minari_dataset.recover_environment(eval_env=True)
+    env = data.make_env()
     first = torch.as_tensor(env.reset(seed=7)[0], dtype=torch.float32)
     assert torch.allclose(states[0][0], (first - stats[0]) / stats[1], atol=1e-5)
     assert awr_check.nearest_distance(data.observations[:600], data.observations).abs().max() < 1e-6

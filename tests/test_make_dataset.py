@@ -1,12 +1,13 @@
-"""tools/make_dataset.py and offline_data's recipe: D4RL-style datasets built offline, at tiny sizes.
+"""tools/make_dataset.py and its dataset_* modules: D4RL-style datasets built offline, at tiny sizes.
 
 A few hundred SAC steps on Pendulum-v1 give real (if weak) snapshots to build every kind from."""
 
 import io
 import json
 import os
-import socket
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,8 +21,11 @@ import torch
 from conftest import ROOT, run_script
 
 import common
-from offline_data import d4rl, errors, minari_datasets, recipe, rollouts, snapshots
-from tools import make_dataset as md
+from tools import make_dataset as md  # puts tools/ on sys.path: its dataset_* modules import as such
+
+import dataset_recipe as recipe  # noqa: E402
+import dataset_rollouts as rollouts  # noqa: E402
+import dataset_snapshots as snapshots  # noqa: E402
 
 TRAIN_STEPS, WARMUP, EVERY = 300, 100, 100
 
@@ -83,7 +87,7 @@ def test_choose_snapshots_medium_is_a_third_of_the_way_up():
     # Hopper's target is a third of the way from D4RL's random to D4RL's expert return ...
     snaps.append({"step": 50, "eval_return": 3500.0})
     choice = snapshots.choose_snapshots(snaps, random_return=0.0, env_id="Hopper-v5")
-    hopper_min, hopper_max = d4rl.D4RL_REF_SCORES["hopper"]
+    hopper_min, hopper_max = common.D4RL_REF_SCORES["hopper"]
     assert choice["reached_d4rl_expert"]
     assert choice["medium_target_return"] == pytest.approx(hopper_min + (hopper_max - hopper_min) / 3)
     assert choice["medium"] == 20 and choice["expert"] == 50 and choice["expert_is_final"]
@@ -93,7 +97,7 @@ def test_choose_snapshots_medium_is_a_third_of_the_way_up():
 def test_medium_of_a_d4rl_env_is_a_third_of_d4rls_expert_whatever_the_agent_reached():
     """An agent far below D4RL's expert (here at a third of it) still has its medium at a normalised
     score of about 33, not at a third of its own best."""
-    walker_min, walker_max = d4rl.D4RL_REF_SCORES["walker2d"]
+    walker_min, walker_max = common.D4RL_REF_SCORES["walker2d"]
     snaps = [{"step": s, "eval_return": r} for s, r in [(10, 450.0), (20, 1000.0), (30, 1450.0), (40, 1300.0)]]
     choice = snapshots.choose_snapshots(snaps, random_return=0.0, env_id="Walker2d-v5")
     assert choice["medium_target_return"] == pytest.approx(walker_min + (walker_max - walker_min) / 3)
@@ -107,8 +111,8 @@ def test_expert_kinds_need_an_expert_level_snapshot(minari_path, tmp_path):
     snapshot_dir = tmp_path / "snaps"
     snapshot_dir.mkdir()
     actor = rollouts.Actor(11, 3)
-    errors.save_checkpoint(str(snapshot_dir / "actor_0000010.pt"), actor.state_dict())
-    hopper_min, hopper_max = d4rl.D4RL_REF_SCORES["hopper"]
+    torch.save(actor.state_dict(), str(snapshot_dir / "actor_0000010.pt"))  # as training writes them
+    hopper_min, hopper_max = common.D4RL_REF_SCORES["hopper"]
     snaps = [{"step": 10, "file": "actor_0000010.pt", "eval_return": hopper_min + 0.5 * (hopper_max - hopper_min)}]
     manifest = {"env_id": "Hopper-v5", "seed": 0, "steps_completed": 10, "warmup_steps": 5, "eval_episodes": 1,
                 "random_return": 0.0, "snapshots": snaps, **snapshots.choose_snapshots(snaps, 0.0, "Hopper-v5")}
@@ -254,7 +258,7 @@ def test_hopper_random_uses_d4rl_reference_scores(tmp_path, minari_path):
     assert eps[0].observations.shape[1] == 11 and eps[0].observations.dtype == np.float64
     assert eps[0].terminations[-1]  # random hoppers fall over
     meta = dataset.storage.metadata
-    assert (meta["ref_min_score"], meta["ref_max_score"]) == d4rl.D4RL_REF_SCORES["hopper"]
+    assert (meta["ref_min_score"], meta["ref_max_score"]) == common.D4RL_REF_SCORES["hopper"]
 
 
 def test_random_kind_rolls_out_a_randomly_initialised_policy(tmp_path, monkeypatch):
@@ -327,25 +331,60 @@ def test_loader_builds_local_dataset_on_first_use(minari_path, capsys):
     assert "building" not in capsys.readouterr().out and len(again) == 300
 
 
+def stored(dataset_id):
+    """Whether MINARI_DATASETS_PATH holds a copy of `dataset_id`, whole or being written."""
+    return os.path.isdir(os.path.join(minari.storage.get_dataset_path(dataset_id), "data"))
+
+
+def load_in_a_thread(dataset_id, results):
+    """A second run's load_dataset, in a thread; its result (or UserError) lands in `results`."""
+    def load():
+        try:
+            results.append(len(common.load_dataset(dataset_id)))
+        except common.UserError as exc:
+            results.append(exc)
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    return thread
+
+
 def test_runs_that_need_one_new_local_dataset_at_once_build_it_once(minari_path, capsys):
     """Runs started together on a new machine: one builds the dataset, the others wait and load it."""
     dataset_id = "local/pendulum/random-300-v0"
-    being_written = minari_path / dataset_id / "data"
-    being_written.mkdir(parents=True)  # a copy minari has begun to write already looks stored
     loaded = []
-    with errors.waiting_lock(str(minari_path / ".build-local-pendulum-random-300-v0.lock"), ""):  # the builder
-        waiter = threading.Thread(target=lambda: loaded.append(len(common.load_dataset(dataset_id))))
-        waiter.start()
+    minari_path.mkdir()
+    with md.waiting_lock(str(minari_path / ".build-local-pendulum-random-300-v0.lock"), ""):  # the builder
+        waiter = load_in_a_thread(dataset_id, loaded)
         time.sleep(1.0)
-        assert waiter.is_alive() and minari_datasets.stored(dataset_id)
-        being_written.rmdir()
-        being_written.parent.rmdir()
+        assert waiter.is_alive() and not loaded, loaded  # waiting for the builder's lock
         recipe.build_local_dataset(dataset_id)
     waiter.join(60)
     assert loaded == [300]
     out = capsys.readouterr().out
     assert out.count("building it from the shipped snapshots") == 1
     assert f"[{dataset_id}] another process is building it: waiting for that copy" in out
+
+
+def test_a_local_dataset_being_written_is_waited_for_not_read(minari_path, capsys):
+    """A copy minari has begun to write already looks stored: a run that finds one must still wait for
+    the builder's lock (and then load the whole copy), not read it half-written."""
+    dataset_id = "local/pendulum/random-300-v0"
+    being_written = minari_path / dataset_id / "data"
+    loaded = []
+    being_written.mkdir(parents=True)
+    with md.waiting_lock(str(minari_path / ".build-local-pendulum-random-300-v0.lock"), ""):  # the builder
+        waiter = load_in_a_thread(dataset_id, loaded)
+        time.sleep(1.0)
+        try:
+            assert waiter.is_alive() and stored(dataset_id), loaded
+        finally:
+            being_written.rmdir()
+            being_written.parent.rmdir()
+        recipe.build_local_dataset(dataset_id)
+    waiter.join(60)
+    assert loaded == [300]
+    assert capsys.readouterr().out.count("building it from the shipped snapshots") == 1
 
 
 def test_a_sized_build_has_its_own_id(minari_path, capsys):
@@ -393,11 +432,49 @@ def test_the_new_locomotion_tasks_build_offline_from_the_shipped_snapshots(minar
     for kind in ("random", "medium", "medium-replay"):
         data = common.load_dataset(f"local/{task}/{kind}-300-v0")
         assert len(data) == 300 and (data.obs_dim, data.act_dim) == (17, 6)
-        assert (data.ref_min_score, data.ref_max_score) == pytest.approx(d4rl.D4RL_REF_SCORES[task])
+        assert (data.ref_min_score, data.ref_max_score) == pytest.approx(common.D4RL_REF_SCORES[task])
     assert "building it from the shipped snapshots" in capsys.readouterr().out
     for kind in ("expert", "medium-expert"):
         with pytest.raises(common.UserError, match="below expert level"):
             common.load_dataset(f"local/{task}/{kind}-300-v0")
+
+
+def test_id_flag_builds_one_local_dataset_as_its_first_use_would(minari_path):
+    """`make_dataset.py --id <local id>` builds it from the shipped snapshots, once; an id it cannot
+    build is one line."""
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "make_dataset.py"), "--id"]
+    first = subprocess.run(cmd + ["local/pendulum/random-20-v0"], env=cli_env(minari_path), capture_output=True,
+                           text=True, timeout=120)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "building it from the shipped snapshots" in first.stdout
+    assert minari.load_dataset("local/pendulum/random-20-v0").total_steps == 20
+    again = subprocess.run(cmd + ["local/pendulum/random-20-v0"], env=cli_env(minari_path), capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0 and "building" not in again.stdout, again.stdout + again.stderr[-2000:]
+    bad = subprocess.run(cmd + ["local/nosuchenv/medium-v0"], env=cli_env(minari_path), capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot build 'local/nosuchenv/medium-v0'"), lines
+    assert "Pendulum-v1" in lines[0]
+
+
+def test_common_copied_alone_says_how_to_build_a_local_id(minari_path, tmp_path):
+    """common.py copied without the repository's tools/ cannot build a local/* id: one line naming the
+    command that does, in the repository."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(os.path.join(ROOT, "common.py"), alone / "common.py")
+    env = {k: v for k, v in cli_env(minari_path).items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", "import common; assert common.__file__.startswith("
+                             f"{str(alone)!r}); common.install_user_error_hook(); "
+                             "common.load_dataset('local/pendulum/random-20-v0')"],
+                            cwd=alone, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["error: dataset 'local/pendulum/random-20-v0' is not built here: build it with `python "
+                     "tools/make_dataset.py --id local/pendulum/random-20-v0` in the library's repository"], lines
+    assert not os.path.exists(minari_path / "local")  # nothing was built
 
 
 @pytest.mark.parametrize("dataset_id", ["local/nosuchenv/medium-v0", "local/pendulum/bogus-v0"])
@@ -575,7 +652,7 @@ def test_a_checkpoint_from_other_flags_or_in_use_is_refused(tmp_path):
     md.train_agent(resume_args(150), snapshot_dir)
     with pytest.raises(common.UserError, match=r"other flags: --lr 0.0003 \(now 0.001\), --batch-size 32 \(now 64\)"):
         md.train_agent(resume_args(300, lr=1e-3, batch_size=64), snapshot_dir)
-    with errors.lock_folder(os.path.join(snapshot_dir, "checkpoint"), ""):  # as a training still running holds it
+    with common.lock_folder(os.path.join(snapshot_dir, "checkpoint"), ""):  # as a training still running holds it
         with pytest.raises(common.UserError, match=rf"checkpoint is in use by another process \(pid {os.getpid()} on "
                                                    rf"{socket.gethostname()}\); wait for it to end, or stop it"):
             md.train_agent(resume_args(300), snapshot_dir)

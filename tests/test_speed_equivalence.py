@@ -330,8 +330,9 @@ def td3_bc_reference(td3, ref):
             ref.actor_optimizer.step()
             lerp_loop(ref.actor, ref.actor_target, args.tau)
             lerp_loop(ref.critic, ref.critic_target, args.tau)
-            ref.last_actor_metrics = {"losses/actor_loss": loss.detach(), "charts/lambda": lmbda}
-        return {"losses/critic_loss": critic_loss.detach(), "losses/q1": q1.mean().detach(), **ref.last_actor_metrics}
+            return {"losses/critic_loss": critic_loss.detach(), "losses/q1": q1.mean().detach(),
+                    "losses/actor_loss": loss.detach(), "charts/lambda": lmbda}
+        return {"losses/critic_loss": critic_loss.detach(), "losses/q1": q1.mean().detach()}
     return step
 
 

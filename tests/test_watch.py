@@ -5,6 +5,8 @@ That tools/evaluate.py gives every file's final evaluation again from its model.
 end-to-end runs of tests/test_algorithms.py, test_brac_plus.py and test_arq.py (conftest's
 check_saved_model)."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -15,21 +17,23 @@ import numpy as np
 import pytest
 import torch
 
+from common import flatten_obs
 from conftest import ROOT, run_script
-from offline_data.tasks import flatten_obs
 
 DATASET = "test/hopper/random-v0"  # Hopper-v5 episodes of at most 40 steps
 
 
 @pytest.fixture(scope="module")
-def renders(datasets_path):
-    """The tests that record need a renderer (EGL on Linux: Mesa's on a CPU machine)."""
+def renders(datasets_path, tmp_path_factory):
+    """The tests that record need a renderer (EGL on Linux: Mesa's on a CPU machine): an evaluation
+    that cannot record says why in one line and writes no file."""
     import common
-    from offline_data.evaluation import render_problem
 
-    problem = render_problem(common.load_dataset(DATASET))
-    if problem is not None:
-        pytest.skip(f"Hopper does not render on this machine: {problem}")
+    video, said = str(tmp_path_factory.mktemp("render") / "probe.mp4"), io.StringIO()
+    with contextlib.redirect_stdout(said):
+        common.evaluate(common.load_dataset(DATASET), elementwise_policy, 1, seed=0, video=video)
+    if not os.path.exists(video):
+        pytest.skip(f"Hopper does not render on this machine: {said.getvalue().strip()}")
 
 
 def frames_of(path):
@@ -57,12 +61,12 @@ def test_recording_changes_no_return_and_has_a_frame_per_step_of_the_first_episo
     assert recorded == plain
 
     # the vector env's first env starts from reset(seed=5): the same episode in an env of its own
-    env = data.minari_dataset.recover_environment(eval_env=True)
+    env = data.make_env()
     obs, _ = env.reset(seed=5)
     low, high = data.action_low, data.action_high
     length, done = 0, False
     while not done:
-        a = policy(torch.as_tensor(flatten_obs(obs[None], None))).clamp(-1, 1).numpy()[0]
+        a = policy(torch.as_tensor(flatten_obs(obs[None], data.antmaze))).clamp(-1, 1).numpy()[0]
         obs, _, terminated, truncated, _ = env.step(low + (a + 1.0) * 0.5 * (high - low))
         length, done = length + 1, terminated or truncated
     frames = frames_of(video)
@@ -110,7 +114,6 @@ def test_capture_video_records_without_changing_the_run_and_the_model_file_repla
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "video" / "r"
     assert sorted(os.listdir(run_dir / "videos")) == ["step_20.mp4", "step_30.mp4"]  # the 2nd and the last
-    assert f"[bc] video of the first episode: {run_dir / 'videos' / 'step_30.mp4'}" in result.stdout
     recorded, unrecorded = evaluations(run_dir), evaluations(tmp_path / "plain" / "r")
     assert [e.pop("video", None) for e in recorded] == [None, "videos/step_20.mp4", "videos/step_30.mp4"]
     for e in recorded + unrecorded:
@@ -133,12 +136,25 @@ def test_capture_video_records_without_changing_the_run_and_the_model_file_repla
 
 
 def test_without_a_render_backend_the_run_trains_with_one_notice(datasets_path, tmp_path):
-    result = bc_run(tmp_path, datasets_path, "--capture-video", env={"MUJOCO_GL": "disable"})
+    result = bc_run(tmp_path, datasets_path, "--capture-video", "--save-model", env={"MUJOCO_GL": "disable"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("--capture-video: the eval env does not render on this machine") == 1, result.stdout
+    # the first recording says why in one line (common.evaluate), the run that it goes on without video
+    # in another; later evaluations do not try
+    assert result.stdout.count("no video ") == 1, result.stdout
+    assert result.stdout.count("[bc] --capture-video: the eval env did not render here") == 1, result.stdout
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr[-3000:]
     assert json.loads((tmp_path / "r" / "results.json").read_text())["finished"]
     assert not os.path.exists(tmp_path / "r" / "videos")
+    # tools/evaluate.py --capture-video: the evaluation, with the same lines, and no file
+    tool = subprocess.run([sys.executable, os.path.join("tools", "evaluate.py"), str(tmp_path / "r" / "model.pt"),
+                           "--capture-video", "--video-dir", str(tmp_path / "watch")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "MINARI_DATASETS_PATH": datasets_path,
+                                                       "OMP_NUM_THREADS": "1", "MUJOCO_GL": "disable"})
+    assert tool.returncode == 0, tool.stderr[-3000:]
+    assert tool.stdout.count("no video ") == 1 and tool.stdout.count(
+        "--capture-video: the eval env did not render here; evaluated without video") == 1, tool.stdout
+    assert "Traceback" not in tool.stderr and "Exception ignored" not in tool.stderr, tool.stderr[-3000:]
+    assert "video of the first episode" not in tool.stdout and not os.path.exists(tmp_path / "watch" / "seed_0.mp4")
 
 
 def test_video_every_needs_capture_video(datasets_path, tmp_path):
@@ -155,22 +171,54 @@ def test_evaluate_refuses_what_is_not_a_model_file_in_one_line(datasets_path, tm
     with pytest.raises(common.UserError, match="does not exist"):
         read_model(str(tmp_path / "missing.pt"))
     (tmp_path / "text.pt").write_text("not a checkpoint")
-    with pytest.raises(common.UserError, match="is not a model.pt written by a run with --save-model"):
+    with pytest.raises(common.UserError, match="text.pt cannot be read as weights only .*not a file of this library"):
         read_model(str(tmp_path / "text.pt"))
-    torch.save({"w": torch.ones(1)}, tmp_path / "weights.pt")
+    # model files are common.save_file's: torch.save's alone (no checksum) is refused, as is a changed one
+    torch.save({"w": torch.ones(1)}, tmp_path / "plain.pt")
+    with pytest.raises(common.UserError, match="plain.pt is not a file of this library \\(it has no checksum\\)"):
+        read_model(str(tmp_path / "plain.pt"))
+    common.save_file(str(tmp_path / "changed.pt"), {"w": torch.ones(1)})
+    changed = torch.load(tmp_path / "changed.pt", weights_only=True)
+    changed["w"] += 1
+    torch.save(changed, tmp_path / "changed.pt")
+    with pytest.raises(common.UserError, match="changed.pt is damaged: its contents do not match their checksum"):
+        read_model(str(tmp_path / "changed.pt"))
+    common.save_file(str(tmp_path / "weights.pt"), {"w": torch.ones(1)})
     with pytest.raises(common.UserError, match="it needs algorithm, args, obs_dim, act_dim, action_low"):
         read_model(str(tmp_path / "weights.pt"))
     no_bounds = {"algorithm": "bc", "args": {}, "obs_dim": 1, "act_dim": 1}
-    torch.save(no_bounds, tmp_path / "no_bounds.pt")
+    common.save_file(str(tmp_path / "no_bounds.pt"), no_bounds)
     with pytest.raises(common.UserError, match="it needs"):
         read_model(str(tmp_path / "no_bounds.pt"))
-    torch.save({**no_bounds, "action_low": [-1.0], "action_high": [1.0], "args": [1]}, tmp_path / "args.pt")
+    common.save_file(str(tmp_path / "args.pt"), {**no_bounds, "action_low": [-1.0], "action_high": [1.0], "args": [1]})
     with pytest.raises(common.UserError, match="args as a dict"):
         read_model(str(tmp_path / "args.pt"))
-    torch.save({"algorithm": "../common", "args": {}, "obs_dim": 1, "act_dim": 1, "action_low": [-1.0],
-                "action_high": [1.0]}, tmp_path / "foreign.pt")
+    common.save_file(str(tmp_path / "foreign.pt"), {"algorithm": "../common", "args": {}, "obs_dim": 1, "act_dim": 1,
+                                                    "action_low": [-1.0], "action_high": [1.0]})
     with pytest.raises(common.UserError, match="algorithm '../common', which is not a file in algorithms/"):
         read_model(str(tmp_path / "foreign.pt"))
 
     result = run_script([os.path.join("tools", "evaluate.py"), str(tmp_path / "missing.pt")], datasets_path)
     assert result.returncode == 1 and result.stderr.strip() == f"error: {tmp_path / 'missing.pt'} does not exist"
+
+
+def test_evaluate_says_in_one_line_when_the_model_file_does_not_fit_the_algorithm_file(datasets_path, tmp_path):
+    """A model.pt of another version of its file: args the file's Args or make_policy cannot take (a
+    value of another type; a flag it needs that the older file did not write), or networks of other
+    names or shapes, are one line, not a traceback."""
+    from tools.evaluate import read_model, rebuild
+
+    import common
+
+    bc = {"algorithm": "bc", "obs_dim": 3, "act_dim": 2, "action_low": [-1.0] * 2, "action_high": [1.0] * 2}
+    common.save_file(str(tmp_path / "args.pt"), {**bc, "args": {"hidden_dim": None}})
+    with pytest.raises(common.UserError, match=r"^the run's args in the model file do not fit algorithms/bc.py's "
+                                               r"Args and make_policy \(TypeError: "):
+        rebuild(read_model(str(tmp_path / "args.pt")), torch.device("cpu"))
+    common.save_file(str(tmp_path / "networks.pt"), {**bc, "args": {}, "actor": {"w": torch.ones(1)}})
+    with pytest.raises(common.UserError, match=r"^the networks in the model file do not fit algorithms/bc.py's "
+                                               r"make_policy \(RuntimeError: "):
+        rebuild(read_model(str(tmp_path / "networks.pt")), torch.device("cpu"))
+    result = run_script([os.path.join("tools", "evaluate.py"), str(tmp_path / "args.pt")], datasets_path)
+    assert result.returncode == 1 and result.stderr.startswith("error: the run's args in the model file do not fit")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -8,8 +8,8 @@ to a Slurm array job by --slurm. A run whose results.json says `"finished": true
 interrupted benchmark resumes where it stopped. At the end, tools/summarize.py writes the tables.
 
 Which data stands in for which paper dataset is in benchmarks/datasets.csv; where D4RL's own file
-of a paper dataset is in $D4RL_DATASET_DIR or ~/.d4rl/datasets (and offline_data/d4rl.py can evaluate it),
-the runs use that file instead (`--env d4rl/<paper dataset>`): the same data. The papers' numbers
+of a paper dataset is in $D4RL_DATASET_DIR or ~/.d4rl/datasets (and common.py reads it: the locomotion
+and Adroit files), the runs use that file instead (`--env d4rl/<paper dataset>`): the same data. The papers' numbers
 are in benchmarks/paper_scores.csv.
 """
 
@@ -28,14 +28,14 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(ROOT, "tools")
 sys.path.insert(0, ROOT)
-import offline_data  # noqa: E402
-from offline_data import d4rl  # noqa: E402
-from offline_data.errors import UserError, atomic_write_json, install_user_error_hook  # noqa: E402
-from offline_data.minari_datasets import KNOWN_REMOTE_DATASETS  # noqa: E402
-from offline_data.recipe import parse_local_id  # noqa: E402
-from offline_data.snapshots import shipped_manifests  # noqa: E402
-from offline_data.tasks import dataset_task  # noqa: E402
+if TOOLS not in sys.path:
+    sys.path.append(TOOLS)  # the dataset builder's modules (after the installed packages: no shadowing)
+from common import (UserError, d4rl_files, d4rl_name, dataset_task, install_user_error_hook,  # noqa: E402
+                    load_dataset, write_json)
+from dataset_recipe import parse_local_id  # noqa: E402
+from dataset_snapshots import shipped_manifests  # noqa: E402
 from tools.pretraining import behaviour_flag  # noqa: E402
 from tools.summarize import QUICK_PROFILE_FILE  # noqa: E402
 
@@ -125,6 +125,18 @@ QUICK_DATASETS: dict[str, list[str] | None] = {
 }
 QUICK_SEEDS = [0, 1]
 QUICK_EVALUATIONS, QUICK_EVAL_EPISODES = 10, 5
+# Remote Minari datasets with continuous actions that --datasets may name besides the ids of
+# benchmarks/datasets.csv: an id neither listed, mapped, buildable nor in the Minari folder is refused
+# with close matches instead of waiting on the network.
+_MUJOCO_KINDS = {("halfcheetah", "hopper", "walker2d", "ant", "humanoid", "humanoidstandup"): ("simple", "medium", "expert"),
+                 ("swimmer", "pusher", "reacher", "invertedpendulum", "inverteddoublependulum"): ("medium", "expert")}
+KNOWN_REMOTE_DATASETS = sorted(
+    [f"mujoco/{task}/{kind}-v0" for tasks, kinds in _MUJOCO_KINDS.items() for task in tasks for kind in kinds]
+    + [f"D4RL/antmaze/{m}-v1" for m in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play",
+                                        "large-diverse")]
+    + [f"D4RL/{t}/{k}-v2" for t in ADROIT_TASKS for k in ("human", "cloned", "expert")]
+    + [f"D4RL/kitchen/{k}-v2" for k in ("complete", "partial", "mixed")]
+    + [f"D4RL/pointmaze/{m}{d}-v2" for m in ("umaze", "medium", "large", "open") for d in ("", "-dense")])
 
 
 def algorithm_names() -> list[str]:
@@ -142,15 +154,20 @@ def minari_root() -> str:
 
 
 def local_buildable(dataset_id: str) -> bool:
-    """local/<env>/<kind>[-<size>]-v0 ids that offline_data/recipe.py can build from shipped snapshots."""
+    """local/<env>/<kind>[-<size>]-v0 ids that tools/dataset_recipe.py can build from shipped snapshots."""
     parsed = parse_local_id(dataset_id)
     return parsed is not None and parsed[0] in shipped_manifests()
 
 
 def d4rl_file_id(paper_dataset: str) -> str | None:
-    """`d4rl/<paper dataset>` when the user has D4RL's own file of it and offline_data/d4rl.py reads it."""
-    readable = paper_dataset in d4rl.FILE_PATHS
-    return f"d4rl/{paper_dataset}" if readable and d4rl.find_file(paper_dataset) else None
+    """`d4rl/<paper dataset>` when the user has D4RL's own file of it where common.load_dataset looks
+    ($D4RL_DATASET_DIR, ~/.d4rl/datasets) and common reads it (locomotion and Adroit, not AntMaze)."""
+    path = d4rl_files().get(paper_dataset)
+    if path is None:
+        return None
+    folders = [os.path.expanduser(d) for d in (os.environ.get("D4RL_DATASET_DIR"), "~/.d4rl/datasets") if d]
+    found = any(os.path.isfile(os.path.join(d, path.rsplit("/", 1)[1])) for d in folders)
+    return f"d4rl/{paper_dataset}" if found else None
 
 
 def resolve_datasets(names: list[str] | None, quick: bool) -> list[str]:
@@ -179,7 +196,7 @@ def resolve_datasets(names: list[str] | None, quick: bool) -> list[str]:
                                 f"{row['note'] or 'see benchmarks/datasets.csv'}")
             result.append(row[column])
             continue
-        d4rl_id = d4rl.dataset_name(name) is not None  # checked, with a clear message, when fetched
+        d4rl_id = d4rl_name(name) is not None  # checked, with a clear message, when fetched
         known = (d4rl_id or name in mapped or name in KNOWN_REMOTE_DATASETS or local_buildable(name)
                  or os.path.isdir(os.path.join(folder, name)))
         if not known:
@@ -308,7 +325,7 @@ def run_status(run: dict, out_dir: str) -> str:
 
 
 def dataset_on_disk(dataset_id: str) -> bool:
-    """Whether Minari's folder already holds `dataset_id` (the test offline_data.open_source makes)."""
+    """Whether Minari's folder already holds `dataset_id` (the test common.load_dataset makes)."""
     return os.path.isdir(os.path.join(minari_root(), dataset_id, "data"))
 
 
@@ -346,8 +363,9 @@ def fetch_datasets(datasets: list[str], workers: int = 1) -> None:
         build_in_parallel(to_build, workers)
     for dataset in datasets:
         print(f"[benchmark] dataset {dataset}", flush=True)
-        # a D4RL file has nothing to fetch: opening it only says so, in one line, if it is missing
-        offline_data.open_source(dataset)
+        # a local one is built, a remote one downloaded, and every one read once: a D4RL file has
+        # nothing to fetch, and a missing or damaged file is said here, in one line, before any run
+        load_dataset(dataset)
 
 
 def write_slurm(runs: list[dict], out_dir: str, path: str, workers: int) -> None:
@@ -418,7 +436,7 @@ def write_quick_profile(out_abs: str, algos: list[str], steps_given: int | None)
     profile = {algo: {"flags": QUICK_FLAGS.get(algo, []),
                       "too_slow": QUICK_TOO_SLOW.get(algo) if steps_given is None else None} for algo in algos}
     os.makedirs(out_abs, exist_ok=True)
-    atomic_write_json(os.path.join(out_abs, QUICK_PROFILE_FILE), profile)
+    write_json(os.path.join(out_abs, QUICK_PROFILE_FILE), profile)
 
 
 def execute(runs: list[dict], out_dir: str, workers: int) -> list[str]:

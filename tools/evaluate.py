@@ -16,7 +16,9 @@ policy's outputs a little differently, which can change where an episode ends. W
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import importlib.util
 import os
 import sys
@@ -30,9 +32,7 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
-from offline_data.errors import UserError, install_user_error_hook  # noqa: E402
-from offline_data.evaluation import normalized_score, render_problem  # noqa: E402
-import speed  # noqa: E402
+from common import UserError, install_user_error_hook, normalized_score  # noqa: E402
 
 
 @dataclass
@@ -58,14 +58,11 @@ def algorithm_files() -> list[str]:
 
 
 def read_model(path: str) -> dict:
-    """The contents of a model.pt, loaded as weights only (tensors and plain python values)."""
+    """The contents of a model.pt (common.load_file: loaded as weights only, tensors and plain python
+    values, and checked against its checksum)."""
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist" if not os.path.exists(path) else f"{path} is not a file")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"{path} is not a model.pt written by a run with --save-model "
-                        f"(torch.load: {type(exc).__name__})") from None
+    saved = common.load_file(path)  # a file that is damaged or not the library's: one line
     needed = ("algorithm", "args", "obs_dim", "act_dim", "action_low", "action_high")
     if not isinstance(saved, dict) or not set(needed) <= set(saved) or not isinstance(saved["args"], dict):
         raise UserError(f"{path} is not a model.pt written by a run with --save-model (it needs "
@@ -89,15 +86,37 @@ def rebuild(saved: dict, device: torch.device) -> tuple[object, common.Policy]:
     """The run's args (as the file's Args; flags the file has gained since take their defaults) and
     the policy, with its weights, on `device`."""
     module = load_algorithm(saved["algorithm"])
+    file = f"algorithms/{saved['algorithm']}.py"
     fields = {f.name for f in dataclasses.fields(module.Args)}
-    args = module.Args(**{k: v for k, v in saved["args"].items() if k in fields})
-    policy = module.make_policy(args, saved["obs_dim"], saved["act_dim"])
+    try:  # a flag the file requires that the run's file did not have, a value of another type, ...
+        args = module.Args(**{k: v for k, v in saved["args"].items() if k in fields})
+        policy = module.make_policy(args, saved["obs_dim"], saved["act_dim"])
+    except Exception as exc:
+        raise UserError(f"the run's args in the model file do not fit {file}'s Args and make_policy "
+                        f"({type(exc).__name__}: {one_line(exc)}); evaluate it with the version of {file} "
+                        f"that wrote it") from None
     try:
         policy.load(saved)
-    except (KeyError, RuntimeError, TypeError, AttributeError, ValueError) as exc:
-        raise UserError(f"the networks in the model file do not fit algorithms/{saved['algorithm']}.py's "
-                        f"make_policy ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    except Exception as exc:
+        raise UserError(f"the networks in the model file do not fit {file}'s make_policy "
+                        f"({type(exc).__name__}: {one_line(exc)})") from None
     return args, policy.to(device).eval()
+
+
+def one_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
+
+
+@contextlib.contextmanager
+def quiet_viewer_cleanup():
+    """A MuJoCo viewer that failed to start complains again, as a traceback ("Exception ignored in
+    OffScreenViewer.__del__"), when it is freed: after the one line common.evaluate says, nothing more."""
+    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = hook
 
 
 def evaluate_model(path: str, episodes: int | None = None, seed: int | None = None, device: str = "cpu",
@@ -110,8 +129,8 @@ def evaluate_model(path: str, episodes: int | None = None, seed: int | None = No
     device = common.resolve_device(device)
     common.flush_denormals()
     args, policy = rebuild(saved, device)
-    if args.precision == "tf32":  # the run evaluated with TF32 on, as it trained
-        speed.allow_tf32()
+    if args.precision == "tf32":  # the run evaluated with TF32 on, as it trained (common.autocast)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     episodes = args.eval_episodes if episodes is None else episodes
     seed = args.seed if seed is None else seed
     common.seed_everything(seed)
@@ -122,16 +141,15 @@ def evaluate_model(path: str, episodes: int | None = None, seed: int | None = No
         raise UserError(f"{path} has observations of {saved['obs_dim']} and actions of {saved['act_dim']} "
                         f"dimensions, the dataset {args.env} here {data.obs_dim} and {data.act_dim}")
     video = None if video_dir is None else os.path.join(video_dir, f"seed_{seed}.mp4")
-    if video is not None:
-        problem = render_problem(data)
-        if problem is not None:
-            print(f"--capture-video: the eval env does not render on this machine ({problem}); evaluating "
-                  f"without video (MUJOCO_GL=egl or osmesa renders MuJoCo without a display)", flush=True)
-            video = None
-    obs_mean, obs_std = (None if saved.get(k) is None else saved[k].to(device) for k in ("obs_mean", "obs_std"))
-    evaluation = common.evaluate(data, policy, episodes, seed, obs_mean, obs_std, video)
+    obs_mean, obs_std = (None if saved.get(k) is None else torch.as_tensor(saved[k], dtype=torch.float32, device=device)
+                         for k in ("obs_mean", "obs_std"))
+    with contextlib.nullcontext() if video is None else quiet_viewer_cleanup():
+        evaluation = common.evaluate(data, policy, episodes, seed, obs_mean, obs_std, video)
     if video is not None and os.path.exists(video):
         evaluation["video"] = video
+    elif video is not None:  # common.evaluate said why in one line, and wrote nothing
+        print("--capture-video: the eval env did not render here; evaluated without video (MUJOCO_GL=egl or "
+              "osmesa renders MuJoCo without a display)", flush=True)
     scores = normalized_score(evaluation["episode_returns"], data.ref_min_score, data.ref_max_score)
     evaluation["episode_scores"] = None if scores is None else scores.tolist()
     return {"algorithm": saved["algorithm"], "env": args.env, "episodes": episodes, "seed": seed, **evaluation}

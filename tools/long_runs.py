@@ -35,8 +35,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from offline_data.errors import (UserError, atomic_write_bytes, atomic_write_json, install_user_error_hook,  # noqa: E402
-                                 lock_folder)
+from common import UserError, atomic_write, install_user_error_hook, lock_folder, write_json  # noqa: E402
 
 DOCS = os.path.join(ROOT, "docs")
 COLLECTED = os.path.join(DOCS, "long_runs")
@@ -163,7 +162,7 @@ def collect(runs_dir: str) -> None:
                   f"{', finished' if old['finished'] else ''}) over the run folder's {len(evaluations)}; "
                   f"delete {os.path.relpath(COLLECTED, ROOT)}/{name}.json to replace it")
             continue
-        atomic_write_json(os.path.join(COLLECTED, f"{name}.json"), {
+        write_json(os.path.join(COLLECTED, f"{name}.json"), {
             "algorithm": algo, "env": dataset, "seed": seed, "total_steps": steps, "flags": flags,
             "finished": finished,
             # the main loop's training time (evaluations and pretraining phases excluded), None for a
@@ -261,7 +260,7 @@ def report() -> None:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)
-        atomic_write_bytes(os.path.join(DOCS, name), buf.getvalue())
+        atomic_write(os.path.join(DOCS, name), buf.getvalue())
         print(f"\n![{dataset}]({name})")
 
 

@@ -1,5 +1,5 @@
 """Build D4RL-style Minari datasets offline for any Gymnasium env with a Box action space: the
-command line of offline_data/recipe.py (which describes the recipe and the ids it writes), and the
+command line of tools/dataset_recipe.py (which describes the recipe and the ids it writes), and the
 training of the SAC behaviour agent whose snapshots the datasets are rolled out from.
 
     python tools/make_dataset.py --env Hopper-v5 --kind medium-replay        # from shipped snapshots
@@ -27,6 +27,7 @@ run gives the same snapshots as an uninterrupted one (on the same machine and li
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
@@ -40,10 +41,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from offline_data.errors import (UserError, atomic_write_json, install_user_error_hook, lock_folder,  # noqa: E402
-                                 save_checkpoint)
-from offline_data.recipe import (  # noqa: E402
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [TOOLS, os.path.dirname(TOOLS)]  # this folder's dataset_* modules and common.py
+from common import UserError, atomic_write, install_user_error_hook, lock_folder, write_json  # noqa: E402
+import dataset_recipe  # noqa: E402
+from dataset_recipe import (  # noqa: E402
     KINDS,
     STREAM_EVAL,
     STREAM_RANDOM_REF,
@@ -53,7 +55,7 @@ from offline_data.recipe import (  # noqa: E402
     build_datasets,
     sub_seed,
 )
-from offline_data.rollouts import (  # noqa: E402
+from dataset_rollouts import (  # noqa: E402
     Actor,
     Progress,
     deterministic_policy,
@@ -62,11 +64,13 @@ from offline_data.rollouts import (  # noqa: E402
     to_env_action,
     uniform_policy,
 )
-from offline_data.snapshots import choose_snapshots, default_snapshot_dir  # noqa: E402
+from dataset_snapshots import choose_snapshots, default_snapshot_dir  # noqa: E402
 
 
 @dataclass
 class Args:
+    id: Optional[str] = None
+    """build this local/* dataset id from the shipped snapshots (as its first use does), and nothing else"""
     env: str = "Hopper-v5"
     """Gymnasium env id (needs a Box action space and flat Box observations)"""
     kind: tuple[Kind, ...] = ()
@@ -394,7 +398,7 @@ def _train_agent(args: Args, snapshot_dir: str, checkpoint_dir: str, signals: St
         episode_return, recent_returns = state["episode_return"], state["recent_returns"]
         if first_step < n:
             # Snapshots written after the checkpoint are trained again (to the same weights) and re-listed.
-            atomic_write_json(os.path.join(snapshot_dir, "manifest.json"), manifest)
+            write_json(os.path.join(snapshot_dir, "manifest.json"), manifest)
         obs = replay_episode(env, buf, episode_start, first_step, sub_seed(args.seed, STREAM_TRAIN, episode),
                              low, high)
         replay_note = f"episode {episode} replayed to its step {first_step - episode_start}"
@@ -468,13 +472,15 @@ def _train_agent(args: Args, snapshot_dir: str, checkpoint_dir: str, signals: St
             ret, std = mean_return(eval_env, deterministic_policy(agent.actor, low, high),
                                    args.eval_episodes, eval_seed)
             file = f"actor_{done_steps:07d}.pt"
-            save_checkpoint(os.path.join(snapshot_dir, file), agent.actor.state_dict())
+            blob = io.BytesIO()
+            torch.save(agent.actor.state_dict(), blob)  # a plain state dict: read as weights only
+            atomic_write(os.path.join(snapshot_dir, file), blob.getvalue())
             manifest["snapshots"].append({"step": done_steps, "file": file, "eval_return": ret,
                                           "eval_return_std": std,
                                           "wall_time_s": round(wall_before + time.time() - start, 1)})
             manifest["steps_completed"] = done_steps
             manifest.update(choose_snapshots(manifest["snapshots"], manifest["random_return"], args.env))
-            atomic_write_json(os.path.join(snapshot_dir, "manifest.json"), manifest)
+            write_json(os.path.join(snapshot_dir, "manifest.json"), manifest)
             progress.print(f"[train] snapshot {file}: eval return {ret:.1f} ± {std:.1f} | medium = step "
                            f"{manifest['medium']}, expert = step {manifest['expert']}")
         checkpointed = done_steps % args.checkpoint_every == 0 or done_steps == n
@@ -488,7 +494,45 @@ def _train_agent(args: Args, snapshot_dir: str, checkpoint_dir: str, signals: St
 
 
 
+@contextlib.contextmanager
+def waiting_lock(path: str, waiting: str):
+    """An exclusive flock on the file `path` for the block; while another process holds it, say
+    `waiting` once and wait. Where locks do not work, the block runs unlocked."""
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(waiting, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def build_local_dataset(dataset_id: str) -> None:
+    """Build a local/* id on its first use (common.load_dataset calls this). Runs started together
+    on a new machine (two seeds) would all build it: the first builds, the others wait for it."""
+    import minari
+
+    root = minari.storage.get_dataset_path()
+    with waiting_lock(os.path.join(root, ".build-" + dataset_id.replace("/", "-") + ".lock"),
+                      f"[{dataset_id}] another process is building it: waiting for that copy"):
+        if not os.path.isdir(os.path.join(minari.storage.get_dataset_path(dataset_id), "data")):
+            dataset_recipe.build_local_dataset(dataset_id)
+
+
 def main(args: Args) -> None:
+    if args.id is not None:
+        return build_local_dataset(args.id)
     if args.train_steps <= 0 and not args.kind:
         raise UserError("nothing to do: pass --kind (one or more of " + ", ".join(KINDS)
                         + ") and/or --train-steps N")

@@ -1,6 +1,6 @@
 """Which algorithm files train something besides their RL updates, and the flags that size it.
 
-The one list that tools/benchmark.py (its --bc-steps), tools/bench_cpu.py (which skips all of it,
+The one list that tools/benchmark.py (its --bc-steps), tools/diagnostics/bench_cpu.py (which skips all of it,
 since it times the RL updates) and the tests (which shrink it to run in seconds) read. The algorithm
 files do not import it; tests/test_algorithms.py checks it against their Args.
 """

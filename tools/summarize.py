@@ -24,7 +24,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from offline_data.errors import UserError, atomic_write_bytes, install_user_error_hook  # noqa: E402
+from common import UserError, atomic_write, install_user_error_hook  # noqa: E402
 
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
 
@@ -432,7 +432,7 @@ def main(argv=None) -> None:
     writer = csv.DictWriter(table, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_bytes(os.path.join(args.out, "runs.csv"), table.getvalue().encode())
+    atomic_write(os.path.join(args.out, "runs.csv"), table.getvalue().encode())
     curves = plot_curves(runs, os.path.join(args.out, "curves"))
 
     by_dataset: dict[str, dict[str, list]] = {}
@@ -493,7 +493,7 @@ def main(argv=None) -> None:
 
     md += ["", "## Learning curves", ""] + [f"![{d}](curves/{f})" for d, f in curves.items()]
     md += ["", "Every run: [runs.csv](runs.csv)."]
-    atomic_write_bytes(os.path.join(args.out, "summary.md"), ("\n".join(md) + "\n").encode())
+    atomic_write(os.path.join(args.out, "summary.md"), ("\n".join(md) + "\n").encode())
     print(f"[summarize] {len(runs)} runs -> {os.path.join(args.out, 'summary.md')}, runs.csv, {len(curves)} plots")
 
 

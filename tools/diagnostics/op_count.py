@@ -1,14 +1,14 @@
 """PyTorch operations per eager training step of each file, counted on the CPU: on a GPU each one is
 at least one kernel launch from Python, which is what a small network's step waits on.
 
-    OMP_NUM_THREADS=1 python tools/op_count.py
-    OMP_NUM_THREADS=1 python tools/op_count.py --algorithms td3_bc iql
+    OMP_NUM_THREADS=1 python tools/diagnostics/op_count.py
+    OMP_NUM_THREADS=1 python tools/diagnostics/op_count.py --algorithms td3_bc iql
 
-Each file's agent is built by tools/compile_report.py's agent_of (small networks: the count does
-not depend on the widths), without --compile, and each training step runs 4 times, then 4 more under
-torch.profiler. Counted: the outermost aten operations (those not called by another one), without
-the views and metadata operations that launch nothing (VIEWS). Batch sampling, outside train(),
-adds 2 (an index draw and one gather from the buffer's table; ARQ's adds 11).
+Each file's agent is built by tools/diagnostics/compile_report.py's agent_of (small networks: the count
+does not depend on the widths), without --compile, and each training step runs 4 times, then 4 more under
+torch.profiler. Counted: the outermost aten operations (those not called by another one), without the
+views and metadata operations that launch nothing (VIEWS). Batch sampling, outside train(), adds 2 (an
+index draw and one gather from the buffer's table; ARQ's adds 11).
 """
 
 import collections

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from offline_data.errors import UserError
+from common import UserError
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 

@@ -1,16 +1,16 @@
 """An AWR run's critic and policy against the data, and its policy in the env, read from its
 checkpoint.pt (or model.pt).
 
-    python tools/awr_check.py ~/long_runs/hopper-medium-replay-v0__awr__1/checkpoint.pt --episodes 50 --seed 1000
+    python tools/diagnostics/awr_check.py ~/long_runs/hopper-medium-replay-v0__awr__1/checkpoint.pt --episodes 50
 
 Over every dataset transition: Q(s, a) (the smaller of the twin critics) next to the discounted
-return that followed (s, a) in the data, by quartile of that return, as tools/td3_bc_q_check.py
-prints for TD3+BC; the actor's weights exp(A / lambda), clipped at --max-weight, with V(s) the mean
-of Q over 4 policy samples (the run uses one): their mean, the share at the clip and their
-effective sample size sum(w)^2 / sum(w^2) per batch of 256 (the transitions in a fixed random
-order, cut into batches; one batch of all where there are fewer); the policy's standard deviation;
-and the squared distance of the policy's mean action to the data's, over all transitions and over
-the 10% with the largest weights.
+return that followed (s, a) in the data, by quartile of that return, as
+tools/diagnostics/td3_bc_q_check.py prints for TD3+BC; the actor's weights exp(A / lambda), clipped
+at --max-weight, with V(s) the mean of Q over 4 policy samples (the run uses one): their mean, the
+share at the clip and their effective sample size sum(w)^2 / sum(w^2) per batch of 256 (the
+transitions in a fixed random order, cut into batches; one batch of all where there are fewer); the
+policy's standard deviation; and the squared distance of the policy's mean action to the data's,
+over all transitions and over the 10% with the largest weights.
 With --episodes N: the policy's normalised score over N evaluation episodes from --seed (as a run
 evaluates), their lengths, and how far the states they visit lie from the nearest dataset state, in
 the data's standard deviations (the run's state normalisation): a policy whose episodes leave the
@@ -26,13 +26,12 @@ import sys
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "algorithms"))
 import awr  # noqa: E402
 import common  # noqa: E402
-from offline_data.evaluation import evaluate  # noqa: E402
-from tools.td3_bc_q_check import discounted_returns  # noqa: E402
+from tools.diagnostics.td3_bc_q_check import discounted_returns, read_run_file  # noqa: E402
 
 BATCH = 256
 
@@ -40,20 +39,14 @@ BATCH = 256
 def load(path: str):
     """The run's agent (actor and critic loaded), its args and its dataset, states normalised as the
     run's; and the normalisation statistics (None without them)."""
-    if not os.path.isfile(path):
-        raise common.UserError(f"{path} is not a file; give an awr run's checkpoint.pt or model.pt")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:
-        saved = None
-    if not isinstance(saved, dict):
-        saved = {}
+    saved = read_run_file(path, "an awr")
     weights, stored = saved.get("agent", saved), saved.get("args")
     fields = set(awr.Args.__dataclass_fields__)
     # a model.pt names its algorithm; a checkpoint is known by its flags
     is_awr = saved.get("algorithm") == "awr" if "algorithm" in saved else (
         isinstance(stored, dict) and "awr_lambda" in stored and set(stored) <= fields)
-    if not is_awr or not {"actor", "critic"} <= set(weights):
+    if not is_awr or not isinstance(stored, dict) or not isinstance(weights, dict) \
+            or not {"actor", "critic"} <= set(weights):
         raise common.UserError(f"{path} is not an awr checkpoint or model.pt")
     args = awr.Args(**{k: v for k, v in stored.items() if k in fields})
     data = common.load_dataset(args.env, "cpu")
@@ -77,8 +70,9 @@ def effective_sample_size(weights: torch.Tensor, batch: int = BATCH) -> float:
 
 def episode_limit(data) -> int | None:
     """The evaluation env's episode length limit (None where it has none)."""
-    spec = data.minari_dataset.recover_environment(eval_env=True).spec
-    return None if spec is None else spec.max_episode_steps
+    env = data.make_env()
+    env.close()
+    return None if env.spec is None else env.spec.max_episode_steps
 
 
 def visited_states(data, agent, episodes: int, seed: int, stats) -> tuple[dict, list[torch.Tensor]]:
@@ -89,7 +83,7 @@ def visited_states(data, agent, episodes: int, seed: int, stats) -> tuple[dict, 
         seen.append(obs.clone())
         return agent.act(obs)
 
-    result = evaluate(data, policy, episodes, seed, *stats)
+    result = common.evaluate(data, policy, episodes, seed, *stats)
     steps = torch.stack(seen)  # (steps, episodes, obs); episode i is alive for its first lengths[i] steps
     return result, [steps[:n, i] for i, n in enumerate(result["episode_lengths"])]
 

@@ -16,7 +16,7 @@ with the sign of the first state dimension, a smooth dependence of the others on
      log-likelihood and the fraction kept (> -5). Close numbers mean the fast sampler yields a support
      of the same quality as the paper's.
 
-    OMP_NUM_THREADS=1 python tools/bench_arq_sampler.py --threads 1
+    OMP_NUM_THREADS=1 python tools/diagnostics/bench_arq_sampler.py --threads 1
 """
 
 import argparse
@@ -27,7 +27,7 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_arq():

@@ -1,7 +1,7 @@
 """TD3+BC's critic against the data: Q1(s, a) of every dataset transition next to the discounted
 return that followed it in the dataset, read from a run's checkpoint (or model.pt).
 
-    python tools/td3_bc_q_check.py ~/long_runs/hopper-medium-replay-v0__td3_bc__0/checkpoint.pt
+    python tools/diagnostics/td3_bc_q_check.py ~/long_runs/hopper-medium-replay-v0__td3_bc__0/checkpoint.pt
 
 The discounted return after (s, a) is what the behaviour policy earned; a better policy earns more,
 but no policy earns more than the best of them by much, and none more than max r / (1 - gamma). A
@@ -19,11 +19,25 @@ import sys
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "algorithms"))
 import common  # noqa: E402
 import td3_bc  # noqa: E402
+
+
+def read_run_file(path: str, kind: str) -> dict:
+    """A run's checkpoint.pt or model.pt, read by common.load_file: as weights only (a pickle that would
+    run code is refused) and checked against its checksum. A file that is missing, damaged or not of this
+    library is refused in one line that names `kind` ("an awr", "a td3_bc")."""
+    if not os.path.isfile(path):
+        raise common.UserError(f"{path} is not a file; give {kind} run's checkpoint.pt or model.pt")
+    try:
+        return common.load_file(path)
+    except common.UserError as exc:
+        reason = str(exc)  # load_file's line starts with the path
+        reason = "it " + reason[len(path) + 1:] if reason.startswith(path + " ") else reason
+        raise common.UserError(f"{path} is not {kind} checkpoint or model.pt: {reason}") from None
 
 
 def discounted_returns(data: common.OfflineData, gamma: float) -> np.ndarray:
@@ -43,12 +57,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path", help="checkpoint.pt or model.pt of a td3_bc run")
     path = parser.parse_args(argv).path
-    if not os.path.isfile(path):
-        raise common.UserError(f"{path} is not a file; give a td3_bc run's checkpoint.pt or model.pt")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    args = td3_bc.Args(**{k: v for k, v in saved["args"].items() if k in td3_bc.Args.__dataclass_fields__})
-    if saved.get("algorithm", "td3_bc") != "td3_bc" or ("agent" not in saved and "critic" not in saved):
+    saved = read_run_file(path, "a td3_bc")
+    if saved.get("algorithm", "td3_bc") != "td3_bc" or ("agent" not in saved and "critic" not in saved) \
+            or not isinstance(saved.get("args"), dict):
         raise common.UserError(f"{path} is not a td3_bc checkpoint or model.pt")
+    args = td3_bc.Args(**{k: v for k, v in saved["args"].items() if k in td3_bc.Args.__dataclass_fields__})
     data = common.load_dataset(args.env, "cpu")
     if args.normalize_states:
         common.normalize_obs(data, *common.compute_obs_stats(data))

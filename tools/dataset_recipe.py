@@ -48,9 +48,9 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from offline_data.d4rl import D4RL_REF_SCORES
-from offline_data.errors import UserError
-from offline_data.rollouts import (
+from common import D4RL_REF_SCORES
+from common import UserError
+from dataset_rollouts import (
     Progress,
     load_actor,
     make_env,
@@ -59,7 +59,7 @@ from offline_data.rollouts import (
     stochastic_policy,
     uniform_policy,
 )
-from offline_data.snapshots import (
+from dataset_snapshots import (
     check_expert_level,
     default_snapshot_dir,
     env_name,
@@ -340,8 +340,8 @@ def preserved_global_rngs():
 
 
 def build_local_dataset(dataset_id: str) -> None:
-    """Build a `local/<env>/<kind>[-<size>]-v0` id from the shipped snapshots (offline_data.load
-    does, on first use).
+    """Build a `local/<env>/<kind>[-<size>]-v0` id from the shipped snapshots (common.load_dataset
+    does, on first use, through tools/make_dataset.py).
 
     The build runs after a training script's seed_everything and draws from the global generators
     (network initialisation), so it leaves them as it found them: otherwise the run that builds the

@@ -1,7 +1,7 @@
 """A Fisher-BRC or iTRPO run's critic and policy against the data, read from its checkpoint.pt (or model.pt).
 
-    python tools/support_check.py ~/long_runs/hopper-medium-replay-v0__fisher_brc__0/checkpoint.pt
-    python tools/support_check.py ~/long_runs/hopper-medium-replay-v0__itrpo__0/checkpoint.pt
+    python tools/diagnostics/support_check.py ~/long_runs/hopper-medium-replay-v0__fisher_brc__0/checkpoint.pt
+    python tools/diagnostics/support_check.py ~/long_runs/hopper-medium-replay-v0__itrpo__0/checkpoint.pt
 
 Both files keep the policy near a frozen behaviour model mu (Fisher-BRC: Q = min(O_1, O_2) + log mu
 and a gradient penalty on O; iTRPO: a KL penalty to mu in the actor's loss and the critic's target).
@@ -24,13 +24,13 @@ import sys
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "algorithms"))
 import common  # noqa: E402
 import fisher_brc  # noqa: E402
 import itrpo  # noqa: E402
-from tools.td3_bc_q_check import discounted_returns  # noqa: E402
+from tools.diagnostics.td3_bc_q_check import discounted_returns, read_run_file  # noqa: E402
 
 NETWORKS = {"fisher_brc": ("actor", "offsets", "behavior"), "itrpo": ("actor", "critic", "behavior")}
 
@@ -38,20 +38,16 @@ NETWORKS = {"fisher_brc": ("actor", "offsets", "behavior"), "itrpo": ("actor", "
 def load(path: str):
     """The run's agent (networks loaded), its dataset (states normalised as the run's) and the
     discounted returns of the rewards it trains on."""
-    if not os.path.isfile(path):
-        raise common.UserError(f"{path} is not a file; give a fisher_brc or itrpo run's checkpoint.pt or model.pt")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:
-        saved = None
-    weights = saved.get("agent", saved) if isinstance(saved, dict) else {}
+    saved = read_run_file(path, "a fisher_brc or itrpo")
+    weights = saved.get("agent", saved)
+    weights = weights if isinstance(weights, dict) else {}
     # a model.pt names its algorithm; a checkpoint is known by its flags: the one file whose Args hold them all
     fields = {n: set(m.Args.__dataclass_fields__) for n, m in (("fisher_brc", fisher_brc), ("itrpo", itrpo))}
     name = saved.get("algorithm") if weights else None
     if weights and name is None and isinstance(saved.get("args"), dict):
         matches = [n for n, f in fields.items() if set(saved["args"]) <= f]
         name = matches[0] if len(matches) == 1 else None
-    if name not in NETWORKS or not set(NETWORKS[name]) <= set(weights):
+    if name not in NETWORKS or not set(NETWORKS[name]) <= set(weights) or not isinstance(saved.get("args"), dict):
         raise common.UserError(f"{path} is not a fisher_brc or itrpo checkpoint or model.pt")
     module = {"fisher_brc": fisher_brc, "itrpo": itrpo}[name]
     args = module.Args(**{k: v for k, v in saved["args"].items() if k in module.Args.__dataclass_fields__})
@@ -107,11 +103,12 @@ def main(argv=None) -> None:
     print(f"  mean log mu: data actions {log_mu_data.mean():.2f}, pi(s) {log_mu_pi.mean():.2f} (below -10 at "
           f"{(log_mu_pi < -10).float().mean():.1%} of states), sampled actions {log_mu_sample.mean():.2f}; "
           f"KL(pi || mu) {kl.mean():.2f}")
-    print(f"  mean (pi(s) - a)^2 (as tools/td3_bc_q_check.py): {((pi - actions) ** 2).mean():.3f}; "
+    print(f"  mean (pi(s) - a)^2 (as tools/diagnostics/td3_bc_q_check.py): {((pi - actions) ** 2).mean():.3f}; "
           f"policy log-std (mean over dimensions) {log_std.mean():.2f}")
     first = data.episode_starts  # from the initial-state distribution that evaluation episodes start from too
     print(f"  at the episodes' {len(first)} first states: Q(s, a) {q_data[first].mean():.1f}, Q(s, pi(s)) "
-          f"{q_pi[first].mean():.1f}, return after them mean {returns[first].mean():.1f}, max {returns[first].max():.1f}; "
+          f"{q_pi[first].mean():.1f}, return after them mean {returns[first].mean():.1f}, "
+          f"max {returns[first].max():.1f}; "
           f"log mu at a {log_mu_data[first].mean():.2f}, at pi(s) {log_mu_pi[first].mean():.2f}; "
           f"policy log-std {log_std[first].mean():.2f}, KL(pi || mu) {kl[first].mean():.2f}; "
           f"mean pi(s) {np.array2string(pi[first].mean(0).numpy(), precision=2)}, "

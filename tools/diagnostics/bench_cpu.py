@@ -1,14 +1,14 @@
 """Speed of each algorithm's training step: steps/s, FLOPs per step, achieved GFLOP/s, the fraction
 of this machine's fp32 matmul peak, measured in the same run, and the steps/s that peak would give.
 
-    OMP_NUM_THREADS=2 python tools/bench_cpu.py --threads 2 --steps 500
-    OMP_NUM_THREADS=1 python tools/bench_cpu.py --threads 1 --algorithms cql itrpo --steps 50
-    python tools/bench_cpu.py --algorithms td3_bc --compile --warmup 50
-    OMP_NUM_THREADS=2 python tools/bench_cpu.py --threads 2 --precision bf16 --algorithms cql brac_plus --steps 50
+    OMP_NUM_THREADS=2 python tools/diagnostics/bench_cpu.py --threads 2 --steps 500
+    OMP_NUM_THREADS=1 python tools/diagnostics/bench_cpu.py --threads 1 --algorithms cql itrpo --steps 50
+    python tools/diagnostics/bench_cpu.py --algorithms td3_bc --compile --warmup 50
+    OMP_NUM_THREADS=2 python tools/diagnostics/bench_cpu.py --threads 2 --precision bf16 --algorithms cql brac_plus
 
 Builds a synthetic Minari dataset with HalfCheetah-v5's dimensions (17 / 6) and 200k transitions in a
 temporary MINARI_DATASETS_PATH (random numbers: only the sizes matter), and times `common.load_dataset`
-on it twice (the first load reads the episodes and writes the flat cache, the second reads the cache).
+on it (it reads the episodes; there is no cache of the flat arrays).
 The peak is the best of a few 2048 x 2048 x 2048 fp32 matmuls. Then, for each file: its agent with the
 default settings (per-domain defaults for halfcheetah), batches from `common.ReplayBuffer`, `--warmup`
 untimed steps, then `--steps` timed ones. FLOPs are counted by torch.utils.flop_counter.FlopCounterMode
@@ -32,10 +32,9 @@ import torch
 import tyro
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
-from offline_data.d4rl import D4RL_REF_SCORES  # noqa: E402
 from tools.pretraining import BC_WARMUP  # noqa: E402
 
 ALGORITHMS = tuple(sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "algorithms")) if f.endswith(".py")))
@@ -61,7 +60,8 @@ class Args:
     compile: bool = False
     """time the agents with --compile"""
     precision: common.Precision = "fp32"
-    """time the agents with --precision (fp32, tf32 or bf16; tf32 is fp32 on a CPU); the peak is then a matmul under the same autocast"""
+    """time the agents with --precision (fp32, tf32 or bf16; tf32 is fp32 on a CPU); the peak is then a matmul
+    under the same autocast"""
 
 
 def build(dataset_id: str, transitions: int, episode_length: int) -> None:
@@ -71,7 +71,7 @@ def build(dataset_id: str, transitions: int, episode_length: int) -> None:
 
     env = gym.make("HalfCheetah-v5")
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    ref_min, ref_max = D4RL_REF_SCORES["halfcheetah"]
+    ref_min, ref_max = common.D4RL_REF_SCORES["halfcheetah"]
     rng = np.random.default_rng(0)
     buffers = []
     for i in range(max(transitions // episode_length, 1)):
@@ -204,10 +204,10 @@ if __name__ == "__main__":
         t0 = time.time()
         build(DATASET_ID, args.transitions, args.episode_length)
         print(f"built {args.transitions} transitions in {time.time() - t0:.1f}s")
-        for what in ("first load (reads the episodes, writes the flat cache)", "second load (cache)"):
-            t0 = time.time()
-            data = common.load_dataset(DATASET_ID, device)
-            print(f"{what}: {len(data)} transitions, {len(data.episode_lengths)} episodes in {time.time() - t0:.2f}s")
+        t0 = time.time()
+        data = common.load_dataset(DATASET_ID, device)
+        print(f"load (reads the episodes): {len(data)} transitions, {len(data.episode_lengths)} episodes in "
+              f"{time.time() - t0:.2f}s")
         peak = matmul_peak(device, precision=args.precision)
         print(f"\n{torch.get_num_threads()} threads, device {device}, {args.precision} matmul peak {peak / 1e9:.1f} "
               f"GFLOP/s; obs {data.obs_dim}, act {data.act_dim}, {len(data)} transitions; {args.steps} timed steps "

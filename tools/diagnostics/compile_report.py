@@ -1,8 +1,8 @@
 """What `--compile` makes of each file's training steps: the graphs Dynamo captures, the graph
 breaks (with their reasons) and the graphs compiled again after warm-up.
 
-    OMP_NUM_THREADS=1 python tools/compile_report.py
-    OMP_NUM_THREADS=1 python tools/compile_report.py --algorithms td3_bc brac_plus --backend inductor
+    OMP_NUM_THREADS=1 python tools/diagnostics/compile_report.py
+    OMP_NUM_THREADS=1 python tools/diagnostics/compile_report.py --algorithms td3_bc brac_plus --backend inductor
 
 Each file's agent is built small (the sizes do not change what is compiled) with --compile, on the
 CPU, and each of its training steps (pretraining phases first) runs `--warmup` times on one random
@@ -23,7 +23,7 @@ import torch
 import tyro
 from torch._dynamo.utils import counters
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 

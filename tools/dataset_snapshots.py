@@ -9,11 +9,11 @@ import os
 import re
 from typing import Optional
 
-from offline_data.d4rl import D4RL_REF_SCORES
-from offline_data.errors import UserError
+from common import D4RL_REF_SCORES
+from common import UserError
 
 # The shipped snapshots are data files kept beside the tool that trains them (tools/make_dataset.py).
-SNAPSHOTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "snapshots")
+SNAPSHOTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "snapshots")
 
 
 def env_name(env_id: str) -> str:

@@ -1,6 +1,6 @@
 """IQL's policy fitted again, from a fresh actor, to the advantage weights of a run's frozen Q and V.
 
-    python tools/iql_actor_refit.py ~/long_runs/hopper-medium-replay-v0__iql__0/model.pt --steps 300000
+    python tools/diagnostics/iql_actor_refit.py ~/long_runs/hopper-medium-replay-v0__iql__0/model.pt --steps 300000
 
 IQL's actor never feeds back into its critic (Q and V learn from dataset actions only), so the policy
 a run ends with is the product of two things: the advantage weights exp(beta * (Q - V)) the critic
@@ -22,25 +22,20 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "algorithms"))
 import common  # noqa: E402
 import iql  # noqa: E402
-from offline_data.errors import atomic_write_json  # noqa: E402
+from tools.diagnostics.td3_bc_q_check import read_run_file  # noqa: E402
 
 
 def load(path: str) -> tuple[iql.Args, dict, dict]:
     """The run's args, its networks' state dicts and the file itself, or a one-line error."""
-    if not os.path.isfile(path):
-        raise common.UserError(f"{path} is not a file; give an iql run's checkpoint.pt or model.pt")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:
-        saved = None
-    weights = saved.get("agent", saved) if isinstance(saved, dict) else {}
-    if not weights or saved.get("algorithm", "iql") != "iql" or not {"critic", "value"} <= set(weights) \
-            or not isinstance(saved.get("args"), dict):
+    saved = read_run_file(path, "an iql")
+    weights = saved.get("agent", saved)
+    if not isinstance(weights, dict) or saved.get("algorithm", "iql") != "iql" \
+            or not {"critic", "value"} <= set(weights) or not isinstance(saved.get("args"), dict):
         raise common.UserError(f"{path} is not an iql checkpoint or model.pt")
     args = iql.Args(**{k: v for k, v in saved["args"].items() if k in iql.Args.__dataclass_fields__})
     return args, weights, saved
@@ -114,7 +109,7 @@ def main(argv=None) -> None:
                   + ("" if score is None else f" | score {score:.1f}") + f" | actor_loss {actor_loss.item():.3g}",
                   flush=True)
             if flags.output:
-                atomic_write_json(flags.output, {"model": os.path.abspath(flags.path), "seed": seed,
+                common.write_json(flags.output, {"model": os.path.abspath(flags.path), "seed": seed,
                                                  "evaluations": evaluations})
 
 
