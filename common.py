@@ -1,17 +1,14 @@
 """What every file in algorithms/ needs while it trains, and nothing algorithmic: copy a file and
-this one, and it runs. Nothing of this repository is imported (a local/* dataset that is not built
-yet is built by tools/make_dataset.py where the repository is there). In order: errors and files
-(a script's `UserError` is one line; checksummed torch files that load as weights only), flags,
-devices and seeds, data (Minari ids, D4RL's HDF5 files, local/* builds; transforms; the replay
-buffer), evaluation, the run folder (`Run`: tensorboard, results.json, checkpoints and resuming,
-signals, model.pt), speed (--precision, --compile, --cuda-graphs: docs/speed.md) and the caches
-of pretrained models.
+this one, and it runs. Errors and files (a `UserError` is one line; torch files carry a checksum and
+load as weights only), flags, devices and seeds, data (Minari ids; the replay buffer), evaluation,
+the run folder (`Run`), speed (--precision, --compile, --cuda-graphs: docs/speed.md), caches of
+pretrained models. A local/* or d4rl/* id not yet in Minari's storage is built by the repository's
+tools/make_dataset.py, the only code of the repository used here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import errno
 import hashlib
@@ -22,7 +19,7 @@ import os
 import random
 import signal
 import sys
-import tempfile
+import threading
 import time
 from typing import Callable, Literal, NamedTuple
 
@@ -37,45 +34,44 @@ class UserError(Exception):
     """A problem with the user's input or files: printed as one line, without a traceback."""
 
 
-_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
-_writing_in = "the run folder"  # named when a write of tensorboard's is refused
+_writing_in = "the run folder"  # a Run names its folder: a refused write of tensorboard's has none
 
 
 def install_user_error_hook() -> None:
-    """An uncaught UserError, or a write the disk refused, ends the script with one line."""
-    import threading
+    """An uncaught UserError, or a write the disk refused (tensorboard's too), is one line."""
+    full = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
     def hook(kind, exc, tb):
-        if issubclass(kind, UserError):
-            print(f"error: {exc}", file=sys.stderr)
-        elif isinstance(exc, OSError) and exc.errno in _FULL:
-            print(f"error: could not write {exc.filename or 'in ' + _writing_in}: {exc.strerror}",
-                  file=sys.stderr)
-        else:
-            sys.__excepthook__(kind, exc, tb)
+        if isinstance(exc, OSError) and exc.errno in full:
+            where = exc.filename or "in " + _writing_in
+            exc = UserError(f"could not write {where}: {exc.strerror}")
+        if not isinstance(exc, UserError):
+            return sys.__excepthook__(kind, exc, tb)
+        print(f"error: {exc}", file=sys.stderr)
 
     sys.excepthook = hook  # tensorboard's thread: its error comes again in the main thread
-    threading.excepthook = lambda a: None if getattr(a.exc_value, "errno", 0) in _FULL \
+    threading.excepthook = lambda a: None if getattr(a.exc_value, "errno", 0) in full \
         else threading.__excepthook__(a)
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:150]
+
+
 def atomic_write(path: str, payload: bytes) -> None:
-    """Write a temporary file beside `path`, then rename it: nobody sees half a file, and a
-    failure keeps the old file and is one line naming it."""
-    folder, tmp = os.path.dirname(os.path.abspath(path)), None
+    """A temporary file beside `path`, renamed over it: nobody sees half a file, and a failure keeps
+    the old file and is one line naming it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's files are private; results are for sharing
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        if tmp is not None and os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
         if isinstance(exc, OSError):
             raise UserError(f"could not write {path}: {exc.strerror or exc}") from None
@@ -98,7 +94,7 @@ def digest(value) -> str:
             h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
         elif isinstance(v, (dict, list, tuple)):
             h.update(f"{type(v).__name__}{len(v)}".encode())
-            for k, x in (v.items() if isinstance(v, dict) else enumerate(v)):
+            for k, x in v.items() if isinstance(v, dict) else enumerate(v):
                 h.update(repr(k).encode())
                 walk(x)
         else:
@@ -109,7 +105,7 @@ def digest(value) -> str:
 
 
 def save_file(path: str, obj: dict) -> None:
-    """torch.save of `obj` (tensors, numbers, strings, lists, dicts) and its checksum, atomically."""
+    """torch.save of `obj` (tensors, numbers, strings, lists, dicts) and a checksum, atomically."""
     buffer = io.BytesIO()
     torch.save({**obj, "sha256": digest(obj)}, buffer)
     atomic_write(path, buffer.getvalue())
@@ -122,16 +118,13 @@ def load_file(path: str, device="cpu") -> dict:
         obj = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
         raise UserError(f"{path} cannot be read as weights only ({type(exc).__name__}: "
-                        f"{_first_line(exc)}); it is damaged or not a file of this library") from None
+                        f"{_first_line(exc)}); it is damaged or not a file of this library"
+                        ) from None
     if not isinstance(obj, dict) or "sha256" not in obj:
         raise UserError(f"{path} is not a file of this library (it has no checksum)")
     if digest({k: v for k, v in obj.items() if k != "sha256"}) != obj.pop("sha256"):
         raise UserError(f"{path} is damaged: its contents do not match their checksum")
     return obj
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:150]
 
 
 def lock_folder(folder: str, what_to_do: str):
@@ -145,22 +138,21 @@ def lock_folder(folder: str, what_to_do: str):
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "unknown"
-        f.close()
         raise UserError(f"{folder} is in use by another process ({holder}); {what_to_do}") from None
     except (ImportError, OSError):
         return contextlib.nullcontext()
     f.truncate(0)
-    f.write(f"pid {os.getpid()} on {__import__('socket').gethostname()}")
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}")
     f.flush()
     return f
 
 
 # ----------------------------------------------------------------------------------------------
-# Flags (checked right after parsing: one line, not a traceback after the dataset loaded), devices
+# Flags (checked right after parsing: one line, before the dataset loads), devices, seeds
 # ----------------------------------------------------------------------------------------------
 def _given(args, names):
-    for name in names:
-        if getattr(args, name) is not None:  # None: a per-domain default, chosen later
+    for name in names:  # None: a per-domain default, chosen later
+        if getattr(args, name) is not None:
             yield "--" + name.replace("_", "-"), getattr(args, name)
 
 
@@ -168,8 +160,8 @@ def check_positive(args, *names: str) -> None:
     """Counts, periods, sizes (at least 1) and rates, scales (above 0)."""
     for flag, v in _given(args, names):
         if v <= 0:
-            raise UserError(f"{flag} must be {'at least 1' if isinstance(v, int) else 'above 0'}, "
-                            f"got {v}")
+            least = "at least 1" if isinstance(v, int) else "above 0"
+            raise UserError(f"{flag} must be {least}, got {v}")
 
 
 def check_nonnegative(args, *names: str) -> None:
@@ -197,8 +189,8 @@ def check_output_dir(path: str, flag: str = "--output-dir") -> None:
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path} cannot be a folder written here: {existing} is "
-                        f"{'a file' if not os.path.isdir(existing) else 'not writable'}")
+        what = "not writable" if os.path.isdir(existing) else "a file"
+        raise UserError(f"{flag} {path} cannot be a folder written here: {existing} is {what}")
 
 
 def check_args(args) -> None:
@@ -208,7 +200,7 @@ def check_args(args) -> None:
         if isinstance(v, float) and not math.isfinite(v):
             raise UserError(f"--{field.name.replace('_', '-')} must be a finite number, got {v}")
     check_positive(args, "total_steps", "batch_size", "eval_every", "eval_episodes", "log_every",
-                   "video_every")
+                   "video_every", "final_episodes")
     if args.video_every is not None and not args.capture_video:
         raise UserError("--video-every says which evaluations --capture-video records; add "
                         "--capture-video")
@@ -219,14 +211,15 @@ def check_args(args) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    cuda = torch.cuda.is_available()
     try:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" \
-            else torch.device(name)
+        device = torch.device(name if name != "auto" else "cuda" if cuda else "cpu")
     except RuntimeError:
         raise UserError(f"--device {name} is not a device torch knows; use auto, cpu, cuda or "
                         f"cuda:<index>") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and not cuda:
+        raise UserError(f"--device {name} was asked for but CUDA is not available; use --device "
+                        f"cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
                         f"device(s), numbered from 0")
@@ -264,12 +257,11 @@ class OfflineData:
     action_high: np.ndarray
     ref_min_score: float | None
     ref_max_score: float | None
-    ref_scores_source: str  # "dataset", "D4RL constants (v2 envs)", "D4RL constants" or "none"
+    ref_scores_source: str  # "dataset", "D4RL constants (v2 envs)" or "none"
     make_env: Callable  # make_env(render_mode=None): the evaluation env
     antmaze: bool  # Dict observations flattened with achieved_goal first (flatten_obs)
-    source: str  # where the data came from
     eval_env: str | None
-    fingerprint: str = ""  # sha256 of the states, actions and episode lengths as read (cache keys)
+    fingerprint: str = ""  # sha256 of the states, actions and episode lengths (cache keys)
     obs_normalized: bool = False
 
     obs_dim = property(lambda self: self.observations.shape[1])
@@ -277,278 +269,150 @@ class OfflineData:
     __len__ = lambda self: self.observations.shape[0]  # noqa: E731
 
 
-# D4RL's reference returns (random, expert), measured on the v2 MuJoCo envs and Adroit v0
+# D4RL's reference returns (random, expert), measured on the v2 MuJoCo envs and Adroit v0: the
+# normalised scores of Minari's mujoco/* datasets and of D4RL's files
 D4RL_REF_SCORES = {"halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3),
                    "walker2d": (1.629008, 4592.3), "ant": (-325.6, 3879.7),
                    "pen": (96.262799, 3076.8331017826877), "door": (-56.512833, 2880.5693087298737),
                    "hammer": (-274.856578, 12794.134825156867),
                    "relocate": (-6.425911, 4233.877797728884)}
-# The envs D4RL's files are evaluated in, with D4RL's time limits: v4 has D4RL's MuJoCo models
-# and observations (v5 changed rewards and Walker2d's friction); Adroit's reward differs from D4RL's
-D4RL_EVAL_ENVS = {"halfcheetah": ("HalfCheetah-v4", 1000), "hopper": ("Hopper-v4", 1000),
-                  "walker2d": ("Walker2d-v4", 1000), "pen": ("AdroitHandPen-v1", 100),
-                  "hammer": ("AdroitHandHammer-v1", 200), "door": ("AdroitHandDoor-v1", 200),
-                  "relocate": ("AdroitHandRelocate-v1", 200)}
-
-
-def d4rl_files() -> dict[str, str]:
-    """D4RL dataset name -> its file's path below rail.eecs.berkeley.edu/datasets/offline_rl/."""
-    paths = {}
-    for task in ("halfcheetah", "hopper", "walker2d"):
-        for kind in ("random", "medium", "expert", "medium_replay", "medium_expert", "full_replay"):
-            name = f"{task}-{kind.replace('_', '-')}"
-            paths[name + "-v2"] = f"gym_mujoco_v2/{task}_{kind}-v2.hdf5"
-            if kind != "full_replay":  # v0's medium-replay is "<task>_mixed", "walker_mixed"
-                mixed = task.replace("walker2d", "walker") + "_mixed"
-                paths[name + "-v0"] = f"gym_mujoco/{mixed if kind == 'medium_replay' else task + '_' + kind}.hdf5"
-    for task in ("pen", "hammer", "door", "relocate"):
-        paths |= {f"{task}-human-v0": f"hand_dapg/{task}-v0_demos_clipped.hdf5",
-                  f"{task}-cloned-v0": f"hand_dapg/{task}-demos-v0-bc-combined.hdf5",
-                  f"{task}-expert-v0": f"hand_dapg/{task}-v0_expert_clipped.hdf5"}
-        paths |= {f"{task}-{k}-v1": f"hand_dapg_v1/{task}-{k}-v1.hdf5" for k in ("human", "cloned",
-                                                                                 "expert")}
-    return paths
-
-
-def d4rl_name(dataset_id: str) -> str | None:
-    """D4RL's name of `d4rl/<name>` or of a path to one of its files ("" for another .hdf5 file);
-    None for other ids (Minari's `D4RL/<task>/<name>` ports have two slashes)."""
-    if dataset_id.endswith(".hdf5"):
-        return {p.rsplit("/", 1)[1]: n for n, p in d4rl_files().items()}.get(
-            os.path.basename(dataset_id), "")
-    if dataset_id.lower().startswith("d4rl/") and dataset_id.count("/") == 1:
-        return dataset_id.split("/", 1)[1]
-    return None
 
 
 def dataset_task(dataset_id: str) -> str:
     """The task of an id, lower-cased: 'D4RL/pen/human-v2' -> 'pen', 'd4rl/hopper-medium-v2' ->
     'hopper'. Per-domain settings match it exactly, so that 'pendulum' is not 'pen'."""
-    name, parts = d4rl_name(dataset_id), dataset_id.lower().split("/")
-    return name.split("-")[0].lower() if name else parts[-2] if len(parts) > 1 else parts[0].split("-")[0]
+    parts = dataset_id.lower().split("/")
+    return parts[-2] if len(parts) > 2 or parts[0] not in ("d4rl", parts[-1]) else \
+        parts[-1].split("-")[0]
 
 
 def is_antmaze(dataset_id: str) -> bool:
     return dataset_task(dataset_id) == "antmaze"
 
 
-def _read_d4rl(dataset_id: str):
-    """One of D4RL's files, with h5py, as d4rl.qlearning_dataset made transitions: the next state
-    from the file's next_observations, or else from the next row, dropping the timeouts' and the
-    last row's transitions; without timeouts in the file, one every time limit."""
-    import gymnasium as gym
-    import h5py
-
-    name, files = d4rl_name(dataset_id), d4rl_files()
-    task = name.split("-")[0]
-    if name not in files:
-        raise UserError(f"'{dataset_id}' is not a D4RL dataset read here: d4rl/<name> (or a file "
-                        f"named as D4RL names it) takes {{halfcheetah,hopper,walker2d}}-<kind>-v0/v2 "
-                        f"and {{pen,hammer,door,relocate}}-{{human,cloned,expert}}-v0/v1; for antmaze "
-                        f"and kitchen use Minari's ports (D4RL/antmaze/..., D4RL/kitchen/...)")
-    dirs = [os.path.expanduser(d) for d in (os.environ.get("D4RL_DATASET_DIR"), "~/.d4rl/datasets") if d]
-    path = dataset_id if dataset_id.endswith(".hdf5") else next(
-        (p for p in (os.path.join(d, files[name].rsplit("/", 1)[1]) for d in dirs) if os.path.isfile(p)),
-        os.path.join(dirs[0], files[name].rsplit("/", 1)[1]))
-    url = "http://rail.eecs.berkeley.edu/datasets/offline_rl/" + files[name]
-    if dataset_id.endswith(".hdf5") and not os.path.isfile(path):
-        raise UserError(f"no such file: {path}")
-    if not os.path.isfile(path):
-        raise UserError(f"D4RL's file for '{dataset_id}' is not in {' or '.join(dirs)}: download "
-                        f"{url} there (or set D4RL_DATASET_DIR)")
-    try:
-        with h5py.File(path, "r") as f:
-            get = {k: np.asarray(f[k]) for k in ("observations", "actions", "rewards", "terminals",
-                                                   "timeouts", "next_observations") if k in f}
-        obs, actions = get["observations"].astype(np.float32), get["actions"].astype(np.float32)
-        rewards, terminals = get["rewards"].reshape(-1), get["terminals"].reshape(-1).astype(bool)
-    except (OSError, KeyError, ValueError, MemoryError) as exc:
-        raise UserError(f"{path} is not a whole D4RL file ({type(exc).__name__}: {_first_line(exc)}); "
-                        f"download it again from {url}") from None
-    n, (env_id, limit) = len(rewards), D4RL_EVAL_ENVS[task]
-    first = np.maximum.accumulate(np.where(np.r_[True, terminals[:-1]], np.arange(n), 0))
-    timeouts = get["timeouts"].reshape(-1).astype(bool) if "timeouts" in get else \
-        (np.arange(n) - first) % limit == limit - 1
-    next_obs = get.get("next_observations")
-    if not len(obs) == len(actions) == len(terminals) == len(timeouts) == n or next_obs is not None \
-            and next_obs.shape != obs.shape:
-        raise UserError(f"{path} holds {n} rewards but {len(obs)} observations, {len(actions)} "
-                        f"actions and {len(terminals)} terminals")
-    keep = np.ones(n, dtype=bool)
-    if next_obs is None:
-        keep, next_obs = ~timeouts, np.concatenate([obs[1:], obs[-1:]])
-        keep[-1] = False
-    i = np.flatnonzero(keep)
-    if not len(i):
-        raise UserError(f"{path} holds no transitions")
-    # episodes end at terminals, timeouts, dropped rows and next states that are not the next row's
-    ends = np.r_[terminals[i[:-1]] | timeouts[i[:-1]] | (i[1:] != i[:-1] + 1)
-                 | np.any(next_obs[i[:-1]] != obs[i[:-1] + 1], axis=1), True]
-    at = np.flatnonzero(ends)
-    states = np.empty((len(i) + len(at), obs.shape[1]), dtype=np.float32)
-    states[np.arange(len(i)) + np.cumsum(ends) - ends] = obs[i]
-    states[at + np.arange(len(at)) + 1] = next_obs[i[at]]
-    if task in ("pen", "hammer", "door", "relocate"):
-        import gymnasium_robotics
-
-        gym.register_envs(gymnasium_robotics)
-
-    def make_env(render_mode=None):
-        import warnings
-
-        with warnings.catch_warnings():  # "v4 is out of date": chosen on purpose
-            warnings.filterwarnings("ignore", message=".*out of date.*")
-            return gym.make(env_id, max_episode_steps=limit, render_mode=render_mode)
-
-    arrays = {"observations": states, "actions": actions[i], "rewards": rewards[i],
-              "terminals": terminals[i], "timeouts": ends & ~terminals[i], "lengths": np.diff(np.r_[-1, at])}
-    return arrays, make_env, (*D4RL_REF_SCORES[task], "D4RL constants"), env_id, f"D4RL file {path}"
-
-
-def _read_minari(dataset_id: str):
-    """A Minari dataset: the local copy (a local/* id is built on first use where the repository's
-    tools/ are), else a download."""
-    import minari
-
-    stored = os.path.isdir(os.path.join(minari.storage.get_dataset_path(dataset_id), "data"))
-    tools = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools")
-    builder = os.path.isfile(os.path.join(tools, "make_dataset.py"))
-    if dataset_id.startswith("local/") and (builder or not stored):  # it checks, under a lock
-        if not builder:
-            raise UserError(f"dataset '{dataset_id}' is not built here: build it with `python tools/"
-                            f"make_dataset.py --id {dataset_id}` in the library's repository")
-        if tools not in sys.path:
-            sys.path.append(tools)
-        from make_dataset import build_local_dataset  # under a lock: waits for another builder
-
-        build_local_dataset(dataset_id)
-        stored = True
-    try:
-        dataset = minari.load_dataset(dataset_id, download=not stored)
-        episodes = list(dataset.storage.get_episodes(dataset.episode_indices))
-    except Exception as exc:  # json's, h5py's, pyarrow's, the network's
-        import difflib
-
-        close = [] if stored else difflib.get_close_matches(dataset_id, list(minari.list_local_datasets()))
-        raise UserError(f"dataset '{dataset_id}' could not be read ({type(exc).__name__}: "
-                        f"{_first_line(exc)}); " + (
-                            f"it is damaged: delete {minari.storage.get_dataset_path(dataset_id)} and "
-                            f"build or download it again" if stored
-                            else "without network, run `minari download <id>` elsewhere and copy it "
-                                 "into MINARI_DATASETS_PATH; `minari list local` lists what is here")
-                        + (f"; close local ids: {', '.join(close)}" if close else "")) from None
-    spec = dataset.env_spec
-    antmaze = spec.name.startswith("AntMaze") if spec is not None else is_antmaze(dataset_id)
-    if any(len(flatten_obs(e["observations"], antmaze)) != len(e["rewards"]) + 1 for e in episodes):
-        raise UserError(f"dataset '{dataset_id}' is malformed: an episode does not hold one more "
-                        f"observation than actions")
-    arrays = {"observations": [flatten_obs(e["observations"], antmaze) for e in episodes],
-              "actions": [np.asarray(e["actions"], np.float32).reshape(len(e["rewards"]), -1)
-                          for e in episodes],
-              **{k: [e[m] for e in episodes] for k, m in (("rewards", "rewards"), ("terminals",
-                 "terminations"), ("timeouts", "truncations"))}}
-    arrays = {k: np.concatenate(v) if v else np.zeros((0, 1)) for k, v in arrays.items()}
-    arrays["lengths"] = np.array([len(e["rewards"]) for e in episodes], dtype=np.int64)
-    meta = dataset.storage.metadata
-    if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
-        ref = (float(meta["ref_min_score"]), float(meta["ref_max_score"]), "dataset")
-    elif dataset_id.startswith("mujoco/") and dataset_task(dataset_id) in D4RL_REF_SCORES:
-        ref = (*D4RL_REF_SCORES[dataset_task(dataset_id)], "D4RL constants (v2 envs)")
-    else:
-        ref = (None, None, "none")
-    eval_env = json.loads(meta["eval_env_spec"])["id"] if isinstance(meta.get("eval_env_spec"), str) \
-        else spec and spec.id
-
-    def make_env(render_mode=None):
-        return dataset.recover_environment(eval_env=True, render_mode=render_mode)
-
-    return arrays, make_env, ref, eval_env, "minari", dataset, antmaze
-
-
 def flatten_obs(obs, antmaze: bool = False) -> np.ndarray:
     """A goal-conditioned Dict observation as concat(observation, desired_goal); for AntMaze
-    achieved_goal first: its torso x, y, which D4RL's antmaze states started with, are only there."""
+    achieved_goal first: its torso x, y, which D4RL's antmaze states started with, are there."""
     if isinstance(obs, dict):
         keys = ("achieved_goal",) * antmaze + ("observation", "desired_goal")
         obs = np.concatenate([obs[k] for k in keys], axis=-1)
     return np.asarray(obs, dtype=np.float32)
 
 
+def _built(dataset_id: str) -> bool:
+    """A local/* or d4rl/<name> id is built into Minari's storage by tools/make_dataset.py (which
+    checks, under a lock); True if that happened, or it is there and the tools are not."""
+    import minari
+
+    stored = os.path.isdir(os.path.join(minari.storage.get_dataset_path(dataset_id), "data"))
+    tools = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools")
+    kind = dataset_id.split("/")[0].lower()
+    if dataset_id.endswith(".hdf5"):
+        raise UserError(f"a D4RL file is read under its id: `python tools/make_dataset.py --id "
+                        f"d4rl/<name> --d4rl-file {dataset_id}` once, then --env d4rl/<name>")
+    if kind not in ("local", "d4rl") or kind == "d4rl" and dataset_id.count("/") != 1:
+        return stored
+    if not os.path.isfile(os.path.join(tools, "make_dataset.py")):
+        if stored:
+            return True
+        raise UserError(f"dataset '{dataset_id}' is not built here: build it with `python "
+                        f"tools/make_dataset.py --id {dataset_id}` in the library's repository")
+    sys.path.append(tools) if tools not in sys.path else None
+    from make_dataset import build_local_dataset
+
+    build_local_dataset(dataset_id)
+    return True
+
+
 def load_dataset(dataset_id: str, device="cpu") -> OfflineData:
-    """Any dataset id as flat float32 tensors on `device`, checked: values that are not finite are
-    refused, empty episodes dropped and actions beyond the Box clipped, each with one line; actions
-    are rescaled from the Box to [-1, 1] (evaluate maps them back)."""
+    """A Minari dataset (the local copy, else a download) as flat float32 tensors on `device`,
+    checked: values that are not finite are refused and actions beyond the Box clipped, each with
+    one line; actions are rescaled from the Box to [-1, 1]."""
+    import minari
     from gymnasium import spaces
 
-    if d4rl_name(dataset_id) is not None:
-        arrays, make_env, ref, eval_env, source = _read_d4rl(dataset_id)
-        env, antmaze = make_env(), False
-        space, obs_space = env.action_space, env.observation_space
-        env.close()
-        if (arrays["observations"].shape[1], arrays["actions"].shape[1]) != (obs_space.shape[0],
-                                                                         space.shape[0]):
-            raise UserError(f"{source} does not fit {eval_env} ({obs_space.shape[0]} observations, "
-                            f"{space.shape[0]} actions): it holds {arrays['observations'].shape[1]} "
-                            f"and {arrays['actions'].shape[1]}")
-    else:
-        arrays, make_env, ref, eval_env, source, dataset, antmaze = _read_minari(dataset_id)
-        space, obs_space = dataset.action_space, dataset.observation_space
+    stored = _built(dataset_id)
+    try:
+        dataset = minari.load_dataset(dataset_id, download=not stored)
+        episodes = list(dataset.storage.get_episodes(dataset.episode_indices))
+    except Exception as exc:  # json's, h5py's, pyarrow's, the network's
+        import difflib
+
+        close = [] if stored else \
+            difflib.get_close_matches(dataset_id, minari.list_local_datasets())
+        raise UserError(f"dataset '{dataset_id}' could not be read ({type(exc).__name__}: "
+                        f"{_first_line(exc)}); " + (
+                            f"it is damaged: delete {minari.storage.get_dataset_path(dataset_id)} "
+                            f"and build or download it again" if stored else
+                            "without network, run `minari download <id>` elsewhere and copy it "
+                            "into MINARI_DATASETS_PATH; `minari list local` lists what is here")
+                        + (f"; close local ids: {', '.join(close)}" if close else "")) from None
+    space, obs_space, spec = dataset.action_space, dataset.observation_space, dataset.env_spec
+    antmaze = spec.name.startswith("AntMaze") if spec is not None else is_antmaze(dataset_id)
     keys = ("achieved_goal",) * antmaze + ("observation", "desired_goal")
     if not isinstance(space, spaces.Box) or len(space.shape) != 1 or not np.all(
             np.isfinite(space.low) & np.isfinite(space.high) & (space.high > space.low)):
-        raise UserError(f"dataset '{dataset_id}' has action space {space}; these algorithms need a "
-                        f"1-D Box with finite bounds (continuous control)")
+        raise UserError(f"dataset '{dataset_id}' has action space {space}; these algorithms need "
+                        f"a 1-D Box with finite bounds (continuous control)")
     if not (isinstance(obs_space, spaces.Box) and len(obs_space.shape) == 1
             or isinstance(obs_space, spaces.Dict) and set(keys) <= set(obs_space.spaces)):
-        raise UserError(f"dataset '{dataset_id}' has observation space {obs_space}; only flat Box or "
-                        f"goal-conditioned Dict observations ({', '.join(keys)}) are supported")
-    lengths = arrays["lengths"]
-
-    def where(row, extra):  # episode and step of a row (observations have one more per episode)
-        ends = np.cumsum(lengths + extra)
-        e = int(np.searchsorted(ends, row, side="right"))
-        return f"episode {e}, step {row - (ends[e] - lengths[e] - extra)}"
-
-    bad = [f"{int((~ok).sum())} rows of {k} (first at {where(int(np.argmin(ok)), k == 'observations')})"
-           for k in ("observations", "actions", "rewards")
-           for ok in [np.isfinite(arrays[k]).reshape(len(arrays[k]), -1).all(1)] if not ok.all()]
-    if bad:
-        raise UserError(f"dataset '{dataset_id}' holds values that are not finite (NaN or inf): "
-                        f"{'; '.join(bad)}. Repair or drop those episodes")
-    if (lengths == 0).any():
-        empty, rows = np.flatnonzero(lengths == 0), np.ones(len(arrays["observations"]), dtype=bool)
-        rows[(np.cumsum(lengths + 1) - 1)[empty]] = False
-        arrays["observations"], lengths = arrays["observations"][rows], lengths[lengths > 0]
-        print(f"dataset '{dataset_id}': dropped {len(empty)} episode(s) of length zero (episode "
-              f"{', '.join(map(str, empty[:5]))}{', ...' if len(empty) > 5 else ''})", flush=True)
-    if not len(lengths):
+        raise UserError(f"dataset '{dataset_id}' has observation space {obs_space}; only flat Box "
+                        f"or goal-conditioned Dict observations ({', '.join(keys)}) are supported")
+    obs = [flatten_obs(e["observations"], antmaze) for e in episodes]
+    if any(len(o) != len(e["rewards"]) + 1 for o, e in zip(obs, episodes)):
+        raise UserError(f"dataset '{dataset_id}' is malformed: an episode does not hold one more "
+                        f"observation than actions")
+    if not episodes:
         raise UserError(f"dataset '{dataset_id}' contains no transitions")
+    lengths = np.array([len(e["rewards"]) for e in episodes], dtype=np.int64)
+    actions = np.concatenate([np.asarray(e["actions"], np.float32).reshape(n, -1)
+                              for e, n in zip(episodes, lengths)])
+    rewards, states = np.concatenate([e["rewards"] for e in episodes]), np.concatenate(obs)
+    for k, x, extra in (("observations", states, 1), ("actions", actions, 0),
+                        ("rewards", rewards, 0)):
+        ok = np.isfinite(x).reshape(len(x), -1).all(1)
+        if not ok.all():  # observations hold one more row per episode than the others
+            e = int(np.searchsorted(np.cumsum(lengths + extra), int(np.argmin(ok)), side="right"))
+            raise UserError(f"dataset '{dataset_id}' holds values that are not finite (NaN or inf):"
+                            f" {int((~ok).sum())} rows of {k}, the first in episode {e}. Repair or "
+                            f"drop those episodes")
     low, high = space.low.astype(np.float32), space.high.astype(np.float32)
-    excess = np.maximum(arrays["actions"] - high, low - arrays["actions"])
+    excess = np.maximum(actions - high, low - actions)
     outside = (excess > 1e-3 * (high - low) / 2).any(1)  # within 0.1%: rounding, clipped silently
     if outside.any():
-        print(f"dataset '{dataset_id}': {int(outside.sum())} of {len(outside)} actions lie outside the "
-              f"action space's bounds, by up to {float(excess.max()):.3g} (first at "
-              f"{where(int(np.argmax(outside)), 0)}); they are clipped", flush=True)
-    actions = np.clip((arrays["actions"] - (high + low) / 2) / ((high - low) / 2), -1.0, 1.0)
-    # Episode e owns rows starts[e] + e .. starts[e] + e + lengths[e] of the (N + E) observations:
+        print(f"dataset '{dataset_id}': {int(outside.sum())} of {len(outside)} actions lie outside "
+              f"the action space's bounds, by up to {float(excess.max()):.3g}; they are clipped",
+              flush=True)
+    actions = np.clip((actions - (high + low) / 2) / ((high - low) / 2), -1.0, 1.0)
+    # Episode e owns rows starts[e] + e .. starts[e] + e + lengths[e] of the (N + E) states:
     # without each episode's last row they are obs[t], without its first obs[t + 1].
     starts = np.r_[0, np.cumsum(lengths)[:-1]]
-    last = np.zeros(len(arrays["observations"]), dtype=bool)
+    last = np.zeros(len(states), dtype=bool)
     last[starts + np.arange(len(lengths)) + lengths] = True
     fingerprint = hashlib.sha256()
-    for x in (arrays["observations"], actions, lengths):
+    for x in (states, actions, lengths):
         fingerprint.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
-    rewards = arrays["rewards"].astype(np.float32)
+    meta, task = dataset.storage.metadata, dataset_task(dataset_id)
+    if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
+        ref = (float(meta["ref_min_score"]), float(meta["ref_max_score"]), "dataset")
+    elif dataset_id.startswith("mujoco/") and task in D4RL_REF_SCORES:
+        ref = (*D4RL_REF_SCORES[task], "D4RL constants (v2 envs)")
+    else:
+        ref = (None, None, "none")
+    spec_json = meta.get("eval_env_spec")
+    eval_env = json.loads(spec_json)["id"] if isinstance(spec_json, str) else spec and spec.id
+
+    def make_env(render_mode=None):
+        return dataset.recover_environment(eval_env=True, render_mode=render_mode)
 
     def t(x):
         return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32, device=device)
 
-    return OfflineData(dataset_id, t(arrays["observations"][~last]), t(actions), t(rewards),
-                       t(arrays["observations"][~np.roll(last, 1)]), t(arrays["terminals"]),
-                       t(arrays["timeouts"]), starts, lengths,
-                       np.add.reduceat(rewards.astype(np.float64), starts), low, high, *ref, make_env,
-                       antmaze, source, eval_env, fingerprint.hexdigest())
+    flags = [np.concatenate([e[k] for e in episodes]) for k in ("terminations", "truncations")]
+    return OfflineData(dataset_id, t(states[~last]), t(actions), t(rewards),
+                       t(states[~np.roll(last, 1)]), t(flags[0]), t(flags[1]), starts, lengths,
+                       np.add.reduceat(rewards.astype(np.float64), starts), low, high, *ref,
+                       make_env, antmaze, eval_env, fingerprint.hexdigest())
 
 
 def compute_obs_stats(data: OfflineData, eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -563,19 +427,20 @@ def normalize_obs(data: OfflineData, mean: torch.Tensor, std: torch.Tensor) -> N
     data.obs_normalized = True
 
 
-RewardTransform = Literal["none", "return-range", "minus-one", "cql-antmaze", "min-max", "plus-five"]
+RewardTransform = Literal["none", "return-range", "minus-one", "cql-antmaze", "min-max",
+                          "plus-five"]
 
 
 def transform_rewards(data: OfflineData, name: str) -> None:
     """The papers' reward transforms, in place (episode_returns stay as read): return-range
     r * 1000 / (max - min episode return) (IQL, ARQ locomotion), minus-one r - 1 (antmaze),
     cql-antmaze (r - 0.5) * 4, min-max into [0, 1] (BRAC+), plus-five r + 5 (Fisher-BRC)."""
-    r = data.rewards
-    data.rewards = {"none": lambda: r, "return-range": lambda: r * (1000.0 / max(float(
-                        data.episode_returns.max() - data.episode_returns.min()), 1e-6)),
-                    "minus-one": lambda: r - 1.0, "cql-antmaze": lambda: (r - 0.5) * 4.0,
-                    "min-max": lambda: (r - r.min()) / torch.clamp(r.max() - r.min(), min=1e-6),
-                    "plus-five": lambda: r + 5.0}[name]()
+    r, returns = data.rewards, lambda: data.episode_returns
+    data.rewards = {
+        "none": lambda: r, "minus-one": lambda: r - 1.0, "plus-five": lambda: r + 5.0,
+        "return-range": lambda: r * (1000.0 / max(float(returns().max() - returns().min()), 1e-6)),
+        "cql-antmaze": lambda: (r - 0.5) * 4.0,
+        "min-max": lambda: (r - r.min()) / torch.clamp(r.max() - r.min(), min=1e-6)}[name]()
 
 
 class Batch(NamedTuple):
@@ -615,21 +480,18 @@ def normalized_score(returns, ref_min: float | None, ref_max: float | None):
 def evaluate(data: OfflineData, policy: Callable, n_episodes: int, seed: int, obs_mean=None,
              obs_std=None, video: str | None = None) -> dict:
     """`n_episodes` at once in a vector env of the eval env, episode i from reset(seed + i), one
-    batched call of `policy` (standardised states -> actions in [-1, 1]) per step. A sampling policy
-    draws from torch's CPU stream, seeded with `seed` and given back to the run as it was. With
-    `video` (a path) the first episode is written there as an MP4 (where frames render: MuJoCo's
-    EGL backend is chosen where MUJOCO_GL is unset); this changes no return."""
+    batched call of `policy` (standardised states -> actions in [-1, 1]) per step. A sampling
+    policy draws from torch's CPU stream, seeded with `seed` and given back to the run as it was.
+    With `video` (a path) the first episode is written there as an MP4, where frames render
+    (MuJoCo's EGL backend where MUJOCO_GL is unset); this changes no return."""
     import gymnasium as gym
 
-    make = [data.make_env] * n_episodes
+    make, hook, frames = [data.make_env] * n_episodes, sys.unraisablehook, []
     if video is not None:
-        if sys.platform.startswith("linux"):
-            os.environ.setdefault("MUJOCO_GL", "egl")
+        os.environ.setdefault("MUJOCO_GL", "egl") if sys.platform.startswith("linux") else None
         make[0] = lambda: data.make_env(render_mode="rgb_array")
-    hook = sys.unraisablehook
-    if video is not None:  # a MuJoCo viewer that failed to start complains again as it is freed
-        sys.unraisablehook = lambda unraisable: None
-    envs, writer, tmp = gym.vector.SyncVectorEnv(make), None, None
+        sys.unraisablehook = lambda unraisable: None  # a failed viewer complains when it is freed
+    envs = gym.vector.SyncVectorEnv(make)
     returns, lengths = np.zeros(n_episodes), np.zeros(n_episodes, dtype=np.int64)
     done = np.zeros(n_episodes, dtype=bool)
     low, high, device = data.action_low, data.action_high, data.observations.device
@@ -641,34 +503,27 @@ def evaluate(data: OfflineData, policy: Callable, n_episodes: int, seed: int, ob
                 o = torch.as_tensor(flatten_obs(obs, data.antmaze), device=device)
                 o = o if obs_mean is None else (o - obs_mean) / obs_std
                 a = policy(o).clamp(-1.0, 1.0).cpu().numpy()
-                obs, reward, terminated, truncated, _ = envs.step(low + (a + 1) * 0.5 * (high - low))
+                obs, reward, terminated, truncated, _ = envs.step(low + (a + 1) / 2 * (high - low))
                 if video is not None and not done[0]:
                     try:  # a frame that fails ends the video, with one line; the episode goes on
                         frame = envs.envs[0].render()
-                        if writer is None:
-                            import imageio.v2 as imageio
-
-                            folder = os.path.dirname(os.path.abspath(video))
-                            os.makedirs(folder, exist_ok=True)
-                            tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".mp4")[1]
-                            writer = imageio.get_writer(tmp, format="FFMPEG", codec="libx264", fps=
-                                                        envs.envs[0].metadata.get("render_fps") or 30)
-                        writer.append_data(frame[:frame.shape[0] // 2 * 2, :frame.shape[1] // 2 * 2])
+                        frames.append(frame[:frame.shape[0] // 2 * 2, :frame.shape[1] // 2 * 2])
                     except Exception as exc:
-                        print(f"no video {video}: {type(exc).__name__}: {_first_line(exc)}", flush=True)
+                        print(f"no video {video}: {type(exc).__name__}: {_first_line(exc)}",
+                              flush=True)
                         video = None
                 returns += np.where(done, 0.0, reward)
                 lengths += ~done
                 done |= terminated | truncated
-        if writer is not None and video is not None:
-            writer.close()
-            os.chmod(tmp, 0o644)
+        if video is not None:  # H.264 through imageio's ffmpeg, written beside it and renamed
+            import imageio.v2 as imageio
+
+            tmp = os.path.join(os.path.dirname(video), f".tmp-{os.path.basename(video)}")
+            os.makedirs(os.path.dirname(video), exist_ok=True)
+            fps = envs.envs[0].metadata.get("render_fps") or 30
+            imageio.mimwrite(tmp, frames, format="FFMPEG", codec="libx264", fps=fps)
             os.replace(tmp, video)
     finally:
-        if writer is not None and os.path.exists(tmp):
-            with contextlib.suppress(Exception):
-                writer.close()
-            os.remove(tmp)
         envs.close()
         if hook is not sys.unraisablehook:
             del envs
@@ -700,14 +555,17 @@ class Run:
     def __init__(self, args, algorithm: str, data: OfflineData, phases: tuple[str, ...] = ()):
         from torch.utils.tensorboard import SummaryWriter
 
-        global _writing_in
         self.args, self.algorithm, self.data, self.phases = args, algorithm, data, (*phases, None)
-        name = args.run_name or f"{args.env.replace('/', '__')}__{algorithm}__{args.seed}__{int(time.time())}"
+        name = args.run_name or \
+            f"{args.env.replace('/', '__')}__{algorithm}__{args.seed}__{int(time.time())}"
+        global _writing_in
         self.dir = _writing_in = os.path.join(args.output_dir, name)
-        for flag, v in _given(args, [f.name for f in dataclasses.fields(args) if f.name.endswith("batch_size")]):
+        self.writers, self.wandb = {}, None
+        sizes = [f.name for f in dataclasses.fields(args) if f.name.endswith("batch_size")]
+        for flag, v in _given(args, sizes):
             if v > len(data):
-                raise UserError(f"{flag} {v} is larger than the dataset '{data.dataset_id}' ({len(data)} "
-                                f"transitions); use at most {len(data)}")
+                raise UserError(f"{flag} {v} is larger than the dataset '{data.dataset_id}' "
+                                f"({len(data)} transitions); use at most {len(data)}")
         try:
             os.makedirs(self.dir, exist_ok=True)
         except OSError as exc:
@@ -716,22 +574,20 @@ class Run:
         for f in os.listdir(self.dir):  # what a killed write left
             if f.startswith(".tmp-"):
                 os.remove(os.path.join(self.dir, f))
-        if args.resume == "never":
-            self.remove_checkpoints()
         done = _read_json(os.path.join(self.dir, "results.json"))
-        if args.resume == "auto" and isinstance(done, dict) and done.get("finished"):
-            self.refuse_other_flags(done.get("args"), os.path.join(self.dir, "results.json"))
+        finished = isinstance(done, dict) and done.get("finished")
+        if args.resume == "never" or finished:
             self.remove_checkpoints()  # a kill after the final results.json left them
+        if args.resume == "auto" and finished:
+            self.refuse_other_flags(done.get("args"), os.path.join(self.dir, "results.json"))
             print(f"[{algorithm}] {self.dir} holds a finished run: nothing to do (--resume never "
                   f"starts it over)")
             raise SystemExit(0)
         self.saved = self.read_checkpoint() if args.resume == "auto" else None
         self.resumed_at = self.saved and (self.saved["phase"], self.saved["step"])
-        self.writer = SummaryWriter(self.dir, purge_step=self.purge_step(None))
-        self.phase_writers: dict = {}
+        self.writer = self.writers[None] = SummaryWriter(self.dir, purge_step=self.purge(None))
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
             f"|{k}|{v}|" for k, v in vars(args).items()))
-        self.wandb = None
         if args.track:
             try:
                 import wandb
@@ -739,32 +595,37 @@ class Run:
                 raise UserError("--track needs wandb: pip install wandb") from None
             self.wandb = wandb.init(project=args.wandb_project, name=name, config=vars(args),
                                     sync_tensorboard=True, dir=self.dir)
-        self.results = {"algorithm": algorithm, "env": args.env, "seed": args.seed, "args": vars(args),
-                        "dataset": {"transitions": len(data), "episodes": len(data.episode_lengths),
-                                    "ref_min_score": data.ref_min_score, "ref_max_score": data.ref_max_score,
-                                    "ref_scores_source": data.ref_scores_source, "source": data.source,
-                                    "eval_env": data.eval_env,
-                                    "episode_return_mean": float(data.episode_returns.mean())},
-                        "evaluations": [], "final_normalized_score": None, "final_return": None,
-                        "finished": False}
+        device = data.observations.device
+        self.results = {
+            "algorithm": algorithm, "env": args.env, "seed": args.seed, "args": vars(args),
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dataset": {"transitions": len(data), "episodes": len(data.episode_lengths),
+                        "ref_min_score": data.ref_min_score, "ref_max_score": data.ref_max_score,
+                        "ref_scores_source": data.ref_scores_source, "eval_env": data.eval_env,
+                        "episode_return_mean": float(data.episode_returns.mean())},
+            "evaluations": [], "final_normalized_score": None, "final_return": None,
+            "finished": False, "train_seconds": 0.0}
         self.last_metrics, self.start, self.signalled, self.renders = {}, time.time(), None, True
-        self.train_seconds_before = 0.0
         self.reset_clock()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(signum, lambda s, frame: setattr(self, "signalled", s))
-        print(f"[{algorithm}] {args.env}: {len(data)} transitions, {len(data.episode_lengths)} episodes, "
-              f"obs {data.obs_dim}, act {data.act_dim}, device {data.observations.device}; run dir "
+        print(f"[{algorithm}] {args.env}: {len(data)} transitions, {len(data.episode_lengths)} "
+              f"episodes, obs {data.obs_dim}, act {data.act_dim}, device {device}; run dir "
               f"{self.dir}; normalised scores: {data.ref_scores_source}")
 
     def refuse_other_flags(self, then: dict, path: str) -> None:
-        now, then = vars(self.args), then if isinstance(then, dict) else {}
-        then = {**{f.name: f.default for f in dataclasses.fields(self.args)  # flags added since
-                   if f.default is not dataclasses.MISSING}, **then}
-        differ = [k for k in sorted(set(then) | set(now)) if k not in RESUME_FREE_FLAGS and then.get(k) != now.get(k)]
+        now = vars(self.args)
+        defaults = {f.name: f.default for f in dataclasses.fields(self.args)  # flags added since
+                    if f.default is not dataclasses.MISSING}
+        then = {**defaults, **(then if isinstance(then, dict) else {})}
+        differ = [k for k in sorted(set(then) | set(now))
+                  if k not in RESUME_FREE_FLAGS and then.get(k) != now.get(k)]
         if differ:
-            flags = ", ".join(f"--{k.replace('_', '-')} {then.get(k)} (now {now.get(k)})" for k in differ)
-            raise UserError(f"{path} was written with other flags: {flags}. Pass another --run-name, or "
-                            f"--resume never to start this run over.")
+            flags = ", ".join(f"--{k.replace('_', '-')} {then.get(k)} (now {now.get(k)})"
+                              for k in differ)
+            raise UserError(f"{path} was written with other flags: {flags}. Pass another "
+                            f"--run-name, or --resume never to start this run over.")
 
     def remove_checkpoints(self) -> None:
         for name in ("checkpoint.pt", "checkpoint.prev.pt"):
@@ -772,53 +633,37 @@ class Run:
                 os.remove(os.path.join(self.dir, name))
 
     def read_checkpoint(self) -> dict | None:
-        for name in ("checkpoint.pt", "checkpoint.prev.pt"):
-            path = os.path.join(self.dir, name)
-            if os.path.exists(path):
-                try:
-                    saved = load_file(path)
-                    saved["step"], saved["phase"], saved["agent"], saved["rng"], saved["args"]
-                except (UserError, KeyError, TypeError) as exc:
-                    print(f"[{self.algorithm}] {exc if isinstance(exc, UserError) else path + ' is no checkpoint'}"
-                          f"; trying the previous one", flush=True)
-                    continue
-                self.refuse_other_flags(saved["args"], path)
+        for path in (os.path.join(self.dir, n) for n in ("checkpoint.pt", "checkpoint.prev.pt")):
+            try:
+                saved = load_file(path) if os.path.exists(path) else None
+                saved and (saved["step"], saved["phase"], saved["agent"], saved["rng"])
+            except (UserError, KeyError) as exc:
+                why = exc if isinstance(exc, UserError) else f"{path} is no checkpoint"
+                print(f"[{self.algorithm}] {why}; trying the previous one", flush=True)
+                continue
+            if saved:
+                self.refuse_other_flags(saved.get("args"), path)
                 return {**saved, "path": path}
         return None
 
-    def purge_step(self, phase: str | None) -> int | None:
+    def purge(self, phase: str | None) -> int | None:
         """A resumed run drops the events logged after its checkpoint: it logs them again."""
         return self.resumed_at[1] + 1 if self.resumed_at and self.resumed_at[0] == phase else None
 
-    def phase_writer(self, phase: str):
-        """A pretraining phase's events go to <run dir>/<phase>/, a tensorboard run of their own:
-        their steps count from 1 and may carry the main loop's names (BRAC+'s Q_0: losses/q1)."""
-        if phase not in self.phase_writers:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.phase_writers[phase] = SummaryWriter(os.path.join(self.dir, phase.lower().replace(" ", "_")),
-                                                      purge_step=self.purge_step(phase))
-        return self.phase_writers[phase]
-
-    def reset_clock(self, step: int = 0) -> None:
-        """Steps per second and ETA count afresh from `step` (after a pretraining phase)."""
-        self.clock, self.clock_step, self.eval_time = time.time(), step, 0.0
-
-    def sps(self, step: int) -> float:
-        return (step - self.clock_step) / max(time.time() - self.clock - self.eval_time, 1e-9)
-
-    def train_seconds(self) -> float:
-        return self.train_seconds_before + time.time() - self.clock - self.eval_time
-
     def log(self, step: int, metrics: dict, phase: str | None = None) -> None:
-        """Write the scalars (a device sync); a pretraining phase's also as a console line."""
+        """Write the scalars (a device sync); a pretraining phase's also as a console line, and to
+        <run dir>/<phase>/, a tensorboard run of its own (its steps count from 1)."""
+        from torch.utils.tensorboard import SummaryWriter
+
         values = {k: float(v) for k, v in metrics.items()}
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:
             self.diverged(step, f"{', '.join(bad)} became {values[bad[0]]}", phase)
-        writer = self.writer if phase is None else self.phase_writer(phase)
+        if phase not in self.writers:
+            folder = os.path.join(self.dir, phase.lower().replace(" ", "_"))
+            self.writers[phase] = SummaryWriter(folder, purge_step=self.purge(phase))
         for k, v in values.items():
-            writer.add_scalar(k, v, step)
+            self.writers[phase].add_scalar(k, v, step)
         if phase is None:
             self.writer.add_scalar("charts/SPS", self.sps(step), step)
             self.last_metrics = values
@@ -826,53 +671,71 @@ class Run:
             print(f"{phase} step {step} | {self.sps(step):.0f} SPS | " + " ".join(
                 f"{k.split('/')[-1]} {v:.3g}" for k, v in values.items()), flush=True)
 
+    def reset_clock(self, step: int = 0) -> None:
+        """Steps per second, ETA and training time count afresh from `step`."""
+        self.train_before = self.results["train_seconds"]
+        self.clock, self.clock_step, self.eval_time = time.time(), step, 0.0
+
+    def sps(self, step: int) -> float:
+        return (step - self.clock_step) / max(time.time() - self.clock - self.eval_time, 1e-9)
+
+    def train_seconds(self) -> float:
+        return self.train_before + time.time() - self.clock - self.eval_time
+
     def diverged(self, step: int, what: str, phase: str | None) -> None:
-        raise UserError(f"{what} at step {step}{f' of the {phase} phase' if phase else ''}: training diverged. "
-                        f"Its last checkpoint is kept, and resuming repeats it: start over with other flags "
-                        f"(a lower learning rate, another --seed) and another --run-name")
+        where = f" of the {phase} phase" if phase else ""
+        raise UserError(f"{what} at step {step}{where}: training diverged. Its last checkpoint is "
+                        f"kept, and resuming repeats it: start over with other flags (a lower "
+                        f"learning rate, another --seed) and another --run-name")
 
     def evaluate(self, step: int, policy: Callable, obs_mean=None, obs_std=None) -> dict:
-        """Evaluate `policy`, log it and rewrite results.json. --capture-video records the first
-        episode of the last evaluation and of every --video-every-th in <run dir>/videos/."""
-        t0, args = time.time(), self.args
-        video = os.path.join(self.dir, "videos", f"step_{step}.mp4") if args.capture_video and self.renders and (
-            step == args.total_steps or args.video_every and (len(self.results["evaluations"]) + 1) % args.video_every == 0) else None
-        evaluation = evaluate(self.data, policy, args.eval_episodes, args.seed, obs_mean, obs_std, video)
+        """Evaluate `policy` (the last time over --final-episodes where given), log it and rewrite
+        results.json. --capture-video records the first episode of the last evaluation and of
+        every --video-every-th in <run dir>/videos/."""
+        t0, args, n = time.time(), self.args, len(self.results["evaluations"]) + 1
+        last = step == args.total_steps
+        video = os.path.join(self.dir, "videos", f"step_{step}.mp4") if args.capture_video and \
+            self.renders and (last or args.video_every and n % args.video_every == 0) else None
+        episodes = args.final_episodes if last and args.final_episodes else args.eval_episodes
+        evaluation = evaluate(self.data, policy, episodes, args.seed, obs_mean, obs_std, video)
         if video is not None and not os.path.exists(video):
-            self.renders = False  # said once by evaluate; later evaluations do not try
-            print(f"[{self.algorithm}] --capture-video: the eval env did not render here; training goes on "
-                  f"without video (MUJOCO_GL=egl or osmesa renders MuJoCo without a display)", flush=True)
+            self.renders = video = None  # said once by evaluate; later evaluations do not try
+            print(f"[{self.algorithm}] --capture-video: the eval env did not render here; training "
+                  f"goes on without video (MUJOCO_GL=egl or osmesa renders MuJoCo without a "
+                  f"display)", flush=True)
         if not math.isfinite(evaluation["return_mean"]):
             self.diverged(step, f"the evaluation's return became {evaluation['return_mean']}", None)
         self.eval_time += time.time() - t0
-        entry = {"step": step, **evaluation, "wall_time": time.time() - self.start}
-        if video is not None and self.renders:
-            entry["video"] = os.path.relpath(video, self.dir)
-        self.results["evaluations"].append(entry)
+        video = {"video": os.path.relpath(video, self.dir)} if video else {}
+        self.results["evaluations"].append({"step": step, **evaluation, **video,
+                                            "wall_time": time.time() - self.start})
         self.results["train_seconds"] = self.train_seconds()
+        write_json(os.path.join(self.dir, "results.json"), self.results)
+        score, eta = evaluation["normalized_score_mean"], int((args.total_steps - step)
+                                                              / max(self.sps(step), 1e-9))
         self.writer.add_scalar("eval/return", evaluation["return_mean"], step)
-        score = evaluation["normalized_score_mean"]
+        line = [f"step {step}/{args.total_steps}", f"{self.sps(step):.0f} SPS",
+                f"ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}",
+                " ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in self.last_metrics.items()
+                         if k.startswith("losses/")),
+                f"return {evaluation['return_mean']:.1f} ± {evaluation['return_std']:.1f}"]
         if score is not None:
             self.writer.add_scalar("eval/normalized_score", score, step)
-        write_json(os.path.join(self.dir, "results.json"), self.results)
-        eta = int((args.total_steps - step) / max(self.sps(step), 1e-9))
-        losses = " ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in self.last_metrics.items() if k.startswith("losses/"))
-        print(f"step {step}/{args.total_steps} | {self.sps(step):.0f} SPS | ETA {eta // 3600}:{eta % 3600 // 60:02d}:"
-              f"{eta % 60:02d} | {losses} | return {evaluation['return_mean']:.1f} ± {evaluation['return_std']:.1f}"
-              + ("" if score is None else f" | score {score:.1f} ± {evaluation['normalized_score_std']:.1f}"), flush=True)
+            line.append(f"score {score:.1f} ± {evaluation['normalized_score_std']:.1f}")
+        print(" | ".join(x for x in line if x), flush=True)
         return evaluation
 
     def checkpoint(self, step: int, agent, phase: str | None = None) -> None:
         """All that continuing after `step` of `phase` (None: the main loop) needs, with a checksum,
-        atomically; the previous one is kept (a reader falls back to it). Weights that are not finite
-        are never written: the run stops, keeping the last good one."""
-        state = training_state(agent)
+        atomically; the previous one is kept (a reader falls back to it). Weights that are not
+        finite are never written: the run stops, keeping the last good one."""
+        state, path = training_state(agent), os.path.join(self.dir, "checkpoint.pt")
         floats = [t for t in _tensors(state) if t.is_floating_point()]
         if floats and not torch.stack([t.isfinite().all() for t in floats]).all():
             self.diverged(step, "the weights stopped being finite", phase)
-        path = os.path.join(self.dir, "checkpoint.pt")
         payload = {"step": step, "phase": phase, "args": dict(vars(self.args)), "agent": state,
-                   "rng": rng_states(self.data.observations.device), "evaluations": self.results["evaluations"],
+                   "rng": rng_states(self.data.observations.device),
+                   "evaluations": self.results["evaluations"],
                    "train_seconds": self.train_seconds(), "wall_time": time.time() - self.start}
         if os.path.exists(path):
             os.replace(path, os.path.join(self.dir, "checkpoint.prev.pt"))
@@ -881,25 +744,24 @@ class Run:
     def resume(self, agent, phase: str | None = None, steps: int = 0) -> int:
         """Restore `agent`, the random streams and the evaluations from a checkpoint of `phase`, and
         return the step to continue after (0: the start). One of a later phase holds this phase's
-        result: the agent takes it and `steps` (the phase's length) is returned, so that the phase is
-        skipped; one of an earlier phase is left alone."""
+        result: the agent takes it and `steps` (the phase's length) is returned, so that the phase
+        is skipped; one of an earlier phase is left alone."""
         saved = self.saved
-        if saved is None:
-            return 0
-        mine = self.phases.index(phase)
-        theirs = self.phases.index(saved["phase"]) if saved["phase"] in self.phases else -1
-        if theirs < mine:
+        theirs = self.phases.index(saved["phase"]) if saved and saved["phase"] in self.phases \
+            else -1
+        if theirs < self.phases.index(phase):
             return 0
         load_training_state(agent, saved["agent"])
-        if theirs > mine:
+        if theirs > self.phases.index(phase):
             return steps
         set_rng_states(saved["rng"], self.data.observations.device)
         self.start -= saved["wall_time"]
         if phase is None:
-            self.results["evaluations"], self.train_seconds_before = saved["evaluations"], saved["train_seconds"]
+            self.results["evaluations"] = saved["evaluations"]
+            self.results["train_seconds"] = saved["train_seconds"]
         self.reset_clock(saved["step"])
-        print(f"[{self.algorithm}] resuming{f' the {phase} phase' if phase else ''} from step {saved['step']} "
-              f"({saved['path']})", flush=True)
+        print(f"[{self.algorithm}] resuming{f' the {phase} phase' if phase else ''} from step "
+              f"{saved['step']} ({saved['path']})", flush=True)
         self.saved = None
         return saved["step"]
 
@@ -910,43 +772,42 @@ class Run:
             self.exit(f"step {step}{f' of the {phase} phase' if phase else ''}; checkpoint written")
 
     def exit(self, what: str) -> None:
-        """End the process after a signal, once `what` (what was saved) is said: status 128 + signal."""
+        """End the process after a signal, once `what` (what was saved) is said: 128 + signal."""
         self.close()
-        print(f"[{self.algorithm}] stopped by {signal.Signals(self.signalled).name} after {what}; the same "
-              f"command resumes the run", flush=True)
+        print(f"[{self.algorithm}] stopped by {signal.Signals(self.signalled).name} after {what}; "
+              f"the same command resumes the run", flush=True)
         raise SystemExit(128 + self.signalled)
 
     def pretraining_step(self, step: int, agent, phase: str) -> None:
-        """After every step of a pretraining phase: a checkpoint every --eval-every steps, the stop on
-        a signal."""
+        """After every step of a pretraining phase: a checkpoint every --eval-every steps, the
+        stop on a signal."""
         if step % self.args.eval_every == 0:
             self.checkpoint(step, agent, phase)
         self.stop_if_signalled(step, agent, phase)
 
     def close(self) -> None:
-        for writer in (self.writer, *self.phase_writers.values()):
+        for writer in self.writers.values():
             writer.close()
 
     def finish(self, model: dict | None = None) -> None:
         """results.json says finished; with --save-model, model.pt holds `model` with the args, the
         sizes and the action bounds, as CPU tensors and plain values, with a checksum."""
-        evals = self.results["evaluations"]
-        if evals:
-            self.results["final_return"] = evals[-1]["return_mean"]
-            self.results["final_normalized_score"] = evals[-1]["normalized_score_mean"]
-        self.results["finished"], self.results["train_seconds"] = True, self.train_seconds()
+        data, last = self.data, (self.results["evaluations"] or [{}])[-1]
+        self.results.update(final_return=last.get("return_mean"), finished=True,
+                            final_normalized_score=last.get("normalized_score_mean"),
+                            train_seconds=self.train_seconds())
         if model is not None and self.args.save_model:
-            save_file(os.path.join(self.dir, "model.pt"), portable({
-                "algorithm": self.algorithm, "args": dict(vars(self.args)), "obs_dim": self.data.obs_dim,
-                "act_dim": self.data.act_dim, "action_low": self.data.action_low,
-                "action_high": self.data.action_high, **model}))
+            save_file(os.path.join(self.dir, "model.pt"), _on_cpu({
+                "algorithm": self.algorithm, "args": dict(vars(self.args)), "obs_dim": data.obs_dim,
+                "act_dim": data.act_dim, "action_low": data.action_low.tolist(),
+                "action_high": data.action_high.tolist(), **model}))
         write_json(os.path.join(self.dir, "results.json"), self.results)
         self.remove_checkpoints()
         self.close()
         if self.wandb is not None:
             self.wandb.finish()
-        print(f"[{self.algorithm}] done: final return {self.results['final_return']}, normalised score "
-              f"{self.results['final_normalized_score']}; results in {self.dir}")
+        print(f"[{self.algorithm}] done: final return {self.results['final_return']}, normalised "
+              f"score {self.results['final_normalized_score']}; results in {self.dir}")
 
 
 def _read_json(path: str):
@@ -961,19 +822,16 @@ def _tensors(value):
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, (dict, list, tuple)):
-        for v in (value.values() if isinstance(value, dict) else value):
+        for v in value.values() if isinstance(value, dict) else value:
             yield from _tensors(v)
 
 
-def portable(value):
-    """`value` with its tensors on the CPU and numpy values as lists and numbers."""
+def _on_cpu(value):
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
-    if isinstance(value, (np.ndarray, np.generic)):
-        return value.tolist()
     if isinstance(value, (dict, list, tuple)):
-        return type(value)((k, portable(v)) for k, v in value.items()) if isinstance(value, dict) else \
-            type(value)(portable(v) for v in value)
+        return {k: _on_cpu(v) for k, v in value.items()} if isinstance(value, dict) else \
+            [_on_cpu(v) for v in value]
     return value
 
 
@@ -986,18 +844,16 @@ def training_state(agent) -> dict:
             state[name] = v.state_dict()
         elif isinstance(v, list) and v and all(hasattr(x, "state_dict") for x in v):
             state[name] = [x.state_dict() for x in v]
-        elif isinstance(v, torch.Tensor):
-            state[name] = v.detach().clone()
-        elif isinstance(v, (bool, int, float)):
-            state[name] = v
+        elif isinstance(v, (torch.Tensor, bool, int, float)):
+            state[name] = v.detach().clone() if isinstance(v, torch.Tensor) else v
     return state
 
 
 def load_training_state(agent, state: dict) -> None:
     unknown = [name for name in state if not hasattr(agent, name)]
     if unknown:
-        print(f"the checkpoint's {', '.join(unknown)} has no place in this file's agent; not restored",
-              flush=True)
+        print(f"the checkpoint's {', '.join(unknown)} has no place in this file's agent; not "
+              f"restored", flush=True)
     for name in set(state) - set(unknown):
         v, saved = getattr(agent, name), state[name]
         if hasattr(v, "load_state_dict"):
@@ -1033,8 +889,8 @@ def set_rng_states(states: dict, device: torch.device) -> None:
 
 class Policy(torch.nn.Module):
     """A trained policy apart from its agent (tools/evaluate.py): the networks the file's `act`
-    reads, under the agent's names, and `act` called on this object; a file's make_policy builds it
-    and `load(saved)` fills it from a model.pt's state dicts."""
+    reads, under the agent's names, and `act` called on this object; a file's make_policy builds
+    it and `load(saved)` fills it from a model.pt's state dicts."""
 
     def __init__(self, act: Callable, args, **networks):
         super().__init__()
@@ -1068,11 +924,11 @@ def autocast(step: Callable, precision: str, device: torch.device) -> Callable:
     if device.type == "cuda":
         with torch.cuda.device(device):
             if not torch.cuda.is_bf16_supported(including_emulation=False):
-                raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native "
-                                f"bfloat16 support (emulated, slower than fp32); use --precision fp32")
+                raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no "
+                                f"native bfloat16 support; use --precision fp32")
 
-    def bf16_step(*args, **kwargs):  # in a CUDA graph capture without the weight cache: replays recast
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    def bf16_step(*args, **kwargs):  # captured by a CUDA graph without the weight cache: replays
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()  # recast
         with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not capturing):
             return step(*args, **kwargs)
 
@@ -1080,11 +936,12 @@ def autocast(step: Callable, precision: str, device: torch.device) -> Callable:
 
 
 def _fp32_output(x: torch.Tensor) -> bool:
-    return torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+    kind = x.device.type
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
 
 
 class OutputLinear(torch.nn.Linear):
-    """nn.Linear for a network's output layer: in fp32 under --precision bf16 (Q values, log-stds)."""
+    """nn.Linear for an output layer: in fp32 under --precision bf16 (Q values, log-stds)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _fp32_output(x):
@@ -1139,10 +996,11 @@ def compiled(loss: Callable, enabled: bool) -> Callable:
     return torch.compile(loss, fullgraph=True) if enabled else loss
 
 
-def training_step(agent, buffer: ReplayBuffer, args, device: torch.device, branch: Callable | None = None):
-    """The main loop's step, agent.train(buffer.sample(args.batch_size)); it returns the latest value
-    of every metric a step returned. With --cuda-graphs on CUDA each path of train() (the value of
-    `branch()`: whether this step updates the actor) is a CUDA graph (CapturedStep)."""
+def training_step(agent, buffer: ReplayBuffer, args, device: torch.device,
+                  branch: Callable | None = None) -> Callable:
+    """The main loop's step, agent.train(buffer.sample(args.batch_size)); it returns the latest
+    value of every metric a step returned. With --cuda-graphs on CUDA each path of train() (the
+    value of `branch()`: whether this step updates the actor) is a CUDA graph (CapturedStep)."""
     def step() -> dict:
         return agent.train(buffer.sample(args.batch_size))
 
@@ -1172,33 +1030,36 @@ def _side_stream():  # warm-up steps before a capture run on a side stream (PyTo
 
 class CapturedStep:
     """The step as CUDA graphs, one per path: a path's first WARMUP calls run eagerly (on a side
-    stream), the next captures it, later ones replay it. Python does not run in a replay: an integer
-    counter that train() adds to (TD3+BC's total_it) gets the same increment after each, a learning
-    rate scheduler that train() steps is stepped after each (the graph reads the rate as a tensor),
-    and a step that changes any other Python number, which a graph would freeze, is not captured.
-    A capture that fails says why in one line, and the steps run eagerly."""
+    stream), the next captures it, later ones replay it. Python does not run in a replay: an
+    integer counter that train() adds to (TD3+BC's total_it) gets the same increment after each,
+    a learning rate scheduler that train() steps is stepped after each (the graph reads the rate
+    as a tensor), and a step that changes any other Python number, which a graph would freeze, is
+    not captured. A capture that fails says why in one line, and the steps run eagerly."""
 
     WARMUP = 3
 
     def __init__(self, step, agent, branch, capture, side_stream):
-        self.step, self.agent, self.branch, self.capture, self.side_stream = step, agent, branch, capture, side_stream
+        self.step, self.agent, self.branch = step, agent, branch
+        self.capture, self.side_stream = capture, side_stream
         self.graphs, self.calls, self.failed = {}, {}, False
-        self.schedulers = [v for v in vars(agent).values() if isinstance(v, torch.optim.lr_scheduler.LRScheduler)]
-        for opt in (v for v in vars(agent).values() if isinstance(v, torch.optim.Optimizer)):
+        parts = vars(agent).values()
+        self.schedulers = [v for v in parts if isinstance(v, torch.optim.lr_scheduler.LRScheduler)]
+        for opt in (v for v in parts if isinstance(v, torch.optim.Optimizer)):
             for group in opt.param_groups:
                 group["capturable"] = True  # the same arithmetic; a capture needs it
                 if any(s.optimizer is opt for s in self.schedulers):
                     device = group["params"][0].device  # fused CUDA Adam reads a float32 rate
-                    group["lr"] = torch.tensor(float(group["lr"]), device=device, dtype=torch.float32
-                                               if device.type == "cuda" else torch.float64)
+                    dtype = torch.float32 if device.type == "cuda" else torch.float64
+                    group["lr"] = torch.tensor(float(group["lr"]), device=device, dtype=dtype)
 
     def numbers(self) -> dict:
         """The agent's Python numbers and its optimisers' settings."""
-        found = {("agent", k): v for k, v in vars(self.agent).items() if isinstance(v, (bool, int, float))}
+        found = {("agent", k): v for k, v in vars(self.agent).items()
+                 if isinstance(v, (bool, int, float))}
         for name, v in vars(self.agent).items():
             if isinstance(v, torch.optim.Optimizer):
-                found |= {(name, i, k): x for i, g in enumerate(v.param_groups) for k, x in g.items()
-                          if isinstance(x, (bool, int, float))}
+                found |= {(name, i, k): x for i, g in enumerate(v.param_groups)
+                          for k, x in g.items() if isinstance(x, (bool, int, float))}
         return found
 
     def captured(self) -> tuple:
@@ -1217,9 +1078,11 @@ class CapturedStep:
                 else:
                     getattr(self.agent, key[0]).param_groups[key[1]][key[2]] = v
         changed = [k for k in set(before) | set(after) if before.get(k) != after.get(k)]
-        frozen = [k for k in changed if k[0] != "agent" or type(before.get(k)) is not int or type(after.get(k)) is not int]
+        frozen = [k for k in changed if k[0] != "agent" or type(before.get(k)) is not int
+                  or type(after.get(k)) is not int]
         if frozen:
-            raise ValueError(f"train() sets the Python value {frozen[0]}, which a graph would freeze")
+            raise ValueError(f"train() sets the Python value {frozen[0]}, which a graph would "
+                             f"freeze")
         return replay, metrics, {k[1]: after[k] - before[k] for k in changed}, stepped
 
     def __call__(self) -> dict:
@@ -1251,9 +1114,9 @@ class CapturedStep:
 # Pretrained models: behaviour models that take an hour are cached, not trained again
 # ----------------------------------------------------------------------------------------------
 def pretraining_key(args, fields: tuple[str, ...], data: OfflineData, recipe: tuple = ()) -> str:
-    """A hash of what a pretrained model depends on: the dataset id and contents as read, whether
-    states are standardised, the named flags and `recipe` (the file's words for how it is trained).
-    Nothing computed on the device enters it: a model trained on one device is found on another."""
+    """A hash of what a pretrained model depends on: the dataset id and contents, whether states
+    are standardised, the named flags, `recipe` (the file's words for how it is trained) and a
+    precision other than fp32; nothing the device changes."""
     h = hashlib.sha256(f"{args.env} {data.fingerprint} normalised={data.obs_normalized}".encode())
     h.update(repr([(f, getattr(args, f)) for f in fields]).encode())
     h.update(repr(recipe).encode() if recipe else b"")
@@ -1269,18 +1132,6 @@ def separate_rng(seed: int, device: torch.device):
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
-
-
-def load_state_dicts(modules: dict, state: dict) -> None:
-    """state[name] into each module; if one does not fit, all stay as they were, and it raises."""
-    before = {name: copy.deepcopy(m.state_dict()) for name, m in modules.items()}
-    try:
-        for name, m in modules.items():
-            m.load_state_dict(state[name])
-    except Exception:
-        for name, m in modules.items():
-            m.load_state_dict(before[name])
-        raise
 
 
 def load_cache(path: str, device) -> dict | None:
@@ -1300,16 +1151,17 @@ def save_cache(path: str, obj: dict) -> None:
 
 
 def load_pretrained(path: str, modules: dict, device) -> bool:
-    """The modules' state dicts from a cache file; False (the caller trains them) if there is none
-    or it does not fit."""
+    """The modules' state dicts from a cache file; False (the caller trains them, and no module
+    changed) if there is none or it does not fit."""
     state = load_cache(path, device)
-    try:
-        state is None or load_state_dicts(modules, state)
-    except Exception as exc:
-        print(f"cache {path} does not fit ({type(exc).__name__}); training it again", flush=True)
-        return False
-    if state is not None:
-        print(f"reusing the cached pretrained model {path}", flush=True)
+    shapes = lambda sd: {k: getattr(v, "shape", None) for k, v in sd.items()}  # noqa: E731
+    if state is not None and not all(isinstance(state.get(name), dict) and shapes(state[name])
+                                     == shapes(m.state_dict()) for name, m in modules.items()):
+        print(f"cache {path} does not fit these networks; training them again", flush=True)
+        state = None
+    for name, m in modules.items() if state is not None else ():
+        m.load_state_dict(state[name])
+    print(f"reusing the cached pretrained model {path}", flush=True) if state is not None else None
     return state is not None
 
 

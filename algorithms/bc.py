@@ -42,6 +42,8 @@ class Args:
     """evaluate every this many steps (and at the last step)"""
     eval_episodes: int = 10
     """episodes per evaluation, run at once in a vector env"""
+    final_episodes: Optional[int] = None
+    """episodes of the last evaluation, the final score (default: --eval-episodes)"""
     log_every: int = 1_000
     """write training scalars every this many steps (the only device syncs of the loop)"""
     device: str = "auto"

@@ -152,6 +152,7 @@ def check_saved_model(run_dir) -> None:
         evaluation = evaluate_model(path)
     finally:
         torch.set_flush_denormal(False)  # as the tool sets it for its process; the other tests run without
-    assert evaluation["seed"] == saved["args"]["seed"] and evaluation["episodes"] == saved["args"]["eval_episodes"]
+    episodes = saved["args"].get("final_episodes") or saved["args"]["eval_episodes"]  # the final evaluation's
+    assert evaluation["seed"] == saved["args"]["seed"] and evaluation["episodes"] == episodes
     for key in ("return_mean", "return_std", "normalized_score_mean", "normalized_score_std"):
         assert evaluation[key] == final[key], (key, evaluation[key], final[key])

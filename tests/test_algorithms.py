@@ -331,14 +331,17 @@ def test_algorithm_end_to_end(algorithm, datasets_path, tmp_path):
     result = run_script(
         [os.path.join(ROOT, "algorithms", f"{algorithm}.py"), "--env", "test/hopper/random-v0",
          "--total-steps", "300", "--eval-every", "150", "--log-every", "50", "--eval-episodes", "2",
-         "--batch-size", "32", "--output-dir", str(out), "--run-name", "r", "--save-model",
-         *shrink_flags(algorithm, 100)],
+         "--final-episodes", "3", "--batch-size", "32", "--output-dir", str(out), "--run-name", "r",
+         "--save-model", *shrink_flags(algorithm, 100)],
         datasets_path, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "r" / "results.json").read_text())
     assert results["algorithm"] == algorithm and results["env"] == "test/hopper/random-v0"
     assert results["seed"] == 0 and results["args"]["total_steps"] == 300 and results["finished"]
     assert [e["step"] for e in results["evaluations"]] == [150, 300]
+    # the final evaluation over --final-episodes, each episode's return kept
+    assert [len(e["episode_returns"]) for e in results["evaluations"]] == [2, 3]
+    assert results["torch"] == torch.__version__ and results["device"] == "cpu"
     for e in results["evaluations"]:
         assert set(e) >= {"step", "return_mean", "return_std", "normalized_score_mean",
                           "normalized_score_std", "wall_time"}

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import common
-from conftest import run_script
+from conftest import ROOT, run_script
+from tools.d4rl_files import d4rl_files, d4rl_name
 
 HOPPER = "hopper-medium-replay-v2"
 
@@ -22,6 +23,7 @@ def d4rl_dir(tmp_path, monkeypatch):
     folder.mkdir()
     monkeypatch.setenv("D4RL_DATASET_DIR", str(folder))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))  # each test's own copies
     return folder
 
 
@@ -67,7 +69,6 @@ def test_without_next_observations_transitions_are_qlearning_datasets(d4rl_dir):
     assert data.episode_lengths.tolist() == [4, 3, 3]
     assert data.episode_returns.tolist() == [1 + 2 + 3 + 4, 5 + 6 + 7, 9 + 10 + 11]
     assert data.timeouts.numpy().nonzero()[0].tolist() == [6, 9]  # cut, not terminated
-    assert data.source == f"D4RL file {d4rl_dir / 'hopper_medium_replay-v2.hdf5'}"
 
 
 def test_with_next_observations_every_transition_is_kept(d4rl_dir):
@@ -80,7 +81,6 @@ def test_with_next_observations_every_transition_is_kept(d4rl_dir):
     np.testing.assert_array_equal(data.terminals.numpy(), arrays["terminals"])
     assert data.timeouts.numpy().nonzero()[0].tolist() == [7, 11]
     assert data.episode_lengths.tolist() == [4, 4, 4]
-    assert data.source == f"D4RL file {d4rl_dir / 'hopper_medium_replay-v2.hdf5'}"
 
 
 def test_a_next_observation_that_is_not_the_next_row_starts_a_new_episode(d4rl_dir):
@@ -110,7 +110,7 @@ def test_reference_scores_and_eval_envs_are_d4rls(d4rl_dir):
     write_file(d4rl_dir / "pen-v0_demos_clipped.hdf5", 5, obs_dim=45, act_dim=24)  # pen-human-v0
     hopper = common.load_dataset(f"d4rl/{HOPPER}")
     assert (hopper.ref_min_score, hopper.ref_max_score) == (-20.272305, 3234.3)
-    assert hopper.ref_scores_source == "D4RL constants" and hopper.eval_env == "Hopper-v4"
+    assert hopper.ref_scores_source == "dataset" and hopper.eval_env == "Hopper-v4"
     assert not hopper.antmaze
     np.testing.assert_allclose(common.normalized_score(np.array([-20.272305, 3234.3, 1607.013848]),
                                                        hopper.ref_min_score, hopper.ref_max_score), [0, 100, 50])
@@ -128,7 +128,7 @@ def test_reference_scores_and_eval_envs_are_d4rls(d4rl_dir):
 
 
 def test_file_names_and_ids_follow_d4rl():
-    files = common.d4rl_files()  # the paths below D4RL's download address
+    files = d4rl_files()  # the paths below D4RL's download address
     assert files["hopper-medium-replay-v2"] == "gym_mujoco_v2/hopper_medium_replay-v2.hdf5"
     assert files["walker2d-medium-replay-v0"] == "gym_mujoco/walker_mixed.hdf5"
     assert files["halfcheetah-medium-expert-v0"] == "gym_mujoco/halfcheetah_medium_expert.hdf5"
@@ -138,20 +138,21 @@ def test_file_names_and_ids_follow_d4rl():
     assert files["pen-human-v0"] == "hand_dapg/pen-v0_demos_clipped.hdf5"
     assert files["relocate-expert-v1"] == "hand_dapg_v1/relocate-expert-v1.hdf5"
     assert len(files) == 3 * (6 + 5) + 4 * 6
-    assert common.d4rl_name("d4rl/hopper-medium-v2") == "hopper-medium-v2"
-    assert common.d4rl_name("/data/hopper_medium-v2.hdf5") == "hopper-medium-v2"
-    assert common.d4rl_name("/data/my_hopper.hdf5") == ""  # a .hdf5 file D4RL does not name so
-    assert common.d4rl_name("D4RL/antmaze/umaze-v1") is None  # Minari's port, not a D4RL file
-    assert common.d4rl_name("mujoco/hopper/medium-v0") is None
+    assert d4rl_name("d4rl/hopper-medium-v2") == "hopper-medium-v2"
+    assert d4rl_name("D4RL/antmaze/umaze-v1") is None  # Minari's port, not a D4RL file
+    assert d4rl_name("mujoco/hopper/medium-v0") is None
     assert common.dataset_task("d4rl/hopper-medium-replay-v2") == "hopper"  # per-domain settings
-    assert common.dataset_task("/data/pen-v0_demos_clipped.hdf5") == "pen"
+    assert common.dataset_task("D4RL/pen/human-v2") == "pen"
 
 
-def test_a_path_to_the_file_reads_the_same(d4rl_dir, tmp_path):
+def test_a_file_elsewhere_is_written_under_its_d4rl_id_by_make_dataset(d4rl_dir, tmp_path):
     elsewhere = tmp_path / "mine"
     elsewhere.mkdir()
-    arrays = write_file(elsewhere / "hopper_medium_replay-v2.hdf5", 9, timeouts=[4])
-    data = common.load_dataset(str(elsewhere / "hopper_medium_replay-v2.hdf5"))
+    arrays = write_file(elsewhere / "hopper_mixed.hdf5", 9, timeouts=[4])
+    result = run_script(["tools/make_dataset.py", "--id", f"d4rl/{HOPPER}", "--d4rl-file",
+                         str(elsewhere / "hopper_mixed.hdf5")], str(tmp_path / "minari"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = common.load_dataset(f"d4rl/{HOPPER}")
     rows, next_obs = qlearning_transitions(arrays)
     np.testing.assert_array_equal(data.next_observations.numpy(), next_obs)
     assert len(data) == len(rows)
@@ -162,12 +163,17 @@ READ_HERE = ("takes {halfcheetah,hopper,walker2d}-<kind>-v0/v2 and {pen,hammer,d
              "{human,cloned,expert}-v0/v1")
 
 
+def test_a_path_to_a_file_says_how_to_use_it(d4rl_dir):
+    with pytest.raises(common.UserError) as refused:
+        common.load_dataset("/data/hopper_medium_replay-v2.hdf5")
+    assert "tools/make_dataset.py --id d4rl/<name> --d4rl-file /data/hopper_medium_replay-v2.hdf5" \
+        in str(refused.value)
+
+
 @pytest.mark.parametrize("dataset_id, messages", [
     ("d4rl/antmaze-medium-play-v2", [MINARI_PORTS]),
     ("d4rl/kitchen-partial-v0", [MINARI_PORTS]),
     ("d4rl/hoper-medium-v2", [READ_HERE]),  # what d4rl/ takes, instead of a guess
-    ("/data/Ant_maze_u-maze_noisy_multistart_False_multigoal_False_sparse.hdf5", [MINARI_PORTS]),
-    ("/data/my_hopper.hdf5", ["or a file named as D4RL names it", READ_HERE]),
 ])
 def test_unreadable_datasets_are_refused_saying_what_to_use(d4rl_dir, dataset_id, messages):
     with pytest.raises(common.UserError) as refused:
@@ -210,12 +216,11 @@ def test_bc_trains_on_a_d4rl_file_and_is_scored_in_hopper_v4(d4rl_dir, tmp_path)
                          "--eval-episodes", "2", "--batch-size", "16", "--device", "cpu", "--output-dir", str(out),
                          "--run-name", "r"], str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "normalised scores: D4RL constants" in result.stdout
+    assert "normalised scores: dataset" in result.stdout
     with open(out / "r" / "results.json") as f:
         results = json.load(f)
     assert results["dataset"]["eval_env"] == "Hopper-v4"
-    assert results["dataset"]["source"] == f"D4RL file {d4rl_dir / 'hopper_medium_replay-v2.hdf5'}"
-    assert results["dataset"]["ref_scores_source"] == "D4RL constants"
+    assert results["dataset"]["ref_scores_source"] == "dataset"
     assert results["dataset"]["transitions"] == 58
     last = results["evaluations"][-1]
     assert last["normalized_score_mean"] == pytest.approx(100 * (last["return_mean"] + 20.272305) / (3234.3 + 20.272305))

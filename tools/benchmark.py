@@ -8,8 +8,8 @@ to a Slurm array job by --slurm. A run whose results.json says `"finished": true
 interrupted benchmark resumes where it stopped. At the end, tools/summarize.py writes the tables.
 
 Which data stands in for which paper dataset is in benchmarks/datasets.csv; where D4RL's own file
-of a paper dataset is in $D4RL_DATASET_DIR or ~/.d4rl/datasets (and common.py reads it: the locomotion
-and Adroit files), the runs use that file instead (`--env d4rl/<paper dataset>`): the same data. The papers' numbers
+of a paper dataset is in $D4RL_DATASET_DIR or ~/.d4rl/datasets (tools/d4rl_files.py writes it into Minari's
+storage on first use: the locomotion and Adroit files), the runs use that file instead (`--env d4rl/<paper dataset>`): the same data. The papers' numbers
 are in benchmarks/paper_scores.csv.
 """
 
@@ -32,8 +32,8 @@ TOOLS = os.path.join(ROOT, "tools")
 sys.path.insert(0, ROOT)
 if TOOLS not in sys.path:
     sys.path.append(TOOLS)  # the dataset builder's modules (after the installed packages: no shadowing)
-from common import (UserError, d4rl_files, d4rl_name, dataset_task, install_user_error_hook,  # noqa: E402
-                    load_dataset, write_json)
+from common import UserError, dataset_task, install_user_error_hook, load_dataset, write_json  # noqa: E402
+from d4rl_files import d4rl_files, d4rl_name  # noqa: E402
 from dataset_recipe import parse_local_id  # noqa: E402
 from dataset_snapshots import shipped_manifests  # noqa: E402
 from tools.pretraining import behaviour_flag  # noqa: E402
@@ -160,8 +160,8 @@ def local_buildable(dataset_id: str) -> bool:
 
 
 def d4rl_file_id(paper_dataset: str) -> str | None:
-    """`d4rl/<paper dataset>` when the user has D4RL's own file of it where common.load_dataset looks
-    ($D4RL_DATASET_DIR, ~/.d4rl/datasets) and common reads it (locomotion and Adroit, not AntMaze)."""
+    """`d4rl/<paper dataset>` when the user has D4RL's own file of it where tools/d4rl_files.py looks
+    ($D4RL_DATASET_DIR, ~/.d4rl/datasets) and reads it (locomotion and Adroit, not AntMaze)."""
     path = d4rl_files().get(paper_dataset)
     if path is None:
         return None

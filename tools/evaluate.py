@@ -42,7 +42,7 @@ class Args:
     model: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="MODEL.PT")]
     """a model.pt written by a run with --save-model"""
     episodes: Optional[int] = None
-    """episodes, run at once in a vector env (default: the run's --eval-episodes)"""
+    """episodes, run at once in a vector env (default: those of the run's last evaluation)"""
     seed: Optional[int] = None
     """seed of the evaluation envs (default: the run's --seed)"""
     device: str = "cpu"
@@ -131,7 +131,8 @@ def evaluate_model(path: str, episodes: int | None = None, seed: int | None = No
     args, policy = rebuild(saved, device)
     if args.precision == "tf32":  # the run evaluated with TF32 on, as it trained (common.autocast)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    episodes = args.eval_episodes if episodes is None else episodes
+    if episodes is None:  # as the run's final evaluation
+        episodes = getattr(args, "final_episodes", None) or args.eval_episodes
     seed = args.seed if seed is None else seed
     common.seed_everything(seed)
     data = common.load_dataset(args.env, device)

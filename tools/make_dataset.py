@@ -70,7 +70,10 @@ from dataset_snapshots import choose_snapshots, default_snapshot_dir  # noqa: E4
 @dataclass
 class Args:
     id: Optional[str] = None
-    """build this local/* dataset id from the shipped snapshots (as its first use does), and nothing else"""
+    """build this local/* id from the shipped snapshots, or write D4RL's file of this d4rl/<name> id
+    into Minari's storage (as its first use does), and nothing else"""
+    d4rl_file: Optional[str] = None
+    """with --id d4rl/<name>: D4RL's file of that name at this path, not in $D4RL_DATASET_DIR"""
     env: str = "Hopper-v5"
     """Gymnasium env id (needs a Box action space and flat Box observations)"""
     kind: tuple[Kind, ...] = ()
@@ -518,21 +521,28 @@ def waiting_lock(path: str, waiting: str):
         os.close(fd)  # releases the lock
 
 
-def build_local_dataset(dataset_id: str) -> None:
-    """Build a local/* id on its first use (common.load_dataset calls this). Runs started together
-    on a new machine (two seeds) would all build it: the first builds, the others wait for it."""
+def build_local_dataset(dataset_id: str, d4rl_file: Optional[str] = None) -> None:
+    """Build a local/* id, or write a d4rl/* id's file as a Minari dataset, on its first use
+    (common.load_dataset calls this). Runs started together on a new machine (two seeds) would all
+    build it: the first builds, the others wait for it."""
     import minari
+
+    from d4rl_files import build_d4rl_dataset, d4rl_name
 
     root = minari.storage.get_dataset_path()
     with waiting_lock(os.path.join(root, ".build-" + dataset_id.replace("/", "-") + ".lock"),
                       f"[{dataset_id}] another process is building it: waiting for that copy"):
-        if not os.path.isdir(os.path.join(minari.storage.get_dataset_path(dataset_id), "data")):
+        if os.path.isdir(os.path.join(minari.storage.get_dataset_path(dataset_id), "data")):
+            return
+        if d4rl_name(dataset_id) is not None:
+            build_d4rl_dataset(dataset_id, d4rl_file)
+        else:
             dataset_recipe.build_local_dataset(dataset_id)
 
 
 def main(args: Args) -> None:
     if args.id is not None:
-        return build_local_dataset(args.id)
+        return build_local_dataset(args.id, args.d4rl_file)
     if args.train_steps <= 0 and not args.kind:
         raise UserError("nothing to do: pass --kind (one or more of " + ", ".join(KINDS)
                         + ") and/or --train-steps N")
