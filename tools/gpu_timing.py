@@ -147,6 +147,12 @@ def environment(device: torch.device) -> str:
     return f"torch {torch.__version__}{cuda}, {gpu}"
 
 
+def write(out: str, rows: list[dict], header: str, device: torch.device) -> None:
+    os.makedirs(out, exist_ok=True)
+    common.write_json(os.path.join(out, "timing.json"), {"environment": environment(device), "header": header, "rows": rows})
+    common.atomic_write(os.path.join(out, "timing.md"), (table(rows, header) + "\n").encode())
+
+
 if __name__ == "__main__":
     common.install_user_error_hook()
     args = tyro.cli(Args)
@@ -181,9 +187,6 @@ if __name__ == "__main__":
             rows[-1]["seconds"] = time.time() - t0
             print(f"{name} {mode}: {rows[-1].get('error') or format(rows[-1]['steps_per_s'], '.1f') + ' steps/s'} "
                   f"({rows[-1]['seconds']:.0f} s)", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    common.write_json(os.path.join(args.out, "timing.json"), {"environment": environment(device), "header": header,
-                                                              "rows": rows})
-    text = table(rows, header)
-    common.atomic_write(os.path.join(args.out, "timing.md"), (text + "\n").encode())
-    print("\n" + text)
+            write(args.out, rows, header, device)  # after each: a call cut short keeps what was measured
+    print(f"table: {os.path.join(args.out, 'timing.md')}")
+    raise SystemExit(any("error" in r and not r["error"].startswith("skipped") for r in rows))
