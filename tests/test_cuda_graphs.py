@@ -1,21 +1,20 @@
 """--cuda-graphs, checked on the CPU: what a captured training step needs (no host read, no tensor made
 on the CPU, batch sampling on the device, Python state that a replay can carry) and that the captured
 step, its graphs replaced by a stand-in that reruns the step, trains as the eager step does, bit for
-bit, on both sides of the files' Python branches. No GPU runs here: a capture itself is not tested."""
+bit, on both sides of the files' Python branches. No GPU runs here: tests/test_cuda.py captures on one."""
 
-import ast
 import contextlib
 import dataclasses
-import os
 from unittest import mock
 
 import pytest
 import torch
 
 import common
-from conftest import ROOT, load_algorithm
+from conftest import load_algorithm
 from test_gpu_ready import CpuFactories, host_reads, unfused
 from test_precision import SMALL, batch_for
+from tools.gpu_timing import file_branch
 
 # The files whose training step --cuda-graphs captures, with settings that reach both sides of their
 # branches within STEPS steps (TD3+BC's delayed actor, CQL's behaviour-cloning warm-up).
@@ -47,20 +46,6 @@ def setup(name: str, device=torch.device("cpu"), **flags):
     agent = cls(args, 5, 3, device)
     batch = batch_for(module, "train")
     return args, agent, Data(type(batch)(*(t.to(device) for t in batch)))
-
-
-def file_branch(name: str, agent, args):
-    """The `branch=lambda: ...` that algorithms/<name>.py passes to common.training_step, bound to this
-    agent and args (None where the file passes none)."""
-    with open(os.path.join(ROOT, "algorithms", f"{name}.py")) as f:
-        tree = ast.parse(f.read())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and ast.unparse(node.func) == "common.training_step":
-            for keyword in node.keywords:
-                if keyword.arg == "branch":
-                    code = compile(ast.Expression(keyword.value), f"{name}.py", "eval")
-                    return eval(code, {"agent": agent, "args": args})
-    return None
 
 
 def python_numbers(agent) -> list:
