@@ -49,8 +49,9 @@ def test_dry_run_lists_the_expected_commands(capsys, tmp_path):
         for env in ("mujoco/hopper/medium-v0", "D4RL/pen/human-v2"):  # hopper-medium-v2's stand-in
             for algo in ("iql", "fisher_brc"):
                 bc = " --bc-steps 10" if algo == "fisher_brc" else ""  # iql has no behaviour phase
+                final = " --final-episodes 100" if benchmark.accepts_final_episodes(algo) else ""
                 expected.append(f"OMP_NUM_THREADS={threads} python algorithms/{algo}.py --env {env} --seed {seed} "
-                                f"--total-steps 100{bc} --eval-every 5000 --eval-episodes 10 --output-dir {out} "
+                                f"--total-steps 100{bc} --eval-every 5000 --eval-episodes 10{final} --output-dir {out} "
                                 f"--run-name {algo}__{env.replace('/', '-')}__s{seed}")
     lines = [" ".join(t for t in line.split() if not t.startswith("CUDA_VISIBLE_DEVICES=")) for line in lines]
     assert lines == expected
@@ -99,6 +100,13 @@ def test_quick_dry_run_uses_the_documented_budgets(capsys, tmp_path):
     (["--datasets", "walker2d-medium-expert-v2"], "paper dataset 'walker2d-medium-expert-v2' has no stand-in"),
     (["--quick", "--datasets", "mujoco/hopper/medium-v0"], "--quick runs offline"),
     (["--steps", "0"], "--steps must be positive"),
+    (["--final-episodes", "-1"], "--final-episodes must be 0 or more"),
+    (["--time", "10"], "--time is an sbatch setting: it goes with --slurm"),
+    (["--slurm", "--workers", "4"], "--workers is for runs on this machine; with --slurm, --max-parallel N"),
+    (["--slurm", "--mem", "8GB"], "--mem '8GB' is not a Slurm value (e.g. 8G or 16000M)"),
+    (["--slurm", "--time", "1 day"], "--time '1 day' is not a Slurm value"),
+    (["--slurm", "--gpus", "0"], "--gpus '0' is not a Slurm value (e.g. 1 or a100:1)"),
+    (["--slurm", "--max-parallel", "0"], "--max-parallel must be positive"),
 ])
 def test_bad_selection_is_one_clear_error(argv, message, tmp_path):
     with pytest.raises(UserError) as info:
@@ -137,35 +145,126 @@ def test_precision_reaches_every_run_and_keeps_bf16_runs_apart(capsys, tmp_path)
     assert quick and all("--output-dir runs/benchmark-quick-bf16 " in line for line in quick)
 
 
-def test_slurm_script_runs_the_same_commands(capsys, tmp_path):
+def fake_datasets(monkeypatch, tmp_path, *ids):
+    """A Minari folder in which `ids` count as present (the test benchmark.dataset_on_disk makes)."""
+    folder = tmp_path / "minari"
+    for dataset_id in ids:
+        (folder / dataset_id / "data").mkdir(parents=True)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(folder))
+    return folder
+
+
+def fake_command(folder, name: str, body: str) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text("#!/bin/sh\n" + body)
+    (folder / name).chmod(0o755)
+
+
+def test_slurm_script_runs_the_same_commands_without_the_submitting_shell(capsys, tmp_path, monkeypatch):
+    data = fake_datasets(monkeypatch, tmp_path, "local/hopper/medium-v0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
     out = str(tmp_path / "runs")
     argv = ["--algos", "bc", "cql", "--datasets", "local/hopper/medium-v0", "--seeds", "0", "1", "--steps", "50",
             "--bc-steps", "5", "--output-dir", out]
     write_results(out, "cql", "local/hopper/medium-v0", 1, [1.0], total_steps=50)
     commands = [line.split(" python ", 1)[1] for line in dry_run(capsys, *argv)]
     script = str(tmp_path / "job.sbatch")
+    # The tasks run the interpreter the script was written with, by its absolute path: here a fake one
+    # that records its arguments and the dataset variables it was given.
+    fake_bin = tmp_path / "bin"
+    fake_command(fake_bin, "python", 'echo "$@" > "$RECORD"\n'
+                 'echo "$MINARI_DATASETS_PATH $HF_HUB_OFFLINE $D4RL_DATASET_DIR" >> "$RECORD"\n')
+    monkeypatch.setattr(sys, "executable", str(fake_bin / "python"))
     assert benchmark.main([*argv, "--slurm", script]) == 0
+    monkeypatch.undo()
     assert subprocess.run(["bash", "-n", script]).returncode == 0
     text = open(script).read()
-    assert len(commands) == 3 and "#SBATCH --array=0-2%1" in text
-    for command in commands:
-        assert f"'python {command}'" in text
-    # Each array task runs its own command: a fake `python` records what it was given.
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "python").write_text("#!/bin/sh\necho \"$@\" > \"$RECORD\"\n")
-    (fake_bin / "python").chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "RECORD": str(tmp_path / "record")}
+    assert len(commands) == 3 and "#SBATCH --array=0-2\n" in text  # no throttle unless asked
+    assert "#SBATCH --mem=8G\n" in text and "--time" not in text and "--partition" not in text and "gpu" not in text
+    # Each array task runs its own command, from a shell with nothing of this one's environment.
+    bare = {"PATH": "/usr/bin:/bin", "RECORD": str(tmp_path / "record")}
     for task, command in enumerate(commands):
-        subprocess.run(["bash", script], env={**env, "SLURM_ARRAY_TASK_ID": str(task)}, check=True)
-        assert (tmp_path / "record").read_text().strip() == command
+        subprocess.run(["bash", script], env={**bare, "SLURM_ARRAY_TASK_ID": str(task)}, check=True)
+        recorded = (tmp_path / "record").read_text().splitlines()
+        assert recorded == [command, f"{data} 1 {tmp_path / 'd4rl'}"]
     # A task whose run finished since the script was written is skipped.
     write_results(out, "bc", "local/hopper/medium-v0", 0, [1.0], total_steps=50)
-    done = subprocess.run(["bash", script], env={**env, "SLURM_ARRAY_TASK_ID": "0"}, capture_output=True, text=True)
+    done = subprocess.run(["bash", script], env={**bare, "SLURM_ARRAY_TASK_ID": "0"}, capture_output=True, text=True)
     assert done.returncode == 0 and "already finished" in done.stdout
 
 
-def test_slurm_script_requeues_on_usr1(capsys, tmp_path):
+def test_slurm_submission_groups_runs_by_memory_and_summarises_after_them(capsys, tmp_path, monkeypatch):
+    """`bash FILE` submits one array per memory size (the resources asked for passed through) and
+    the summary job after all of them; a fake sbatch records the calls."""
+    fake_datasets(monkeypatch, tmp_path, "local/hopper/medium-v0", "D4RL/pen/human-v2")
+    out, results, script = tmp_path / "runs", tmp_path / "results", tmp_path / "job.sbatch"
+    argv = ["--algos", "bc", "brac_plus", "--datasets", "local/hopper/medium-v0", "D4RL/pen/human-v2",
+            "--seeds", "0", "--steps", "50", "--output-dir", str(out), "--results-dir", str(results), "--slurm",
+            str(script)]
+    assert benchmark.main([*argv, "--max-parallel", "2", "--time", "2-00:00:00", "--partition", "gpu",
+                           "--gpus", "a100:1"]) == 0
+    text = script.read_text()
+    for line in ("--array=0-3%2", "--time=2-00:00:00", "--partition=gpu", "--gres=gpu:a100:1", "--mem=24G",
+                 f"--output={out}/slurm-logs/%A_%a.log"):
+        assert f"#SBATCH {line}\n" in text, line
+    fake_bin = tmp_path / "bin"
+    n = tmp_path / "n"
+    fake_command(fake_bin, "sbatch", f'echo "$@" >> "$RECORD"\nn=$(($(cat {n} 2>/dev/null || echo 100) + 1))\n'
+                 f'echo $n > {n}\necho "$n;cluster"\n')
+    env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "RECORD": str(tmp_path / "record")}
+    submitted = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert submitted.returncode == 0, submitted.stderr
+    calls = (tmp_path / "record").read_text().splitlines()
+    # runs: bc hopper, brac_plus hopper, bc pen, brac_plus pen (BRAC+'s 1000-episode Adroit evaluations)
+    assert calls[:3] == [f"--parsable --array=0-1%2 --mem=8G {script}",
+                         f"--parsable --array=2%2 --mem=16G {script}", f"--parsable --array=3%2 --mem=24G {script}"]
+    assert calls[3].startswith("--parsable --dependency=afterany:101:102:103 --job-name=offline-rl-summary ")
+    assert "--time=2-00:00:00 --partition=gpu" in calls[3] and "gres" not in calls[3]
+    assert calls[3].endswith(f"--wrap=cd {ROOT} && exec {sys.executable} tools/summarize.py {out} --out {results}")
+    assert "as array job(s) 101 102 103 and the summary as job 104" in submitted.stdout
+    # --mem sets every task: one array.
+    assert benchmark.main([*argv, "--mem", "4000M"]) == 0
+    (tmp_path / "record").unlink()
+    subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True)
+    assert (tmp_path / "record").read_text().splitlines()[0] == f"--parsable --array=0-3 --mem=4000M {script}"
+
+
+def test_slurm_refuses_a_selection_whose_datasets_are_not_here(tmp_path, monkeypatch):
+    fake_datasets(monkeypatch, tmp_path, "local/hopper/medium-v0")
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    script = tmp_path / "job.sbatch"
+    argv = ["--algos", "bc", "--seeds", "0", "--output-dir", str(tmp_path / "runs"), "--slurm", str(script)]
+    with pytest.raises(UserError) as info:
+        benchmark.main([*argv, "--datasets", "local/hopper/medium-v0", "D4RL/pen/human-v2", "d4rl/pen-human-v0"])
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(
+        "--slurm: 2 of the selection's datasets are not here yet (D4RL/pen/human-v2, d4rl/pen-human-v0; ")
+    assert message.endswith("run the same command with --fetch-only instead of --slurm first")
+    assert not script.exists()
+    (tmp_path / "d4rl").mkdir()
+    (tmp_path / "d4rl" / "pen-v0_demos_clipped.hdf5").write_bytes(b"")
+    assert benchmark.main([*argv, "--datasets", "local/hopper/medium-v0", "d4rl/pen-human-v0"]) == 0
+    assert script.exists()
+
+
+def test_the_full_benchmark_scores_the_final_policy_on_more_episodes(capsys, tmp_path, monkeypatch):
+    """--final-episodes 100 reaches the files that have the flag, in the full benchmark only."""
+    assert benchmark.accepts_final_episodes("bc") == ("final_episodes:" in open(os.path.join(ROOT, "algorithms",
+                                                                                           "bc.py")).read())
+    monkeypatch.setattr(benchmark, "accepts_final_episodes", lambda algo: algo != "cql")
+    argv = ["--algos", "bc", "cql", "--datasets", "local/hopper/medium-replay-v0", "--seeds", "0",
+            "--output-dir", str(tmp_path)]
+    full = dry_run(capsys, *argv)
+    assert "--eval-episodes 10 --final-episodes 100 --output-dir" in full[0] and "--final-episodes" not in full[1]
+    assert all("--final-episodes" not in line for line in dry_run(capsys, *argv, "--final-episodes", "0"))
+    assert "--final-episodes 30 " in dry_run(capsys, *argv, "--final-episodes", "30")[0]
+    assert all("--final-episodes" not in line for line in dry_run(capsys, "--quick", *argv))
+
+
+def test_slurm_script_requeues_on_usr1(capsys, tmp_path, monkeypatch):
+    fake_datasets(monkeypatch, tmp_path, "local/hopper/medium-v0")
     script = str(tmp_path / "job.sbatch")
     assert benchmark.main(["--algos", "bc", "--datasets", "local/hopper/medium-v0", "--seeds", "0", "--steps", "50",
                            "--output-dir", str(tmp_path / "runs"), "--slurm", script]) == 0
@@ -202,16 +301,19 @@ def test_a_slurm_task_stopped_by_usr1_checkpoints_requeues_and_resumes(tmp_path,
     assert task.poll() is None, "the run ended before it could be signalled: " + "".join(task.communicate())[-3000:]
     task.send_signal(signal.SIGUSR1)  # what Slurm sends the batch shell (B:) before the time limit
     stdout, stderr = task.communicate(timeout=120)
-    assert task.returncode == 128 + signal.SIGUSR1, stdout[-2000:] + stderr[-2000:]
-    assert "stopped by SIGUSR1" in stdout and "requeueing" in stdout
+    log = (run_dir / "stdout.log").read_text()  # the task's output: the run folder keeps it
+    assert task.returncode == 128 + signal.SIGUSR1, stdout[-2000:] + stderr[-2000:] + log[-2000:]
+    assert "stopped by SIGUSR1" in log and "requeueing" in log
     assert record.read_text().split() == ["requeue", "4242"]
     with open(run_dir / "results.json") as f:
         assert not json.load(f)["finished"]
     # Slurm runs the requeued task again: the run continues from its checkpoint and finishes.
     record.unlink()
     again = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "resuming from step" in again.stdout and not record.exists()
+    log = (run_dir / "stdout.log").read_text()
+    assert again.returncode == 0, log[-2000:]
+    assert "resuming from step" in log.split("requeueing")[1] and not record.exists()
+    assert log.count("[slurm] job 4242") == 2  # both attempts' output, one after the other
     with open(run_dir / "results.json") as f:
         results = json.load(f)
     assert results["finished"] and results["evaluations"][-1]["step"] == 1500
