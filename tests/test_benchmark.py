@@ -22,8 +22,9 @@ def dry_run(capsys, *argv) -> list[str]:
     return [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
 
 
-def write_results(folder, algo, env, seed, scores, total_steps=1_000_000, finished=True):
-    """A results.json like common.Run writes, with one evaluation per score."""
+def write_results(folder, algo, env, seed, scores, total_steps=1_000_000, finished=True, last=None, **extra):
+    """A results.json like common.Run writes, with one evaluation per score; `last` updates the last
+    evaluation, `extra` the top level."""
     run_dir = os.path.join(folder, benchmark.run_name(algo, env, seed))
     os.makedirs(run_dir, exist_ok=True)
     evaluations = [{"step": 1000 * (i + 1), "return_mean": 10.0 * s, "return_std": 0.0,
@@ -33,7 +34,8 @@ def write_results(folder, algo, env, seed, scores, total_steps=1_000_000, finish
                "dataset": {"transitions": 1000, "episodes": 10, "ref_min_score": 0.0, "ref_max_score": 1.0,
                            "ref_scores_source": "dataset"},
                "evaluations": evaluations, "final_return": evaluations[-1]["return_mean"],
-               "final_normalized_score": scores[-1], "finished": finished, "train_seconds": 1.0}
+               "final_normalized_score": scores[-1], "finished": finished, "train_seconds": 1.0, **extra}
+    evaluations[-1].update(last or {})
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)  # indented as common.write_json does: the sbatch grep relies on it
 
@@ -382,17 +384,22 @@ def test_summary_numbers_and_flags(tmp_path):
 
     # Fisher-BRC: last evaluation, 5 seeds (60..64): mean 62, population std sqrt(2); no IQL column in the paper.
     fbrc = row("fisher_brc: Table 1", "hopper-medium-v0")
-    assert fbrc["iql"] == "62.0 ± 1.4"
+    # In brackets, the 95% bootstrap interval of the mean over the 5 seeds: about mean ± 1.96 x std / sqrt(5).
+    mean_std, interval = fbrc["iql"].split(" [")
+    low, high = (float(x) for x in interval.rstrip("]").split(", "))
+    assert mean_std == "62.0 ± 1.4" and 60.0 < low < 62.0 < high < 64.0
+    assert abs(low - (62 - 1.96 * 2 ** 0.5 / 5 ** 0.5)) < 0.3 and abs(high - (62 + 1.96 * 2 ** 0.5 / 5 ** 0.5)) < 0.3
     assert fbrc["our data"] == "`local/hopper/medium-v0` (stand-in)"
     assert fbrc["fisher_brc"] == "— (99.4 ± 0.3)" and fbrc["BRAC-p (paper)"] == "31.2"
     # iTRPO: last 10 evaluations of the first 4 seeds pooled (60..63 x 10): 61.5 ± 1.1, inside 63.6 ± 2 x 2.9.
     itrpo = row("itrpo: Table 2", "hopper-medium-v2")
-    assert itrpo["iql"] == "61.5 ± 1.1 (63.6 ± 2.9)"
+    assert itrpo["iql"].startswith("61.5 ± 1.1 [") and itrpo["iql"].endswith("] (63.6 ± 2.9)")
     # td3_bc: 2 seeds of 5,000 steps, 120 vs 59.0 ± 0.7: flagged high, and marked as short of the protocol.
-    assert itrpo["td3_bc"] == "120.0 ± 0.0 ⚠ high † (59.0 ± 0.7)"
+    assert itrpo["td3_bc"] == "120.0 ± 0.0 [120.0, 120.0] ⚠ high † (59.0 ± 0.7)"
     assert "td3_bc: 2 seeds, 5,000 steps, fewer than 10 evaluations" in md
     # CORL: last evaluation, 4 seeds (60..63): 61.5 is more than 5 points under 67.5 (no std given).
-    assert row("corl: D4RL v2 last", "hopper-medium-v2")["iql"] == "61.5 ± 1.1 ⚠ low (67.5)"
+    corl = row("corl: D4RL v2 last", "hopper-medium-v2")["iql"]
+    assert corl.startswith("61.5 ± 1.1 [") and corl.endswith("] ⚠ low (67.5)")
     # ARQ: 3 seeds (60, 61, 62).
     assert row("arq: Table A.4", "hopper-medium-v2")["iql"].startswith("61.0 ± 0.8")
     # The unfinished bc run is counted but left out of the tables.
@@ -524,7 +531,7 @@ def test_lost_paper_cells_show_na_and_are_not_compared(tmp_path):
     md = open(os.path.join(results, "summary.md")).read()
     section = md.split("### arq: Table A.4")[1].split("###")[0]
     line = next(line for line in section.splitlines() if line.startswith("| hopper-medium-v2 |"))
-    assert "| 20.0 ± 0.0 (n/a) |" in line and "⚠" not in line
+    assert "| 20.0 ± 0.0 [20.0, 20.0] (n/a) |" in line and "⚠" not in line
     assert "n/a: the paper has a number here that our copy of its text lost" in section
 
 
@@ -613,9 +620,10 @@ def test_quick_table_marks_slow_files_names_flags_caches_and_files_below_bc(tmp_
     quick = md.split("## Quick profile")[1].split("## Paper tables")[0]
     row = next(line for line in quick.splitlines() if line.startswith(f"| `{data}`"))
     cells = dict(zip(quick.splitlines()[4].strip("| ").split(" | "), row.strip("| ").split(" | ")))
-    assert cells["bc"] == "11.0 ± 1.0" and cells["iql"] == "21.0 ± 1.0" and cells["cql"] == "6.0 ± 1.0"
+    assert cells["bc"] == "11.0 ± 1.0 [10.0, 12.0]" and cells["iql"] == "21.0 ± 1.0 [20.0, 22.0]"
+    assert cells["cql"] == "6.0 ± 1.0 [5.0, 7.0]"
     assert cells["brac_plus"] == "too slow for quick: 30 steps"  # a score of 50 is not shown
-    assert cells["td3_bc"] == "20.0 ± 0.0"  # the mean of the second half of its evaluations
+    assert cells["td3_bc"] == "20.0 ± 0.0 [20.0, 20.0]"  # the mean of the second half of its evaluations
     assert f"On `{data}`, below BC (11.0): cql." in quick
     assert "iql: `--gp-weight 1.0`" in quick and "brac_plus: 30 RL steps in its share" in quick
     assert f"`{benchmark.run_name('iql', data, 1)}`" in quick.split("from the cache")[1]
@@ -639,9 +647,9 @@ def test_quick_table_says_which_files_did_not_run_on_a_dataset(tmp_path):
     rows = {line.split(" | ")[0].strip("| `"): dict(zip(header, line.strip("| ").split(" | ")))
             for line in quick.splitlines() if line.startswith("| `local/")}
     assert rows["local/walker2d/medium-replay-v0"]["cql"] == "not run"
-    assert rows["local/walker2d/medium-replay-v0"]["awr"] == "30.0 ± 0.0"
+    assert rows["local/walker2d/medium-replay-v0"]["awr"] == "30.0"  # one seed: no interval
     assert rows["local/hopper/medium-replay-v0"]["awr"] == "not run"
-    assert rows["local/walker2d/medium-replay-v0"]["bc"] == "20.0 ± 0.0"
+    assert rows["local/walker2d/medium-replay-v0"]["bc"] == "20.0"
     import matplotlib.image
     figure = matplotlib.image.imread(tmp_path / "results" / "curves" / "quick-local-walker2d-medium-replay-v0.png")
     assert figure.shape[1] == 3 * 320 and figure.shape[0] == 2 * 240  # bc, td3_bc, awr, iql: 2 rows of 3
@@ -664,3 +672,82 @@ def test_quick_summary_says_when_its_runs_were_not_fp32(tmp_path):
     results["args"]["precision"] = "bf16"
     json.dump(results, open(path, "w"))
     assert "Precision (--precision): bf16, fp32." in quick_section()
+
+
+def aggregate_rows(md: str) -> dict[str, dict[str, str]]:
+    section = md.split("## Aggregate over tasks")[1].split("\n## ")[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    header = lines[0].strip("| ").split(" | ")
+    return {line.split(" | ")[0].strip("| "): dict(zip(header, line.strip("| ").split(" | "))) for line in lines[1:]}
+
+
+def test_aggregate_is_the_iqm_over_tasks_with_a_stratified_interval(tmp_path):
+    runs, results = str(tmp_path / "runs"), str(tmp_path / "results")
+    # iql: 8 runs on two tasks, sorted 0 50 50 50 50 50 100 1000: the middle half is all 50, the mean 168.75.
+    for seed, (a, b) in enumerate([(0.0, 50.0), (50.0, 50.0), (50.0, 50.0), (100.0, 1000.0)]):
+        write_results(runs, "iql", "local/hopper/medium-v0", seed, [a])
+        write_results(runs, "iql", "local/walker2d/medium-v0", seed, [b])
+    # td3_bc: all 0 on one task, all 100 on the other. Resampled within each task, every resample holds
+    # four of each (IQM 50, always); resampled over the pooled runs, the IQM would range from 0 to 100.
+    for seed in range(4):
+        write_results(runs, "td3_bc", "local/hopper/medium-v0", seed, [0.0])
+        write_results(runs, "td3_bc", "local/walker2d/medium-v0", seed, [100.0])
+    write_results(runs, "bc", "local/hopper/medium-v0", 0, [10.0], finished=False)  # unfinished: not counted
+    summarize.main([runs, "--out", results])
+    md = open(os.path.join(results, "summary.md")).read()
+    rows = aggregate_rows(md)
+    assert set(rows) == {"iql", "td3_bc"}
+    assert rows["iql"]["tasks"] == "2" and rows["iql"]["runs"] == "8"
+    assert rows["iql"]["IQM [95% CI]"].startswith("50.0 [") and rows["iql"]["mean [95% CI]"].startswith("168.8 [")
+    assert rows["td3_bc"]["IQM [95% CI]"] == "50.0 [50.0, 50.0]"
+    assert rows["td3_bc"]["mean [95% CI]"] == "50.0 [50.0, 50.0]"
+    with open(os.path.join(results, summarize.PROFILE_FILE), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert f"![performance profile]({summarize.PROFILE_FILE})" in md
+    # The same runs, the same summary: the bootstrap has a fixed seed.
+    summarize.main([runs, "--out", results])
+    assert open(os.path.join(results, "summary.md")).read() == md
+
+
+def test_iqm_and_bootstrap_helpers():
+    import numpy as np
+
+    assert summarize.iqm(np.array([1.0, 2.0, 3.0, 4.0, 100.0])) == 3.0  # a quarter of 5 is 1 cut from each end
+    assert summarize.iqm(np.array([[0.0, 1.0, 2.0, 3.0], [4.0, 4.0, 8.0, 8.0]])).tolist() == [1.5, 6.0]
+    low, high = summarize.bootstrap([np.array([5.0, 5.0])], lambda drawn: drawn.mean(axis=1))
+    assert low == high == 5.0
+    assert summarize.seed_interval([[1.0]]) is None  # one seed: no interval
+
+
+def test_summary_scores_the_final_evaluation_and_states_the_protocol(tmp_path):
+    """The final score is the last evaluation's per-episode returns, normalised (over however many
+    episodes --final-episodes gave it); runs.csv names torch, the device and the hours per 1M steps."""
+    runs, results = str(tmp_path / "runs"), str(tmp_path / "results")
+    env = "local/hopper/medium-v0"
+    # dataset references 0 and 1: returns 0.2 and 0.4 are 20 and 40, a final score of 30, whatever
+    # the summary field says
+    for seed in range(2):
+        write_results(runs, "iql", env, seed, [10.0, 99.0], last={"episode_returns": [0.2, 0.4, 0.2, 0.4]},
+                      train_seconds=7200.0, torch="2.5.1", device="NVIDIA H100 80GB HBM3")
+    write_results(runs, "bc", env, 0, [40.0], total_steps=500_000, train_seconds=7200.0)
+    summarize.main([runs, "--out", results])
+    md = open(os.path.join(results, "summary.md")).read()
+    assert rows_of(md, "corl: D4RL v2 last", "hopper-medium-v2")["iql"].startswith("30.0 ± 0.0 [30.0, 30.0]")
+    assert aggregate_rows(md)["iql"]["final evaluation (episodes per run)"] == "4"
+    assert aggregate_rows(md)["iql"]["IQM [95% CI]"] == "30.0 [30.0, 30.0]"
+    assert aggregate_rows(md)["bc"]["final evaluation (episodes per run)"] == "?"  # results.json without them
+    assert "Final, not best" in md and "No hyperparameter was tuned" in md
+    assert "2 runs on NVIDIA H100 80GB HBM3, torch 2.5.1" in md and "1 runs on unknown, torch unknown" in md
+    with open(os.path.join(results, "runs.csv")) as f:
+        rows = {(r["algorithm"], r["seed"]): r for r in csv.DictReader(f)}
+    assert rows[("iql", "0")]["torch"] == "2.5.1" and rows[("iql", "0")]["device"] == "NVIDIA H100 80GB HBM3"
+    assert float(rows[("iql", "0")]["train_hours_per_1M_steps"]) == 2.0 and rows[("iql", "0")]["final_episodes"] == "4"
+    assert rows[("bc", "0")]["torch"] == rows[("bc", "0")]["device"] == "unknown"
+    assert float(rows[("bc", "0")]["train_hours_per_1M_steps"]) == 4.0
+
+
+def rows_of(md: str, table: str, dataset: str) -> dict[str, str]:
+    section = md.split(f"### {table}")[1].split("###")[0]
+    header = next(line for line in section.splitlines() if line.startswith("| paper dataset"))
+    line = next(line for line in section.splitlines() if line.startswith(f"| {dataset} |"))
+    return dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in line.split("|")]))
