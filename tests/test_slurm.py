@@ -150,10 +150,10 @@ def benchmark(*argv, minari: str):
                           capture_output=True, text=True, timeout=300)
 
 
-def submit(script: str, slurm: dict) -> tuple[str, str]:
+def submit(script: str, slurm: dict, **variables) -> tuple[str, str]:
     """`bash script` from a shell with nothing of this one: no venv, no dataset variables, a
     minimal PATH (and where this test's Slurm is); returns (array job id, summary job id)."""
-    bare = {"PATH": "/usr/bin:/bin", "SLURM_CONF": slurm["SLURM_CONF"]}
+    bare = {"PATH": "/usr/bin:/bin", "SLURM_CONF": slurm["SLURM_CONF"], **variables}
     done = subprocess.run(["env", "-i", *[f"{k}={v}" for k, v in bare.items()], "bash", script],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -214,7 +214,7 @@ def test_a_benchmark_on_slurm_cancelled_and_resubmitted_ends_with_the_full_summa
     # Resubmitting writes the one run still to do; it continues from its checkpoint.
     again = benchmark(*argv, minari=minari)
     assert again.returncode == 0 and "1 array tasks (3 runs already finished)" in again.stdout, again.stderr
-    array2, summary2 = submit(script, slurm)
+    array2, summary2 = submit(script, slurm, SBATCH_EXPORT="NONE")  # as clusters that pass no environment
     wait_until_gone([array2, summary2], slurm, runs)
 
     for name in names:
@@ -226,5 +226,6 @@ def test_a_benchmark_on_slurm_cancelled_and_resubmitted_ends_with_the_full_summa
     assert "resuming from step" in log.split("stopped by SIGTERM")[1]
     final = open(os.path.join(results, "summary.md")).read()
     assert "4 runs from" in final and "(0 unfinished, left out of the tables)" in final
+    assert "## Aggregate over tasks" in final and "| td3_bc | 1 | 2 |" in final
     assert f"| `{DATASET}` | td3_bc | 2 |" in final
     assert os.path.exists(os.path.join(runs, "slurm-logs", f"summary-{summary2}.log"))
