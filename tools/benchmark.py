@@ -65,14 +65,15 @@ FULL_EVAL_EPISODES = 10
 FULL_SEEDS = 5  # the most any table uses (Fisher-BRC); the summary takes each paper's own count
 # Episodes of each run's last evaluation in the full benchmark (the files' --final-episodes): the
 # final policy is what the summary scores, and 10 episodes leave it several points of noise. Passed
-# only to files that have the flag (FINAL_EPISODES_FLAG in their source); 0 turns it off.
+# only to files that have the flag (FINAL_EPISODES_FLAG in their source); --final-episodes 0 or a
+# value of 0 here turns it off.
 FULL_FINAL_EPISODES = 100
 FINAL_EPISODES_FLAG = "final_episodes"
 
 # sbatch --mem of a run with --slurm (one value per array: the runs are grouped by it), in GB, per
-# domain: an Adroit run needs about 8 GB (its datasets and MuJoCo models are the largest), the
-# others well under; twice that leaves room for the allocator. An evaluation of more than 100
-# episodes at once (BRAC+'s 1000 on Adroit) adds ~8 MB per env, Adroit's measured size.
+# domain: an Adroit run needs about 8 GB and the quick profile's runs peak under 1 GB
+# (docs/results.md); twice the largest need leaves room for the allocator and the eval envs. An
+# evaluation of more than 100 episodes at once (BRAC+'s 1000 on Adroit) adds ~8 MB per env.
 SLURM_MEM_GB = {"*": 8, "adroit": 16}
 SLURM_MB_PER_EVAL_ENV = 8
 SLURM_SUMMARY_MEM = "2G"  # the summary job reads results.json files and draws a few figures
