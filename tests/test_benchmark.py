@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT
 from test_d4rl_files import write_file as write_d4rl_file
-from common import UserError
+from common import UserError, load_dataset
 from tools import benchmark, summarize
 
 
@@ -22,8 +22,9 @@ def dry_run(capsys, *argv) -> list[str]:
     return [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
 
 
-def write_results(folder, algo, env, seed, scores, total_steps=1_000_000, finished=True):
-    """A results.json like common.Run writes, with one evaluation per score."""
+def write_results(folder, algo, env, seed, scores, total_steps=1_000_000, finished=True, last=None, **extra):
+    """A results.json like common.Run writes, with one evaluation per score; `last` updates the last
+    evaluation, `extra` the top level."""
     run_dir = os.path.join(folder, benchmark.run_name(algo, env, seed))
     os.makedirs(run_dir, exist_ok=True)
     evaluations = [{"step": 1000 * (i + 1), "return_mean": 10.0 * s, "return_std": 0.0,
@@ -33,7 +34,8 @@ def write_results(folder, algo, env, seed, scores, total_steps=1_000_000, finish
                "dataset": {"transitions": 1000, "episodes": 10, "ref_min_score": 0.0, "ref_max_score": 1.0,
                            "ref_scores_source": "dataset"},
                "evaluations": evaluations, "final_return": evaluations[-1]["return_mean"],
-               "final_normalized_score": scores[-1], "finished": finished, "train_seconds": 1.0}
+               "final_normalized_score": scores[-1], "finished": finished, "train_seconds": 1.0, **extra}
+    evaluations[-1].update(last or {})
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)  # indented as common.write_json does: the sbatch grep relies on it
 
@@ -49,8 +51,9 @@ def test_dry_run_lists_the_expected_commands(capsys, tmp_path):
         for env in ("mujoco/hopper/medium-v0", "D4RL/pen/human-v2"):  # hopper-medium-v2's stand-in
             for algo in ("iql", "fisher_brc"):
                 bc = " --bc-steps 10" if algo == "fisher_brc" else ""  # iql has no behaviour phase
+                final = " --final-episodes 100" if benchmark.accepts_final_episodes(algo) else ""
                 expected.append(f"OMP_NUM_THREADS={threads} python algorithms/{algo}.py --env {env} --seed {seed} "
-                                f"--total-steps 100{bc} --eval-every 5000 --eval-episodes 10 --output-dir {out} "
+                                f"--total-steps 100{bc} --eval-every 5000 --eval-episodes 10{final} --output-dir {out} "
                                 f"--run-name {algo}__{env.replace('/', '-')}__s{seed}")
     lines = [" ".join(t for t in line.split() if not t.startswith("CUDA_VISIBLE_DEVICES=")) for line in lines]
     assert lines == expected
@@ -99,6 +102,13 @@ def test_quick_dry_run_uses_the_documented_budgets(capsys, tmp_path):
     (["--datasets", "walker2d-medium-expert-v2"], "paper dataset 'walker2d-medium-expert-v2' has no stand-in"),
     (["--quick", "--datasets", "mujoco/hopper/medium-v0"], "--quick runs offline"),
     (["--steps", "0"], "--steps must be positive"),
+    (["--final-episodes", "-1"], "--final-episodes must be 0 or more"),
+    (["--time", "10"], "--time is an sbatch setting: it goes with --slurm"),
+    (["--slurm", "--workers", "4"], "--workers is for runs on this machine; with --slurm, --max-parallel N"),
+    (["--slurm", "--mem", "8GB"], "--mem '8GB' is not a Slurm value (e.g. 8G or 16000M)"),
+    (["--slurm", "--time", "1 day"], "--time '1 day' is not a Slurm value"),
+    (["--slurm", "--gpus", "0"], "--gpus '0' is not a Slurm value (e.g. 1 or a100:1)"),
+    (["--slurm", "--max-parallel", "0"], "--max-parallel must be positive"),
 ])
 def test_bad_selection_is_one_clear_error(argv, message, tmp_path):
     with pytest.raises(UserError) as info:
@@ -137,35 +147,129 @@ def test_precision_reaches_every_run_and_keeps_bf16_runs_apart(capsys, tmp_path)
     assert quick and all("--output-dir runs/benchmark-quick-bf16 " in line for line in quick)
 
 
-def test_slurm_script_runs_the_same_commands(capsys, tmp_path):
+def fake_datasets(monkeypatch, tmp_path, *ids):
+    """A Minari folder in which `ids` count as present (the test benchmark.dataset_on_disk makes)."""
+    folder = tmp_path / "minari"
+    for dataset_id in ids:
+        (folder / dataset_id / "data").mkdir(parents=True)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(folder))
+    return folder
+
+
+def fake_command(folder, name: str, body: str) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text("#!/bin/sh\n" + body)
+    (folder / name).chmod(0o755)
+
+
+def test_slurm_script_runs_the_same_commands_without_the_submitting_shell(capsys, tmp_path, monkeypatch):
+    data = fake_datasets(monkeypatch, tmp_path, "local/hopper/medium-v0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
     out = str(tmp_path / "runs")
     argv = ["--algos", "bc", "cql", "--datasets", "local/hopper/medium-v0", "--seeds", "0", "1", "--steps", "50",
             "--bc-steps", "5", "--output-dir", out]
     write_results(out, "cql", "local/hopper/medium-v0", 1, [1.0], total_steps=50)
     commands = [line.split(" python ", 1)[1] for line in dry_run(capsys, *argv)]
     script = str(tmp_path / "job.sbatch")
+    # The tasks run the interpreter the script was written with, by its absolute path: here a fake one
+    # that records its arguments and the dataset variables it was given.
+    fake_bin = tmp_path / "bin"
+    fake_command(fake_bin, "python", 'echo "$@" > "$RECORD"\n'
+                 'echo "$MINARI_DATASETS_PATH $HF_HUB_OFFLINE $D4RL_DATASET_DIR" >> "$RECORD"\n')
+    monkeypatch.setattr(sys, "executable", str(fake_bin / "python"))
     assert benchmark.main([*argv, "--slurm", script]) == 0
+    monkeypatch.undo()
     assert subprocess.run(["bash", "-n", script]).returncode == 0
     text = open(script).read()
-    assert len(commands) == 3 and "#SBATCH --array=0-2%1" in text
-    for command in commands:
-        assert f"'python {command}'" in text
-    # Each array task runs its own command: a fake `python` records what it was given.
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "python").write_text("#!/bin/sh\necho \"$@\" > \"$RECORD\"\n")
-    (fake_bin / "python").chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "RECORD": str(tmp_path / "record")}
+    assert len(commands) == 3 and "#SBATCH --array=0-2\n" in text  # no throttle unless asked
+    assert "#SBATCH --mem=8G\n" in text and "--time" not in text and "--partition" not in text and "gpu" not in text
+    # Each array task runs its own command, from a shell with nothing of this one's environment.
+    bare = {"PATH": "/usr/bin:/bin", "RECORD": str(tmp_path / "record")}
     for task, command in enumerate(commands):
-        subprocess.run(["bash", script], env={**env, "SLURM_ARRAY_TASK_ID": str(task)}, check=True)
-        assert (tmp_path / "record").read_text().strip() == command
+        subprocess.run(["bash", script], env={**bare, "SLURM_ARRAY_TASK_ID": str(task)}, check=True)
+        recorded = (tmp_path / "record").read_text().splitlines()
+        assert recorded == [command, f"{data} 1 {tmp_path / 'd4rl'}"]
     # A task whose run finished since the script was written is skipped.
     write_results(out, "bc", "local/hopper/medium-v0", 0, [1.0], total_steps=50)
-    done = subprocess.run(["bash", script], env={**env, "SLURM_ARRAY_TASK_ID": "0"}, capture_output=True, text=True)
+    done = subprocess.run(["bash", script], env={**bare, "SLURM_ARRAY_TASK_ID": "0"}, capture_output=True, text=True)
     assert done.returncode == 0 and "already finished" in done.stdout
 
 
-def test_slurm_script_requeues_on_usr1(capsys, tmp_path):
+def test_slurm_submission_groups_runs_by_memory_and_summarises_after_them(capsys, tmp_path, monkeypatch):
+    """`bash FILE` submits one array per memory size (the resources asked for passed through) and
+    the summary job after all of them; a fake sbatch records the calls."""
+    fake_datasets(monkeypatch, tmp_path, "local/hopper/medium-v0", "D4RL/pen/human-v2")
+    out, results, script = tmp_path / "runs", tmp_path / "results", tmp_path / "job.sbatch"
+    argv = ["--algos", "bc", "brac_plus", "--datasets", "local/hopper/medium-v0", "D4RL/pen/human-v2",
+            "--seeds", "0", "--steps", "50", "--output-dir", str(out), "--results-dir", str(results), "--slurm",
+            str(script)]
+    assert benchmark.main([*argv, "--max-parallel", "2", "--time", "2-00:00:00", "--partition", "gpu",
+                           "--gpus", "a100:1"]) == 0
+    text = script.read_text()
+    for line in ("--array=0-3%2", "--time=2-00:00:00", "--partition=gpu", "--gres=gpu:a100:1", "--mem=24G",
+                 f"--output={out}/slurm-logs/%A_%a.log"):
+        assert f"#SBATCH {line}\n" in text, line
+    fake_bin = tmp_path / "bin"
+    n = tmp_path / "n"
+    fake_command(fake_bin, "sbatch", f'echo "$@" >> "$RECORD"\nn=$(($(cat {n} 2>/dev/null || echo 100) + 1))\n'
+                 f'echo $n > {n}\necho "$n;cluster"\n')
+    env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "RECORD": str(tmp_path / "record")}
+    submitted = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert submitted.returncode == 0, submitted.stderr
+    calls = (tmp_path / "record").read_text().splitlines()
+    # runs: bc hopper, brac_plus hopper, bc pen, brac_plus pen (BRAC+'s 1000-episode Adroit evaluations)
+    assert calls[:3] == [f"--parsable --array=0-1%2 --mem=8G {script}",
+                         f"--parsable --array=2%2 --mem=16G {script}", f"--parsable --array=3%2 --mem=24G {script}"]
+    assert calls[3].startswith("--parsable --dependency=afterany:101:102:103 --job-name=offline-rl-summary ")
+    assert "--time=2-00:00:00 --partition=gpu" in calls[3] and "gres" not in calls[3]
+    assert calls[3].endswith(f"--wrap=cd {ROOT} && exec {sys.executable} tools/summarize.py {out} --out {results}")
+    assert "as array job(s) 101 102 103 and the summary as job 104" in submitted.stdout
+    # --mem sets every task: one array.
+    assert benchmark.main([*argv, "--mem", "4000M"]) == 0
+    (tmp_path / "record").unlink()
+    subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True)
+    assert (tmp_path / "record").read_text().splitlines()[0] == f"--parsable --array=0-3 --mem=4000M {script}"
+
+
+def test_slurm_refuses_a_selection_whose_datasets_are_not_here(tmp_path, monkeypatch):
+    fake_datasets(monkeypatch, tmp_path, "local/hopper/medium-v0")
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    script = tmp_path / "job.sbatch"
+    argv = ["--algos", "bc", "--seeds", "0", "--output-dir", str(tmp_path / "runs"), "--slurm", str(script)]
+    with pytest.raises(UserError) as info:
+        benchmark.main([*argv, "--datasets", "local/hopper/medium-v0", "D4RL/pen/human-v2", "d4rl/pen-human-v0"])
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(
+        "--slurm: 2 of the selection's datasets are not here yet (D4RL/pen/human-v2, d4rl/pen-human-v0; ")
+    assert message.endswith("run the same command with --fetch-only instead of --slurm first")
+    assert not script.exists()
+    (tmp_path / "d4rl").mkdir()
+    (tmp_path / "d4rl" / "pen-v0_demos_clipped.hdf5").write_bytes(b"")  # D4RL's file, not yet written
+    with pytest.raises(UserError):  # into Minari's storage, which --fetch-only does
+        benchmark.main([*argv, "--datasets", "local/hopper/medium-v0", "d4rl/pen-human-v0"])
+    (tmp_path / "minari" / "d4rl" / "pen-human-v0" / "data").mkdir(parents=True)
+    assert benchmark.main([*argv, "--datasets", "local/hopper/medium-v0", "d4rl/pen-human-v0"]) == 0
+    assert script.exists()
+
+
+def test_the_full_benchmark_scores_the_final_policy_on_more_episodes(capsys, tmp_path, monkeypatch):
+    """--final-episodes 100 reaches the files that have the flag, in the full benchmark only."""
+    assert benchmark.accepts_final_episodes("bc") == ("final_episodes:" in open(os.path.join(ROOT, "algorithms",
+                                                                                           "bc.py")).read())
+    monkeypatch.setattr(benchmark, "accepts_final_episodes", lambda algo: algo != "cql")
+    argv = ["--algos", "bc", "cql", "--datasets", "local/hopper/medium-replay-v0", "--seeds", "0",
+            "--output-dir", str(tmp_path)]
+    full = dry_run(capsys, *argv)
+    assert "--eval-episodes 10 --final-episodes 100 --output-dir" in full[0] and "--final-episodes" not in full[1]
+    assert all("--final-episodes" not in line for line in dry_run(capsys, *argv, "--final-episodes", "0"))
+    assert "--final-episodes 30 " in dry_run(capsys, *argv, "--final-episodes", "30")[0]
+    assert all("--final-episodes" not in line for line in dry_run(capsys, "--quick", *argv))
+
+
+def test_slurm_script_requeues_on_usr1(capsys, tmp_path, monkeypatch):
+    fake_datasets(monkeypatch, tmp_path, "local/hopper/medium-v0")
     script = str(tmp_path / "job.sbatch")
     assert benchmark.main(["--algos", "bc", "--datasets", "local/hopper/medium-v0", "--seeds", "0", "--steps", "50",
                            "--output-dir", str(tmp_path / "runs"), "--slurm", script]) == 0
@@ -182,6 +286,8 @@ def test_a_slurm_task_stopped_by_usr1_checkpoints_requeues_and_resumes(tmp_path,
     (tmp_path / "d4rl").mkdir()
     write_d4rl_file(tmp_path / "d4rl" / "hopper_medium_replay-v2.hdf5", 400)
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    load_dataset("d4rl/hopper-medium-replay-v2")  # written into Minari's storage, as --fetch-only does
     out = tmp_path / "runs"
     script = str(tmp_path / "job.sbatch")
     assert benchmark.main(["--algos", "bc", "--datasets", "d4rl/hopper-medium-replay-v2", "--seeds", "0", "--steps", "1500",
@@ -202,16 +308,19 @@ def test_a_slurm_task_stopped_by_usr1_checkpoints_requeues_and_resumes(tmp_path,
     assert task.poll() is None, "the run ended before it could be signalled: " + "".join(task.communicate())[-3000:]
     task.send_signal(signal.SIGUSR1)  # what Slurm sends the batch shell (B:) before the time limit
     stdout, stderr = task.communicate(timeout=120)
-    assert task.returncode == 128 + signal.SIGUSR1, stdout[-2000:] + stderr[-2000:]
-    assert "stopped by SIGUSR1" in stdout and "requeueing" in stdout
+    log = (run_dir / "stdout.log").read_text()  # the task's output: the run folder keeps it
+    assert task.returncode == 128 + signal.SIGUSR1, stdout[-2000:] + stderr[-2000:] + log[-2000:]
+    assert "stopped by SIGUSR1" in log and "requeueing" in log
     assert record.read_text().split() == ["requeue", "4242"]
     with open(run_dir / "results.json") as f:
         assert not json.load(f)["finished"]
     # Slurm runs the requeued task again: the run continues from its checkpoint and finishes.
     record.unlink()
     again = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "resuming from step" in again.stdout and not record.exists()
+    log = (run_dir / "stdout.log").read_text()
+    assert again.returncode == 0, log[-2000:]
+    assert "resuming from step" in log.split("requeueing")[1] and not record.exists()
+    assert log.count("[slurm] job 4242") == 2  # both attempts' output, one after the other
     with open(run_dir / "results.json") as f:
         results = json.load(f)
     assert results["finished"] and results["evaluations"][-1]["step"] == 1500
@@ -232,7 +341,7 @@ def test_the_d4rl_file_of_a_paper_dataset_is_preferred_to_its_stand_in(capsys, t
     for name in ("hopper_medium_replay-v2.hdf5", "walker2d_random-v2.hdf5",
                  "Ant_maze_u-maze_noisy_multistart_False_multigoal_False_sparse_fixed.hdf5"):
         (d4rl_dir / name).write_bytes(b"")  # only its presence matters to the selection
-    # AntMaze files are not read here (common.d4rl_files has none): the Minari port stays.
+    # AntMaze files are not read here (tools/d4rl_files.py has none): the Minari port stays.
     assert envs() == ["d4rl/hopper-medium-replay-v2", "D4RL/antmaze/umaze-v1"]
     # A paper dataset without a stand-in becomes available; the default selection takes the file too.
     assert envs("walker2d-random-v2") == ["d4rl/hopper-medium-replay-v2", "D4RL/antmaze/umaze-v1",
@@ -280,17 +389,22 @@ def test_summary_numbers_and_flags(tmp_path):
 
     # Fisher-BRC: last evaluation, 5 seeds (60..64): mean 62, population std sqrt(2); no IQL column in the paper.
     fbrc = row("fisher_brc: Table 1", "hopper-medium-v0")
-    assert fbrc["iql"] == "62.0 ± 1.4"
+    # In brackets, the 95% bootstrap interval of the mean over the 5 seeds: about mean ± 1.96 x std / sqrt(5).
+    mean_std, interval = fbrc["iql"].split(" [")
+    low, high = (float(x) for x in interval.rstrip("]").split(", "))
+    assert mean_std == "62.0 ± 1.4" and 60.0 < low < 62.0 < high < 64.0
+    assert abs(low - (62 - 1.96 * 2 ** 0.5 / 5 ** 0.5)) < 0.3 and abs(high - (62 + 1.96 * 2 ** 0.5 / 5 ** 0.5)) < 0.3
     assert fbrc["our data"] == "`local/hopper/medium-v0` (stand-in)"
     assert fbrc["fisher_brc"] == "— (99.4 ± 0.3)" and fbrc["BRAC-p (paper)"] == "31.2"
     # iTRPO: last 10 evaluations of the first 4 seeds pooled (60..63 x 10): 61.5 ± 1.1, inside 63.6 ± 2 x 2.9.
     itrpo = row("itrpo: Table 2", "hopper-medium-v2")
-    assert itrpo["iql"] == "61.5 ± 1.1 (63.6 ± 2.9)"
+    assert itrpo["iql"].startswith("61.5 ± 1.1 [") and itrpo["iql"].endswith("] (63.6 ± 2.9)")
     # td3_bc: 2 seeds of 5,000 steps, 120 vs 59.0 ± 0.7: flagged high, and marked as short of the protocol.
-    assert itrpo["td3_bc"] == "120.0 ± 0.0 ⚠ high † (59.0 ± 0.7)"
+    assert itrpo["td3_bc"] == "120.0 ± 0.0 [120.0, 120.0] ⚠ high † (59.0 ± 0.7)"
     assert "td3_bc: 2 seeds, 5,000 steps, fewer than 10 evaluations" in md
     # CORL: last evaluation, 4 seeds (60..63): 61.5 is more than 5 points under 67.5 (no std given).
-    assert row("corl: D4RL v2 last", "hopper-medium-v2")["iql"] == "61.5 ± 1.1 ⚠ low (67.5)"
+    corl = row("corl: D4RL v2 last", "hopper-medium-v2")["iql"]
+    assert corl.startswith("61.5 ± 1.1 [") and corl.endswith("] ⚠ low (67.5)")
     # ARQ: 3 seeds (60, 61, 62).
     assert row("arq: Table A.4", "hopper-medium-v2")["iql"].startswith("61.0 ± 0.8")
     # The unfinished bc run is counted but left out of the tables.
@@ -422,7 +536,7 @@ def test_lost_paper_cells_show_na_and_are_not_compared(tmp_path):
     md = open(os.path.join(results, "summary.md")).read()
     section = md.split("### arq: Table A.4")[1].split("###")[0]
     line = next(line for line in section.splitlines() if line.startswith("| hopper-medium-v2 |"))
-    assert "| 20.0 ± 0.0 (n/a) |" in line and "⚠" not in line
+    assert "| 20.0 ± 0.0 [20.0, 20.0] (n/a) |" in line and "⚠" not in line
     assert "n/a: the paper has a number here that our copy of its text lost" in section
 
 
@@ -511,9 +625,10 @@ def test_quick_table_marks_slow_files_names_flags_caches_and_files_below_bc(tmp_
     quick = md.split("## Quick profile")[1].split("## Paper tables")[0]
     row = next(line for line in quick.splitlines() if line.startswith(f"| `{data}`"))
     cells = dict(zip(quick.splitlines()[4].strip("| ").split(" | "), row.strip("| ").split(" | ")))
-    assert cells["bc"] == "11.0 ± 1.0" and cells["iql"] == "21.0 ± 1.0" and cells["cql"] == "6.0 ± 1.0"
+    assert cells["bc"] == "11.0 ± 1.0 [10.0, 12.0]" and cells["iql"] == "21.0 ± 1.0 [20.0, 22.0]"
+    assert cells["cql"] == "6.0 ± 1.0 [5.0, 7.0]"
     assert cells["brac_plus"] == "too slow for quick: 30 steps"  # a score of 50 is not shown
-    assert cells["td3_bc"] == "20.0 ± 0.0"  # the mean of the second half of its evaluations
+    assert cells["td3_bc"] == "20.0 ± 0.0 [20.0, 20.0]"  # the mean of the second half of its evaluations
     assert f"On `{data}`, below BC (11.0): cql." in quick
     assert "iql: `--gp-weight 1.0`" in quick and "brac_plus: 30 RL steps in its share" in quick
     assert f"`{benchmark.run_name('iql', data, 1)}`" in quick.split("from the cache")[1]
@@ -537,9 +652,9 @@ def test_quick_table_says_which_files_did_not_run_on_a_dataset(tmp_path):
     rows = {line.split(" | ")[0].strip("| `"): dict(zip(header, line.strip("| ").split(" | ")))
             for line in quick.splitlines() if line.startswith("| `local/")}
     assert rows["local/walker2d/medium-replay-v0"]["cql"] == "not run"
-    assert rows["local/walker2d/medium-replay-v0"]["awr"] == "30.0 ± 0.0"
+    assert rows["local/walker2d/medium-replay-v0"]["awr"] == "30.0"  # one seed: no interval
     assert rows["local/hopper/medium-replay-v0"]["awr"] == "not run"
-    assert rows["local/walker2d/medium-replay-v0"]["bc"] == "20.0 ± 0.0"
+    assert rows["local/walker2d/medium-replay-v0"]["bc"] == "20.0"
     import matplotlib.image
     figure = matplotlib.image.imread(tmp_path / "results" / "curves" / "quick-local-walker2d-medium-replay-v0.png")
     assert figure.shape[1] == 3 * 320 and figure.shape[0] == 2 * 240  # bc, td3_bc, awr, iql: 2 rows of 3
@@ -562,3 +677,82 @@ def test_quick_summary_says_when_its_runs_were_not_fp32(tmp_path):
     results["args"]["precision"] = "bf16"
     json.dump(results, open(path, "w"))
     assert "Precision (--precision): bf16, fp32." in quick_section()
+
+
+def aggregate_rows(md: str) -> dict[str, dict[str, str]]:
+    section = md.split("## Aggregate over tasks")[1].split("\n## ")[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    header = lines[0].strip("| ").split(" | ")
+    return {line.split(" | ")[0].strip("| "): dict(zip(header, line.strip("| ").split(" | "))) for line in lines[1:]}
+
+
+def test_aggregate_is_the_iqm_over_tasks_with_a_stratified_interval(tmp_path):
+    runs, results = str(tmp_path / "runs"), str(tmp_path / "results")
+    # iql: 8 runs on two tasks, sorted 0 50 50 50 50 50 100 1000: the middle half is all 50, the mean 168.75.
+    for seed, (a, b) in enumerate([(0.0, 50.0), (50.0, 50.0), (50.0, 50.0), (100.0, 1000.0)]):
+        write_results(runs, "iql", "local/hopper/medium-v0", seed, [a])
+        write_results(runs, "iql", "local/walker2d/medium-v0", seed, [b])
+    # td3_bc: all 0 on one task, all 100 on the other. Resampled within each task, every resample holds
+    # four of each (IQM 50, always); resampled over the pooled runs, the IQM would range from 0 to 100.
+    for seed in range(4):
+        write_results(runs, "td3_bc", "local/hopper/medium-v0", seed, [0.0])
+        write_results(runs, "td3_bc", "local/walker2d/medium-v0", seed, [100.0])
+    write_results(runs, "bc", "local/hopper/medium-v0", 0, [10.0], finished=False)  # unfinished: not counted
+    summarize.main([runs, "--out", results])
+    md = open(os.path.join(results, "summary.md")).read()
+    rows = aggregate_rows(md)
+    assert set(rows) == {"iql", "td3_bc"}
+    assert rows["iql"]["tasks"] == "2" and rows["iql"]["runs"] == "8"
+    assert rows["iql"]["IQM [95% CI]"].startswith("50.0 [") and rows["iql"]["mean [95% CI]"].startswith("168.8 [")
+    assert rows["td3_bc"]["IQM [95% CI]"] == "50.0 [50.0, 50.0]"
+    assert rows["td3_bc"]["mean [95% CI]"] == "50.0 [50.0, 50.0]"
+    with open(os.path.join(results, summarize.PROFILE_FILE), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert f"![performance profile]({summarize.PROFILE_FILE})" in md
+    # The same runs, the same summary: the bootstrap has a fixed seed.
+    summarize.main([runs, "--out", results])
+    assert open(os.path.join(results, "summary.md")).read() == md
+
+
+def test_iqm_and_bootstrap_helpers():
+    import numpy as np
+
+    assert summarize.iqm(np.array([1.0, 2.0, 3.0, 4.0, 100.0])) == 3.0  # a quarter of 5 is 1 cut from each end
+    assert summarize.iqm(np.array([[0.0, 1.0, 2.0, 3.0], [4.0, 4.0, 8.0, 8.0]])).tolist() == [1.5, 6.0]
+    low, high = summarize.bootstrap([np.array([5.0, 5.0])], lambda drawn: drawn.mean(axis=1))
+    assert low == high == 5.0
+    assert summarize.seed_interval([[1.0]]) is None  # one seed: no interval
+
+
+def test_summary_scores_the_final_evaluation_and_states_the_protocol(tmp_path):
+    """The final score is the last evaluation's per-episode returns, normalised (over however many
+    episodes --final-episodes gave it); runs.csv names torch, the device and the hours per 1M steps."""
+    runs, results = str(tmp_path / "runs"), str(tmp_path / "results")
+    env = "local/hopper/medium-v0"
+    # dataset references 0 and 1: returns 0.2 and 0.4 are 20 and 40, a final score of 30, whatever
+    # the summary field says
+    for seed in range(2):
+        write_results(runs, "iql", env, seed, [10.0, 99.0], last={"episode_returns": [0.2, 0.4, 0.2, 0.4]},
+                      train_seconds=7200.0, torch="2.5.1", device="NVIDIA H100 80GB HBM3")
+    write_results(runs, "bc", env, 0, [40.0], total_steps=500_000, train_seconds=7200.0)
+    summarize.main([runs, "--out", results])
+    md = open(os.path.join(results, "summary.md")).read()
+    assert rows_of(md, "corl: D4RL v2 last", "hopper-medium-v2")["iql"].startswith("30.0 ± 0.0 [30.0, 30.0]")
+    assert aggregate_rows(md)["iql"]["final evaluation (episodes per run)"] == "4"
+    assert aggregate_rows(md)["iql"]["IQM [95% CI]"] == "30.0 [30.0, 30.0]"
+    assert aggregate_rows(md)["bc"]["final evaluation (episodes per run)"] == "?"  # results.json without them
+    assert "Final, not best" in md and "No hyperparameter was tuned" in md
+    assert "2 runs on NVIDIA H100 80GB HBM3, torch 2.5.1" in md and "1 runs on unknown, torch unknown" in md
+    with open(os.path.join(results, "runs.csv")) as f:
+        rows = {(r["algorithm"], r["seed"]): r for r in csv.DictReader(f)}
+    assert rows[("iql", "0")]["torch"] == "2.5.1" and rows[("iql", "0")]["device"] == "NVIDIA H100 80GB HBM3"
+    assert float(rows[("iql", "0")]["train_hours_per_1M_steps"]) == 2.0 and rows[("iql", "0")]["final_episodes"] == "4"
+    assert rows[("bc", "0")]["torch"] == rows[("bc", "0")]["device"] == "unknown"
+    assert float(rows[("bc", "0")]["train_hours_per_1M_steps"]) == 4.0
+
+
+def rows_of(md: str, table: str, dataset: str) -> dict[str, str]:
+    section = md.split(f"### {table}")[1].split("###")[0]
+    header = next(line for line in section.splitlines() if line.startswith("| paper dataset"))
+    line = next(line for line in section.splitlines() if line.startswith(f"| {dataset} |"))
+    return dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in line.split("|")]))

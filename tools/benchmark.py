@@ -22,6 +22,7 @@ import difflib
 import itertools
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -32,7 +33,8 @@ TOOLS = os.path.join(ROOT, "tools")
 sys.path.insert(0, ROOT)
 if TOOLS not in sys.path:
     sys.path.append(TOOLS)  # the dataset builder's modules (after the installed packages: no shadowing)
-from common import UserError, dataset_task, install_user_error_hook, load_dataset, write_json  # noqa: E402
+from common import (UserError, atomic_write, dataset_task, install_user_error_hook,  # noqa: E402
+                    load_dataset, write_json)
 from d4rl_files import d4rl_files, d4rl_name  # noqa: E402
 from dataset_recipe import parse_local_id  # noqa: E402
 from dataset_snapshots import shipped_manifests  # noqa: E402
@@ -62,6 +64,23 @@ PAPER_EVAL_EPISODES = {
 # Fisher-BRC, TD3+BC and IQL.
 FULL_EVAL_EPISODES = 10
 FULL_SEEDS = 5  # the most any table uses (Fisher-BRC); the summary takes each paper's own count
+# Episodes of each run's last evaluation in the full benchmark (the files' --final-episodes): the
+# final policy is what the summary scores, and 10 episodes leave it several points of noise. Passed
+# only to files that have the flag (FINAL_EPISODES_FLAG in their source); --final-episodes 0 or a
+# value of 0 here turns it off.
+FULL_FINAL_EPISODES = 100
+FINAL_EPISODES_FLAG = "final_episodes"
+
+# sbatch --mem of a run with --slurm (one value per array: the runs are grouped by it), in GB, per
+# domain: an Adroit run needs about 8 GB and the quick profile's runs peak under 1 GB
+# (docs/results.md); twice the largest need leaves room for the allocator and the eval envs. An
+# evaluation of more than 100 episodes at once (BRAC+'s 1000 on Adroit) adds ~8 MB per env.
+SLURM_MEM_GB = {"*": 8, "adroit": 16}
+SLURM_MB_PER_EVAL_ENV = 8
+SLURM_SUMMARY_MEM = "2G"  # the summary job reads results.json files and draws a few figures
+# Variables the runs read their data through: the script exports the values the selection was checked
+# with, so that a task finds the same data without the submitting shell's environment.
+DATASET_VARIABLES = ("MINARI_DATASETS_PATH", "HF_HUB_OFFLINE", "D4RL_DATASET_DIR")
 
 # --quick: offline, the default builds of the three locomotion tasks' medium-replay (QUICK_DATASETS,
 # built once from the shipped snapshots, two at a time), two seeds, two runs at a time with one
@@ -159,15 +178,25 @@ def local_buildable(dataset_id: str) -> bool:
     return parsed is not None and parsed[0] in shipped_manifests()
 
 
-def d4rl_file_id(paper_dataset: str) -> str | None:
-    """`d4rl/<paper dataset>` when the user has D4RL's own file of it where tools/d4rl_files.py looks
-    ($D4RL_DATASET_DIR, ~/.d4rl/datasets) and reads it (locomotion and Adroit, not AntMaze)."""
+def d4rl_file_found(paper_dataset: str) -> bool:
+    """Whether D4RL's own file of `paper_dataset` is where tools/d4rl_files.py looks ($D4RL_DATASET_DIR,
+    ~/.d4rl/datasets) and reads it (locomotion and Adroit, not AntMaze)."""
     path = d4rl_files().get(paper_dataset)
     if path is None:
-        return None
+        return False
     folders = [os.path.expanduser(d) for d in (os.environ.get("D4RL_DATASET_DIR"), "~/.d4rl/datasets") if d]
-    found = any(os.path.isfile(os.path.join(d, path.rsplit("/", 1)[1])) for d in folders)
-    return f"d4rl/{paper_dataset}" if found else None
+    return any(os.path.isfile(os.path.join(d, path.rsplit("/", 1)[1])) for d in folders)
+
+
+def d4rl_file_id(paper_dataset: str) -> str | None:
+    """`d4rl/<paper dataset>` when the user has D4RL's own file of it (d4rl_file_found)."""
+    return f"d4rl/{paper_dataset}" if d4rl_file_found(paper_dataset) else None
+
+
+def dataset_present(dataset_id: str) -> bool:
+    """Whether a run can read `dataset_id` without the network or a build: Minari's folder holds it
+    (--fetch-only writes D4RL's files there, as a run's first use does)."""
+    return dataset_on_disk(dataset_id)
 
 
 def resolve_datasets(names: list[str] | None, quick: bool) -> list[str]:
@@ -232,6 +261,12 @@ def paper_eval_episodes(algo: str, dataset: str) -> int:
     return counts.get("adroit" if task in ADROIT_TASKS else task, counts.get("*", FULL_EVAL_EPISODES))
 
 
+def slurm_mem(dataset: str, episodes: int) -> str:
+    """sbatch --mem of a run on `dataset` whose largest evaluation has `episodes` episodes."""
+    base = SLURM_MEM_GB["adroit" if dataset_task(dataset) in ADROIT_TASKS else "*"]
+    return f"{base + -(-max(0, episodes - 100) * SLURM_MB_PER_EVAL_ENV // 1024)}G"
+
+
 def run_name(algo: str, dataset: str, seed: int) -> str:
     return f"{algo}__{dataset.replace('/', '-')}__s{seed}"
 
@@ -246,6 +281,13 @@ def gpu_ids() -> list[str]:
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def accepts_final_episodes(algo: str) -> bool:
+    """Whether algorithms/<algo>.py has --final-episodes: read from its source, as importing the nine
+    files (torch and all) to ask would take longer than the dry run itself."""
+    with open(os.path.join(ROOT, "algorithms", f"{algo}.py")) as f:
+        return f"{FINAL_EPISODES_FLAG}:" in f.read()
 
 
 def quick_selection(dataset: str, algo: str) -> bool:
@@ -286,15 +328,21 @@ def build_runs(args, algos: list[str], datasets: list[str], out_dir: str) -> lis
             argv += [behaviour_flag(algo), str(bc_steps)]
         if args.quick:
             argv += QUICK_FLAGS.get(algo, [])
-        argv += ["--eval-every", str(eval_every), "--eval-episodes", str(eval_episodes),
-                 "--output-dir", out_dir, "--run-name", name]
+        argv += ["--eval-every", str(eval_every), "--eval-episodes", str(eval_episodes)]
+        final_episodes = args.final_episodes if args.final_episodes is not None else \
+            (0 if args.quick else FULL_FINAL_EPISODES)
+        if final_episodes and accepts_final_episodes(algo):
+            argv += ["--final-episodes", str(final_episodes)]
+        argv += ["--output-dir", out_dir, "--run-name", name]
         if args.precision != "fp32":
             argv += ["--precision", args.precision]
         env = {"OMP_NUM_THREADS": str(threads)}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[len(runs) % len(gpus)]  # round-robin over GPUs
-        runs.append({"name": name, "algo": algo, "dataset": dataset, "seed": seed,
-                     "steps": steps, "precision": args.precision, "argv": argv, "env": env})
+        episodes = max(eval_episodes, final_episodes if accepts_final_episodes(algo) else 0)
+        runs.append({"name": name, "algo": algo, "dataset": dataset, "seed": seed, "steps": steps,
+                     "precision": args.precision, "argv": argv, "env": env,
+                     "mem": args.mem or slurm_mem(dataset, episodes)})
     return runs
 
 
@@ -368,45 +416,112 @@ def fetch_datasets(datasets: list[str], workers: int = 1) -> None:
         load_dataset(dataset)
 
 
-def write_slurm(runs: list[dict], out_dir: str, path: str, workers: int) -> None:
+def mem_mb(mem: str) -> int:
+    """Megabytes of an sbatch --mem value (a number with an optional K, M, G or T; M without)."""
+    unit = mem[-1].upper() if mem[-1].isalpha() else "M"
+    return int(mem.rstrip("KMGTkmgt")) * {"K": 1, "M": 1024, "G": 1024 ** 2, "T": 1024 ** 3}[unit] // 1024
+
+
+def index_ranges(indices: list[int]) -> str:
+    """Slurm's array syntax for sorted indices: [0, 1, 2, 5] -> '0-2,5'."""
+    parts, start = [], None
+    for k, i in enumerate(indices):
+        if start is None:
+            start = i
+        if k + 1 == len(indices) or indices[k + 1] != i + 1:
+            parts.append(str(start) if start == i else f"{start}-{i}")
+            start = None
+    return ",".join(parts)
+
+
+def dataset_environment() -> dict[str, str]:
+    """The dataset variables to export to the tasks: Minari's folder always (as checked, absolute:
+    a task may run without HOME), the others where this shell sets them."""
+    env = {"MINARI_DATASETS_PATH": os.path.abspath(minari_root())}
+    for name in DATASET_VARIABLES[1:]:
+        if os.environ.get(name):
+            value = os.environ[name]
+            env[name] = os.path.abspath(os.path.expanduser(value)) if name.endswith("_DIR") else value
+    return env
+
+
+def write_slurm(runs: list[dict], out_dir: str, path: str, args, results_dir: str) -> None:
+    """The array job of `runs`, which also submits itself when run by bash outside Slurm: one array
+    per memory size, then the summary job after all of them."""
     threads = runs[0]["env"]["OMP_NUM_THREADS"]
+    path = os.path.abspath(path)
+    logs = os.path.join(ROOT, out_dir, "slurm-logs")  # Slurm does not create the log folder
+    throttle = f"%{args.max_parallel}" if args.max_parallel else ""
+    by_mem: dict[str, list[int]] = {}
+    for i, run in enumerate(runs):
+        by_mem.setdefault(run["mem"], []).append(i)
+    resources = [f"--cpus-per-task={threads}"]
+    resources += [f"--time={args.time}"] if args.time else []
+    resources += [f"--partition={args.partition}"] if args.partition else []
+    summary_command = (f"cd {shlex.quote(ROOT)} && exec {shlex.quote(sys.executable)} tools/summarize.py "
+                       f"{shlex.quote(out_dir)} --out {shlex.quote(results_dir)}")
+    summary = ["sbatch", "--parsable", "--job-name=offline-rl-summary", "--cpus-per-task=1",
+               f"--mem={SLURM_SUMMARY_MEM}", *resources[1:], f"--output={logs}/summary-%j.log",
+               f"--wrap={summary_command}"]
     lines = [
         "#!/usr/bin/env bash",
-        "# Written by tools/benchmark.py --slurm: one array task per run. Edit the #SBATCH lines for",
-        "# your cluster (partition, time limit, GPUs), then: sbatch " + path,
-        "# The datasets must already be in the cluster's MINARI_DATASETS_PATH (D4RL files in its",
-        "# D4RL_DATASET_DIR or ~/.d4rl/datasets): run the same selection with --fetch-only on a machine",
-        "# with network access first.",
+        "# Written by tools/benchmark.py --slurm: one array task per run, and a job that writes the summary",
+        "# when they have ended. Submit both with",
+        f"#   bash {path}",
+        "# (`sbatch` on this file runs the array alone, without the summary). To resubmit after a failure",
+        "# or a cancel, run the same benchmark.sh --slurm command again: it writes the runs still to do.",
+        "# The tasks run the Python this was written with and read the data from the folders exported",
+        "# below, where the selection's datasets were found; they need nothing from the submitting shell.",
+        "# Each run's output is appended to <run folder>/stdout.log, attempt after attempt.",
         "# A task stopped by a signal resumes from its checkpoint when it runs again: Slurm sends USR1",
         "# before the time limit (and, with PreemptParameters=send_user_signal, on preemption), the run",
         "# checkpoints and exits, and the task requeues itself. A SIGTERM also stops the run with a",
         "# checkpoint but does not requeue (it may be scancel); preemption by SIGTERM is requeued by",
-        "# Slurm itself (--requeue, PreemptMode=REQUEUE). Set --time to your partition's limit.",
+        "# Slurm itself (--requeue, PreemptMode=REQUEUE).",
         "#SBATCH --job-name=offline-rl-benchmark",
-        f"#SBATCH --array=0-{len(runs) - 1}%{workers}",
-        f"#SBATCH --cpus-per-task={threads}",
-        "# #SBATCH --gres=gpu:1",
+        f"#SBATCH --array=0-{len(runs) - 1}{throttle}",
+        *[f"#SBATCH {r}" for r in resources],
+        f"#SBATCH --mem={max(by_mem, key=mem_mb)}",  # the largest; bash's submission asks each run's own
+        *([f"#SBATCH --gres=gpu:{args.gpus}"] if args.gpus else []),
         "#SBATCH --requeue",
         # B: signals the batch shell only (python is not a job step): the trap below passes it on.
         # 300 s: time for an evaluation under way to end before the checkpoint is written.
         "#SBATCH --signal=B:USR1@300",
         "#SBATCH --open-mode=append",  # a requeued task adds to its log instead of replacing it
-        f"#SBATCH --output={os.path.join(ROOT, out_dir)}/slurm-%A_%a.log",  # sbatch reads it before the cd
+        f"#SBATCH --output={logs}/%A_%a.log",  # sbatch reads it before the cd
         "set -euo pipefail",
+        'if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then',
+        "  # Run by bash: submit. --parsable prints the job id (and ';cluster' on a multi-cluster setup).",
+        "  arrays=()",
+        *[f"  arrays+=(\"$(sbatch --parsable --array={index_ranges(indices)}{throttle} --mem={mem} "
+          f"{shlex.quote(path)})\")  # {len(indices)} runs" for mem, indices in by_mem.items()],
+        '  arrays=("${arrays[@]%%;*}")',
+        '  after=$(IFS=:; echo "${arrays[*]}")',
+        f"  summary=$({shlex.join(summary[:2])} --dependency=afterany:\"$after\" {shlex.join(summary[2:])})",
+        f"  echo \"submitted {len(runs)} runs as array job(s) ${{arrays[*]}} and the summary as job "
+        f"${{summary%%;*}}, which writes {results_dir}/summary.md when they have ended\"",
+        "  exit 0",
+        "fi",
         f"cd {shlex.quote(ROOT)}",
         # The runs' environment (threads; quick mode's data folder), but not this machine's GPU choice.
         *[f"export {k}={shlex.quote(v)}" for k, v in runs[0]["env"].items() if k != "CUDA_VISIBLE_DEVICES"],
+        *[f"export {k}={shlex.quote(v)}" for k, v in dataset_environment().items()],
         "RUN_NAMES=(",
         *[f"  {shlex.quote(r['name'])}" for r in runs],
         ")",
         "COMMANDS=(",
-        *[f"  {shlex.quote(command_line(r, with_env=False))}" for r in runs],
+        *[f"  {shlex.quote(shlex.join([sys.executable, *r['argv'][1:]]))}" for r in runs],
         ")",
         "i=${SLURM_ARRAY_TASK_ID}",
+        f"run_dir={shlex.quote(out_dir)}/\"${{RUN_NAMES[$i]}}\"",
         "# Resume: a run that already finished is skipped; an unfinished one continues from its checkpoint.",
-        f"if grep -qs '\"finished\": true' {shlex.quote(out_dir)}/\"${{RUN_NAMES[$i]}}\"/results.json; then",
+        "if grep -qs '\"finished\": true' \"$run_dir/results.json\"; then",
         "  echo \"${RUN_NAMES[$i]} already finished\"; exit 0",
         "fi",
+        "mkdir -p \"$run_dir\"",
+        "echo \"${RUN_NAMES[$i]}: output in $run_dir/stdout.log\"",
+        "exec >>\"$run_dir/stdout.log\" 2>&1",
+        "echo \"[slurm] job ${SLURM_JOB_ID:-} (array task ${SLURM_ARRAY_JOB_ID:-}_$i) on ${SLURMD_NODENAME:-this node}\"",
         "# python runs in the background so that the shell handles signals while it runs: bash runs",
         "# a trap only between commands, and a foreground python would delay it until the end.",
         "child=",
@@ -425,10 +540,8 @@ def write_slurm(runs: list[dict], out_dir: str, path: str, workers: int) -> None
         "fi",
         "exit \"$status\"",
     ]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    os.makedirs(os.path.join(ROOT, out_dir), exist_ok=True)  # Slurm does not create the log folder
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    os.makedirs(logs, exist_ok=True)
+    atomic_write(path, ("\n".join(lines) + "\n").encode())
 
 
 def write_quick_profile(out_abs: str, algos: list[str], steps_given: int | None) -> None:
@@ -481,7 +594,8 @@ def parse_args(argv):
                    help=f"(default: each file's paper's count, PAPER_EVAL_EPISODES in tools/benchmark.py, else "
                         f"{FULL_EVAL_EPISODES}; --quick: {QUICK_EVAL_EPISODES})")
     p.add_argument("--workers", type=int,
-                   help="runs at a time on this machine, GPUs round-robin (default: 1; --quick: 2)")
+                   help="runs at a time on this machine, GPUs round-robin (default: 1; --quick: 2; --slurm: see "
+                        "--max-parallel)")
     p.add_argument("--threads", type=int,
                    help="OMP_NUM_THREADS of each run (default: cores / workers; 1 with --quick or --slurm)")
     p.add_argument("--output-dir", help="where runs go (default: runs/benchmark; --quick: runs/benchmark-quick)")
@@ -492,13 +606,39 @@ def parse_args(argv):
                    help="offline, local datasets, CPU-sized budgets (15-30 min on 2 idle cores)")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do, and stop")
     p.add_argument("--slurm", metavar="FILE", nargs="?", const="",
-                   help="write an sbatch array job (default: <output-dir>/benchmark.sbatch) instead of running")
+                   help="write an sbatch array job (default: <output-dir>/benchmark.sbatch) instead of running; "
+                        "`bash FILE` submits it and the summary job after it")
+    p.add_argument("--final-episodes", type=int,
+                   help=f"episodes of each run's last evaluation, the final score (default: {FULL_FINAL_EPISODES}; "
+                        f"--quick: --eval-episodes; 0: --eval-episodes)")
     p.add_argument("--fetch-only", action="store_true", help="download/build the datasets, and stop")
+    slurm = p.add_argument_group("with --slurm")
+    slurm.add_argument("--max-parallel", type=int, help="at most this many tasks of an array at once (default: no cap)")
+    slurm.add_argument("--time", help="sbatch --time of each task, e.g. 2-00:00:00 (default: the partition's)")
+    slurm.add_argument("--mem", help=f"sbatch --mem of each task, e.g. 8G (default: {SLURM_MEM_GB['*']}G, "
+                                     f"{SLURM_MEM_GB['adroit']}G on Adroit, more for 1000-episode evaluations)")
+    slurm.add_argument("--partition", help="sbatch --partition (default: the cluster's)")
+    slurm.add_argument("--gpus", help="GPUs per task, as N or TYPE:N (sbatch --gres=gpu:...; default: none)")
     args = p.parse_args(argv)
-    for flag in ("steps", "bc_steps", "eval_every", "eval_episodes", "workers", "threads"):
+    for flag in ("steps", "bc_steps", "eval_every", "eval_episodes", "workers", "threads", "max_parallel"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.final_episodes is not None and args.final_episodes < 0:
+        raise UserError(f"--final-episodes must be 0 or more, got {args.final_episodes}")
+    slurm_flags = [f for f in ("max_parallel", "time", "mem", "partition", "gpus") if getattr(args, f) is not None]
+    if slurm_flags and args.slurm is None:
+        raise UserError(f"--{slurm_flags[0].replace('_', '-')} is an sbatch setting: it goes with --slurm")
+    if args.slurm is not None and args.workers is not None:
+        raise UserError("--workers is for runs on this machine; with --slurm, --max-parallel N caps the tasks "
+                        "running at once")
+    for flag, pattern, example in (("time", r"(\d+-)?\d+(:\d+){0,2}", "90, 12:00:00 or 2-00:00:00"),
+                                   ("mem", r"\d+[KMGTkmgt]?", "8G or 16000M"),
+                                   ("partition", r"[\w.,-]+", "gpu"),
+                                   ("gpus", r"([\w.-]+:)?[1-9]\d*", "1 or a100:1")):
+        value = getattr(args, flag)
+        if value is not None and not re.fullmatch(pattern, value):
+            raise UserError(f"--{flag} {value!r} is not a Slurm value (e.g. {example})")
     if args.seeds is not None and any(s < 0 for s in args.seeds):
         raise UserError(f"--seeds must be non-negative, got {args.seeds}")
     return args
@@ -536,9 +676,18 @@ def main(argv=None) -> int:
         if not todo:
             print(f"[benchmark] all {len(runs)} runs are finished: nothing to write")
             return 0
-        path = args.slurm or os.path.join(out_abs, "benchmark.sbatch")
-        write_slurm(todo, out_dir, path, args.workers)
-        print(f"[benchmark] wrote {path}: {len(todo)} array tasks ({skipped} runs already finished)")
+        # The tasks neither download nor build: a missing dataset would fail every task that reads it.
+        missing = [d for d in dict.fromkeys(r["dataset"] for r in todo) if not dataset_present(d)]
+        if missing:
+            raise UserError(f"--slurm: {len(missing)} of the selection's datasets are not here yet "
+                            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}; Minari folder "
+                            f"{minari_root()}): run the same command with --fetch-only instead of --slurm first")
+        if args.quick:
+            write_quick_profile(out_abs, algos, args.steps)
+        path = os.path.abspath(args.slurm or os.path.join(out_abs, "benchmark.sbatch"))
+        write_slurm(todo, out_dir, path, args, os.path.abspath(results_dir))
+        print(f"[benchmark] wrote {path}: {len(todo)} array tasks ({skipped} runs already finished); submit "
+              f"them and the summary after them with: bash {shlex.quote(path)}")
         return 0
 
     fetch_datasets(datasets, args.workers)

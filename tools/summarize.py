@@ -3,12 +3,15 @@
     python tools/summarize.py RUNS_DIR [RUNS_DIR ...] [--out results]
 
 Reads every results.json under the folders and writes, in --out:
-- summary.md: for each paper table (benchmarks/paper_scores.csv), paper dataset x algorithm, our
-  mean +- std of the normalised score computed with that paper's rule and number of seeds, next to
-  the paper's number, flagged when outside the paper's range; which data each cell used (D4RL's own
-  file `d4rl/<paper dataset>` where there are runs on it, else the stand-in of benchmarks/datasets.csv);
-  and the runs on datasets no paper reports.
-- runs.csv: one row per run.
+- summary.md: the protocol (final policy, not best; no tuning); per algorithm, the IQM of its runs'
+  final normalised scores over every task it ran, with a stratified bootstrap interval; for each
+  paper table (benchmarks/paper_scores.csv), paper dataset x algorithm, our mean +- std of the
+  normalised score computed with that paper's rule and number of seeds and a bootstrap interval over
+  seeds, next to the paper's number, flagged when outside the paper's range; which data each cell
+  used (D4RL's own file `d4rl/<paper dataset>` where there are runs on it, else the stand-in of
+  benchmarks/datasets.csv); and the runs on datasets no paper reports.
+- runs.csv: one row per run, with its torch version, device and training hours per 1M steps.
+- performance_profile.png: per algorithm, the fraction of runs above each score, over its tasks.
 - curves/<dataset>.png: learning curves, every algorithm on one figure (mean +- std over seeds).
 """
 
@@ -37,6 +40,12 @@ RULES = {
 # stds are over few seeds (and absent for borrowed columns), so a floor keeps noise from flagging.
 FLAG_STDS, FLAG_MIN_POINTS = 2.0, 5.0
 MISSING = "n/a"
+# Intervals: percentile bootstrap, 95%, with a fixed generator so that the same runs give the same
+# summary. Cells resample seeds; the aggregate resamples runs within each task (stratified, as
+# rliable does: Agarwal et al. 2021), so that every task keeps its weight.
+CONFIDENCE, RESAMPLES, BOOTSTRAP_SEED = 0.95, 2000, 0
+PROFILE_FILE = "performance_profile.png"
+UNKNOWN = "unknown"
 
 
 def load_runs(folders: list[str]) -> list[dict]:
@@ -55,12 +64,69 @@ def load_runs(folders: list[str]) -> list[dict]:
     return sorted(runs, key=lambda r: (r["env"], r["algorithm"], r["seed"]))
 
 
+def final_score(run: dict) -> float | None:
+    """The normalised score of a run's final policy: its last evaluation's per-episode returns (over
+    --final-episodes where the run had it), normalised and averaged; None without reference scores."""
+    if not run["evaluations"]:
+        return None
+    last, info = run["evaluations"][-1], run["dataset"]
+    returns = last.get("episode_returns")
+    if not returns or info.get("ref_min_score") is None or info.get("ref_max_score") is None:
+        return last["normalized_score_mean"]
+    low, high = info["ref_min_score"], info["ref_max_score"]
+    return float(np.mean(100 * (np.asarray(returns, dtype=float) - low) / (high - low)))
+
+
+def final_episodes(run: dict) -> int | None:
+    """Episodes of a run's last evaluation, where results.json keeps them."""
+    returns = run["evaluations"][-1].get("episode_returns") if run["evaluations"] else None
+    return len(returns) if returns else None
+
+
 def scores(run: dict, rule: str) -> list[float]:
     """The normalised scores a run contributes under `rule` (empty without reference scores)."""
     values = [e["normalized_score_mean"] for e in run["evaluations"] if e["normalized_score_mean"] is not None]
-    if not values:
+    if not values or len(values) < len(run["evaluations"]):
         return []
-    return values[-1:] if rule == "last" else values[-10:]
+    return [final_score(run)] if rule == "last" else values[-10:-1] + [final_score(run)]
+
+
+def bootstrap(strata: list[np.ndarray], statistic):
+    """CONFIDENCE percentile interval (low, high) of `statistic` over resamples that draw, within each
+    stratum, as many entries as it has, with replacement. `statistic` maps a (RESAMPLES, n) array of
+    the resampled entries, strata side by side, to RESAMPLES values (or rows of values: the interval
+    is then one per column)."""
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    drawn = np.concatenate([s[rng.integers(0, len(s), (RESAMPLES, len(s)))] for s in strata], axis=1)
+    low, high = np.percentile(statistic(drawn), [50 * (1 - CONFIDENCE), 50 * (1 + CONFIDENCE)], axis=0)
+    return (float(low), float(high)) if np.ndim(low) == 0 else (low, high)
+
+
+def iqm(values: np.ndarray) -> np.ndarray:
+    """Interquartile mean along the last axis: the mean of the middle half, a quarter cut from each
+    end (scipy.stats.trim_mean(values, 0.25, axis=-1), rliable's IQM)."""
+    values = np.sort(values, axis=-1)
+    cut = int(0.25 * values.shape[-1])
+    return values[..., cut:values.shape[-1] - cut].mean(axis=-1)
+
+
+def seed_interval(per_seed: list[list[float]]) -> tuple[float, float] | None:
+    """Bootstrap interval over seeds of the mean of all their values (each seed's values drawn
+    together); None with fewer than two seeds."""
+    if len(per_seed) < 2:
+        return None
+    sums = np.array([np.sum(v) for v in per_seed], dtype=float)
+    counts = np.array([len(v) for v in per_seed], dtype=float)
+    order = np.arange(len(per_seed))
+    return bootstrap([order], lambda idx: sums[idx].sum(1) / counts[idx].sum(1))
+
+
+def cell(per_seed: list[list[float]]) -> str:
+    """mean ± std of the seeds' values pooled (no std of a single value), and their interval over seeds."""
+    values = [v for seed_values in per_seed for v in seed_values]
+    interval = seed_interval(per_seed)
+    return fmt(float(np.mean(values)), float(np.std(values)) if len(values) > 1 else None) + \
+        ("" if interval is None else f" [{interval[0]:.1f}, {interval[1]:.1f}]")
 
 
 def read_csv(name: str) -> list[dict]:
@@ -98,11 +164,8 @@ def aggregate(runs: list[dict], rule: str, n_seeds: int) -> dict | None:
     per_seed = [scores(r, rule) for r in chosen]
     if not chosen or not all(per_seed):
         return None
-    if rule == "mean_last_10":
-        values = [v for seed_values in per_seed for v in seed_values]
-    else:
-        values = [seed_values[0] for seed_values in per_seed]
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "seeds": len(chosen),
+    values = [v for seed_values in per_seed for v in seed_values]
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "seeds": len(chosen), "text": cell(per_seed),
             "steps": sorted({r["args"]["total_steps"] for r in chosen}),
             "short": rule == "mean_last_10" and any(len(s) < 10 for s in per_seed)}
 
@@ -177,7 +240,7 @@ def table_markdown(rows: list[dict], mapping: dict, by_dataset: dict, algo_order
             paper_row = next((r for r in rows if r["paper_dataset"] == ds and r["algo"] == algo), None)
             data = cell_data[algo]
             ours = aggregate(by_dataset[data].get(algo, []) if data else [], rule, seeds)
-            text = "—" if ours is None else fmt(ours["mean"], ours["std"])
+            text = "—" if ours is None else ours["text"]
             if ours is not None:
                 if paper_row is not None:
                     text += out_of_range(ours["mean"], paper_row)
@@ -213,11 +276,94 @@ def run_rows(runs: list[dict]) -> list[dict]:
             "bc_steps": run["args"].get("bc_steps", ""), "evaluations": len(run["evaluations"]),
             "final_normalized_score": run.get("final_normalized_score"),
             "mean_last_10_normalized_score": float(np.mean(last10)) if last10 else None,
-            "final_return": run.get("final_return"), "train_seconds": run.get("train_seconds"),
+            "final_return": run.get("final_return"), "final_episodes": final_episodes(run),
+            "train_seconds": run.get("train_seconds"),
+            # wall-clock of training, evaluations excluded, per 1M gradient steps
+            "train_hours_per_1M_steps": per_million(run),
+            "torch": run.get("torch") or UNKNOWN, "device": run.get("device") or UNKNOWN,
             "transitions": run["dataset"]["transitions"], "ref_scores_source": run["dataset"]["ref_scores_source"],
             "data_source": run["dataset"].get("source", ""), "eval_env": run["dataset"].get("eval_env", ""),
         })
     return rows
+
+
+def per_million(run: dict) -> float | None:
+    seconds, steps = run.get("train_seconds"), run["args"].get("total_steps")
+    return round(seconds / steps * 1e6 / 3600, 3) if seconds and steps else None
+
+
+def final_scores_by_task(runs: list[dict]) -> dict[str, dict[str, np.ndarray]]:
+    """algorithm -> dataset -> the final normalised scores of its finished runs there (datasets with
+    reference scores only)."""
+    out: dict[str, dict[str, list]] = {}
+    for run in runs:
+        score = final_score(run) if run.get("finished") else None
+        if score is not None:
+            out.setdefault(run["algorithm"], {}).setdefault(run["env"], []).append(score)
+    return {a: {d: np.array(v) for d, v in sorted(by.items())} for a, by in sorted(out.items())}
+
+
+def aggregate_markdown(runs: list[dict], by_task: dict, profile_file: str | None) -> list[str]:
+    """Per algorithm: the IQM of its runs' final scores over every task it ran, with a stratified
+    bootstrap interval, and the performance profile."""
+    if not by_task:
+        return []
+    out = ["## Aggregate over tasks", "",
+           "Per algorithm, every finished run's final normalised score on every task it ran (datasets with "
+           "reference scores): the interquartile mean (IQM: the mean of the middle 50% of runs, robust to a "
+           "task or seed far off) and the plain mean, with a 95% stratified bootstrap interval (runs "
+           f"resampled within each task, {RESAMPLES:,} resamples). Algorithms that ran different tasks are "
+           "not compared by these numbers.", "",
+           "| algorithm | tasks | runs | final evaluation (episodes per run) | IQM [95% CI] | mean [95% CI] |",
+           "|---|---|---|---|---|---|"]
+    for algo, tasks in by_task.items():
+        strata = list(tasks.values())
+        pooled = np.concatenate(strata)
+        low, high = bootstrap(strata, iqm)
+        mean_low, mean_high = bootstrap(strata, lambda drawn: drawn.mean(axis=1))
+        episodes = sorted({final_episodes(r) for r in runs if r["algorithm"] == algo and r.get("finished")
+                           and r["env"] in tasks}, key=lambda n: -1 if n is None else n)
+        out.append(f"| {algo} | {len(tasks)} | {len(pooled)} | {', '.join('?' if n is None else str(n) for n in episodes)} | "
+                   f"{float(iqm(pooled)):.1f} [{low:.1f}, {high:.1f}] | "
+                   f"{pooled.mean():.1f} [{mean_low:.1f}, {mean_high:.1f}] |")
+    if profile_file:
+        out += ["", "Performance profile: the fraction of runs whose final score exceeds τ, averaged over the "
+                "tasks each algorithm ran (shaded: 95% stratified bootstrap interval).", "",
+                f"![performance profile]({profile_file})"]
+    return out + [""]
+
+
+def plot_profile(by_task: dict, path: str) -> None:
+    """Performance profiles (Agarwal et al. 2021, fig. 2): per algorithm, the fraction of runs
+    scoring above tau, averaged over its tasks, with a stratified bootstrap band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    every = np.concatenate([v for tasks in by_task.values() for v in tasks.values()])
+    taus = np.linspace(min(0.0, every.min()), max(100.0, every.max()), 201)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for algo, tasks in by_task.items():
+        strata = list(tasks.values())
+        widths = np.cumsum([0] + [len(s) for s in strata])
+
+        def profile(drawn):  # (R, n) -> (R, taus): each task's fraction above tau, then their mean
+            above = drawn[:, :, None] > taus
+            return np.mean([above[:, a:b].mean(axis=1) for a, b in zip(widths[:-1], widths[1:])], axis=0)
+
+        curve = profile(np.concatenate(strata)[None])[0]
+        ax.plot(taus, curve, label=f"{algo} ({len(strata)} tasks, {widths[-1]} runs)")
+        ax.fill_between(taus, *bootstrap(strata, profile), alpha=0.2)
+    ax.set_xlabel("normalised score τ")
+    ax.set_ylabel("fraction of runs with score > τ")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, buffer.getvalue())
 
 
 def plot_curves(runs: list[dict], folder: str) -> dict[str, str]:
@@ -307,8 +453,9 @@ def quick_table(runs: list[dict], profile: dict, folders: list[str]) -> list[str
     out = ["## Quick profile", "",
            "Normalised score, mean over the second half of each run's evaluations (one evaluation of a few "
            "episodes swings by several points on its own), then mean ± std over seeds; behaviour = the "
-           "dataset's mean episode return, normalised. Budgets are minutes of training, not the papers' 1M "
-           "steps: this shows the files learning, not their final scores.", "",
+           "dataset's mean episode return, normalised; in brackets, the 95% bootstrap interval over seeds. "
+           "Budgets are minutes of training, not the papers' 1M steps: this shows the files learning, not "
+           "their final scores.", "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for dataset in datasets:
         of = {a: [r for r in finished if r["env"] == dataset and r["algorithm"] == a] for a in algos}
@@ -326,7 +473,7 @@ def quick_table(runs: list[dict], profile: dict, folders: list[str]) -> list[str
             elif not values or any(v is None for v in values):
                 cells.append("—")
             else:
-                cells.append(fmt(float(np.mean(values)), float(np.std(values))))
+                cells.append(cell([[v] for v in values]))
         out.append("| " + " | ".join(cells) + " |")
     # The budgets, as each run had them: RL steps, behaviour steps, minutes of training (seed 0).
     budget = ["budget", "", ""]
@@ -451,7 +598,29 @@ def main(argv=None) -> None:
           f"{len(runs)} runs from {', '.join(args.runs)} ({unfinished} unfinished, left out of the tables). "
           f"Normalised scores: 100 = the dataset's expert reference, 0 = random. "
           f"⚠ low / ⚠ high: our mean is outside the paper's mean ± max({FLAG_STDS:g} × paper std, "
-          f"{FLAG_MIN_POINTS:g} points). Our data is rarely the paper's: see the data section.", ""]
+          f"{FLAG_MIN_POINTS:g} points). Our data is rarely the paper's: see the data section.", "",
+          "Protocol. Final, not best: every score is of the policy at the end of training, its last "
+          "evaluation (over --final-episodes where the run had it; each run's count is in runs.csv), or the "
+          "mean of its last 10 evaluations where a paper's rule says so; no number is the best evaluation "
+          "along the way. No hyperparameter was tuned: every file runs its paper's settings, the same on "
+          "every dataset (the quick profile's departures, for its budget, are listed under its table). "
+          f"Cells are mean ± std over seeds, then the {CONFIDENCE:.0%} percentile bootstrap interval of the "
+          f"mean over seeds in brackets (none with one seed); bootstraps use {RESAMPLES:,} resamples of "
+          f"numpy's generator with seed {BOOTSTRAP_SEED}.", ""]
+    setups = {}
+    for run in runs:
+        key = (run.get("device") or UNKNOWN, run.get("torch") or UNKNOWN)
+        setups[key] = setups.get(key, 0) + 1
+    md += ["Ran on: " + "; ".join(f"{n} runs on {device}, torch {version}" for (device, version), n in
+                                  sorted(setups.items())) + "."]
+    if any(UNKNOWN in key for key in setups):
+        md[-1] += (" Unknown: their results.json does not name the device and torch version (written by a "
+                   "common.py without those keys).")
+    md.append("")
+    by_task = final_scores_by_task(runs)
+    if by_task:
+        plot_profile(by_task, os.path.join(args.out, PROFILE_FILE))
+    md += aggregate_markdown(runs, by_task, PROFILE_FILE if by_task else None)
     profile = read_quick_profile(args.runs)
     if profile:
         quick_curves = plot_quick(runs, profile, os.path.join(args.out, "curves"))
@@ -478,23 +647,24 @@ def main(argv=None) -> None:
     others = [d for d in sorted(by_dataset) if not any(d in data_candidates(r) for r in mapping.values())]
     if others:
         md += ["", "## Runs on datasets without paper numbers", "",
-               "Last evaluation, mean ± std over seeds (normalised score, or return without reference scores).", "",
+               "Last evaluation, mean ± std over seeds [95% bootstrap interval] (normalised score, or return "
+               "without reference scores).", "",
                "| dataset | algorithm | seeds | score |", "|---|---|---|---|"]
         for dataset in others:
             for algo, algo_runs in sorted(by_dataset[dataset].items()):
                 finished = [r for r in algo_runs if r.get("finished") and r["evaluations"]]
                 if not finished:
                     continue
-                has_ref = finished[0]["evaluations"][-1]["normalized_score_mean"] is not None
-                key = "normalized_score_mean" if has_ref else "return_mean"
-                values = [r["evaluations"][-1][key] for r in finished]
-                md.append(f"| `{dataset}` | {algo} | {len(finished)} | {fmt(np.mean(values), np.std(values))}"
-                          f"{'' if key == 'normalized_score_mean' else ' (return)'} |")
+                has_ref = final_score(finished[0]) is not None
+                values = [final_score(r) if has_ref else r["evaluations"][-1]["return_mean"] for r in finished]
+                md.append(f"| `{dataset}` | {algo} | {len(finished)} | {cell([[v] for v in values])}"
+                          f"{'' if has_ref else ' (return)'} |")
 
     md += ["", "## Learning curves", ""] + [f"![{d}](curves/{f})" for d, f in curves.items()]
     md += ["", "Every run: [runs.csv](runs.csv)."]
     atomic_write(os.path.join(args.out, "summary.md"), ("\n".join(md) + "\n").encode())
-    print(f"[summarize] {len(runs)} runs -> {os.path.join(args.out, 'summary.md')}, runs.csv, {len(curves)} plots")
+    print(f"[summarize] {len(runs)} runs -> {os.path.join(args.out, 'summary.md')}, runs.csv, {len(curves)} plots"
+          + (f", {PROFILE_FILE}" if by_task else ""))
 
 
 if __name__ == "__main__":
