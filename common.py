@@ -138,6 +138,7 @@ def lock_folder(folder: str, what_to_do: str):
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "unknown"
+        f.close()
         raise UserError(f"{folder} is in use by another process ({holder}); {what_to_do}") from None
     except (ImportError, OSError):
         return contextlib.nullcontext()
@@ -282,8 +283,9 @@ def dataset_task(dataset_id: str) -> str:
     """The task of an id, lower-cased: 'D4RL/pen/human-v2' -> 'pen', 'd4rl/hopper-medium-v2' ->
     'hopper'. Per-domain settings match it exactly, so that 'pendulum' is not 'pen'."""
     parts = dataset_id.lower().split("/")
-    return parts[-2] if len(parts) > 2 or parts[0] not in ("d4rl", parts[-1]) else \
-        parts[-1].split("-")[0]
+    if len(parts) == 1 or len(parts) == 2 and parts[0] == "d4rl":  # the task opens D4RL's name
+        return parts[-1].split("-")[0]
+    return parts[-2]
 
 
 def is_antmaze(dataset_id: str) -> bool:
@@ -317,7 +319,8 @@ def _built(dataset_id: str) -> bool:
             return True
         raise UserError(f"dataset '{dataset_id}' is not built here: build it with `python "
                         f"tools/make_dataset.py --id {dataset_id}` in the library's repository")
-    sys.path.append(tools) if tools not in sys.path else None
+    if tools not in sys.path:
+        sys.path.append(tools)
     from make_dataset import build_local_dataset
 
     build_local_dataset(dataset_id)
@@ -488,7 +491,8 @@ def evaluate(data: OfflineData, policy: Callable, n_episodes: int, seed: int, ob
 
     make, hook, frames = [data.make_env] * n_episodes, sys.unraisablehook, []
     if video is not None:
-        os.environ.setdefault("MUJOCO_GL", "egl") if sys.platform.startswith("linux") else None
+        if sys.platform.startswith("linux"):
+            os.environ.setdefault("MUJOCO_GL", "egl")
         make[0] = lambda: data.make_env(render_mode="rgb_array")
         sys.unraisablehook = lambda unraisable: None  # a failed viewer complains when it is freed
     envs = gym.vector.SyncVectorEnv(make)
@@ -1159,10 +1163,12 @@ def load_pretrained(path: str, modules: dict, device) -> bool:
                                      == shapes(m.state_dict()) for name, m in modules.items()):
         print(f"cache {path} does not fit these networks; training them again", flush=True)
         state = None
-    for name, m in modules.items() if state is not None else ():
+    if state is None:
+        return False
+    for name, m in modules.items():
         m.load_state_dict(state[name])
-    print(f"reusing the cached pretrained model {path}", flush=True) if state is not None else None
-    return state is not None
+    print(f"reusing the cached pretrained model {path}", flush=True)
+    return True
 
 
 def save_pretrained(path: str, modules: dict) -> None:
