@@ -224,3 +224,12 @@ def test_bc_trains_on_a_d4rl_file_and_is_scored_in_hopper_v4(d4rl_dir, tmp_path)
     assert results["dataset"]["transitions"] == 58
     last = results["evaluations"][-1]
     assert last["normalized_score_mean"] == pytest.approx(100 * (last["return_mean"] + 20.272305) / (3234.3 + 20.272305))
+
+
+def test_a_file_given_under_a_name_d4rl_does_not_have_is_refused_in_one_line(d4rl_dir, tmp_path):
+    write_file(tmp_path / "mine.hdf5", 5)
+    result = run_script(["tools/make_dataset.py", "--id", "d4rl/hopper-mediun-v2", "--d4rl-file",
+                         str(tmp_path / "mine.hdf5")], str(tmp_path / "minari"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "'d4rl/hopper-mediun-v2' is not a D4RL dataset read here" in lines[0]

@@ -58,14 +58,19 @@ def d4rl_name(dataset_id: str) -> str | None:
     return None
 
 
-def find_file(dataset_id: str) -> str:
-    """Where D4RL's file of `dataset_id` is, or a one-line error saying where to put it."""
+def check_name(dataset_id: str) -> None:
     name, files = d4rl_name(dataset_id), d4rl_files()
     if name not in files:
         raise UserError(f"'{dataset_id}' is not a D4RL dataset read here: d4rl/<name> takes "
                         f"{{halfcheetah,hopper,walker2d}}-<kind>-v0/v2 and "
                         f"{{pen,hammer,door,relocate}}-{{human,cloned,expert}}-v0/v1; for antmaze "
                         f"and kitchen use Minari's ports (D4RL/antmaze/..., D4RL/kitchen/...)")
+
+
+def find_file(dataset_id: str) -> str:
+    """Where D4RL's file of `dataset_id` is, or a one-line error saying where to put it."""
+    check_name(dataset_id)
+    name, files = d4rl_name(dataset_id), d4rl_files()
     file = files[name].rsplit("/", 1)[1]
     dirs = [os.path.expanduser(d) for d in (os.environ.get("D4RL_DATASET_DIR"), "~/.d4rl/datasets")
             if d]
@@ -142,6 +147,7 @@ def build_d4rl_dataset(dataset_id: str, path: str | None = None) -> None:
     import minari
     from minari.data_collector import EpisodeBuffer
 
+    check_name(dataset_id)
     path = path or find_file(dataset_id)
     if not os.path.isfile(path):
         raise UserError(f"no such file: {path}")
