@@ -1,8 +1,8 @@
 """What every file in algorithms/ needs while it trains, and nothing algorithmic: copy a file and
 this one, and it runs. Errors and files (a `UserError` is one line; torch files carry a checksum and
 load as weights only), flags, devices and seeds, data (Minari ids; the replay buffer), evaluation,
-the run folder (`Run`), speed (--precision, --compile, --cuda-graphs: docs/speed.md), caches of
-pretrained models. A local/* or d4rl/* id not yet in Minari's storage is built by the repository's
+the run folder (`Run`), speed (--precision, --compile: docs/speed.md), caches of pretrained models.
+A local/* or d4rl/* id not yet in Minari's storage is built by the repository's
 tools/make_dataset.py, the only code of the repository used here.
 """
 
@@ -27,30 +27,27 @@ import numpy as np
 import torch
 
 
-# ----------------------------------------------------------------------------------------------
-# Errors and files
-# ----------------------------------------------------------------------------------------------
+# --- Errors and files -------------------------------------------------------------------------
 class UserError(Exception):
     """A problem with the user's input or files: printed as one line, without a traceback."""
 
 
 _writing_in = "the run folder"  # a Run names its folder: a refused write of tensorboard's has none
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 def install_user_error_hook() -> None:
     """An uncaught UserError, or a write the disk refused (tensorboard's too), is one line."""
-    full = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
-
     def hook(kind, exc, tb):
-        if isinstance(exc, OSError) and exc.errno in full:
-            where = exc.filename or "in " + _writing_in
-            exc = UserError(f"could not write {where}: {exc.strerror}")
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            exc = UserError(f"could not write {exc.filename or 'in ' + _writing_in}: "
+                            f"{exc.strerror}")
         if not isinstance(exc, UserError):
             return sys.__excepthook__(kind, exc, tb)
         print(f"error: {exc}", file=sys.stderr)
 
     sys.excepthook = hook  # tensorboard's thread: its error comes again in the main thread
-    threading.excepthook = lambda a: None if getattr(a.exc_value, "errno", 0) in full \
+    threading.excepthook = lambda a: None if getattr(a.exc_value, "errno", 0) in _DISK_FULL \
         else threading.__excepthook__(a)
 
 
@@ -148,50 +145,36 @@ def lock_folder(folder: str, what_to_do: str):
     return f
 
 
-# ----------------------------------------------------------------------------------------------
-# Flags (checked right after parsing: one line, before the dataset loads), devices, seeds
-# ----------------------------------------------------------------------------------------------
-def _given(args, names):
-    for name in names:  # None: a per-domain default, chosen later
-        if getattr(args, name) is not None:
-            yield "--" + name.replace("_", "-"), getattr(args, name)
+# --- Flags (checked right after parsing: one line, before the dataset loads), devices, seeds ---
+def check_interval(args, name: str, low: float, high: float, bounds: str = "[)") -> None:
+    """low <= or < the value <= or < high, as `bounds` says ("[)": low included, high not); a
+    value of None (a per-domain default, chosen later) is not checked."""
+    v = getattr(args, name)
+    if v is not None and not ((v >= low if bounds[0] == "[" else v > low)
+                              and (v <= high if bounds[1] == "]" else v < high)):
+        raise UserError(f"--{name.replace('_', '-')} must be in {bounds[0]}{low}, {high}"
+                        f"{bounds[1]}, got {v}")
 
 
 def check_positive(args, *names: str) -> None:
     """Counts, periods, sizes (at least 1) and rates, scales (above 0)."""
-    for flag, v in _given(args, names):
-        if v <= 0:
-            least = "at least 1" if isinstance(v, int) else "above 0"
-            raise UserError(f"{flag} must be {least}, got {v}")
+    for name in names:
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be "
+                            f"{'at least 1' if isinstance(v, int) else 'above 0'}, got {v}")
 
 
 def check_nonnegative(args, *names: str) -> None:
-    for flag, v in _given(args, names):
-        if v < 0:
-            raise UserError(f"{flag} must be 0 or more, got {v}")
-
-
-def check_interval(args, name: str, low: float, high: float, bounds: str = "[)") -> None:
-    """low <= or < the value <= or < high, as `bounds` says ("[)": low included, high not)."""
-    for flag, v in _given(args, (name,)):
-        if not ((v >= low if bounds[0] == "[" else v > low)
-                and (v <= high if bounds[1] == "]" else v < high)):
-            raise UserError(f"{flag} must be in {bounds[0]}{low}, {high}{bounds[1]}, got {v}")
+    for name in names:
+        v = getattr(args, name)
+        if v is not None and v < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {v}")
 
 
 def check_seed(args, *names: str) -> None:
     for name in names:  # numpy's and Gymnasium's seeds are unsigned 32-bit
         check_interval(args, name, 0, 2**32 - 1, "[]")
-
-
-def check_output_dir(path: str, flag: str = "--output-dir") -> None:
-    """`path` is a folder this process can write in, or can make."""
-    existing = os.path.abspath(path)
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        what = "not writable" if os.path.isdir(existing) else "a file"
-        raise UserError(f"{flag} {path} cannot be a folder written here: {existing} is {what}")
 
 
 def check_args(args) -> None:
@@ -209,6 +192,16 @@ def check_args(args) -> None:
     if args.run_name is not None and (args.run_name in ("", ".", "..") or "/" in args.run_name):
         raise UserError(f"--run-name {args.run_name!r} must be one folder name, without '/'")
     check_output_dir(args.output_dir)
+
+
+def check_output_dir(path: str, flag: str = "--output-dir") -> None:
+    """`path` is a folder this process can write in, or can make."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        what = "not writable" if os.path.isdir(existing) else "a file"
+        raise UserError(f"{flag} {path} cannot be a folder written here: {existing} is {what}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -239,9 +232,7 @@ def flush_denormals() -> None:
     torch.set_flush_denormal(True)
 
 
-# ----------------------------------------------------------------------------------------------
-# Data (docs/datasets.md; conventions in docs/implementation_notes.md)
-# ----------------------------------------------------------------------------------------------
+# --- Data (docs/datasets.md; conventions in docs/implementation_notes.md) ----------------------
 @dataclasses.dataclass
 class OfflineData:
     dataset_id: str
@@ -319,8 +310,7 @@ def _built(dataset_id: str) -> bool:
             return True
         raise UserError(f"dataset '{dataset_id}' is not built here: build it with `python "
                         f"tools/make_dataset.py --id {dataset_id}` in the library's repository")
-    if tools not in sys.path:
-        sys.path.append(tools)
+    sys.path.append(tools) if tools not in sys.path else None
     from make_dataset import build_local_dataset
 
     build_local_dataset(dataset_id)
@@ -362,11 +352,9 @@ def load_dataset(dataset_id: str, device="cpu") -> OfflineData:
         raise UserError(f"dataset '{dataset_id}' has observation space {obs_space}; only flat Box "
                         f"or goal-conditioned Dict observations ({', '.join(keys)}) are supported")
     obs = [flatten_obs(e["observations"], antmaze) for e in episodes]
-    if any(len(o) != len(e["rewards"]) + 1 for o, e in zip(obs, episodes)):
-        raise UserError(f"dataset '{dataset_id}' is malformed: an episode does not hold one more "
-                        f"observation than actions")
-    if not episodes:
-        raise UserError(f"dataset '{dataset_id}' contains no transitions")
+    if not episodes or any(len(o) != len(e["rewards"]) + 1 for o, e in zip(obs, episodes)):
+        raise UserError(f"dataset '{dataset_id}' is malformed: it has no episodes, or one that "
+                        f"does not hold one more observation than actions")
     lengths = np.array([len(e["rewards"]) for e in episodes], dtype=np.int64)
     actions = np.concatenate([np.asarray(e["actions"], np.float32).reshape(n, -1)
                               for e, n in zip(episodes, lengths)])
@@ -470,9 +458,7 @@ class ReplayBuffer:
         return Batch(obs, actions, rewards.squeeze(1), next_obs, terminals.squeeze(1))
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------
+# --- Evaluation -------------------------------------------------------------------------------
 def normalized_score(returns, ref_min: float | None, ref_max: float | None):
     if ref_min is None or ref_max is None:
         return None
@@ -540,13 +526,10 @@ def evaluate(data: OfflineData, policy: Callable, n_episodes: int, seed: int, ob
             "episode_returns": returns.tolist(), "episode_lengths": lengths.tolist()}
 
 
-# ----------------------------------------------------------------------------------------------
-# The run folder, <output_dir>/<run_name>/: tensorboard events, results.json, checkpoints
-# ----------------------------------------------------------------------------------------------
+# --- The run folder, <output_dir>/<run_name>/: tensorboard events, results.json, checkpoints ---
 # Flags that may differ between a run and its resumption: none changes what is trained.
 RESUME_FREE_FLAGS = {"run_name", "output_dir", "resume", "track", "wandb_project", "log_every",
-                     "save_model", "total_steps", "compile", "cuda_graphs", "capture_video",
-                     "video_every"}
+                     "save_model", "total_steps", "compile", "capture_video", "video_every"}
 
 
 class Run:
@@ -564,12 +547,11 @@ class Run:
             f"{args.env.replace('/', '__')}__{algorithm}__{args.seed}__{int(time.time())}"
         global _writing_in
         self.dir = _writing_in = os.path.join(args.output_dir, name)
-        self.writers, self.wandb = {}, None
-        sizes = [f.name for f in dataclasses.fields(args) if f.name.endswith("batch_size")]
-        for flag, v in _given(args, sizes):
-            if v > len(data):
-                raise UserError(f"{flag} {v} is larger than the dataset '{data.dataset_id}' "
-                                f"({len(data)} transitions); use at most {len(data)}")
+        for f in (f for f in dataclasses.fields(args) if f.name.endswith("batch_size")):
+            if (getattr(args, f.name) or 0) > len(data):
+                raise UserError(f"--{f.name.replace('_', '-')} {getattr(args, f.name)} is larger "
+                                f"than the dataset '{data.dataset_id}' ({len(data)} transitions); "
+                                f"use at most {len(data)}")
         try:
             os.makedirs(self.dir, exist_ok=True)
         except OSError as exc:
@@ -578,7 +560,11 @@ class Run:
         for f in os.listdir(self.dir):  # what a killed write left
             if f.startswith(".tmp-"):
                 os.remove(os.path.join(self.dir, f))
-        done = _read_json(os.path.join(self.dir, "results.json"))
+        try:
+            with open(os.path.join(self.dir, "results.json")) as f:
+                done = json.load(f)
+        except (OSError, ValueError):
+            done = None
         finished = isinstance(done, dict) and done.get("finished")
         if args.resume == "never" or finished:
             self.remove_checkpoints()  # a kill after the final results.json left them
@@ -589,6 +575,7 @@ class Run:
             raise SystemExit(0)
         self.saved = self.read_checkpoint() if args.resume == "auto" else None
         self.resumed_at = self.saved and (self.saved["phase"], self.saved["step"])
+        self.writers, self.wandb = {}, None
         self.writer = self.writers[None] = SummaryWriter(self.dir, purge_step=self.purge(None))
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
             f"|{k}|{v}|" for k, v in vars(args).items()))
@@ -619,15 +606,12 @@ class Run:
               f"{self.dir}; normalised scores: {data.ref_scores_source}")
 
     def refuse_other_flags(self, then: dict, path: str) -> None:
-        now = vars(self.args)
-        defaults = {f.name: f.default for f in dataclasses.fields(self.args)  # flags added since
-                    if f.default is not dataclasses.MISSING}
-        then = {**defaults, **(then if isinstance(then, dict) else {})}
-        differ = [k for k in sorted(set(then) | set(now))
-                  if k not in RESUME_FREE_FLAGS and then.get(k) != now.get(k)]
+        """Flags added since `then` count as their defaults; flags this file no longer has, not."""
+        now, then = vars(self.args), then if isinstance(then, dict) else {}
+        then = {f.name: then.get(f.name, f.default) for f in dataclasses.fields(self.args)}
+        differ = [k for k in now if k not in RESUME_FREE_FLAGS and then[k] != now[k]]
         if differ:
-            flags = ", ".join(f"--{k.replace('_', '-')} {then.get(k)} (now {now.get(k)})"
-                              for k in differ)
+            flags = ", ".join(f"--{k.replace('_', '-')} {then[k]} (now {now[k]})" for k in differ)
             raise UserError(f"{path} was written with other flags: {flags}. Pass another "
                             f"--run-name, or --resume never to start this run over.")
 
@@ -814,14 +798,6 @@ class Run:
               f"score {self.results['final_normalized_score']}; results in {self.dir}")
 
 
-def _read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def _tensors(value):
     if isinstance(value, torch.Tensor):
         yield value
@@ -831,12 +807,10 @@ def _tensors(value):
 
 
 def _on_cpu(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
     if isinstance(value, (dict, list, tuple)):
         return {k: _on_cpu(v) for k, v in value.items()} if isinstance(value, dict) else \
             [_on_cpu(v) for v in value]
-    return value
+    return value.detach().cpu() if isinstance(value, torch.Tensor) else value
 
 
 def training_state(agent) -> dict:
@@ -911,9 +885,7 @@ class Policy(torch.nn.Module):
         return self
 
 
-# ----------------------------------------------------------------------------------------------
-# Speed (docs/speed.md). With fp32 and without --compile or --cuda-graphs each is plain PyTorch.
-# ----------------------------------------------------------------------------------------------
+# --- Speed (docs/speed.md): --precision, --compile, ensembles --------------------------------
 Precision = Literal["fp32", "tf32", "bf16"]
 
 
@@ -931,9 +903,8 @@ def autocast(step: Callable, precision: str, device: torch.device) -> Callable:
                 raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no "
                                 f"native bfloat16 support; use --precision fp32")
 
-    def bf16_step(*args, **kwargs):  # captured by a CUDA graph without the weight cache: replays
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()  # recast
-        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not capturing):
+    def bf16_step(*args, **kwargs):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             return step(*args, **kwargs)
 
     return bf16_step
@@ -1000,123 +971,7 @@ def compiled(loss: Callable, enabled: bool) -> Callable:
     return torch.compile(loss, fullgraph=True) if enabled else loss
 
 
-def training_step(agent, buffer: ReplayBuffer, args, device: torch.device,
-                  branch: Callable | None = None) -> Callable:
-    """The main loop's step, agent.train(buffer.sample(args.batch_size)); it returns the latest
-    value of every metric a step returned. With --cuda-graphs on CUDA each path of train() (the
-    value of `branch()`: whether this step updates the actor) is a CUDA graph (CapturedStep)."""
-    def step() -> dict:
-        return agent.train(buffer.sample(args.batch_size))
-
-    if args.cuda_graphs and device.type != "cuda":
-        print(f"--cuda-graphs: {device} is not a CUDA device; training eagerly", flush=True)
-    elif args.cuda_graphs:
-        step = CapturedStep(step, agent, branch, _capture, _side_stream)
-    metrics = {}
-    return lambda: metrics.update(step()) or metrics
-
-
-def _capture(function: Callable) -> tuple[Callable, dict]:
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = function()  # recorded, not run
-    return graph.replay, outputs
-
-
-@contextlib.contextmanager
-def _side_stream():  # warm-up steps before a capture run on a side stream (PyTorch's docs)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        yield
-    torch.cuda.current_stream().wait_stream(stream)
-
-
-class CapturedStep:
-    """The step as CUDA graphs, one per path: a path's first WARMUP calls run eagerly (on a side
-    stream), the next captures it, later ones replay it. Python does not run in a replay: an
-    integer counter that train() adds to (TD3+BC's total_it) gets the same increment after each,
-    a learning rate scheduler that train() steps is stepped after each (the graph reads the rate
-    as a tensor), and a step that changes any other Python number, which a graph would freeze, is
-    not captured. A capture that fails says why in one line, and the steps run eagerly."""
-
-    WARMUP = 3
-
-    def __init__(self, step, agent, branch, capture, side_stream):
-        self.step, self.agent, self.branch = step, agent, branch
-        self.capture, self.side_stream = capture, side_stream
-        self.graphs, self.calls, self.failed = {}, {}, False
-        parts = vars(agent).values()
-        self.schedulers = [v for v in parts if isinstance(v, torch.optim.lr_scheduler.LRScheduler)]
-        for opt in (v for v in parts if isinstance(v, torch.optim.Optimizer)):
-            for group in opt.param_groups:
-                group["capturable"] = True  # the same arithmetic; a capture needs it
-                if any(s.optimizer is opt for s in self.schedulers):
-                    device = group["params"][0].device  # fused CUDA Adam reads a float32 rate
-                    dtype = torch.float32 if device.type == "cuda" else torch.float64
-                    group["lr"] = torch.tensor(float(group["lr"]), device=device, dtype=dtype)
-
-    def numbers(self) -> dict:
-        """The agent's Python numbers and its optimisers' settings."""
-        found = {("agent", k): v for k, v in vars(self.agent).items()
-                 if isinstance(v, (bool, int, float))}
-        for name, v in vars(self.agent).items():
-            if isinstance(v, torch.optim.Optimizer):
-                found |= {(name, i, k): x for i, g in enumerate(v.param_groups)
-                          for k, x in g.items() if isinstance(x, (bool, int, float))}
-        return found
-
-    def captured(self) -> tuple:
-        before, stepped = self.numbers(), []
-        for s in self.schedulers:
-            s.step = lambda s=s: stepped.append(s)  # replayed after each replay instead
-        try:
-            replay, metrics = self.capture(self.step)
-        finally:
-            for s in self.schedulers:
-                del s.step
-            after = self.numbers()
-            for key, v in before.items():  # the capture ran the Python once and the device nothing
-                if key[0] == "agent":
-                    setattr(self.agent, key[1], v)
-                else:
-                    getattr(self.agent, key[0]).param_groups[key[1]][key[2]] = v
-        changed = [k for k in set(before) | set(after) if before.get(k) != after.get(k)]
-        frozen = [k for k in changed if k[0] != "agent" or type(before.get(k)) is not int
-                  or type(after.get(k)) is not int]
-        if frozen:
-            raise ValueError(f"train() sets the Python value {frozen[0]}, which a graph would "
-                             f"freeze")
-        return replay, metrics, {k[1]: after[k] - before[k] for k in changed}, stepped
-
-    def __call__(self) -> dict:
-        path = self.branch() if self.branch else None
-        if self.failed:
-            return self.step()
-        if self.calls.get(path, 0) < self.WARMUP:
-            self.calls[path] = self.calls.get(path, 0) + 1
-            with self.side_stream():
-                return self.step()
-        if path not in self.graphs:
-            try:
-                self.graphs[path] = self.captured()
-            except Exception as exc:
-                print(f"--cuda-graphs: capturing the training step failed ({type(exc).__name__}: "
-                      f"{_first_line(exc)}); training eagerly", flush=True)
-                self.failed = True
-                return self.step()
-        replay, metrics, increments, stepped = self.graphs[path]
-        replay()
-        for name, n in increments.items():
-            setattr(self.agent, name, getattr(self.agent, name) + n)
-        for s in stepped:
-            s.step()
-        return metrics
-
-
-# ----------------------------------------------------------------------------------------------
-# Pretrained models: behaviour models that take an hour are cached, not trained again
-# ----------------------------------------------------------------------------------------------
+# --- Pretrained models: behaviour models that take an hour are cached, not trained again -------
 def pretraining_key(args, fields: tuple[str, ...], data: OfflineData, recipe: tuple = ()) -> str:
     """A hash of what a pretrained model depends on: the dataset id and contents, whether states
     are standardised, the named flags, `recipe` (the file's words for how it is trained) and a
@@ -1163,12 +1018,10 @@ def load_pretrained(path: str, modules: dict, device) -> bool:
                                      == shapes(m.state_dict()) for name, m in modules.items()):
         print(f"cache {path} does not fit these networks; training them again", flush=True)
         state = None
-    if state is None:
-        return False
-    for name, m in modules.items():
+    for name, m in modules.items() if state is not None else ():
         m.load_state_dict(state[name])
-    print(f"reusing the cached pretrained model {path}", flush=True)
-    return True
+    print(f"reusing the cached pretrained model {path}", flush=True) if state is not None else None
+    return state is not None
 
 
 def save_pretrained(path: str, modules: dict) -> None:

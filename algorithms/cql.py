@@ -84,8 +84,6 @@ class Args:
     """auto: a run folder with a checkpoint continues from it, a finished one is not re-run (needs --run-name); never: start over"""
     compile: bool = False
     """torch.compile each network update's forward passes and loss (the first steps are slow while it compiles)"""
-    cuda_graphs: bool = False
-    """on a CUDA device, capture the whole training step (batch sampling included) as CUDA graphs and replay them; elsewhere a notice and eager steps (docs/speed.md)"""
     precision: common.Precision = "fp32"
     """fp32; tf32: fp32 with TF32 matrix products on CUDA GPUs from Ampere on (no effect on a CPU); bf16: training steps under torch.autocast(bfloat16) with fp32 output layers (docs/usage.md, Precision)"""
     # --- CQL ---
@@ -392,11 +390,9 @@ if __name__ == "__main__":
     agent = CQL(args, data.obs_dim, data.act_dim, device)
     run = common.Run(args, "cql", data)
     start = run.resume(agent)
-    # --cuda-graphs captures each path of train(): cloning the data's actions, or not
-    train_step = common.training_step(agent, buffer, args, device,
-                                      branch=lambda: agent.total_it < args.bc_warmup_steps)
+    metrics = {}  # the latest value of each metric (an actor's from its last update)
     for step in range(start + 1, args.total_steps + 1):
-        metrics = train_step()
+        metrics |= agent.train(buffer.sample(args.batch_size))
         if step % args.log_every == 0 or step == args.total_steps:
             run.log(step, metrics)
         if step % args.eval_every == 0 or step == args.total_steps:

@@ -1,7 +1,6 @@
 """Every file on a CUDA GPU (marked `cuda`; skipped where there is none): a few hundred eager steps
 and its model.pt evaluated on the CPU by tools/evaluate.py; a checkpoint written on the GPU resumed
-on the CPU and the reverse; --cuda-graphs equal to the eager step, and the one-line fallback where
-CUDA refuses a capture; --compile; --precision tf32 and bf16; no host sync in a step.
+on the CPU and the reverse; --compile; --precision tf32 and bf16; no host sync in a step.
 
 tools/gpu_check.sh runs them on the GPU. Its --cpu-dry-run runs them with GPU_CHECK_DEVICE=cpu (the
 CPU in the GPU's place, the CUDA-only tests skipped), GPU_CHECK_FILES (some files) and
@@ -26,12 +25,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import common
 from conftest import ROOT, build_dataset, load_algorithm
-from test_cuda_graphs import SUPPORTED, setup, trained
 from test_gpu_ready import CPU_ONLY_READS
 from test_layout import ALGORITHMS
 from test_layout import SMALL as PHASES
-from test_precision import ACT, OBS, SMALL, batch_for, networks
-from tools.gpu_timing import file_branch
+from test_precision import ACT, N, OBS, SMALL, batch_for, networks
 
 DEVICE = os.environ.get("GPU_CHECK_DEVICE", "cuda")
 FILES = [f for f in os.environ.get("GPU_CHECK_FILES", "").split(",") if f] or ALGORITHMS
@@ -44,7 +41,6 @@ DIRECTIONS = [("gpu", "cpu"), ("cpu", "gpu")] if ON_GPU else [("gpu", "cpu")]
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(ON_GPU and not torch.cuda.is_available(),
                                                    reason="no CUDA device (tools/gpu_check.sh runs these on a GPU)")]
-cuda_only = pytest.mark.skipif(not ON_GPU, reason="CUDA only")
 assert set(FILES) <= set(ALGORITHMS), f"GPU_CHECK_FILES names no algorithm file: {FILES}"
 
 
@@ -226,62 +222,16 @@ def assert_close(got: dict, want: dict, tolerance: float, what: str = "") -> Non
             assert got[k] == want[k], f"{what} {k}"
 
 
-def main_loop_step(name: str, graphs: bool):
-    """common.training_step as the file's loop calls it, with --cuda-graphs or without, and the
-    CapturedStep it made (None without)."""
-    args, agent, buffer = setup(name, DEV, cuda_graphs=graphs)
-    made = []
+def main_loop_step(name: str):
+    """The file's main-loop step, agent.train(buffer.sample(batch_size)), with the batch's rows drawn
+    on the device as common.ReplayBuffer draws them."""
+    agent, batch = make(name)
 
-    class Recorded(common.CapturedStep):
-        def __init__(self, *a):
-            super().__init__(*a)
-            made.append(self)
+    def step() -> dict:
+        idx = torch.randint(0, N, (N,), device=DEV)
+        return agent.train(type(batch)(*(t[idx] for t in batch)))
 
-    with mock.patch.object(common, "CapturedStep", Recorded):
-        step = common.training_step(agent, buffer, args, DEV, branch=file_branch(name, agent, args))
-    return agent, step, made[0] if made else None
-
-
-@cuda_only
-@pytest.mark.parametrize("name", FILES)
-def test_the_captured_step_trains_as_the_eager_step_within_float32_rounding(name):
-    """Both sides of TD3+BC's and CQL's branches (tests/test_cuda_graphs.py's settings), 40 steps,
-    the same batches: the same metrics at every step and the same weights and optimiser states."""
-    runs = {}
-    for graphs in (False, True):
-        agent, step, captured = main_loop_step(name, graphs)
-        torch.manual_seed(1)
-        runs[graphs] = agent, [{k: v.clone() for k, v in step().items()} for _ in range(40)], captured
-    captured = runs[True][2]
-    assert captured.graphs and not captured.failed, "nothing was captured"
-    assert len(captured.graphs) == (2 if SUPPORTED[name] else 1)
-    assert_close(trained(runs[True][0]), trained(runs[False][0]), 1e-4)
-    for i, (got, want) in enumerate(zip(runs[True][1], runs[False][1])):
-        assert_close(got, want, 1e-4, f"step {i + 1}")
-
-
-@cuda_only
-def test_a_capture_cuda_refuses_is_one_line_and_the_steps_train_eagerly(capsys):
-    """A step that reads a value back to the host (here: .item()) cannot be captured on a GPU."""
-    agent, step, captured = main_loop_step("bc", graphs=True)
-    train = agent.train
-
-    def reading(batch):
-        metrics = train(batch)
-        metrics["losses/actor_loss"].item()
-        return metrics
-
-    agent.train = reading
-    for _ in range(6):
-        step()
-    before = [p.detach().clone() for p in agent.actor.parameters()]
-    step()
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and out[0].startswith("--cuda-graphs: capturing the training step failed (") \
-        and out[0].endswith("); training eagerly"), out
-    assert captured.failed and not captured.graphs
-    after = list(agent.actor.parameters())
-    assert all(torch.isfinite(p).all() for p in after) and any(not torch.equal(p, q) for p, q in zip(before, after))
+    return agent, step
 
 
 @pytest.fixture
@@ -369,11 +319,10 @@ def test_the_sync_count_sees_a_host_read_and_a_device_wait():
         assert any(s.startswith("cudaDeviceSynchronize") for s in host_syncs(torch.cuda.synchronize))
 
 
-@pytest.mark.parametrize("graphs", [False, True] if ON_GPU else [False])
 @pytest.mark.parametrize("name", FILES)
-def test_a_main_loop_step_does_not_wait_for_the_device(name, graphs):
-    """Ten steps past the warm-up and the captures: no host sync at all."""
-    _, step, _ = main_loop_step(name, graphs)
+def test_a_main_loop_step_does_not_wait_for_the_device(name):
+    """Ten steps past the warm-up: no host sync at all."""
+    _, step = main_loop_step(name)
     for _ in range(12):
         step()
     assert host_syncs(lambda: [step() for _ in range(10)]) == []

@@ -58,9 +58,8 @@ def agent_on(name: str, device: torch.device):
 
 def unfused(agent) -> None:
     """The agent's optimisers unfused and not capturable, for the meta device, which has neither fused
-    nor capturable Adam. Unfused Adam reads a tensor learning rate (a scheduled one that CapturedStep
-    made a tensor) back to the host, where the fused kernel reads it on the device: such a rate
-    becomes a number here (its scheduler still steps it)."""
+    nor capturable Adam. Unfused Adam reads a tensor learning rate back to the host, where the fused
+    kernel reads it on the device: such a rate becomes a number here (its scheduler still steps it)."""
     for optimizer in (v for v in vars(agent).values() if isinstance(v, torch.optim.Optimizer)):
         for group in optimizer.param_groups:
             group["fused"], group["capturable"] = False, False

@@ -218,32 +218,6 @@ def test_bf16_is_refused_on_a_gpu_that_only_emulates_it(monkeypatch):
         common.autocast(lambda: None, "bf16", torch.device("cuda"))
 
 
-def test_bf16_steps_drop_autocasts_weight_cache_inside_a_cuda_graph_capture(monkeypatch):
-    """PyTorch's CUDA graphs documentation: autocast(cache_enabled=False) while capturing, so that
-    every replay casts the current weights. Outside a capture the cache stays on."""
-    FakeGpus(monkeypatch)
-    capturing = [False]
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
-    seen = []
-
-    class Autocast:
-        def __init__(self, device_type, dtype, cache_enabled=True):
-            seen.append((device_type, dtype, cache_enabled))
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(torch, "autocast", Autocast)
-    step = common.autocast(lambda: None, "bf16", torch.device("cuda:0"))
-    step()
-    capturing[0] = True
-    step()
-    assert seen == [("cuda", torch.bfloat16, True), ("cuda", torch.bfloat16, False)]
-
-
 @pytest.mark.parametrize("name", ["td3_bc", "brac_plus"])
 def test_tf32_allows_tf32_cuda_matmuls_and_leaves_the_steps_and_the_cpu_alone(monkeypatch, name):
     for flags, attr in ((torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")):

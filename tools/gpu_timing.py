@@ -1,10 +1,10 @@
-"""Time every algorithm file's main-loop step on a prebuilt dataset: eager, --cuda-graphs and
---compile, each after warm-up (tools/gpu_check.sh runs it; docs/speed.md, "GPU").
+"""Time every algorithm file's main-loop step on a prebuilt dataset: eager and --compile, each after
+warm-up (tools/gpu_check.sh runs it; docs/speed.md, "GPU").
 
     python tools/gpu_timing.py --out results/gpu_check                 # MINARI_DATASETS_PATH holds the dataset
     python tools/gpu_timing.py --build-only --transitions 20000        # builds it (tools/gpu_prepare.sh)
 
-Each row: steps/s of `common.training_step` (batch sampling included, as the files' loops run it),
+Each row: steps/s of `agent.train(buffer.sample(batch_size))` (batch sampling included, as the files' loops run it),
 GPU minutes per 1M steps, device kernels per step (torch.profiler), peak GPU memory (the dataset on
 the device included). The agents are bench_cpu.py's: default sizes, the RL updates alone, behaviour
 models frozen. Modes run in turn over all files (eager first, --compile last, the slowest to warm
@@ -15,8 +15,6 @@ make the CPU dry run (tools/gpu_check.sh --cpu-dry-run).
 
 from __future__ import annotations
 
-import ast
-import dataclasses
 import functools
 import json
 import os
@@ -35,8 +33,8 @@ import common  # noqa: E402
 from tools.diagnostics.bench_cpu import ALGORITHMS, build, load_algorithm, prepare, sync  # noqa: E402
 
 DATASET_ID = "gpu-check/halfcheetah/synthetic-v0"
-MODES = ("eager", "cuda_graphs", "compile")
-# Network sizes of the dry run (tests/test_precision.py's SMALL): seconds on a CPU, the same code.
+MODES = ("eager", "compile")
+# Network sizes of the dry run (tests/small_agents.py's SMALL): seconds on a CPU, the same code.
 SMALL = {"bc": dict(hidden_dim=32), "td3_bc": dict(hidden_dim=32), "awr": dict(hidden_dim=32),
          "iql": dict(hidden_dim=32), "cql": dict(hidden_dim=32, n_actions=4), "fisher_brc": dict(hidden_dim=32),
          "itrpo": dict(hidden_dim=32, n_samples=4),
@@ -53,7 +51,7 @@ class Args:
     steps: int = 300
     """timed steps per file and mode"""
     warmup: int = 30
-    """untimed steps before them (captures the graphs, compiles)"""
+    """untimed steps before them (compiles)"""
     profile_steps: int = 10
     """steps under torch.profiler for the kernel count"""
     device: str = "cuda"
@@ -69,24 +67,10 @@ class Args:
     """build the dataset and exit"""
 
 
-def file_branch(name: str, agent, args):
-    """The `branch=lambda: ...` that algorithms/<name>.py passes to common.training_step, bound to this
-    agent and args (None where the file passes none)."""
-    with open(os.path.join(ROOT, "algorithms", f"{name}.py")) as f:
-        tree = ast.parse(f.read())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and ast.unparse(node.func) == "common.training_step":
-            for keyword in node.keywords:
-                if keyword.arg == "branch":
-                    return eval(compile(ast.Expression(keyword.value), f"{name}.py", "eval"), {"agent": agent, "args": args})
-    return None
-
-
 def main_loop_step(name: str, data: common.OfflineData, device: torch.device, mode: str, small: bool):
-    """The file's main-loop step (common.training_step, as its __main__ calls it) under `mode`."""
-    agent, buffer, _ = prepare(name, data, device, compile=mode == "compile", **(SMALL[name] if small else {}))
-    args = dataclasses.replace(agent.args, cuda_graphs=mode == "cuda_graphs")
-    return common.training_step(agent, buffer, args, device, branch=file_branch(name, agent, args))
+    """The file's main-loop step, as its __main__ runs it, with --compile or without."""
+    agent, buffer, batch_size = prepare(name, data, device, compile=mode == "compile", **(SMALL[name] if small else {}))
+    return lambda: agent.train(buffer.sample(batch_size))
 
 
 def kernels_per_step(step, steps: int, device: torch.device) -> float | None:
