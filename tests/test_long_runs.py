@@ -268,6 +268,41 @@ def test_the_support_check_reports_fisher_brc_q_and_return_at_the_episodes_first
     assert [float(x) for x in mean_a] == pytest.approx(actions.mean(0).tolist(), abs=0.006)
 
 
+def test_the_support_check_splits_the_first_states_by_where_their_episodes_came_from(tmp_path, datasets_path, capsys,
+                                                                                      monkeypatch):
+    """A medium-replay dataset holds the uniform warm-up's episodes first, then the snapshots': the
+    check reports the first states of each apart (here the first three episodes stand for the warm-up)."""
+    import re
+
+    import torch
+
+    from tools.diagnostics import support_check
+
+    common, fisher_brc = support_check.common, support_check.fisher_brc
+    args = fisher_brc.Args(env="test/hopper/random-v0")
+    data = common.load_dataset(args.env, "cpu")
+    starts, cut = data.episode_starts, int(data.episode_starts[3])
+    monkeypatch.setattr(support_check, "replay_sources",
+                        lambda dataset_id: [("warm-up", cut), ("step 10000", len(data) - cut)])
+    torch.manual_seed(3)
+    agent = fisher_brc.FisherBRC(args, data.obs_dim, data.act_dim, torch.device("cpu"))
+    common.save_file(str(tmp_path / "model.pt"), {"algorithm": "fisher_brc", "args": dict(vars(args)),
+                                                  **agent.state_dict()})
+    support_check.main([str(tmp_path / "model.pt")])
+    lines = [x for x in capsys.readouterr().out.splitlines() if "first states of" in x]
+    assert len(lines) == 2
+    assert lines[0].startswith(f"  first states of warm-up episodes (3 of {len(starts)})")
+    assert lines[1].startswith(f"  first states of snapshot episodes ({len(starts) - 3} of {len(starts)})")
+    if args.normalize_states:
+        common.normalize_obs(data, *common.compute_obs_stats(data))
+    for line, rows in zip(lines, (starts[:3], starts[3:])):
+        with torch.no_grad():
+            log_mu = agent.behavior.log_prob(data.observations[rows], data.actions[rows])
+        assert float(re.search(r"log mu at a (-?[\d.]+)", line)[1]) == pytest.approx(log_mu.mean().item(), abs=0.006)
+        assert float(re.search(r"mean \|a\| ([\d.]+)", line)[1]) == pytest.approx(
+            data.actions[rows].abs().mean().item(), abs=0.006)
+
+
 def test_the_support_check_reads_an_itrpo_checkpoint_with_its_critic_and_reward_bonus(tmp_path, datasets_path, capsys):
     """A checkpoint does not name its algorithm: the check knows iTRPO's by its flags (even one stored
     before a flag was added), reads Q from its critic (no log mu added) and the returns of r +
@@ -286,7 +321,7 @@ def test_the_support_check_reads_an_itrpo_checkpoint_with_its_critic_and_reward_
         for net in (agent.actor, agent.behavior, agent.critic):
             for p in net.parameters():
                 p.normal_(0.0, 0.1)
-    stored = {k: v for k, v in vars(args).items() if k != "cuda_graphs"}  # as from before a flag was added
+    stored = {k: v for k, v in vars(args).items() if k != "final_episodes"}  # as from before a flag was added
     common.save_file(str(tmp_path / "checkpoint.pt"), {"step": 7, "phase": None, "args": stored,
                                                        "agent": agent.state_dict()})
     support_check.main([str(tmp_path / "checkpoint.pt")])

@@ -197,6 +197,25 @@ def test_medium_replay_approximation_from_snapshots(trained, minari_path):
     assert recipe.split_quota([3, 3, 3], 4) == [2, 1, 1]
 
 
+def test_medium_replay_without_its_warmup_holds_the_same_snapshot_rollouts(minari_path):
+    """The control of the uniform warm-up: the same segments of snapshot rollouts, from the same
+    streams, without the warm-up's episodes; replay_sources says which rows came from where."""
+    shipped = os.path.join(snapshots.SNAPSHOTS_DIR, "Pendulum-v1")  # warm-up 1,000 steps, medium at 3,000
+    recipe.build_datasets("Pendulum-v1", ("medium-replay", "medium-replay-no-warmup"), snapshot_dir=shipped)
+    full, with_warmup = episodes("local/pendulum/medium-replay-v0")
+    part, without = episodes("local/pendulum/medium-replay-no-warmup-v0")
+    sources = recipe.replay_sources("local/pendulum/medium-replay-v0")
+    assert sources == [("warm-up", 1000), ("step 2000", 1000), ("step 3000", 1000)]
+    assert recipe.replay_sources("local/pendulum/medium-replay-no-warmup-v0") == sources[1:]
+    assert recipe.replay_sources("local/pendulum/medium-v0") is None
+    assert (full.total_steps, part.total_steps) == (3000, 2000)
+    assert len(with_warmup) - len(without) == 5  # the warm-up's five 200-step episodes
+    for a, b in zip(with_warmup[5:], without):
+        np.testing.assert_array_equal(a.observations, b.observations)
+        np.testing.assert_array_equal(a.actions, b.actions)
+    assert "without the 1000 uniform-random warm-up steps" in part.storage.metadata["description"]
+
+
 def test_long_builds_print_a_line_per_tenth_when_not_on_a_terminal(minari_path, tmp_path, capsys):
     """A log file gets ten progress lines per loop however long it is, not one per thousand steps."""
     shipped = os.path.join(snapshots.SNAPSHOTS_DIR, "Pendulum-v1")  # medium-replay: 3 segments of rollouts

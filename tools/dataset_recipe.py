@@ -24,6 +24,9 @@ builds such an id on first use from the shipped snapshots. The recipe follows D4
                  then for each snapshot interval the snapshot at its end, sampled from its
                  stochastic policy (the agent's own exploration noise), for as many steps as the
                  interval had.
+- medium-replay-no-warmup: medium-replay without its uniform-random warm-up segment (the same
+                 snapshot rollouts, drawn from the same streams): a control for what the warm-up's
+                 episodes, whose actions are uniform over the action Box, do to a run.
 
 medium and expert rollouts sample from the stochastic SAC policy, as D4RL did. Datasets have
 `--transitions` transitions (D4RL: 1M; the last episode is cut and marked truncated to hit the size
@@ -69,7 +72,7 @@ from dataset_snapshots import (
     snapshot_by_step,
 )
 
-Kind = Literal["random", "medium", "medium-replay", "expert", "medium-expert"]
+Kind = Literal["random", "medium", "medium-replay", "expert", "medium-expert", "medium-replay-no-warmup"]
 KINDS: tuple[str, ...] = Kind.__args__
 RandomPolicy = Literal["init", "uniform"]
 D4RL_TRANSITIONS = 1_000_000
@@ -230,14 +233,17 @@ def _build_datasets(env_id, kinds, seed, transitions, snapshot_dir, medium_step,
             cache["expert"] = policy_rollouts(expert, STREAM_EXPERT, size, Progress(f"[{label}]", size))
         return cache["expert"]
 
-    def medium_replay_episodes(label):
+    def medium_replay_episodes(label, warmup: bool = True):
         segments = replay_segments(manifest, medium["step"])
-        quotas = split_quota([length for _, _, length in segments], transitions)
+        kept = [i for i in range(len(segments)) if warmup or segments[i][0] is not None]
+        quotas = dict(zip(kept, split_quota([segments[i][2] for i in kept], transitions)))
         # The kind's description is built here, where the quotas are known.
         nonlocal replay_how
-        replay_how = replay_description(segments, medium["step"], training_buffer is not None, sum(quotas))
-        episodes, progress = [], Progress(f"[{label}]", sum(quotas))  # one line for all the segments
-        for i, ((snap, first, _), quota) in enumerate(zip(segments, quotas)):
+        replay_how = replay_description(segments, medium["step"], training_buffer is not None,
+                                        sum(quotas.values()), warmup)
+        episodes, progress = [], Progress(f"[{label}]", sum(quotas.values()))  # one line for all the segments
+        for i, quota in quotas.items():  # segment i draws from stream i whichever segments are kept
+            snap, first, _ = segments[i]
             if quota == 0:
                 continue
             if training_buffer is not None:
@@ -272,7 +278,7 @@ def _build_datasets(env_id, kinds, seed, transitions, snapshot_dir, medium_step,
             episodes = medium_episodes(label + " medium half") + expert_episodes(label + " expert half")
             how = "the medium rollouts followed by the expert rollouts, each sampling from its stochastic policy"
         else:
-            episodes = medium_replay_episodes(label)
+            episodes = medium_replay_episodes(label, warmup=kind == "medium-replay")
             how = replay_how
 
         parts = [f"D4RL-style '{kind}' dataset for {env_id}, built offline by tools/make_dataset.py "
@@ -303,19 +309,41 @@ def _build_datasets(env_id, kinds, seed, transitions, snapshot_dir, medium_step,
     return ids
 
 
-def replay_description(segments: list, medium_step: int, real_buffer: bool, kept: int) -> str:
-    thinned = ("" if kept == medium_step else
-               f"; {kept} of those {medium_step} transitions kept, the start of every segment (warm-up and "
+def replay_description(segments: list, medium_step: int, real_buffer: bool, kept: int,
+                       warmup: bool = True) -> str:
+    length = medium_step if warmup else medium_step - segments[0][2]
+    thinned = ("" if kept == length else
+               f"; {kept} of those {length} transitions kept, the start of every segment (warm-up and "
                f"snapshot intervals) in proportion to its length")
+    without = "" if warmup else f", without the {segments[0][2]} uniform-random warm-up steps"
     if real_buffer:
         return (f"the SAC agent's own replay buffer up to the medium snapshot (its first {medium_step} env "
-                f"steps, {segments[0][2]} uniform-random warm-up steps included){thinned}")
+                f"steps, {segments[0][2]} uniform-random warm-up steps included){without}{thinned}")
     steps = [snap["step"] for snap, _, _ in segments[1:]]
     return (f"an approximation of the SAC agent's replay buffer up to the medium snapshot (step {medium_step}), "
             f"which is too large to ship: {segments[0][2]} uniform-random warm-up "
             f"steps as in training, then for each interval between training snapshots (steps "
             f"{', '.join(map(str, steps))}) rollouts of the snapshot at its end, sampling from its stochastic "
-            f"policy (the exploration noise the agent used), as many steps as the interval had{thinned}")
+            f"policy (the exploration noise the agent used), as many steps as the interval had{thinned}"
+            f"{without}")
+
+
+def replay_sources(dataset_id: str) -> Optional[list[tuple[str, int]]]:
+    """(source, transitions) of each segment of a local medium-replay id, in the order its rows hold
+    them: "warm-up" (uniform random actions) or "step <n>" (the snapshot of that training step); None
+    for other ids. Each segment is as many transitions as its quota (its last episode is cut)."""
+    parsed = parse_local_id(dataset_id)
+    shipped = shipped_manifests()
+    if parsed is None or not parsed[1].startswith("medium-replay") or parsed[0] not in shipped:
+        return None
+    env_id, snapshot_dir = shipped[parsed[0]]
+    manifest = load_manifest(snapshot_dir, env_id)
+    segments = replay_segments(manifest, snapshot_by_step(manifest, manifest["medium"])["step"])
+    if parsed[1] == "medium-replay-no-warmup":
+        segments = segments[1:]
+    quotas = split_quota([length for _, _, length in segments], parsed[2])
+    return [("warm-up" if snap is None else f"step {snap['step']}", q)
+            for (snap, _, _), q in zip(segments, quotas)]
 
 
 def _episode_buffer(index: int, episode: dict):

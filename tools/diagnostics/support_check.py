@@ -12,7 +12,8 @@ action; how far that action is from the data's; the policy's log-std and its KL 
 (log pi - log mu of one sample per state, averaged); and Q, the return, log mu and
 the mean actions at the episodes' first states, drawn from the distribution every evaluation episode
 starts from. A policy whose actions sit where mu puts little density has left the support the
-penalty is meant to keep it in.
+penalty is meant to keep it in. On a local medium-replay dataset the first states are also split by
+where their episode came from: the uniform-random warm-up or the SAC snapshots' rollouts.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "algorithms"))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 import common  # noqa: E402
+from dataset_recipe import replay_sources  # noqa: E402
 import fisher_brc  # noqa: E402
 import itrpo  # noqa: E402
 from tools.diagnostics.td3_bc_q_check import discounted_returns, read_run_file  # noqa: E402
@@ -113,6 +116,18 @@ def main(argv=None) -> None:
           f"policy log-std {log_std[first].mean():.2f}, KL(pi || mu) {kl[first].mean():.2f}; "
           f"mean pi(s) {np.array2string(pi[first].mean(0).numpy(), precision=2)}, "
           f"a {np.array2string(actions[first].mean(0).numpy(), precision=2)}")
+
+    sources = replay_sources(data.dataset_id)
+    if sources:  # rows hold the segments in order; an episode belongs to the segment of its first row
+        segment = np.searchsorted(np.cumsum([n for _, n in sources]), first, side="right")
+        warmup = np.array([sources[i][0] == "warm-up" for i in segment], dtype=bool)
+        for label, mask in (("warm-up", warmup), ("snapshot", ~warmup)):
+            rows = first[mask]
+            if len(rows):
+                print(f"  first states of {label} episodes ({len(rows)} of {len(first)}): Q(s, a) "
+                      f"{q_data[rows].mean():.1f}, Q(s, pi(s)) {q_pi[rows].mean():.1f}; log mu at a "
+                      f"{log_mu_data[rows].mean():.2f}, at pi(s) {log_mu_pi[rows].mean():.2f}; "
+                      f"mean |a| {actions[rows].abs().mean():.2f}, mean |pi(s)| {pi[rows].abs().mean():.2f}")
 
 
 if __name__ == "__main__":
