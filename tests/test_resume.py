@@ -136,13 +136,15 @@ def test_a_checkpoint_from_other_flags_is_refused_naming_them(datasets_path, tmp
     lines = other.stderr.strip().splitlines()
     assert len(lines) == 1 and "--lr 0.0003 (now 0.001)" in lines[0] and "--alpha 2.5 (now 3.0)" in lines[0]
     assert "--precision fp32 (now bf16)" in lines[0]
-    # a checkpoint written before a flag existed resumes when the flag is at its default
+    # a checkpoint written before a flag existed resumes when the flag is at its default, and one
+    # written with a flag since dropped resumes too
     import common
     for name in ("checkpoint.pt", "checkpoint.prev.pt"):
         path = out / "r" / name
         if path.exists():
             saved = common.load_file(str(path))
             del saved["args"]["precision"]
+            saved["args"]["retired_flag"] = 3  # and one written with a flag the file no longer has
             common.save_file(str(path), saved)
     assert "--precision fp32 (now bf16)" in run(cmd + ["--precision", "bf16"], datasets_path).stderr
     resumed = run(cmd, datasets_path)
