@@ -82,6 +82,48 @@ def test_hours_are_the_runs_training_time_not_its_process_wall_time(tmp_path, mo
     assert hours(train_seconds=1800.0) == "0.5 "
 
 
+def test_a_run_of_earlier_defaults_is_run_again_replaced_by_todays_and_named_until_then(tmp_path, monkeypatch, capsys):
+    """A record whose file's defaults have changed since is not the run RUNS asks for: `run` would start
+    it again, `collect` replaces it with today's run however short, and the report names its flags
+    until then; a run folder whose args differ from today's command is recorded with those flags."""
+    from conftest import load_algorithm
+
+    docs, runs_dir = tmp_path / "docs", tmp_path / "runs"
+    monkeypatch.setattr(long_runs, "DOCS", str(docs))
+    monkeypatch.setattr(long_runs, "COLLECTED", str(docs / "long_runs"))
+    spec = ("iql", long_runs.HOPPER, 0, 30_000, [])
+    monkeypatch.setattr(long_runs, "RUNS", [spec])
+    name = long_runs.run_name(*spec[:3])
+    (docs / "long_runs").mkdir(parents=True)
+    record = {"algorithm": "iql", "env": long_runs.HOPPER, "seed": 0, "total_steps": 30_000, "flags": [],
+              "finished": True, "earlier_defaults": ["--normalize-states"], "train_seconds": 60.0,
+              "behaviour_score": 10.0, "transitions": 90_000, "q1": [],
+              "evaluations": [[10_000 * (i + 1), 20.0, 1.0] for i in range(3)]}
+    json.dump(record, open(docs / "long_runs" / f"{name}.json", "w"))
+    assert not long_runs.collected_finished(spec)
+    long_runs.report()
+    assert "| iql (earlier defaults: --normalize-states) | 1 | 30,000 |" in capsys.readouterr().out
+
+    def run_folder(**changed):
+        args = vars(load_algorithm("iql").Args(env=long_runs.HOPPER, total_steps=30_000, eval_every=10_000,
+                                               save_model=True, output_dir=str(runs_dir), run_name=name, **changed))
+        (runs_dir / name).mkdir(parents=True, exist_ok=True)
+        json.dump({"finished": False, "train_seconds": 60.0, "args": args,
+                   "dataset": {"ref_min_score": 0.0, "ref_max_score": 200.0, "episode_return_mean": 20.0,
+                               "transitions": 90_000},
+                   "evaluations": [{"step": 10_000, "normalized_score_mean": 5.0, "normalized_score_std": 0.0,
+                                    "wall_time": 1.0}]},
+                  open(runs_dir / name / "results.json", "w"))
+        long_runs.collect(str(runs_dir))
+        return json.load(open(docs / "long_runs" / f"{name}.json"))
+
+    today = run_folder()
+    assert "earlier_defaults" not in today and len(today["evaluations"]) == 1
+    long_runs.report()
+    assert "| iql | 1 | 10,000 (unfinished) |" in capsys.readouterr().out
+    assert run_folder(normalize_states=True, gamma=0.98)["earlier_defaults"] == ["--gamma 0.98", "--normalize-states"]
+
+
 def test_report_without_collected_runs_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(long_runs, "COLLECTED", str(tmp_path))
     with pytest.raises(long_runs.UserError, match="run `collect` first"):

@@ -14,7 +14,10 @@ in docs/long_runs/ (its folder may be gone). Each run's console goes to <runs-di
 `collect` copies what the report needs into docs/long_runs/<name>.json (the evaluations, the logged
 mean Q of dataset actions, the run's flags and time), finished or not, so that the results survive
 the run folders; a run that restarted (its folder lost) does not replace a collected record with more
-evaluations until it has caught up. `report` reads only those files: a table per dataset (file,
+evaluations until it has caught up. A record whose `earlier_defaults` lists flags ran before a file's
+defaults changed (those flags give its run with today's file): it is not the run RUNS asks for, so
+`run` starts that run again, `collect` replaces the record with it however far it has come, and
+`report` names the flags in the row until then. `report` reads only those files: a table per dataset (file,
 steps, final = mean of the last 10 evaluations, best evaluation, largest logged mean Q) and a figure
 per dataset, docs/long-<dataset>.png.
 """
@@ -117,7 +120,9 @@ def read_collected(name: str) -> dict | None:
 
 
 def same_budget(record: dict | None, steps: int, flags: list[str]) -> bool:
-    return bool(record) and record["total_steps"] == steps and record["flags"] == flags
+    """Whether `record` is of the run RUNS asks for: its steps and flags, with today's defaults."""
+    return (bool(record) and record["total_steps"] == steps and record["flags"] == flags
+            and not record.get("earlier_defaults"))
 
 
 def collected_finished(spec) -> bool:
@@ -125,6 +130,31 @@ def collected_finished(spec) -> bool:
     algo, dataset, seed, steps, flags = spec
     old = read_collected(run_name(algo, dataset, seed))
     return same_budget(old, steps, flags) and old["finished"]
+
+
+def earlier_defaults(spec, ran_with: dict | None) -> list[str]:
+    """The flags in which a run's recorded args differ from what its RUNS command gives with the file
+    as it is now (fields the file fills in itself, None in the command's parse, and the flags that
+    change nothing trained are not compared): empty for a run of today's defaults."""
+    import importlib.util
+
+    import tyro
+
+    from common import RESUME_FREE_FLAGS
+
+    algo, dataset, seed, steps, flags = spec
+    if not isinstance(ran_with, dict):
+        return []
+    path = os.path.join(ROOT, "algorithms", f"{algo}.py")
+    module_spec = importlib.util.spec_from_file_location(f"long_runs_{algo}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    cli = command(algo, dataset, seed, steps, flags, "runs")[2:]
+    now = vars(tyro.cli(module.Args, args=[a for a in cli if a != "--save-model"] + ["--save-model"]))
+    differ = [k for k, v in now.items() if v is not None and k not in RESUME_FREE_FLAGS
+              and k in ran_with and ran_with[k] != v]
+    return [f"--{k.replace('_', '-')} {ran_with[k]}" if not isinstance(v, bool) else
+            f"--{'' if ran_with[k] else 'no-'}{k.replace('_', '-')}" for k in differ for v in (now[k],)]
 
 
 def logged_q(run_dir: str) -> list[list[float]]:
@@ -155,6 +185,7 @@ def collect(runs_dir: str) -> None:
         evaluations = [[e["step"], e["normalized_score_mean"], e["normalized_score_std"]]
                        for e in results["evaluations"]]
         old, finished = read_collected(name), bool(results.get("finished"))
+        earlier = earlier_defaults((algo, dataset, seed, steps, flags), results.get("args"))
         if same_budget(old, steps, flags) and (len(old["evaluations"]) > len(evaluations)
                                                or (old["finished"] and not finished)):
             # a run that restarted from scratch (its folder was lost) has not caught up yet
@@ -164,7 +195,7 @@ def collect(runs_dir: str) -> None:
             continue
         write_json(os.path.join(COLLECTED, f"{name}.json"), {
             "algorithm": algo, "env": dataset, "seed": seed, "total_steps": steps, "flags": flags,
-            "finished": finished,
+            "finished": finished, **({"earlier_defaults": earlier} if earlier else {}),
             # the main loop's training time (evaluations and pretraining phases excluded), None for a
             # run folder whose results.json predates that field; not the process's wall time
             "train_seconds": results.get("train_seconds"),
@@ -227,6 +258,9 @@ def report() -> None:
         print("|---|---|---|---|---|---|---|")
         for a in algos:
             s = stats[a]
+            earlier = sorted({" ".join(r["earlier_defaults"]) for r in mine
+                              if r["algorithm"] == a and r.get("earlier_defaults")})
+            name = f"{a} (earlier defaults: {'; '.join(earlier)})" if earlier else a
             pm = f" ± {s['final_std']:.1f}" if s["seeds"] > 1 else ""
             # "unfinished", not "running": a run's folder may be gone, and its record is then where it stopped
             steps = f"{s['steps'][-1]:,}" + ("" if s["finished"] else " (unfinished)")
@@ -235,15 +269,16 @@ def report() -> None:
                 steps = steps.replace(" (unfinished)", f" (unfinished; {', '.join(others[a])})")
             q = "—" if np.isnan(s["max_q"]) else f"{s['max_q']:.0f}"
             hours = "—" if np.isnan(s["hours"]) else f"{s['hours']:.1f}"
-            print(f"| {a} | {s['seeds']} | {steps} | {s['final']:.1f}{pm} | {s['best']:.1f} ({s['best_step']:,}) | "
+            print(f"| {name} | {s['seeds']} | {steps} | {s['final']:.1f}{pm} | {s['best']:.1f} ({s['best_step']:,}) | "
                   f"{q} | {hours} |")
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.axhline(behaviour, color="black", lw=1, ls=":", label=f"behaviour average ({behaviour:.1f})")
         for i, a in enumerate(algos):
             s = stats[a]
             style = {"color": "gray", "ls": "--"} if a == "bc" else {"color": f"C{i}"}
-            ax.plot(s["steps"], s["values"].mean(0), lw=1.2, label=f"{a} ({s['seeds']} seed{'s' * (s['seeds'] > 1)})",
-                    **style)
+            earlier = any(r.get("earlier_defaults") for r in mine if r["algorithm"] == a)
+            ax.plot(s["steps"], s["values"].mean(0), lw=1.2, **style,
+                    label=f"{a} ({s['seeds']} seed{'s' * (s['seeds'] > 1)}{', earlier defaults' * earlier})")
             if s["seeds"] > 1:
                 ax.fill_between(s["steps"], s["values"].min(0), s["values"].max(0), alpha=0.15, color=style["color"])
             for r in s["ahead"]:  # a seed beyond the steps every seed reached: its own curve, thinner
