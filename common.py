@@ -310,7 +310,8 @@ def _built(dataset_id: str) -> bool:
             return True
         raise UserError(f"dataset '{dataset_id}' is not built here: build it with `python "
                         f"tools/make_dataset.py --id {dataset_id}` in the library's repository")
-    sys.path.append(tools) if tools not in sys.path else None
+    if tools not in sys.path:
+        sys.path.append(tools)
     from make_dataset import build_local_dataset
 
     build_local_dataset(dataset_id)
@@ -352,9 +353,11 @@ def load_dataset(dataset_id: str, device="cpu") -> OfflineData:
         raise UserError(f"dataset '{dataset_id}' has observation space {obs_space}; only flat Box "
                         f"or goal-conditioned Dict observations ({', '.join(keys)}) are supported")
     obs = [flatten_obs(e["observations"], antmaze) for e in episodes]
-    if not episodes or any(len(o) != len(e["rewards"]) + 1 for o, e in zip(obs, episodes)):
-        raise UserError(f"dataset '{dataset_id}' is malformed: it has no episodes, or one that "
-                        f"does not hold one more observation than actions")
+    if not episodes:
+        raise UserError(f"dataset '{dataset_id}' contains no transitions")
+    if any(len(o) != len(e["rewards"]) + 1 for o, e in zip(obs, episodes)):
+        raise UserError(f"dataset '{dataset_id}' is malformed: an episode does not hold one more "
+                        f"observation than actions")
     lengths = np.array([len(e["rewards"]) for e in episodes], dtype=np.int64)
     actions = np.concatenate([np.asarray(e["actions"], np.float32).reshape(n, -1)
                               for e, n in zip(episodes, lengths)])
@@ -547,11 +550,12 @@ class Run:
             f"{args.env.replace('/', '__')}__{algorithm}__{args.seed}__{int(time.time())}"
         global _writing_in
         self.dir = _writing_in = os.path.join(args.output_dir, name)
-        for f in (f for f in dataclasses.fields(args) if f.name.endswith("batch_size")):
-            if (getattr(args, f.name) or 0) > len(data):
-                raise UserError(f"--{f.name.replace('_', '-')} {getattr(args, f.name)} is larger "
-                                f"than the dataset '{data.dataset_id}' ({len(data)} transitions); "
-                                f"use at most {len(data)}")
+        for f in dataclasses.fields(args):
+            v = getattr(args, f.name)
+            if f.name.endswith("batch_size") and v is not None and v > len(data):
+                raise UserError(f"--{f.name.replace('_', '-')} {v} is larger than the dataset "
+                                f"'{data.dataset_id}' ({len(data)} transitions); use at most "
+                                f"{len(data)}")
         try:
             os.makedirs(self.dir, exist_ok=True)
         except OSError as exc:
@@ -1018,10 +1022,12 @@ def load_pretrained(path: str, modules: dict, device) -> bool:
                                      == shapes(m.state_dict()) for name, m in modules.items()):
         print(f"cache {path} does not fit these networks; training them again", flush=True)
         state = None
-    for name, m in modules.items() if state is not None else ():
+    if state is None:
+        return False
+    for name, m in modules.items():
         m.load_state_dict(state[name])
-    print(f"reusing the cached pretrained model {path}", flush=True) if state is not None else None
-    return state is not None
+    print(f"reusing the cached pretrained model {path}", flush=True)
+    return True
 
 
 def save_pretrained(path: str, modules: dict) -> None:
