@@ -233,7 +233,8 @@ ADROIT_DEFAULTS = {"regularizer": "mmd", "kl_margin": 0.001, "gp_target": 0.005,
 
 
 def domain_defaults(dataset_id: str) -> dict:
-    kind = dataset_id.lower().split("/")[-1].rsplit("-v", 1)[0]
+    name = dataset_id.lower().split("/")[-1]  # medium-replay-v0, hopper-medium-replay-v2 (D4RL's), medium-replay-50k-v0
+    kind = next((k for k in ("medium-expert", "medium-replay", "random", "medium", "expert") if k in name), name)
     task = common.dataset_task(dataset_id)
     if task in ADROIT_TASKS:
         return dict(ADROIT_DEFAULTS)

@@ -271,6 +271,11 @@ def test_per_task_settings_come_from_the_dataset_id():
     assert margin("D4RL/walker2d/medium-replay-v2") == 3.0
     assert margin("test/hopper/random-v0") == 3.0
     assert margin("mujoco/ant/expert-v0") == bp.DEFAULT_KL_MARGIN
+    # D4RL's own files, sized local builds and the warm-up control name their kind inside a longer name
+    assert margin("d4rl/hopper-medium-replay-v2") == 3.0 and margin("d4rl/hopper-medium-v2") == 0.2
+    assert margin("local/hopper/medium-replay-50k-v0") == 3.0
+    assert margin("local/hopper/medium-replay-no-warmup-v0") == 3.0
+    assert margin("d4rl/walker2d-medium-expert-v2") == 0.2
     assert bp.domain_defaults("D4RL/halfcheetah/medium-replay-v2")["gp_target"] == 0.1
     assert bp.domain_defaults("D4RL/hopper/medium-replay-v2")["gp_target"] == 0.01
 
