@@ -40,7 +40,7 @@ def test_the_cpu_dry_run_tests_and_times_every_file_and_prints_the_table_last(tm
                    "test_compile_trains_as_eager_and_compiles_nothing_after_warm_up",
                    "test_precision_trains_as_fp32_to_within_its_rounding",
                    "test_the_sync_count_sees_a_host_read_and_a_device_wait",
-                   "test_a_main_loop_step_does_not_wait_for_the_device"}, ran  # all but the CUDA-only ones
+                   "test_a_main_loop_step_does_not_wait_for_the_device"}, ran  # every test of the file
     with open(tmp_path / "timing.json") as f:
         assert len(json.load(f)["rows"]) == len(rows)
 

@@ -58,13 +58,10 @@ def agent_on(name: str, device: torch.device):
 
 def unfused(agent) -> None:
     """The agent's optimisers unfused and not capturable, for the meta device, which has neither fused
-    nor capturable Adam. Unfused Adam reads a tensor learning rate back to the host, where the fused
-    kernel reads it on the device: such a rate becomes a number here (its scheduler still steps it)."""
+    nor capturable Adam."""
     for optimizer in (v for v in vars(agent).values() if isinstance(v, torch.optim.Optimizer)):
         for group in optimizer.param_groups:
             group["fused"], group["capturable"] = False, False
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"] = 3e-4
 
 
 def steps_on_meta(name: str):

@@ -201,6 +201,33 @@ def test_a_run_finished_and_collected_is_skipped_though_its_folder_is_gone(tmp_p
     assert [cmd[cmd.index("--seed") + 1] for cmd in started] == ["1", "2"]
 
 
+def test_run_starts_over_a_folder_of_earlier_defaults_and_resumes_one_of_todays(tmp_path, monkeypatch, capsys):
+    """Resuming a folder whose flags are not today's would be refused (another flag set): `run` starts
+    it over; a folder of today's flags (here one still in its behaviour phase: a checkpoint alone)
+    resumes."""
+    from conftest import load_algorithm
+
+    import common
+
+    started = []
+    monkeypatch.setattr(long_runs.subprocess, "run",
+                        lambda cmd, **kwargs: started.append(cmd) or long_runs.subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr(long_runs, "COLLECTED", str(tmp_path / "collected"))
+    specs = [("fisher_brc", long_runs.HOPPER, s, 100_000, []) for s in (0, 1)]
+    monkeypatch.setattr(long_runs, "RUNS", specs)
+    for seed, normalize in ((0, True), (1, False)):
+        name = long_runs.run_name(*specs[seed][:3])
+        args = vars(load_algorithm("fisher_brc").Args(env=long_runs.HOPPER, seed=seed, total_steps=100_000,
+                                                      eval_every=10_000, normalize_states=normalize))
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        common.save_file(str(tmp_path / "runs" / name / "checkpoint.pt"),
+                         {"step": 10, "phase": "behaviour model", "args": args, "agent": {}, "rng": {}})
+    long_runs.run_all(str(tmp_path / "runs"), 1)
+    assert [cmd[-2:] == ["--resume", "never"] for cmd in started] == [True, False]
+    assert "hopper-medium-replay-v0__fisher_brc__0: its folder ran with earlier defaults (--normalize-states); " \
+           "starting it over" in capsys.readouterr().out
+
+
 def test_a_restarted_run_does_not_replace_a_longer_collected_record(tmp_path, monkeypatch, capsys):
     docs = tmp_path / "docs"
     monkeypatch.setattr(long_runs, "COLLECTED", str(docs / "long_runs"))

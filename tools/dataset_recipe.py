@@ -24,9 +24,10 @@ builds such an id on first use from the shipped snapshots. The recipe follows D4
                  then for each snapshot interval the snapshot at its end, sampled from its
                  stochastic policy (the agent's own exploration noise), for as many steps as the
                  interval had.
-- medium-replay-no-warmup: medium-replay without its uniform-random warm-up segment (the same
-                 snapshot rollouts, drawn from the same streams): a control for what the warm-up's
-                 episodes, whose actions are uniform over the action Box, do to a run.
+- medium-replay-no-warmup: medium-replay without its uniform-random warm-up segment, its snapshot
+                 rollouts drawn from the same streams (at the default size the same rollouts; a
+                 sized build shares its transitions among the snapshot segments alone): a control
+                 for what the warm-up's episodes, whose actions are uniform over the action Box, do.
 
 medium and expert rollouts sample from the stochastic SAC policy, as D4RL did. Datasets have
 `--transitions` transitions (D4RL: 1M; the last episode is cut and marked truncated to hit the size
@@ -236,6 +237,9 @@ def _build_datasets(env_id, kinds, seed, transitions, snapshot_dir, medium_step,
     def medium_replay_episodes(label, warmup: bool = True):
         segments = replay_segments(manifest, medium["step"])
         kept = [i for i in range(len(segments)) if warmup or segments[i][0] is not None]
+        if not kept:
+            raise UserError(f"{label}: the medium snapshot (step {medium['step']}) comes before the warm-up "
+                            f"ends; without the warm-up there is nothing to keep")
         quotas = dict(zip(kept, split_quota([segments[i][2] for i in kept], transitions)))
         # The kind's description is built here, where the quotas are known.
         nonlocal replay_how
@@ -313,25 +317,28 @@ def replay_description(segments: list, medium_step: int, real_buffer: bool, kept
                        warmup: bool = True) -> str:
     length = medium_step if warmup else medium_step - segments[0][2]
     thinned = ("" if kept == length else
-               f"; {kept} of those {length} transitions kept, the start of every segment (warm-up and "
-               f"snapshot intervals) in proportion to its length")
-    without = "" if warmup else f", without the {segments[0][2]} uniform-random warm-up steps"
+               f"; {kept} of those {length} transitions kept, the start of every segment in proportion "
+               f"to its length")
     if real_buffer:
-        return (f"the SAC agent's own replay buffer up to the medium snapshot (its first {medium_step} env "
-                f"steps, {segments[0][2]} uniform-random warm-up steps included){without}{thinned}")
+        what = (f"its first {medium_step} env steps, {segments[0][2]} uniform-random warm-up steps included"
+                if warmup else f"env steps {segments[0][2]} to {medium_step}: its {segments[0][2]} "
+                               f"uniform-random warm-up steps left out")
+        return f"the SAC agent's own replay buffer up to the medium snapshot ({what}){thinned}"
     steps = [snap["step"] for snap, _, _ in segments[1:]]
+    start = (f"{segments[0][2]} uniform-random warm-up steps as in training, then " if warmup else
+             f"without the {segments[0][2]} uniform-random warm-up steps of training: ")
     return (f"an approximation of the SAC agent's replay buffer up to the medium snapshot (step {medium_step}), "
-            f"which is too large to ship: {segments[0][2]} uniform-random warm-up "
-            f"steps as in training, then for each interval between training snapshots (steps "
+            f"which is too large to ship: {start}for each interval between training snapshots (steps "
             f"{', '.join(map(str, steps))}) rollouts of the snapshot at its end, sampling from its stochastic "
-            f"policy (the exploration noise the agent used), as many steps as the interval had{thinned}"
-            f"{without}")
+            f"policy (the exploration noise the agent used), as many steps as the interval had{thinned}")
 
 
 def replay_sources(dataset_id: str) -> Optional[list[tuple[str, int]]]:
-    """(source, transitions) of each segment of a local medium-replay id, in the order its rows hold
-    them: "warm-up" (uniform random actions) or "step <n>" (the snapshot of that training step); None
-    for other ids. Each segment is as many transitions as its quota (its last episode is cut)."""
+    """(source, transitions) of each segment of a local medium-replay id as build_local_dataset builds
+    it from the shipped snapshots, in the order its rows hold them: "warm-up" (uniform random
+    actions) or "step <n>" (the snapshot of that training step); None for other ids. Each segment is
+    as many transitions as its quota (its last episode is cut). A build of the same id from other
+    snapshots has other segments: compare the total with the dataset's size."""
     parsed = parse_local_id(dataset_id)
     shipped = shipped_manifests()
     if parsed is None or not parsed[1].startswith("medium-replay") or parsed[0] not in shipped:

@@ -34,7 +34,7 @@ from tools.diagnostics.bench_cpu import ALGORITHMS, build, load_algorithm, prepa
 
 DATASET_ID = "gpu-check/halfcheetah/synthetic-v0"
 MODES = ("eager", "compile")
-# Network sizes of the dry run (tests/small_agents.py's SMALL): seconds on a CPU, the same code.
+# Network sizes of the dry run (tests/test_precision.py's SMALL): seconds on a CPU, the same code.
 SMALL = {"bc": dict(hidden_dim=32), "td3_bc": dict(hidden_dim=32), "awr": dict(hidden_dim=32),
          "iql": dict(hidden_dim=32), "cql": dict(hidden_dim=32, n_actions=4), "fisher_brc": dict(hidden_dim=32),
          "itrpo": dict(hidden_dim=32, n_samples=4),

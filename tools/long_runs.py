@@ -102,9 +102,15 @@ def run_all(runs_dir: str, workers: int) -> None:
         if collected_finished(spec):
             print(f"[long_runs] {name}: finished, collected in {os.path.relpath(COLLECTED, ROOT)}/", flush=True)
             return
+        cmd = command(*spec, runs_dir)
+        earlier = earlier_defaults(spec, folder_args(os.path.join(runs_dir, name)))
+        if earlier:  # resuming it would be refused: its flags are not today's
+            print(f"[long_runs] {name}: its folder ran with earlier defaults ({' '.join(earlier)}); "
+                  f"starting it over", flush=True)
+            cmd += ["--resume", "never"]
         print(f"[long_runs] {time.strftime('%H:%M:%S')} start {name}", flush=True)
         with open(os.path.join(runs_dir, f"{name}.out"), "a") as out:
-            rc = subprocess.run(command(*spec, runs_dir), env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+            rc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
         print(f"[long_runs] {time.strftime('%H:%M:%S')} end {name} (exit {rc})", flush=True)
 
     with lock, concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -132,10 +138,28 @@ def collected_finished(spec) -> bool:
     return same_budget(old, steps, flags) and old["finished"]
 
 
+def folder_args(run_dir: str) -> dict | None:
+    """The args a run folder's run was started with: its results.json's, else its checkpoint's (a run
+    still in a pretraining phase has only that); None for a folder with neither."""
+    from common import UserError, load_file
+
+    try:
+        with open(os.path.join(run_dir, "results.json")) as f:
+            return json.load(f).get("args")
+    except (OSError, ValueError):
+        pass
+    path = os.path.join(run_dir, "checkpoint.pt")
+    try:
+        return load_file(path).get("args") if os.path.exists(path) else None
+    except UserError:
+        return None
+
+
 def earlier_defaults(spec, ran_with: dict | None) -> list[str]:
     """The flags in which a run's recorded args differ from what its RUNS command gives with the file
-    as it is now (fields the file fills in itself, None in the command's parse, and the flags that
-    change nothing trained are not compared): empty for a run of today's defaults."""
+    as it is now: empty for a run of today's defaults. Not compared: fields the file fills in itself
+    (None in the command's parse), the flags that change nothing trained, and flags the run's args
+    lack (added since: what the run did instead is the file's history, not a flag)."""
     import importlib.util
 
     import tyro
@@ -186,6 +210,8 @@ def collect(runs_dir: str) -> None:
                        for e in results["evaluations"]]
         old, finished = read_collected(name), bool(results.get("finished"))
         earlier = earlier_defaults((algo, dataset, seed, steps, flags), results.get("args"))
+        if "args" not in results and old:  # nothing to compare: what was said of the run stays
+            earlier = old.get("earlier_defaults", [])
         if same_budget(old, steps, flags) and (len(old["evaluations"]) > len(evaluations)
                                                or (old["finished"] and not finished)):
             # a run that restarted from scratch (its folder was lost) has not caught up yet

@@ -86,7 +86,8 @@ class Args:
     transitions: Optional[int] = None
     """transitions per dataset (default 1M as in D4RL; medium-expert has this many of each half;
     medium-replay has the size of the buffer up to the medium snapshot, or fewer: this many, shared
-    among the warm-up and the snapshot intervals in proportion to their lengths); a size given here
+    among the warm-up and the snapshot intervals in proportion to their lengths; medium-replay-no-warmup
+    the same without the warm-up); a size given here
     is part of the id: local/<env>/<kind>-<size>-v0"""
     train_steps: int = 0
     """if > 0, first train the SAC behaviour agent for this many env steps, saving snapshots"""

@@ -118,7 +118,10 @@ def main(argv=None) -> None:
           f"a {np.array2string(actions[first].mean(0).numpy(), precision=2)}")
 
     sources = replay_sources(data.dataset_id)
-    if sources:  # rows hold the segments in order; an episode belongs to the segment of its first row
+    if sources and sum(n for _, n in sources) != len(data):
+        print(f"  (not split by source: {data.dataset_id} has {len(data)} transitions, the shipped "
+              f"snapshots' recipe {sum(n for _, n in sources)}; it was built from other snapshots)")
+    elif sources:  # rows hold the segments in order; an episode belongs to the segment of its first row
         segment = np.searchsorted(np.cumsum([n for _, n in sources]), first, side="right")
         warmup = np.array([sources[i][0] == "warm-up" for i in segment], dtype=bool)
         for label, mask in (("warm-up", warmup), ("snapshot", ~warmup)):
