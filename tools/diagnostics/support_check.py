@@ -44,11 +44,11 @@ def load(path: str):
     saved = read_run_file(path, "a fisher_brc or itrpo")
     weights = saved.get("agent", saved)
     weights = weights if isinstance(weights, dict) else {}
-    # a model.pt names its algorithm; a checkpoint is known by its flags: the one file whose Args hold them all
-    fields = {n: set(m.Args.__dataclass_fields__) for n, m in (("fisher_brc", fisher_brc), ("itrpo", itrpo))}
+    # a model.pt names its algorithm; a checkpoint is known by its networks (its flags may include one
+    # that a file has dropped since)
     name = saved.get("algorithm") if weights else None
     if weights and name is None and isinstance(saved.get("args"), dict):
-        matches = [n for n, f in fields.items() if set(saved["args"]) <= f]
+        matches = [n for n, nets in NETWORKS.items() if set(nets) <= set(weights)]
         name = matches[0] if len(matches) == 1 else None
     if name not in NETWORKS or not set(NETWORKS[name]) <= set(weights) or not isinstance(saved.get("args"), dict):
         raise common.UserError(f"{path} is not a fisher_brc or itrpo checkpoint or model.pt")
