@@ -414,6 +414,57 @@ def test_the_support_check_reads_an_itrpo_checkpoint_with_its_critic_and_reward_
     assert reported["log mu at a"] == pytest.approx(log_mu.mean().item(), abs=0.006)
 
 
+def test_the_support_check_rolls_out_the_policy_beside_its_q_and_the_return_that_followed(tmp_path, datasets_path,
+                                                                                         capsys):
+    """--rollouts: the policy's own episodes in the eval env, Q(s_0, pi(s_0)) next to the discounted return of the
+    training rewards (r + --reward-bonus) that followed, with the states standardised as the run's."""
+    import re
+
+    import numpy as np
+    import torch
+
+    from tools.diagnostics import support_check
+
+    common, itrpo = support_check.common, support_check.itrpo
+    args = itrpo.Args(env="test/hopper/random-v0", reward_bonus=3.0, normalize_states=True)
+    data = common.load_dataset(args.env, "cpu")
+    torch.manual_seed(5)
+    agent = itrpo.ITRPO(args, data.obs_dim, data.act_dim, torch.device("cpu"))
+    with torch.no_grad():
+        for net in (agent.actor, agent.behavior, agent.critic):
+            for p in net.parameters():
+                p.normal_(0.0, 0.1)
+    common.save_file(str(tmp_path / "checkpoint.pt"), {"step": 3, "phase": None, "args": dict(vars(args)),
+                                                       "agent": agent.state_dict()})
+    with pytest.raises(long_runs.UserError, match="--rollouts must be 0 or more, got -1"):
+        support_check.main([str(tmp_path / "checkpoint.pt"), "--rollouts", "-1"])
+    support_check.main([str(tmp_path / "checkpoint.pt"), "--rollouts", "2"])
+    out = capsys.readouterr().out
+
+    mean, std = common.compute_obs_stats(data)
+    env, lengths, q0, g0 = data.make_env(), [], [], []
+    for seed in (1000, 1001):
+        obs, _ = env.reset(seed=seed)
+        rewards, done = [], False
+        while not done:
+            o = (torch.as_tensor(obs, dtype=torch.float32)[None] - mean) / std
+            with torch.no_grad():
+                a = agent.act(o)
+                if not rewards:
+                    q0.append(torch.min(*agent.critic(o, a)).item())
+            obs, r, terminated, truncated, _ = env.step(a[0].numpy())  # hopper's box is [-1, 1]
+            rewards.append(r + 3.0)
+            done = terminated or truncated
+        lengths.append(len(rewards))
+        g0.append(sum(args.gamma ** t * r for t, r in enumerate(rewards)))
+    assert f"lengths {min(lengths)}-{max(lengths)}" in out
+    first = re.search(r"steps 0-0 \(2 states\): Q\(s, pi\(s\)\) (-?[\d.]+), discounted return that followed "
+                      r"(-?[\d.]+)", out)
+    assert first, out
+    assert float(first[1]) == pytest.approx(np.mean(q0), abs=0.06)
+    assert float(first[2]) == pytest.approx(np.mean(g0), abs=0.06)
+
+
 def test_the_iql_actor_refit_refuses_other_files_and_flags_in_one_line(tmp_path):
     import torch
 

@@ -2,6 +2,7 @@
 
     python tools/diagnostics/support_check.py ~/long_runs/hopper-medium-replay-v0__fisher_brc__0/checkpoint.pt
     python tools/diagnostics/support_check.py ~/long_runs/hopper-medium-replay-v0__itrpo__0/checkpoint.pt
+    python tools/diagnostics/support_check.py <checkpoint.pt> --rollouts 5
 
 Both files keep the policy near a frozen behaviour model mu (Fisher-BRC: Q = min(O_1, O_2) + log mu
 and a gradient penalty on O; iTRPO: a KL penalty to mu in the actor's loss and the critic's target).
@@ -13,7 +14,9 @@ action; how far that action is from the data's; the policy's log-std and its KL 
 the mean actions at the episodes' first states, drawn from the distribution every evaluation episode
 starts from. A policy whose actions sit where mu puts little density has left the support the
 penalty is meant to keep it in. On a local medium-replay dataset the first states are also split by
-where their episode came from: the uniform-random warm-up or the SAC snapshots' rollouts.
+where their episode came from: the uniform-random warm-up or the SAC snapshots' rollouts. With
+--rollouts N the policy also runs N episodes of its own: Q at its own states and actions beside the
+discounted return that followed them, which no dataset state can show.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def load(path: str):
     module = {"fisher_brc": fisher_brc, "itrpo": itrpo}[name]
     args = module.Args(**{k: v for k, v in saved["args"].items() if k in module.Args.__dataclass_fields__})
     data = common.load_dataset(args.env, "cpu")
+    raw_rewards = data.rewards.clone()
     if name == "fisher_brc":
         common.transform_rewards(data, args.reward_transform)
         agent = fisher_brc.FisherBRC(args, data.obs_dim, data.act_dim, torch.device("cpu"))
@@ -65,19 +69,68 @@ def load(path: str):
         itrpo.transform_rewards(data, args)
         agent = itrpo.ITRPO(args, data.obs_dim, data.act_dim, torch.device("cpu"))
     returns = discounted_returns(data, args.gamma)  # of the rewards the run trains on
+    stats = (None, None)
     if args.normalize_states:
-        common.normalize_obs(data, *common.compute_obs_stats(data))
+        stats = common.compute_obs_stats(data)
+        common.normalize_obs(data, *stats)
     for net in NETWORKS[name]:
         getattr(agent, net).load_state_dict(weights[net])
-    return name, saved, agent, data, returns
+    # every reward transform is affine: the fit gives the training reward of an env step's reward
+    fit = np.polyfit(raw_rewards.numpy().astype(np.float64), data.rewards.numpy().astype(np.float64), 1)
+    return name, saved, agent, data, returns, stats, lambda r: fit[0] * r + fit[1]
+
+
+def rollouts(agent, q, data, stats, train_reward, gamma: float, episodes: int) -> None:
+    """The policy's own episodes in the eval env (its mean action, as evaluations act, from
+    reset(seed=1000 + i)): Q(s_t, pi(s_t)) beside the discounted return of the training rewards that
+    followed in the episode, and log mu at pi(s_t), by stretch of the episode. Where the return is cut
+    by the time limit the critic bootstraps, so stretches past step 800 are left out."""
+    env, stretches = data.make_env(), [(0, 1), (1, 10), (10, 50), (50, 200), (200, 800)]
+    rows = {s: [] for s in stretches}
+    lengths = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=1000 + i)
+        qs, log_mus, rewards, done = [], [], [], False
+        while not done:
+            o = torch.as_tensor(common.flatten_obs(obs, data.antmaze))[None]
+            o = o if stats[0] is None else (o - stats[0]) / stats[1]
+            with torch.no_grad():
+                a = agent.act(o)
+                qs.append(float(q(o, a)))
+                log_mus.append(float(agent.behavior.log_prob(o, a)))
+            low, high = data.action_low, data.action_high
+            obs, r, terminated, truncated, _ = env.step(low + (a[0].numpy() + 1) / 2 * (high - low))
+            rewards.append(train_reward(float(r)))
+            done = terminated or truncated
+        lengths.append(len(rewards))
+        to_go, acc = np.zeros(len(rewards)), 0.0
+        for t in range(len(rewards) - 1, -1, -1):
+            acc = rewards[t] + gamma * acc
+            to_go[t] = acc
+        for (lo, hi), r in rows.items():
+            r += [(qs[t], to_go[t], log_mus[t]) for t in range(lo, min(hi, len(rewards)))]
+    env.close()
+    print(f"  the policy's own {episodes} episodes (reset seeds 1000-{999 + episodes}): lengths "
+          f"{min(lengths)}-{max(lengths)} (mean {np.mean(lengths):.0f})")
+    for (lo, hi), r in rows.items():
+        if r:
+            qv, g, lm = np.array(r).T
+            print(f"    steps {lo}-{hi - 1} ({len(r)} states): Q(s, pi(s)) {qv.mean():.1f}, discounted "
+                  f"return that followed {g.mean():.1f}, log mu at pi(s) {lm.mean():.2f} "
+                  f"(below -10 at {(lm < -10).mean():.0%})")
 
 
 def main(argv=None) -> None:
     common.install_user_error_hook()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path", help="checkpoint.pt or model.pt of a fisher_brc or itrpo run")
-    path = parser.parse_args(argv).path
-    name, saved, agent, data, returns = load(path)
+    parser.add_argument("--rollouts", type=int, default=0, metavar="N",
+                        help="also run the policy for N episodes in the eval env: Q along its own states")
+    options = parser.parse_args(argv)
+    path = options.path
+    if options.rollouts < 0:
+        raise common.UserError(f"--rollouts must be 0 or more, got {options.rollouts}")
+    name, saved, agent, data, returns, stats, train_reward = load(path)
     if name == "fisher_brc":
         def q(obs, act):
             return torch.min(*agent.offsets(obs, act)) + agent.behavior.log_prob(obs, act)
@@ -131,6 +184,8 @@ def main(argv=None) -> None:
                       f"{q_data[rows].mean():.1f}, Q(s, pi(s)) {q_pi[rows].mean():.1f}; log mu at a "
                       f"{log_mu_data[rows].mean():.2f}, at pi(s) {log_mu_pi[rows].mean():.2f}; "
                       f"mean |a| {actions[rows].abs().mean():.2f}, mean |pi(s)| {pi[rows].abs().mean():.2f}")
+    if options.rollouts:
+        rollouts(agent, q, data, stats, train_reward, saved["args"]["gamma"], options.rollouts)
 
 
 if __name__ == "__main__":
