@@ -83,9 +83,10 @@ def load(path: str):
 def rollouts(agent, q, data, stats, train_reward, gamma: float, episodes: int) -> None:
     """The policy's own episodes in the eval env (its mean action, as evaluations act, from
     reset(seed=1000 + i)): Q(s_t, pi(s_t)) beside the discounted return of the training rewards that
-    followed in the episode, and log mu at pi(s_t), by stretch of the episode. Where the return is cut
-    by the time limit the critic bootstraps, so stretches past step 800 are left out."""
-    env, stretches = data.make_env(), [(0, 1), (1, 10), (10, 50), (50, 200), (200, 800)]
+    followed in the episode, and log mu at pi(s_t), by stretch of the episode. Where the time limit
+    cuts an episode the critic bootstraps and the return does not: steps past 500 are left out (of a
+    1,000-step limit, gamma^500 < 0.7% of the cut-off part is missing before them)."""
+    env, stretches = data.make_env(), [(0, 1), (1, 10), (10, 50), (50, 200), (200, 500)]
     rows = {s: [] for s in stretches}
     lengths = []
     for i in range(episodes):
@@ -107,15 +108,15 @@ def rollouts(agent, q, data, stats, train_reward, gamma: float, episodes: int) -
         for t in range(len(rewards) - 1, -1, -1):
             acc = rewards[t] + gamma * acc
             to_go[t] = acc
-        for (lo, hi), r in rows.items():
-            r += [(qs[t], to_go[t], log_mus[t]) for t in range(lo, min(hi, len(rewards)))]
+        for (lo, hi), kept in rows.items():
+            kept += [(qs[t], to_go[t], log_mus[t]) for t in range(lo, min(hi, len(rewards)))]
     env.close()
     print(f"  the policy's own {episodes} episodes (reset seeds 1000-{999 + episodes}): lengths "
           f"{min(lengths)}-{max(lengths)} (mean {np.mean(lengths):.0f})")
-    for (lo, hi), r in rows.items():
-        if r:
-            qv, g, lm = np.array(r).T
-            print(f"    steps {lo}-{hi - 1} ({len(r)} states): Q(s, pi(s)) {qv.mean():.1f}, discounted "
+    for (lo, hi), kept in rows.items():
+        if kept:
+            qv, g, lm = np.array(kept).T
+            print(f"    steps {lo}-{hi - 1} ({len(kept)} states): Q(s, pi(s)) {qv.mean():.1f}, discounted "
                   f"return that followed {g.mean():.1f}, log mu at pi(s) {lm.mean():.2f} "
                   f"(below -10 at {(lm < -10).mean():.0%})")
 
