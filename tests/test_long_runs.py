@@ -414,10 +414,13 @@ def test_the_support_check_reads_an_itrpo_checkpoint_with_its_critic_and_reward_
     assert reported["log mu at a"] == pytest.approx(log_mu.mean().item(), abs=0.006)
 
 
-def test_the_support_check_rolls_out_the_policy_beside_its_q_and_the_return_that_followed(tmp_path, datasets_path,
-                                                                                         capsys):
-    """--rollouts: the policy's own episodes in the eval env, Q(s_0, pi(s_0)) next to the discounted return of the
-    training rewards (r + --reward-bonus) that followed, with the states standardised as the run's."""
+@pytest.mark.parametrize("name", ["fisher_brc", "itrpo"])
+def test_the_support_check_rolls_out_the_policy_beside_its_q_and_the_return_that_followed(name, tmp_path, datasets_path,
+                                                                                         capsys, monkeypatch):
+    """--rollouts: the policy's own episodes in the eval env, Q(s_t, pi(s_t)) next to the discounted return of the
+    training rewards that followed (Fisher-BRC: r + 5; iTRPO here: the return-range scale and a bonus of 3), with the
+    states standardised as the run's; of an episode the time limit cut, the last steps are left out."""
+    import math
     import re
 
     import numpy as np
@@ -425,13 +428,20 @@ def test_the_support_check_rolls_out_the_policy_beside_its_q_and_the_return_that
 
     from tools.diagnostics import support_check
 
-    common, itrpo = support_check.common, support_check.itrpo
-    args = itrpo.Args(env="test/hopper/random-v0", reward_bonus=3.0, normalize_states=True)
+    common, module = support_check.common, getattr(support_check, name)
+    if name == "fisher_brc":
+        args = module.Args(env="test/hopper/random-v0", normalize_states=True)
+    else:
+        args = module.Args(env="test/hopper/random-v0", reward_transform="return-range", reward_bonus=3.0,
+                           normalize_states=True, gamma=0.5)  # the test env's time limit cuts its episodes at 40
     data = common.load_dataset(args.env, "cpu")
+    returns = data.episode_returns
+    scale, bonus = (1.0, 5.0) if name == "fisher_brc" else (1000.0 / (returns.max() - returns.min()), 3.0)
     torch.manual_seed(5)
-    agent = itrpo.ITRPO(args, data.obs_dim, data.act_dim, torch.device("cpu"))
+    agent = (module.FisherBRC if name == "fisher_brc" else module.ITRPO)(args, data.obs_dim, data.act_dim,
+                                                                        torch.device("cpu"))
     with torch.no_grad():
-        for net in (agent.actor, agent.behavior, agent.critic):
+        for net in module_networks(agent):
             for p in net.parameters():
                 p.normal_(0.0, 0.1)
     common.save_file(str(tmp_path / "checkpoint.pt"), {"step": 3, "phase": None, "args": dict(vars(args)),
@@ -441,28 +451,55 @@ def test_the_support_check_rolls_out_the_policy_beside_its_q_and_the_return_that
     support_check.main([str(tmp_path / "checkpoint.pt"), "--rollouts", "2"])
     out = capsys.readouterr().out
 
+    def q(o, a):
+        if name == "fisher_brc":
+            return torch.min(*agent.offsets(o, a)) + agent.behavior.log_prob(o, a)
+        return torch.min(*agent.critic(o, a))
+
     mean, std = common.compute_obs_stats(data)
-    env, lengths, q0, g0 = data.make_env(), [], [], []
+    env, lengths, by_step, later = data.make_env(), [], {}, 0
+    tail = math.ceil(math.log(0.01) / math.log(args.gamma))  # a cut episode's last steps miss >= 1% of the return
     for seed in (1000, 1001):
         obs, _ = env.reset(seed=seed)
-        rewards, done = [], False
+        qs, rewards, done = [], [], False
         while not done:
             o = (torch.as_tensor(obs, dtype=torch.float32)[None] - mean) / std
             with torch.no_grad():
                 a = agent.act(o)
-                if not rewards:
-                    q0.append(torch.min(*agent.critic(o, a)).item())
+                qs.append(q(o, a).item())
             obs, r, terminated, truncated, _ = env.step(a[0].numpy())  # hopper's box is [-1, 1]
-            rewards.append(r + 3.0)
+            rewards.append(scale * r + bonus)
             done = terminated or truncated
         lengths.append(len(rewards))
-        g0.append(sum(args.gamma ** t * r for t, r in enumerate(rewards)))
+        later += len(range(10, min(50, len(rewards) if terminated else len(rewards) - tail)))
+        for t in range(min(len(rewards), 10)):
+            g = sum(args.gamma ** k * r for k, r in enumerate(rewards[t:]))
+            by_step.setdefault(t == 0, []).append((qs[t], g))
     assert f"lengths {min(lengths)}-{max(lengths)}" in out
-    first = re.search(r"steps 0-0 \(2 states\): Q\(s, pi\(s\)\) (-?[\d.]+), discounted return that followed "
-                      r"(-?[\d.]+)", out)
-    assert first, out
-    assert float(first[1]) == pytest.approx(np.mean(q0), abs=0.06)
-    assert float(first[2]) == pytest.approx(np.mean(g0), abs=0.06)
+    for first, label in ((True, "0-0"), (False, "1-9")):
+        found = re.search(rf"steps {label} \((\d+) states\): Q\(s, pi\(s\)\) (-?[\d.]+), discounted return that "
+                          rf"followed (-?[\d.]+)", out)
+        assert found, out
+        q_mean, g_mean = np.mean(by_step[first], axis=0)
+        assert int(found[1]) == len(by_step[first])
+        assert float(found[2]) == pytest.approx(q_mean, abs=0.06)
+        assert float(found[3]) == pytest.approx(g_mean, abs=0.06)
+    assert (f"steps 10-49 ({later} states)" in out) == (later > 0), out
+
+    constant = common.load_dataset  # a dataset whose rewards are all the same says nothing of the transform
+
+    def load_constant(*a, **k):
+        loaded = constant(*a, **k)
+        loaded.rewards = torch.zeros_like(loaded.rewards)
+        return loaded
+
+    monkeypatch.setattr(common, "load_dataset", load_constant)
+    with pytest.raises(long_runs.UserError, match="--rollouts: every reward of test/hopper/random-v0 is the same"):
+        support_check.main([str(tmp_path / "checkpoint.pt"), "--rollouts", "2"])
+
+
+def module_networks(agent):
+    return [net for net in (getattr(agent, n, None) for n in ("actor", "behavior", "critic", "offsets")) if net]
 
 
 def test_the_iql_actor_refit_refuses_other_files_and_flags_in_one_line(tmp_path):

@@ -22,6 +22,7 @@ discounted return that followed them, which no dataset state can show.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -75,19 +76,22 @@ def load(path: str):
         common.normalize_obs(data, *stats)
     for net in NETWORKS[name]:
         getattr(agent, net).load_state_dict(weights[net])
-    # every reward transform is affine: the fit gives the training reward of an env step's reward
-    fit = np.polyfit(raw_rewards.numpy().astype(np.float64), data.rewards.numpy().astype(np.float64), 1)
-    return name, saved, agent, data, returns, stats, lambda r: fit[0] * r + fit[1]
+    # every reward transform is affine: the data's lowest and highest rewards give it for an env step's
+    raw, trained = raw_rewards.double(), data.rewards.double()
+    lo, hi = int(raw.argmin()), int(raw.argmax())
+    slope = float((trained[hi] - trained[lo]) / (raw[hi] - raw[lo])) if raw[hi] > raw[lo] else None
+    train_reward = None if slope is None else lambda r: slope * (r - float(raw[lo])) + float(trained[lo])
+    return name, saved, agent, data, returns, stats, train_reward
 
 
 def rollouts(agent, q, data, stats, train_reward, gamma: float, episodes: int) -> None:
     """The policy's own episodes in the eval env (its mean action, as evaluations act, from
     reset(seed=1000 + i)): Q(s_t, pi(s_t)) beside the discounted return of the training rewards that
-    followed in the episode, and log mu at pi(s_t), by stretch of the episode. Where the time limit
-    cuts an episode the critic bootstraps and the return does not: steps past 500 are left out (of a
-    1,000-step limit, gamma^500 < 0.7% of the cut-off part is missing before them)."""
-    env, stretches = data.make_env(), [(0, 1), (1, 10), (10, 50), (50, 200), (200, 500)]
-    rows = {s: [] for s in stretches}
+    followed in the episode, and log mu at pi(s_t), by stretch of the episode (to step 500). Where the
+    time limit cuts an episode the critic bootstraps and the return does not: of such an episode, the
+    last k steps, from which the cut-off part weighs gamma^k >= 1%, are left out."""
+    env, tail = data.make_env(), math.ceil(math.log(0.01) / math.log(gamma)) if gamma > 0 else 0
+    rows = {s: [] for s in [(0, 1), (1, 10), (10, 50), (50, 200), (200, 500)]}
     lengths = []
     for i in range(episodes):
         obs, _ = env.reset(seed=1000 + i)
@@ -100,16 +104,18 @@ def rollouts(agent, q, data, stats, train_reward, gamma: float, episodes: int) -
                 qs.append(float(q(o, a)))
                 log_mus.append(float(agent.behavior.log_prob(o, a)))
             low, high = data.action_low, data.action_high
-            obs, r, terminated, truncated, _ = env.step(low + (a[0].numpy() + 1) / 2 * (high - low))
+            a = a[0].clamp(-1.0, 1.0).numpy()
+            obs, r, terminated, truncated, _ = env.step(low + (a + 1) / 2 * (high - low))
             rewards.append(train_reward(float(r)))
             done = terminated or truncated
         lengths.append(len(rewards))
+        exact = len(rewards) if terminated else len(rewards) - tail
         to_go, acc = np.zeros(len(rewards)), 0.0
         for t in range(len(rewards) - 1, -1, -1):
             acc = rewards[t] + gamma * acc
             to_go[t] = acc
         for (lo, hi), kept in rows.items():
-            kept += [(qs[t], to_go[t], log_mus[t]) for t in range(lo, min(hi, len(rewards)))]
+            kept += [(qs[t], to_go[t], log_mus[t]) for t in range(lo, min(hi, exact))]
     env.close()
     print(f"  the policy's own {episodes} episodes (reset seeds 1000-{999 + episodes}): lengths "
           f"{min(lengths)}-{max(lengths)} (mean {np.mean(lengths):.0f})")
@@ -132,6 +138,9 @@ def main(argv=None) -> None:
     if options.rollouts < 0:
         raise common.UserError(f"--rollouts must be 0 or more, got {options.rollouts}")
     name, saved, agent, data, returns, stats, train_reward = load(path)
+    if options.rollouts and train_reward is None:
+        raise common.UserError(f"--rollouts: every reward of {data.dataset_id} is the same, so the run's reward "
+                               f"transform cannot be read from them; run without --rollouts")
     if name == "fisher_brc":
         def q(obs, act):
             return torch.min(*agent.offsets(obs, act)) + agent.behavior.log_prob(obs, act)
