@@ -498,6 +498,42 @@ def test_the_support_check_rolls_out_the_policy_beside_its_q_and_the_return_that
         support_check.main([str(tmp_path / "checkpoint.pt"), "--rollouts", "2"])
 
 
+def test_the_support_check_reads_q_from_another_checkpoint_of_the_same_run(tmp_path, datasets_path, capsys):
+    """--critic: one checkpoint's critic on another's policy; a checkpoint of another run is refused in one line."""
+    import torch
+
+    from tools.diagnostics import support_check
+
+    common, itrpo = support_check.common, support_check.itrpo
+    args = itrpo.Args(env="test/hopper/random-v0")
+    data = common.load_dataset(args.env, "cpu")
+    agents = []
+    for seed, name in ((6, "policy.pt"), (7, "critic.pt")):
+        torch.manual_seed(seed)
+        agent = itrpo.ITRPO(args, data.obs_dim, data.act_dim, torch.device("cpu"))
+        with torch.no_grad():
+            for net in module_networks(agent):
+                for p in net.parameters():
+                    p.normal_(0.0, 0.1)
+        common.save_file(str(tmp_path / name), {"step": seed, "phase": None, "args": dict(vars(args)),
+                                                "agent": agent.state_dict()})
+        agents.append(agent)
+    support_check.main([str(tmp_path / "policy.pt"), "--critic", str(tmp_path / "critic.pt")])
+    line, reported = first_state_report(capsys)
+    starts = data.episode_starts
+    with torch.no_grad():
+        q = torch.min(*agents[1].critic(data.observations[starts], data.actions[starts]))
+        own = torch.min(*agents[0].critic(data.observations[starts], data.actions[starts]))
+    assert reported["Q(s, a)"] == pytest.approx(q.mean().item(), abs=0.06)
+    assert abs(q.mean().item() - own.mean().item()) > 0.2  # the two critics differ: the test can tell them apart
+
+    other = dict(vars(args), reward_bonus=2.0)
+    common.save_file(str(tmp_path / "other.pt"), {"step": 1, "phase": None, "args": other,
+                                                  "agent": agents[1].state_dict()})
+    with pytest.raises(long_runs.UserError, match="is not of the same run as"):
+        support_check.main([str(tmp_path / "policy.pt"), "--critic", str(tmp_path / "other.pt")])
+
+
 def module_networks(agent):
     return [net for net in (getattr(agent, n, None) for n in ("actor", "behavior", "critic", "offsets")) if net]
 

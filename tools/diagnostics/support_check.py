@@ -16,7 +16,8 @@ starts from. A policy whose actions sit where mu puts little density has left th
 penalty is meant to keep it in. On a local medium-replay dataset the first states are also split by
 where their episode came from: the uniform-random warm-up or the SAC snapshots' rollouts. With
 --rollouts N the policy also runs N episodes of its own: Q at its own states and actions beside the
-discounted return that followed them, which no dataset state can show.
+discounted return that followed them, which no dataset state can show. With --critic PATH, Q is read
+from another checkpoint of the same run: whether one step's critic already overvalues a later policy.
 """
 
 from __future__ import annotations
@@ -133,6 +134,8 @@ def main(argv=None) -> None:
     parser.add_argument("path", help="checkpoint.pt or model.pt of a fisher_brc or itrpo run")
     parser.add_argument("--rollouts", type=int, default=0, metavar="N",
                         help="also run the policy for N episodes in the eval env: Q along its own states")
+    parser.add_argument("--critic", metavar="PATH",
+                        help="read Q from another checkpoint of the same run: one step's critic on another's policy")
     options = parser.parse_args(argv)
     path = options.path
     if options.rollouts < 0:
@@ -141,12 +144,21 @@ def main(argv=None) -> None:
     if options.rollouts and train_reward is None:
         raise common.UserError(f"--rollouts: every reward of {data.dataset_id} is the same, so the run's reward "
                                f"transform cannot be read from them; run without --rollouts")
+    judge = agent
+    if options.critic:
+        other, other_saved, judge = load(options.critic)[:3]
+        same = ("env", "normalize_states", "reward_transform", "reward_bonus", "gamma")
+        if other != name or any(other_saved["args"].get(k) != saved["args"].get(k) for k in same):
+            raise common.UserError(f"--critic {options.critic} is not of the same run as {path} (its algorithm, "
+                                   f"dataset, states or rewards differ)")
+        step = f"step {other_saved['step']}" if "step" in other_saved else "the final policy"
+        print(f"Q below is the critic of {options.critic} ({step}), on the policy of {path}")
     if name == "fisher_brc":
         def q(obs, act):
-            return torch.min(*agent.offsets(obs, act)) + agent.behavior.log_prob(obs, act)
+            return torch.min(*judge.offsets(obs, act)) + judge.behavior.log_prob(obs, act)
     else:
         def q(obs, act):
-            return torch.min(*agent.critic(obs, act))
+            return torch.min(*judge.critic(obs, act))
     torch.manual_seed(0)
     with torch.no_grad():
         obs, actions = data.observations, data.actions
