@@ -727,3 +727,31 @@ def test_the_awr_check_reads_a_checkpoint_and_follows_the_episodes_it_evaluates(
     first = torch.as_tensor(env.reset(seed=7)[0], dtype=torch.float32)
     assert torch.allclose(states[0][0], (first - stats[0]) / stats[1], atol=1e-5)
     assert awr_check.nearest_distance(data.observations[:600], data.observations).abs().max() < 1e-6
+
+
+def test_the_collapse_curves_keep_a_run_folders_evaluations_and_draw_them(tmp_path, monkeypatch):
+    from tools.diagnostics import collapse_curves
+
+    monkeypatch.setattr(collapse_curves, "RECORDS", str(tmp_path / "records"))
+    monkeypatch.setattr(collapse_curves, "FIGURE", str(tmp_path / "collapse.png"))
+    with pytest.raises(long_runs.UserError, match="holds no results.json of a run"):
+        collapse_curves.main(["collect", str(tmp_path / "missing"), "--label", "x"])
+    with pytest.raises(long_runs.UserError, match="no records in .*: collect a run folder first"):
+        collapse_curves.main(["plot"])
+    folder = tmp_path / "hopper__itrpo__0__critic-first"
+    folder.mkdir()
+    evaluations = [{"step": 10_000 * i, "normalized_score_mean": 10.0 * i, "normalized_score_std": 0.5} for i in (1, 2)]
+    results = {"algorithm": "itrpo", "env": "local/hopper/medium-replay-v0", "seed": 0, "finished": False,
+               "args": {"total_steps": 100_000}, "evaluations": evaluations}
+    (folder / "results.json").write_text(json.dumps(results))
+    collapse_curves.main(["collect", str(folder), "--label", "critic first"])
+    record = json.loads((tmp_path / "records" / "hopper__itrpo__0__critic-first.json").read_text())
+    assert record["label"] == "critic first" and record["evaluations"] == [[10_000, 10.0, 0.5], [20_000, 20.0, 0.5]]
+    assert not record["finished"] and record["total_steps"] == 100_000
+    results["evaluations"].append({"step": 30_000, "normalized_score_mean": 1.0, "normalized_score_std": 0.1})
+    (folder / "results.json").write_text(json.dumps(results))
+    collapse_curves.main(["collect", str(folder), "--label", "critic first"])  # again later: replaced
+    record = json.loads((tmp_path / "records" / "hopper__itrpo__0__critic-first.json").read_text())
+    assert [e[0] for e in record["evaluations"]] == [10_000, 20_000, 30_000]
+    collapse_curves.main(["plot"])
+    assert (tmp_path / "collapse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
