@@ -285,10 +285,11 @@ def test_the_support_check_refuses_other_files_in_one_line(tmp_path):
     assert "\n" not in str(refused.value) and not (tmp_path / "ran").exists()
 
 
-def first_state_report(capsys) -> tuple[str, dict]:
+def first_state_report(capsys_or_output) -> tuple[str, dict]:
     import re
 
-    lines = [x for x in capsys.readouterr().out.splitlines() if "first states" in x]
+    out = capsys_or_output if isinstance(capsys_or_output, str) else capsys_or_output.readouterr().out
+    lines = [x for x in out.splitlines() if "first states" in x]
     assert len(lines) == 1, "the check reports no line on the episodes' first states"
     pattern = r"(Q\(s, a\)|return after them mean|max|log mu at a|KL\(pi \|\| mu\)) (-?[\d.]+)"
     return lines[0], {k: float(v) for k, v in re.findall(pattern, lines[0])}
@@ -519,13 +520,26 @@ def test_the_support_check_reads_q_from_another_checkpoint_of_the_same_run(tmp_p
                                                 "agent": agent.state_dict()})
         agents.append(agent)
     support_check.main([str(tmp_path / "policy.pt"), "--critic", str(tmp_path / "critic.pt")])
-    line, reported = first_state_report(capsys)
+    out = capsys.readouterr().out
+    line, reported = first_state_report(out)
     starts = data.episode_starts
     with torch.no_grad():
         q = torch.min(*agents[1].critic(data.observations[starts], data.actions[starts]))
         own = torch.min(*agents[0].critic(data.observations[starts], data.actions[starts]))
     assert reported["Q(s, a)"] == pytest.approx(q.mean().item(), abs=0.06)
     assert abs(q.mean().item() - own.mean().item()) > 0.2  # the two critics differ: the test can tell them apart
+    # the actor loss of the policy's samples (seed 0) under the other critic, over every state
+    critic_agent, policy_agent = agents[1], agents[0]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        critic_agent.actor, kept = policy_agent.actor, critic_agent.actor
+        expected = critic_agent.actor_loss(data.observations)[0].item()
+        critic_agent.actor = kept
+        torch.manual_seed(0)
+        own_policy = critic_agent.actor_loss(data.observations)[0].item()
+    assert abs(expected - own_policy) > 0.02  # the policies differ: the test can tell which one was scored
+    reported_loss = float(out.split("actor loss of this policy (its samples from seed 0): ")[1].split(" over")[0])
+    assert reported_loss == pytest.approx(expected, abs=0.006)
 
     other = dict(vars(args), reward_bonus=2.0)
     common.save_file(str(tmp_path / "other.pt"), {"step": 1, "phase": None, "args": other,

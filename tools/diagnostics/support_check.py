@@ -18,6 +18,7 @@ where their episode came from: the uniform-random warm-up or the SAC snapshots' 
 --rollouts N the policy also runs N episodes of its own: Q at its own states and actions beside the
 discounted return that followed them, which no dataset state can show. With --critic PATH, Q is read
 from another checkpoint of the same run: whether one step's critic already overvalues a later policy.
+Last, the file's own actor loss of the policy (under that critic), over all states and the first.
 """
 
 from __future__ import annotations
@@ -206,8 +207,29 @@ def main(argv=None) -> None:
                       f"{q_data[rows].mean():.1f}, Q(s, pi(s)) {q_pi[rows].mean():.1f}; log mu at a "
                       f"{log_mu_data[rows].mean():.2f}, at pi(s) {log_mu_pi[rows].mean():.2f}; "
                       f"mean |a| {actions[rows].abs().mean():.2f}, mean |pi(s)| {pi[rows].abs().mean():.2f}")
+    all_states, first_states = actor_loss(name, judge, agent, data.observations), actor_loss(
+        name, judge, agent, data.observations[data.episode_starts])
+    print(f"  the file's actor loss of this policy (its samples from seed 0): {all_states:.2f} over all states, "
+          f"{first_states:.2f} where the episodes start")
     if options.rollouts:
         rollouts(agent, q, data, stats, train_reward, saved["args"]["gamma"], options.rollouts)
+
+
+def actor_loss(name: str, judge, agent, obs: torch.Tensor) -> float:
+    """The loss the file's actor minimises, of `agent`'s policy under `judge`'s critic (and, for Fisher-BRC,
+    its temperature), over `obs`: iTRPO's alpha KL - Q of its K samples, Fisher-BRC's alpha log pi - Q."""
+    own, judge.actor = judge.actor, agent.actor
+    torch.manual_seed(0)
+    total = 0.0
+    with torch.no_grad():
+        for chunk in obs.split(4096):
+            if name == "fisher_brc":
+                loss = judge.actor_loss(chunk, judge.behavior.components(chunk))[0]
+            else:
+                loss = judge.actor_loss(chunk)[0]
+            total += float(loss) * len(chunk)
+    judge.actor = own
+    return total / len(obs)
 
 
 if __name__ == "__main__":
