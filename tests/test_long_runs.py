@@ -541,11 +541,16 @@ def test_the_support_check_reads_q_from_another_checkpoint_of_the_same_run(tmp_p
     reported_loss = float(out.split("actor loss of this policy (its samples from seed 0): ")[1].split(" over")[0])
     assert reported_loss == pytest.approx(expected, abs=0.006)
 
-    other = dict(vars(args), reward_bonus=2.0)
-    common.save_file(str(tmp_path / "other.pt"), {"step": 1, "phase": None, "args": other,
-                                                  "agent": agents[1].state_dict()})
-    with pytest.raises(long_runs.UserError, match="is not of the same run as"):
-        support_check.main([str(tmp_path / "policy.pt"), "--critic", str(tmp_path / "other.pt")])
+    for change, differ in (({"reward_bonus": 2.0}, "reward_bonus"), ({"seed": 3, "bc_seed": 3}, "bc_seed, seed")):
+        common.save_file(str(tmp_path / "other.pt"), {"step": 1, "phase": None, "args": dict(vars(args), **change),
+                                                      "agent": agents[1].state_dict()})
+        with pytest.raises(long_runs.UserError, match=f"is not of the same run as .* \\(they differ in {differ}\\)"):
+            support_check.main([str(tmp_path / "policy.pt"), "--critic", str(tmp_path / "other.pt")])
+    common.save_file(str(tmp_path / "later.pt"), {"step": 9, "phase": None, "agent": agents[1].state_dict(),
+                                                  "args": dict(vars(args), total_steps=50, resume="never",
+                                                               cuda_graphs=False)})
+    # resumed with other steps, and written by a file with a flag dropped since: the same run
+    support_check.main([str(tmp_path / "policy.pt"), "--critic", str(tmp_path / "later.pt")])
 
 
 def module_networks(agent):

@@ -92,7 +92,7 @@ def rollouts(agent, q, data, stats, train_reward, gamma: float, episodes: int) -
     followed in the episode, and log mu at pi(s_t), by stretch of the episode (to step 500). Where the
     time limit cuts an episode the critic bootstraps and the return does not: of such an episode, the
     last k steps, from which the cut-off part weighs gamma^k >= 1%, are left out."""
-    env, tail = data.make_env(), math.ceil(math.log(0.01) / math.log(gamma)) if gamma > 0 else 0
+    env, tail = data.make_env(), math.ceil(math.log(0.01) / math.log(gamma)) if 0 < gamma < 1 else 0
     rows = {s: [] for s in [(0, 1), (1, 10), (10, 50), (50, 200), (200, 500)]}
     lengths = []
     for i in range(episodes):
@@ -148,10 +148,14 @@ def main(argv=None) -> None:
     judge = agent
     if options.critic:
         other, other_saved, judge = load(options.critic)[:3]
-        same = ("env", "normalize_states", "reward_transform", "reward_bonus", "gamma")
-        if other != name or any(other_saved["args"].get(k) != saved["args"].get(k) for k in same):
-            raise common.UserError(f"--critic {options.critic} is not of the same run as {path} (its algorithm, "
-                                   f"dataset, states or rewards differ)")
+        # the same run's checkpoints differ in no trained flag; one a file added or dropped in between is
+        # in one of them only
+        ours, theirs = saved["args"], other_saved["args"]
+        differ = sorted(k for k in set(ours) & set(theirs)
+                        if k not in common.RESUME_FREE_FLAGS and ours[k] != theirs[k])
+        if other != name or differ:
+            raise common.UserError(f"--critic {options.critic} is not of the same run as {path} (they differ in "
+                                   f"{', '.join(differ) or 'algorithm'})")
         step = f"step {other_saved['step']}" if "step" in other_saved else "the final policy"
         print(f"Q below is the critic of {options.critic} ({step}), on the policy of {path}")
     if name == "fisher_brc":
@@ -219,16 +223,18 @@ def actor_loss(name: str, judge, agent, obs: torch.Tensor) -> float:
     """The loss the file's actor minimises, of `agent`'s policy under `judge`'s critic (and, for Fisher-BRC,
     its temperature), over `obs`: iTRPO's alpha KL - Q of its K samples, Fisher-BRC's alpha log pi - Q."""
     own, judge.actor = judge.actor, agent.actor
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # both policies of a comparison draw the same noise
     total = 0.0
-    with torch.no_grad():
-        for chunk in obs.split(4096):
-            if name == "fisher_brc":
-                loss = judge.actor_loss(chunk, judge.behavior.components(chunk))[0]
-            else:
-                loss = judge.actor_loss(chunk)[0]
-            total += float(loss) * len(chunk)
-    judge.actor = own
+    try:
+        with torch.no_grad():
+            for chunk in obs.split(4096):
+                if name == "fisher_brc":
+                    loss = judge.actor_loss(chunk, judge.behavior.components(chunk))[0]
+                else:
+                    loss = judge.actor_loss(chunk)[0]
+                total += float(loss) * len(chunk)
+    finally:
+        judge.actor = own
     return total / len(obs)
 
 
