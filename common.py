@@ -916,7 +916,10 @@ def autocast(step: Callable, precision: str, device: torch.device) -> Callable:
 
 def _fp32_output(x: torch.Tensor) -> bool:
     kind = x.device.type
-    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+    # the check that the device has autocast (the meta device has none) stays out of compiled
+    # graphs: torch 2.11's Dynamo cannot trace it, and torch.compile runs on cuda or cpu
+    available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(kind)
+    return available and torch.is_autocast_enabled(kind)
 
 
 class OutputLinear(torch.nn.Linear):

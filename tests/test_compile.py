@@ -61,6 +61,25 @@ def test_every_training_step_runs_compiled_and_compiles_nothing_after_warm_up(dy
         assert graphs() == warm, step
 
 
+@pytest.mark.parametrize("name", ["arq", "bc"])
+def test_steps_compile_where_dynamo_cannot_trace_the_autocast_availability_check(dynamo_only, monkeypatch,
+                                                                                 name):
+    """torch 2.11's Dynamo cannot trace torch.amp.is_autocast_available; the output layers
+    (OutputLinear, EnsembleLinear(output=True)) must not call it inside a compiled loss."""
+    available = torch.amp.is_autocast_available
+
+    def untraceable(kind):
+        if torch.compiler.is_compiling():
+            raise RuntimeError("torch.amp.is_autocast_available traced")
+        return available(kind)
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", untraceable)
+    module, agent = compiled_agent(name)
+    for step in SMALL[name][1]:
+        getattr(agent, step)(batch_for(module, step))
+    assert graphs() > 0
+
+
 def test_td3_bc_compiles_nothing_after_one_critic_step_and_one_actor_step(dynamo_only):
     module, agent = compiled_agent("td3_bc", policy_freq=2)
     batch = batch_for(module, "train")
