@@ -258,8 +258,13 @@ def test_compile_trains_as_eager_and_compiles_nothing_after_warm_up(name, compil
         warm = counters["stats"]["unique_graphs"]
         steps[compiled] += [{k: v.detach().clone() for k, v in agent.train(batch).items()} for _ in range(3)]
         assert counters["stats"]["unique_graphs"] == warm and (warm > 0) == compiled
+    # on failure, every step's largest difference per metric: rounding that grows step by step, or
+    # one step that differs
+    gaps = "; ".join(f"step {i + 1}: " + ", ".join(f"{k} {(got[k] - want[k]).abs().max().item():.1e}"
+                                                   for k in want if isinstance(want[k], torch.Tensor))
+                     for i, (got, want) in enumerate(zip(steps[True], steps[False])))
     for i, (got, want) in enumerate(zip(steps[True], steps[False])):
-        assert_close(got, want, 1e-3, f"step {i + 1}")
+        assert_close(got, want, 1e-3, f"step {i + 1} ({gaps})")
 
 
 @pytest.mark.parametrize("precision, tolerance", [("tf32", 0.01), ("bf16", 0.03)])
