@@ -5,8 +5,10 @@ warm-up (tools/gpu_check.sh runs it; docs/speed.md, "GPU").
     python tools/gpu_timing.py --build-only --transitions 20000        # builds it (tools/gpu_prepare.sh)
 
 Each row: steps/s of `agent.train(buffer.sample(batch_size))` (batch sampling included, as the files' loops run it),
-GPU minutes per 1M steps, device kernels per step (torch.profiler), peak GPU memory (the dataset on
-the device included). The agents are bench_cpu.py's: default sizes, the RL updates alone, behaviour
+GPU minutes per 1M steps, device kernels per step and the GPU's time in them (torch.profiler), the
+host's time to issue a step (the timed loop before its final sync: near the step's wall time when the
+host is the bound), peak GPU memory (the dataset on the device included). The header gives the wall
+time of one launch of the smallest kernel, the host's floor under every kernel. The agents are bench_cpu.py's: default sizes, the RL updates alone, behaviour
 models frozen. Modes run in turn over all files (eager first, --compile last, the slowest to warm
 up), and a measurement that would start past --deadline is marked skipped, so that the table always
 comes back within the time a device call has. --small, --device cpu and --compile-backend eager
@@ -16,7 +18,6 @@ make the CPU dry run (tools/gpu_check.sh --cpu-dry-run).
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import time
@@ -30,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
-from tools.diagnostics.bench_cpu import ALGORITHMS, build, load_algorithm, prepare, sync  # noqa: E402
+from tools.diagnostics.bench_cpu import ALGORITHMS, build, prepare, sync  # noqa: E402
 
 DATASET_ID = "gpu-check/halfcheetah/synthetic-v0"
 MODES = ("eager", "compile")
@@ -73,16 +74,32 @@ def main_loop_step(name: str, data: common.OfflineData, device: torch.device, mo
     return lambda: agent.train(buffer.sample(batch_size))
 
 
-def kernels_per_step(step, steps: int, device: torch.device) -> float | None:
-    """Device kernels, copies and memsets per step, as torch.profiler sees them (None on a CPU)."""
+def device_work(step, steps: int, device: torch.device) -> tuple[float | None, float | None]:
+    """Device kernels, copies and memsets per step, and the microseconds the GPU spends in them, as
+    torch.profiler sees them (None, None on a CPU)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
         sync(device)
     if device.type != "cuda":
-        return None
-    return sum(e.device_type == DeviceType.CUDA for e in prof.events()) / steps
+        return None, None
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return len(kernels) / steps, sum(e.time_range.elapsed_us() for e in kernels) / steps
+
+
+def launch_us(device: torch.device, n: int = 5000) -> float:
+    """Wall time of one launch of the smallest kernel (an in-place add on one element), queued n
+    times: the host's floor under every kernel of a step."""
+    x = torch.zeros(1, device=device)
+    for _ in range(100):
+        x.add_(1)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        x.add_(1)
+    sync(device)
+    return (time.perf_counter() - start) / n * 1e6
 
 
 def measure(name: str, mode: str, data, device: torch.device, args: Args) -> dict:
@@ -98,14 +115,17 @@ def measure(name: str, mode: str, data, device: torch.device, args: Args) -> dic
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
+    issued = time.perf_counter()  # the host's part: the GPU may still be working
     sync(device)
     sps = args.steps / (time.perf_counter() - start)
     metrics = {k: float(v) for k, v in step().items()}
     bad = [k for k, v in metrics.items() if v != v or abs(v) == float("inf")]
     if bad:
         raise ValueError(f"{bad[0]} is {metrics[bad[0]]}")
+    kernels, busy = device_work(step, args.profile_steps, device)
     row = {"file": name, "mode": mode, "steps_per_s": sps, "gpu_minutes_per_1m": 1e6 / sps / 60,
-           "kernels_per_step": kernels_per_step(step, args.profile_steps, device),
+           "kernels_per_step": kernels, "gpu_busy_us_per_step": busy,
+           "host_us_per_step": (issued - start) / args.steps * 1e6,
            "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
     return row
 
@@ -114,14 +134,15 @@ def table(rows: list[dict], header: str) -> str:
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    lines = [header, "", "| file | mode | steps/s | GPU minutes per 1M steps | kernels per step | peak GPU memory (MiB) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [header, "", "| file | mode | steps/s | GPU minutes per 1M steps | kernels per step | GPU busy per step (µs) "
+                         "| host time per step (µs) | peak GPU memory (MiB) |", "| --- " * 8 + "|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['file']} | {r['mode']} | {r['error']} | | | |")
+            lines.append(f"| {r['file']} | {r['mode']} | {r['error']} | | | | | |")
         else:
             lines.append(f"| {r['file']} | {r['mode']} | {r['steps_per_s']:.1f} | {r['gpu_minutes_per_1m']:.2f} | "
-                         f"{num(r['kernels_per_step'], '.1f')} | {num(r['peak_mib'], '.0f')} |")
+                         f"{num(r['kernels_per_step'], '.1f')} | {num(r['gpu_busy_us_per_step'], '.0f')} | "
+                         f"{r['host_us_per_step']:.0f} | {num(r['peak_mib'], '.0f')} |")
     return "\n".join(lines)
 
 
@@ -155,7 +176,8 @@ if __name__ == "__main__":
     common.flush_denormals()
     data = common.load_dataset(DATASET_ID, device)
     header = (f"{environment(device)}; {len(data)} transitions of {data.obs_dim} / {data.act_dim} dims, "
-              f"{args.steps} timed steps after {args.warmup}")
+              f"{args.steps} timed steps after {args.warmup}; one launch of the smallest kernel: "
+              f"{launch_us(device):.1f} µs")
     print(header, flush=True)
     rows = []
     for mode in args.modes:
