@@ -248,7 +248,17 @@ def compile_backend(monkeypatch):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("name", FILES)
+# torch 2.11's inductor draws the two samples of iTRPO's TD loss (the next states' actions, the gradient
+# penalty's actions) in the reverse order, with fallback_random: the same step on other noise (on the
+# CPU with torch 2.11 the compiled penalty actions are eager's with the draws swapped, to 0.0), within
+# the tolerance on the CPU, beyond it at step 4 on an H200
+REORDERS_DRAWS = {"itrpo"} if torch.__version__ < "2.13" else set()
+
+
+@pytest.mark.parametrize("name", [pytest.param(f, marks=pytest.mark.xfail(
+    f in REORDERS_DRAWS and os.environ.get("GPU_CHECK_COMPILE_BACKEND", "inductor") == "inductor", strict=False,
+    reason="torch < 2.13's inductor draws iTRPO's TD-loss samples in another order (docs/speed.md)"))
+    for f in FILES])
 def test_compile_trains_as_eager_and_compiles_nothing_after_warm_up(name, compile_backend):
     steps = {}
     for compiled in (False, True):
