@@ -249,16 +249,14 @@ def compile_backend(monkeypatch):
 
 
 # torch 2.11's inductor draws the two samples of iTRPO's TD loss (the next states' actions, the gradient
-# penalty's actions) in the reverse order, with fallback_random: the same step on other noise (on the
-# CPU with torch 2.11 the compiled penalty actions are eager's with the draws swapped, to 0.0), within
-# the tolerance on the CPU, beyond it at step 4 on an H200
+# penalty's actions) in the reverse order, with fallback_random, as seen on the CPU (the compiled penalty
+# actions are eager's with the draws swapped, to 0.0): the same step on other noise, within the
+# tolerance on the CPU and, likely for this reason, beyond it at step 4 on an H200 (2.2e-3). Seen with
+# 2.11, not with 2.13; 2.12 not tried. There the steps are held to 5% instead of 0.1%.
 REORDERS_DRAWS = {"itrpo"} if torch.__version__ < "2.13" else set()
 
 
-@pytest.mark.parametrize("name", [pytest.param(f, marks=pytest.mark.xfail(
-    f in REORDERS_DRAWS and os.environ.get("GPU_CHECK_COMPILE_BACKEND", "inductor") == "inductor", strict=False,
-    reason="torch < 2.13's inductor draws iTRPO's TD-loss samples in another order (docs/speed.md)"))
-    for f in FILES])
+@pytest.mark.parametrize("name", FILES)
 def test_compile_trains_as_eager_and_compiles_nothing_after_warm_up(name, compile_backend):
     steps = {}
     for compiled in (False, True):
@@ -273,8 +271,9 @@ def test_compile_trains_as_eager_and_compiles_nothing_after_warm_up(name, compil
     gaps = "; ".join(f"step {i + 1}: " + ", ".join(f"{k} {(got[k] - want[k]).abs().max().item():.1e}"
                                                    for k in want if isinstance(want[k], torch.Tensor))
                      for i, (got, want) in enumerate(zip(steps[True], steps[False])))
+    other_noise = name in REORDERS_DRAWS and os.environ.get("GPU_CHECK_COMPILE_BACKEND", "inductor") == "inductor"
     for i, (got, want) in enumerate(zip(steps[True], steps[False])):
-        assert_close(got, want, 1e-3, f"step {i + 1} ({gaps})")
+        assert_close(got, want, 5e-2 if other_noise else 1e-3, f"step {i + 1} ({gaps})")
 
 
 @pytest.mark.parametrize("precision, tolerance", [("tf32", 0.01), ("bf16", 0.03)])

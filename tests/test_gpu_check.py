@@ -28,8 +28,8 @@ def test_the_cpu_dry_run_tests_and_times_every_file_and_prints_the_table_last(tm
         steps_per_s, minutes = float(row[2]), float(row[3])
         assert steps_per_s > 0 and abs(minutes - 1e6 / steps_per_s / 60) <= 0.01 * minutes, row
         assert row[4] == row[5] == "-" and row[7] == "- |", row  # no kernels nor GPU memory on a CPU
-        assert 0 < float(row[6]) <= 1e6 / steps_per_s * 1.01, row  # the host's part of a step's time
-    assert "torch " in lines[-len(rows) - 4] and "no GPU (CPU dry run)" in lines[-len(rows) - 4]
+        assert float(row[6]) > 0, row  # the host's time to issue one step
+    assert "torch " in lines[-len(rows) - 4] and "no GPU (CPU dry run), commit " in lines[-len(rows) - 4]
     tests = next(line for line in lines if line.startswith("tests: "))
     assert " passed" in tests and "failed" not in tests and "error" not in tests, tests
     assert set(os.listdir(tmp_path)) == {"tests.log", "tests.xml", "timing.log", "timing.json", "timing.md"}

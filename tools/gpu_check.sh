@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check as one device call of at most 9 minutes, 7 on an H200 (docs/speed.md, "GPU"):
+# The GPU check as one run of at most 9 minutes, 7 on an H200 (docs/speed.md, "GPU"):
 # installs the wheels that tools/gpu_prepare.sh put in .gpu_carry/, runs the `cuda` tests
 # (tests/test_cuda.py), times every file eager and with --compile (tools/gpu_timing.py) and prints
 # the test summary and the table last. Logs and results go to $OUT (default results/gpu_check).

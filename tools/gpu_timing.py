@@ -6,10 +6,10 @@ warm-up (tools/gpu_check.sh runs it; docs/speed.md, "GPU").
 
 Each row: steps/s of `agent.train(buffer.sample(batch_size))` (batch sampling included, as the files' loops run it),
 GPU minutes per 1M steps, device kernels per step and the GPU's time in them (torch.profiler), the
-host's time to issue a step (the timed loop before its final sync: near the step's wall time when the
-host is the bound), peak GPU memory (the dataset on the device included). The header gives the wall
-time of one launch of the smallest kernel, the host's floor under every kernel. The agents are bench_cpu.py's: default sizes, the RL updates alone, behaviour
-models frozen. Modes run in turn over all files (eager first, --compile last, the slowest to warm
+host's time to issue one step into an idle queue (near the step's time when the host is the bound,
+GPU busy time near it when the GPU is), peak GPU memory (the dataset on the device included). The
+header gives the commit and the wall time of one launch of the smallest kernel. The agents are
+bench_cpu.py's: default sizes, the RL updates alone, behaviour models frozen. Modes run in turn over all files (eager first, --compile last, the slowest to warm
 up), and a measurement that would start past --deadline is marked skipped, so that the table always
 comes back within the time a device call has. --small, --device cpu and --compile-backend eager
 make the CPU dry run (tools/gpu_check.sh --cpu-dry-run).
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -84,13 +85,14 @@ def device_work(step, steps: int, device: torch.device) -> tuple[float | None, f
         sync(device)
     if device.type != "cuda":
         return None, None
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    # annotation spans (record_function ranges, each optimiser step's) lie over kernels counted already
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
     return len(kernels) / steps, sum(e.time_range.elapsed_us() for e in kernels) / steps
 
 
-def launch_us(device: torch.device, n: int = 5000) -> float:
-    """Wall time of one launch of the smallest kernel (an in-place add on one element), queued n
-    times: the host's floor under every kernel of a step."""
+def launch_us(device: torch.device, n: int = 500) -> float:
+    """Wall time of one launch of the smallest kernel (an in-place add on one element), n launches
+    into an idle queue (CUDA's holds about a thousand): the host's floor under every kernel."""
     x = torch.zeros(1, device=device)
     for _ in range(100):
         x.add_(1)
@@ -98,8 +100,22 @@ def launch_us(device: torch.device, n: int = 5000) -> float:
     start = time.perf_counter()
     for _ in range(n):
         x.add_(1)
+    issued = time.perf_counter()
     sync(device)
-    return (time.perf_counter() - start) / n * 1e6
+    return (issued - start) / n * 1e6
+
+
+def host_us(step, device: torch.device, n: int = 20) -> float:
+    """Median wall time the host takes to issue one step into an idle queue (synced before each),
+    so that a full launch queue cannot hold it back: near the step's time when the host is the bound."""
+    times = []
+    for _ in range(n):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    sync(device)
+    return sorted(times)[n // 2] * 1e6
 
 
 def measure(name: str, mode: str, data, device: torch.device, args: Args) -> dict:
@@ -115,7 +131,6 @@ def measure(name: str, mode: str, data, device: torch.device, args: Args) -> dic
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
-    issued = time.perf_counter()  # the host's part: the GPU may still be working
     sync(device)
     sps = args.steps / (time.perf_counter() - start)
     metrics = {k: float(v) for k, v in step().items()}
@@ -125,7 +140,7 @@ def measure(name: str, mode: str, data, device: torch.device, args: Args) -> dic
     kernels, busy = device_work(step, args.profile_steps, device)
     row = {"file": name, "mode": mode, "steps_per_s": sps, "gpu_minutes_per_1m": 1e6 / sps / 60,
            "kernels_per_step": kernels, "gpu_busy_us_per_step": busy,
-           "host_us_per_step": (issued - start) / args.steps * 1e6,
+           "host_us_per_step": host_us(step, device),
            "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
     return row
 
@@ -146,10 +161,18 @@ def table(rows: list[dict], header: str) -> str:
     return "\n".join(lines)
 
 
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip() or "no git"
+    except OSError:
+        return "no git"
+
+
 def environment(device: torch.device) -> str:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU (CPU dry run)"
     cuda = f", CUDA {torch.version.cuda}" if device.type == "cuda" else ""
-    return f"torch {torch.__version__}{cuda}, {gpu}"
+    return f"torch {torch.__version__}{cuda}, {gpu}, commit {commit()}"
 
 
 def write(out: str, rows: list[dict], header: str, device: torch.device) -> None:

@@ -57,7 +57,7 @@ def plot() -> str:
         raise UserError(f"no records in {os.path.relpath(RECORDS, ROOT)}/: collect a run folder first")
     algorithms = sorted({r["algorithm"] for r in records})
     labels = sorted({r["label"] for r in records}, key=lambda label: (not label.endswith("(the default)"), label))
-    fig, axes = plt.subplots(1, len(algorithms), figsize=(5.5 * len(algorithms), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(algorithms), figsize=(5.5 * len(algorithms), 4.8), squeeze=False)
     for ax, algorithm in zip(axes[0], algorithms):
         for r in sorted((r for r in records if r["algorithm"] == algorithm), key=lambda r: labels.index(r["label"])):
             steps, scores = zip(*[(e[0], e[1]) for e in r["evaluations"]]) if r["evaluations"] else ((), ())
@@ -67,7 +67,7 @@ def plot() -> str:
         ax.set_title(f"{algorithm}: 10 episodes every 10,000 steps", fontsize=9)
         ax.set_xlabel("RL gradient steps")
         ax.set_ylabel("normalised score")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # under the axes: no curve hidden
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
