@@ -9,9 +9,10 @@ GPU minutes per 1M steps, device kernels per step and the GPU's time in them (to
 host's time to issue one step into an idle queue (near the step's time when the host is the bound,
 GPU busy time near it when the GPU is), peak GPU memory (the dataset on the device included). The
 header gives the commit and the wall time of one launch of the smallest kernel. The agents are
-bench_cpu.py's: default sizes, the RL updates alone, behaviour models frozen. Modes run in turn over all files (eager first, --compile last, the slowest to warm
-up), and a measurement that would start past --deadline is marked skipped, so that the table always
-comes back within the time a device call has. --small, --device cpu and --compile-backend eager
+bench_cpu.py's: default sizes, the RL updates alone, behaviour models frozen. Modes run in turn
+over all files (eager first, then graphs: --compile with CUDA graphs, then --compile; the compiled
+modes are the slowest to warm up), and a measurement that would start past --deadline is marked skipped, so that the table
+always comes back within the time a device call has. --small, --device cpu and --compile-backend eager
 make the CPU dry run (tools/gpu_check.sh --cpu-dry-run).
 """
 
@@ -35,7 +36,7 @@ import common  # noqa: E402
 from tools.diagnostics.bench_cpu import ALGORITHMS, build, prepare, sync  # noqa: E402
 
 DATASET_ID = "gpu-check/halfcheetah/synthetic-v0"
-MODES = ("eager", "compile")
+MODES = ("eager", "graphs", "compile")  # graphs before compile: its numbers are the newer
 # Network sizes of the dry run (tests/test_precision.py's SMALL): seconds on a CPU, the same code.
 SMALL = {"bc": dict(hidden_dim=32), "td3_bc": dict(hidden_dim=32), "awr": dict(hidden_dim=32),
          "iql": dict(hidden_dim=32), "cql": dict(hidden_dim=32, n_actions=4), "fisher_brc": dict(hidden_dim=32),
@@ -70,8 +71,19 @@ class Args:
 
 
 def main_loop_step(name: str, data: common.OfflineData, device: torch.device, mode: str, small: bool):
-    """The file's main-loop step, as its __main__ runs it, with --compile or without."""
-    agent, buffer, batch_size = prepare(name, data, device, compile=mode == "compile", **(SMALL[name] if small else {}))
+    """The file's main-loop step, as its __main__ runs it: eager, with --compile, or (graphs) with
+    --compile in torch.compile's mode="reduce-overhead", each update's graph replayed as a CUDA graph
+    (docs/usage.md, "CUDA graphs"; each step marked as a new one, so that a replay may reuse the
+    memory of the step before)."""
+    compile_ = torch.compile
+    if mode == "graphs" and not isinstance(compile_, functools.partial):  # the dry run's eager backend takes no mode
+        torch.compile = functools.partial(compile_, mode="reduce-overhead")
+    try:
+        agent, buffer, batch_size = prepare(name, data, device, compile=mode != "eager", **(SMALL[name] if small else {}))
+    finally:
+        torch.compile = compile_
+    if mode == "graphs":
+        return lambda: (torch.compiler.cudagraph_mark_step_begin(), agent.train(buffer.sample(batch_size)))[1]
     return lambda: agent.train(buffer.sample(batch_size))
 
 
