@@ -63,6 +63,7 @@ def plot() -> str:
             steps, scores = zip(*[(e[0], e[1]) for e in r["evaluations"]]) if r["evaluations"] else ((), ())
             unfinished = "" if r["finished"] else f", to {steps[-1] // 1000}k" if steps else ", no evaluation yet"
             ax.plot(steps, scores, marker=".", lw=1.2, color=f"C{labels.index(r['label'])}",
+                    ls="-" if r["seed"] == 0 else "--",  # one colour per change, one line style per seed
                     label=f"{r['label']} (seed {r['seed']}{unfinished})")
         ax.set_title(f"{algorithm}: 10 episodes every 10,000 steps", fontsize=9)
         ax.set_xlabel("RL gradient steps")
