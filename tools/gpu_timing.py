@@ -11,9 +11,9 @@ GPU busy time near it when the GPU is), peak GPU memory (the dataset on the devi
 header gives the commit and the wall time of one launch of the smallest kernel. The agents are
 bench_cpu.py's: default sizes, the RL updates alone, behaviour models frozen. Modes run in turn
 over all files (eager first, then graphs: --compile with CUDA graphs, then --compile; the compiled
-modes are the slowest to warm up), and a measurement that would start past --deadline is marked skipped, so that the table
-always comes back within the time a device call has. --small, --device cpu and --compile-backend eager
-make the CPU dry run (tools/gpu_check.sh --cpu-dry-run).
+modes are the slowest to warm up), and a measurement that would start past --deadline is marked
+skipped, so that the table always comes back within the time a device call has. --small, --device
+cpu and --compile-backend eager make the CPU dry run (tools/gpu_check.sh --cpu-dry-run).
 """
 
 from __future__ import annotations
