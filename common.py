@@ -1,9 +1,6 @@
 """What every file in algorithms/ needs while it trains, and nothing algorithmic: copy a file and
-this one, and it runs. Errors and files (a `UserError` is one line; torch files carry a checksum and
-load as weights only), flags, devices and seeds, data (Minari ids; the replay buffer), evaluation,
-the run folder (`Run`), speed (--precision, --compile: docs/speed.md), caches of pretrained models.
-A local/* or d4rl/* id not yet in Minari's storage is built by the repository's
-tools/make_dataset.py, the only code of the repository used here.
+this one, and it runs. A local/* or d4rl/* id not yet in Minari's storage is built by the
+repository's tools/make_dataset.py, the only code of the repository used here.
 """
 
 from __future__ import annotations
@@ -156,20 +153,13 @@ def check_interval(args, name: str, low: float, high: float, bounds: str = "[)")
                         f"{bounds[1]}, got {v}")
 
 
-def check_positive(args, *names: str) -> None:
-    """Counts, periods, sizes (at least 1) and rates, scales (above 0)."""
+def check_positive(args, *names: str, zero: bool = False) -> None:
+    """Counts, periods, sizes (at least 1) and rates, scales (above 0); with `zero`, 0 or more."""
     for name in names:
         v = getattr(args, name)
-        if v is not None and v <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be "
-                            f"{'at least 1' if isinstance(v, int) else 'above 0'}, got {v}")
-
-
-def check_nonnegative(args, *names: str) -> None:
-    for name in names:
-        v = getattr(args, name)
-        if v is not None and v < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {v}")
+        if v is not None and (v < 0 or v == 0 and not zero):
+            least = "0 or more" if zero else "at least 1" if isinstance(v, int) else "above 0"
+            raise UserError(f"--{name.replace('_', '-')} must be {least}, got {v}")
 
 
 def check_seed(args, *names: str) -> None:
@@ -184,10 +174,7 @@ def check_args(args) -> None:
         if isinstance(v, float) and not math.isfinite(v):
             raise UserError(f"--{field.name.replace('_', '-')} must be a finite number, got {v}")
     check_positive(args, "total_steps", "batch_size", "eval_every", "eval_episodes", "log_every",
-                   "video_every", "final_episodes")
-    if args.video_every is not None and not args.capture_video:
-        raise UserError("--video-every says which evaluations --capture-video records; add "
-                        "--capture-video")
+                   "final_episodes")
     check_seed(args, "seed")
     if args.run_name is not None and (args.run_name in ("", ".", "..") or "/" in args.run_name):
         raise UserError(f"--run-name {args.run_name!r} must be one folder name, without '/'")
@@ -221,14 +208,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's streams; and denormal floats count as zero on the CPU, where a
+    temperature decaying towards ~1e-40 made every matmul it touches ten times slower."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def flush_denormals() -> None:
-    """Denormal floats count as zero on the CPU: a temperature decaying towards zero (~1e-40)
-    would make every matmul it touches ten times slower (docs/results.md, "Speed")."""
     torch.set_flush_denormal(True)
 
 
@@ -277,10 +261,6 @@ def dataset_task(dataset_id: str) -> str:
     if len(parts) == 1 or len(parts) == 2 and parts[0] == "d4rl":  # the task opens D4RL's name
         return parts[-1].split("-")[0]
     return parts[-2]
-
-
-def is_antmaze(dataset_id: str) -> bool:
-    return dataset_task(dataset_id) == "antmaze"
 
 
 def flatten_obs(obs, antmaze: bool = False) -> np.ndarray:
@@ -342,7 +322,8 @@ def load_dataset(dataset_id: str, device="cpu") -> OfflineData:
                             "into MINARI_DATASETS_PATH; `minari list local` lists what is here")
                         + (f"; close local ids: {', '.join(close)}" if close else "")) from None
     space, obs_space, spec = dataset.action_space, dataset.observation_space, dataset.env_spec
-    antmaze = spec.name.startswith("AntMaze") if spec is not None else is_antmaze(dataset_id)
+    antmaze = spec.name.startswith("AntMaze") if spec is not None else \
+        dataset_task(dataset_id) == "antmaze"
     keys = ("achieved_goal",) * antmaze + ("observation", "desired_goal")
     if not isinstance(space, spaces.Box) or len(space.shape) != 1 or not np.all(
             np.isfinite(space.low) & np.isfinite(space.high) & (space.high > space.low)):
@@ -471,11 +452,9 @@ def normalized_score(returns, ref_min: float | None, ref_max: float | None):
 @torch.no_grad()
 def evaluate(data: OfflineData, policy: Callable, n_episodes: int, seed: int, obs_mean=None,
              obs_std=None, video: str | None = None) -> dict:
-    """`n_episodes` at once in a vector env of the eval env, episode i from reset(seed + i), one
-    batched call of `policy` (standardised states -> actions in [-1, 1]) per step. A sampling
-    policy draws from torch's CPU stream, seeded with `seed` and given back to the run as it was.
-    With `video` (a path) the first episode is written there as an MP4, where frames render
-    (MuJoCo's EGL backend where MUJOCO_GL is unset); this changes no return."""
+    """`n_episodes` at once in a vector env, episode i from reset(seed + i), one batched call of
+    `policy` per step, on torch's CPU stream seeded with `seed` (the run's comes back after it).
+    With `video` (a path) the first episode is written there as an MP4; no return changes."""
     import gymnasium as gym
 
     make, hook, frames = [data.make_env] * n_episodes, sys.unraisablehook, []
@@ -532,15 +511,12 @@ def evaluate(data: OfflineData, policy: Callable, n_episodes: int, seed: int, ob
 # --- The run folder, <output_dir>/<run_name>/: tensorboard events, results.json, checkpoints ---
 # Flags that may differ between a run and its resumption: none changes what is trained.
 RESUME_FREE_FLAGS = {"run_name", "output_dir", "resume", "track", "wandb_project", "log_every",
-                     "save_model", "total_steps", "compile", "capture_video", "video_every"}
+                     "save_model", "total_steps", "compile", "capture_video"}
 
 
 class Run:
-    """One run's folder. The loop starts at `resume(agent)` and calls `log` every log_every steps
-    (the only device syncs), `evaluate` and `checkpoint(step, agent)` every eval_every steps,
-    `stop_if_signalled(step, agent)` after every step and `finish` at the end. With --resume auto
-    the same command continues a run from its checkpoint, and a pretraining phase ("behaviour
-    model", in `phases`) is checkpointed and resumed the same way; a finished run is not re-run."""
+    """One run's folder: the same command continues a run from its checkpoint (--resume auto), a
+    pretraining phase (in `phases`) too; a finished run is not re-run."""
 
     def __init__(self, args, algorithm: str, data: OfflineData, phases: tuple[str, ...] = ()):
         from torch.utils.tensorboard import SummaryWriter
@@ -601,7 +577,7 @@ class Run:
                         "episode_return_mean": float(data.episode_returns.mean())},
             "evaluations": [], "final_normalized_score": None, "final_return": None,
             "finished": False, "train_seconds": 0.0}
-        self.last_metrics, self.start, self.signalled, self.renders = {}, time.time(), None, True
+        self.last_metrics, self.start, self.signalled = {}, time.time(), None
         self.reset_clock()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(signum, lambda s, frame: setattr(self, "signalled", s))
@@ -682,16 +658,14 @@ class Run:
 
     def evaluate(self, step: int, policy: Callable, obs_mean=None, obs_std=None) -> dict:
         """Evaluate `policy` (the last time over --final-episodes where given), log it and rewrite
-        results.json. --capture-video records the first episode of the last evaluation and of
-        every --video-every-th in <run dir>/videos/."""
-        t0, args, n = time.time(), self.args, len(self.results["evaluations"]) + 1
-        last = step == args.total_steps
-        video = os.path.join(self.dir, "videos", f"step_{step}.mp4") if args.capture_video and \
-            self.renders and (last or args.video_every and n % args.video_every == 0) else None
+        results.json. --capture-video records the last evaluation's first episode in videos/."""
+        t0, args, last = time.time(), self.args, step == self.args.total_steps
+        video = os.path.join(self.dir, "videos", f"step_{step}.mp4") \
+            if args.capture_video and last else None
         episodes = args.final_episodes if last and args.final_episodes else args.eval_episodes
         evaluation = evaluate(self.data, policy, episodes, args.seed, obs_mean, obs_std, video)
         if video is not None and not os.path.exists(video):
-            self.renders = video = None  # said once by evaluate; later evaluations do not try
+            video = None
             print(f"[{self.algorithm}] --capture-video: the eval env did not render here; training "
                   f"goes on without video (MUJOCO_GL=egl or osmesa renders MuJoCo without a "
                   f"display)", flush=True)

@@ -113,8 +113,6 @@ class Args:
     """write model.pt (networks, normalisation statistics, args) at the end; tools/evaluate.py evaluates it"""
     capture_video: bool = False
     """record the first episode of the last evaluation to <run dir>/videos/step_<step>.mp4"""
-    video_every: Optional[int] = None
-    """with --capture-video, also record every this many evaluations"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "offline-rl"
@@ -201,7 +199,7 @@ def check_args(args: Args) -> None:
                           "fourier_scale", "beta_min", "n_support", "sampler_steps", "likelihood_steps",
                           "hutchinson_probes", "sample_batch_states", "kth", "max_weight", "critic_lr", "actor_lr",
                           "hidden_dim")
-    common.check_nonnegative(args, "snr", "exact_divergence_max_dim", "alpha")
+    common.check_positive(args, "snr", "exact_divergence_max_dim", "alpha", zero=True)
     common.check_interval(args, "ema", 0, 1, "[)")
     if args.beta_max < args.beta_min:
         raise common.UserError(f"--beta-max must be at least --beta-min ({args.beta_min}), got {args.beta_max}")
@@ -773,7 +771,6 @@ if __name__ == "__main__":
     common.check_args(args)
     check_args(args)
     device = common.resolve_device(args.device)
-    common.flush_denormals()
     common.seed_everything(args.seed)
     chosen = {k: v for k, v in domain_defaults(args.env).items() if getattr(args, k) is None}
     for k, v in chosen.items():

@@ -62,8 +62,6 @@ class Args:
     """write model.pt (networks, normalisation statistics, args) at the end; tools/evaluate.py evaluates it"""
     capture_video: bool = False
     """record the first episode of the last evaluation to <run dir>/videos/step_<step>.mp4"""
-    video_every: Optional[int] = None
-    """with --capture-video, also record every this many evaluations"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "offline-rl"
@@ -236,7 +234,6 @@ if __name__ == "__main__":
     common.check_args(args)
     check_args(args)
     device = common.resolve_device(args.device)
-    common.flush_denormals()
     common.seed_everything(args.seed)
 
     data = common.load_dataset(args.env, device)

@@ -118,8 +118,6 @@ class Args:
     """write model.pt (networks, normalisation statistics, args) at the end; tools/evaluate.py evaluates it"""
     capture_video: bool = False
     """record the first episode of the last evaluation to <run dir>/videos/step_<step>.mp4"""
-    video_every: Optional[int] = None
-    """with --capture-video, also record every this many evaluations"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "offline-rl"
@@ -213,7 +211,7 @@ def check_args(args: Args) -> None:
                           "n_samples",
                           "n_latent", "n_ensembles", "entropy_std_scale", "epoch_steps", "kl_states", "bc_steps",
                           "bc_lr", "actor_lr", "critic_lr", "hidden_dim", "actor_hidden_dim", "vae_hidden_dim")
-    common.check_nonnegative(args, "kl_margin", "pretrain_steps")
+    common.check_positive(args, "kl_margin", "pretrain_steps", zero=True)
     common.check_seed(args, "bc_seed")
     common.check_interval(args, "gamma", 0, 1, "[)")
     common.check_interval(args, "tau", 0, 1, "(]")
@@ -759,7 +757,6 @@ if __name__ == "__main__":
     common.check_args(args)
     check_args(args)
     device = common.resolve_device(args.device)
-    common.flush_denormals()
     common.seed_everything(args.seed)
     chosen = fill_domain_defaults(args)
     if chosen:

@@ -74,8 +74,6 @@ class Args:
     """write model.pt (networks, normalisation statistics, args) at the end; tools/evaluate.py evaluates it"""
     capture_video: bool = False
     """record the first episode of the last evaluation to <run dir>/videos/step_<step>.mp4"""
-    video_every: Optional[int] = None
-    """with --capture-video, also record every this many evaluations"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "offline-rl"
@@ -117,7 +115,7 @@ class Args:
 
 def check_args(args: Args) -> None:
     """This file's own flags, right after parsing (common.check_args checks the shared ones)."""
-    common.check_nonnegative(args, "cql_weight", "lagrange_threshold", "bc_warmup_steps")
+    common.check_positive(args, "cql_weight", "lagrange_threshold", "bc_warmup_steps", zero=True)
     common.check_positive(args, "n_actions", "actor_lr", "critic_lr", "hidden_dim")
     common.check_interval(args, "gamma", 0, 1, "[)")
     common.check_interval(args, "tau", 0, 1, "(]")
@@ -125,7 +123,7 @@ def check_args(args: Args) -> None:
 
 def domain_defaults(dataset_id: str) -> dict:
     """The official code's per-domain settings, chosen from the dataset id."""
-    if common.is_antmaze(dataset_id):
+    if common.dataset_task(dataset_id) == "antmaze":
         return {"lagrange_threshold": 5.0, "reward_transform": "cql-antmaze"}
     return {"reward_transform": "none"}
 
@@ -371,7 +369,6 @@ if __name__ == "__main__":
     common.check_args(args)
     check_args(args)
     device = common.resolve_device(args.device)
-    common.flush_denormals()
     common.seed_everything(args.seed)
     chosen = {k: v for k, v in domain_defaults(args.env).items() if getattr(args, k) is None}
     for k, v in chosen.items():

@@ -66,8 +66,6 @@ class Args:
     """write model.pt (networks, normalisation statistics, args) at the end; tools/evaluate.py evaluates it"""
     capture_video: bool = False
     """record the first episode of the last evaluation to <run dir>/videos/step_<step>.mp4"""
-    video_every: Optional[int] = None
-    """with --capture-video, also record every this many evaluations"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "offline-rl"
@@ -106,7 +104,7 @@ def check_args(args: Args) -> None:
     """This file's own flags, right after parsing (common.check_args checks the shared ones)."""
     common.check_interval(args, "expectile", 0, 1, "()")
     common.check_interval(args, "dropout", 0, 1, "[)")
-    common.check_nonnegative(args, "beta")
+    common.check_positive(args, "beta", zero=True)
     common.check_positive(args, "max_weight", "lr", "hidden_dim")
     common.check_interval(args, "gamma", 0, 1, "[)")
     common.check_interval(args, "tau", 0, 1, "(]")
@@ -271,7 +269,6 @@ if __name__ == "__main__":
     common.check_args(args)
     check_args(args)
     device = common.resolve_device(args.device)
-    common.flush_denormals()
     common.seed_everything(args.seed)
     chosen = {k: v for k, v in domain_defaults(args.env).items() if getattr(args, k) is None}
     for k, v in chosen.items():

@@ -83,8 +83,6 @@ class Args:
     """write model.pt (networks, normalisation statistics, args) at the end; tools/evaluate.py evaluates it"""
     capture_video: bool = False
     """record the first episode of the last evaluation to <run dir>/videos/step_<step>.mp4"""
-    video_every: Optional[int] = None
-    """with --capture-video, also record every this many evaluations"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "offline-rl"
@@ -136,7 +134,7 @@ class Args:
 
 def check_args(args: Args) -> None:
     """This file's own flags, right after parsing (common.check_args checks the shared ones)."""
-    common.check_nonnegative(args, "alpha", "shaping_tau", "gp_weight")
+    common.check_positive(args, "alpha", "shaping_tau", "gp_weight", zero=True)
     common.check_positive(args, "n_samples", "bc_steps", "bc_lr", "lr", "hidden_dim")
     common.check_seed(args, "bc_seed")
     common.check_interval(args, "gamma", 0, 1, "[)")
@@ -145,7 +143,7 @@ def check_args(args: Args) -> None:
 
 def domain_defaults(dataset_id: str) -> dict:
     """The candidate code's replay buffer subtracts 1 from antmaze rewards and leaves the others."""
-    if common.is_antmaze(dataset_id):
+    if common.dataset_task(dataset_id) == "antmaze":
         return {"reward_transform": "minus-one"}
     return {"reward_transform": "none"}
 
@@ -408,7 +406,6 @@ if __name__ == "__main__":
     common.check_args(args)
     check_args(args)
     device = common.resolve_device(args.device)
-    common.flush_denormals()
     common.seed_everything(args.seed)
     chosen = {k: v for k, v in domain_defaults(args.env).items() if getattr(args, k) is None}
     for k, v in chosen.items():

@@ -58,8 +58,6 @@ class Args:
     """write model.pt (networks, normalisation statistics, args) at the end; tools/evaluate.py evaluates it"""
     capture_video: bool = False
     """record the first episode of the last evaluation to <run dir>/videos/step_<step>.mp4"""
-    video_every: Optional[int] = None
-    """with --capture-video, also record every this many evaluations"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "offline-rl"
@@ -94,7 +92,7 @@ class Args:
 def check_args(args: Args) -> None:
     """This file's own flags, right after parsing (common.check_args checks the shared ones)."""
     common.check_positive(args, "lr", "policy_freq", "hidden_dim")
-    common.check_nonnegative(args, "alpha", "policy_noise", "noise_clip")
+    common.check_positive(args, "alpha", "policy_noise", "noise_clip", zero=True)
     common.check_interval(args, "gamma", 0, 1, "[)")
     common.check_interval(args, "tau", 0, 1, "(]")
 
@@ -224,7 +222,6 @@ if __name__ == "__main__":
     common.check_args(args)
     check_args(args)
     device = common.resolve_device(args.device)
-    common.flush_denormals()
     common.seed_everything(args.seed)
 
     data = common.load_dataset(args.env, device)

@@ -104,7 +104,6 @@ class Args:
     total_steps: int = 10
     batch_size: int = 16
     capture_video: bool = False
-    video_every: int = None
     save_model: bool = False
     lr: float = 3e-4
 

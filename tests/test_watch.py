@@ -110,12 +110,12 @@ def test_capture_video_records_without_changing_the_run_and_the_model_file_repla
                                                                                       tmp_path):
     plain = bc_run(tmp_path / "plain", datasets_path)
     assert plain.returncode == 0, plain.stderr[-3000:]
-    result = bc_run(tmp_path / "video", datasets_path, "--capture-video", "--video-every", "2", "--save-model")
+    result = bc_run(tmp_path / "video", datasets_path, "--capture-video", "--save-model")
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "video" / "r"
-    assert sorted(os.listdir(run_dir / "videos")) == ["step_20.mp4", "step_30.mp4"]  # the 2nd and the last
+    assert sorted(os.listdir(run_dir / "videos")) == ["step_30.mp4"]  # the last evaluation's
     recorded, unrecorded = evaluations(run_dir), evaluations(tmp_path / "plain" / "r")
-    assert [e.pop("video", None) for e in recorded] == [None, "videos/step_20.mp4", "videos/step_30.mp4"]
+    assert [e.pop("video", None) for e in recorded] == [None, None, "videos/step_30.mp4"]
     for e in recorded + unrecorded:
         e.pop("wall_time")
     assert recorded == unrecorded
@@ -138,8 +138,7 @@ def test_capture_video_records_without_changing_the_run_and_the_model_file_repla
 def test_without_a_render_backend_the_run_trains_with_one_notice(datasets_path, tmp_path):
     result = bc_run(tmp_path, datasets_path, "--capture-video", "--save-model", env={"MUJOCO_GL": "disable"})
     assert result.returncode == 0, result.stderr[-3000:]
-    # the first recording says why in one line (common.evaluate), the run that it goes on without video
-    # in another; later evaluations do not try
+    # the recording says why in one line (common.evaluate), the run that it goes on without video in another
     assert result.stdout.count("no video ") == 1, result.stdout
     assert result.stdout.count("[bc] --capture-video: the eval env did not render here") == 1, result.stdout
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr[-3000:]
@@ -155,12 +154,6 @@ def test_without_a_render_backend_the_run_trains_with_one_notice(datasets_path, 
         "--capture-video: the eval env did not render here; evaluated without video") == 1, tool.stdout
     assert "Traceback" not in tool.stderr and "Exception ignored" not in tool.stderr, tool.stderr[-3000:]
     assert "video of the first episode" not in tool.stdout and not os.path.exists(tmp_path / "watch" / "seed_0.mp4")
-
-
-def test_video_every_needs_capture_video(datasets_path, tmp_path):
-    result = bc_run(tmp_path, datasets_path, "--video-every", "2")
-    assert result.returncode == 1 and result.stderr.strip() == (
-        "error: --video-every says which evaluations --capture-video records; add --capture-video")
 
 
 def test_evaluate_refuses_what_is_not_a_model_file_in_one_line(datasets_path, tmp_path):

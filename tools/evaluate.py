@@ -127,7 +127,6 @@ def evaluate_model(path: str, episodes: int | None = None, seed: int | None = No
     <video_dir>/seed_<seed>.mp4 (where the eval env renders)."""
     saved = read_model(path)
     device = common.resolve_device(device)
-    common.flush_denormals()
     args, policy = rebuild(saved, device)
     if args.precision == "tf32":  # the run evaluated with TF32 on, as it trained (common.autocast)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

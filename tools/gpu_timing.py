@@ -208,7 +208,7 @@ if __name__ == "__main__":
     if args.compile_backend != "inductor":
         torch.compile = functools.partial(torch.compile, backend=args.compile_backend)
     device = common.resolve_device(args.device)
-    common.flush_denormals()
+    torch.set_flush_denormal(True)  # as common.seed_everything in the files
     data = common.load_dataset(DATASET_ID, device)
     header = (f"{environment(device)}; {len(data)} transitions of {data.obs_dim} / {data.act_dim} dims, "
               f"{args.steps} timed steps after {args.warmup}; one launch of the smallest kernel: "

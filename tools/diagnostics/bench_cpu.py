@@ -198,7 +198,7 @@ if __name__ == "__main__":
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = common.resolve_device(args.device)
-    common.flush_denormals()
+    torch.set_flush_denormal(True)  # as common.seed_everything in the files
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MINARI_DATASETS_PATH"] = tmp
         t0 = time.time()

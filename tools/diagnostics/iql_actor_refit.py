@@ -69,7 +69,6 @@ def main(argv=None) -> None:
     seed = args.seed + 1 if flags.seed is None else flags.seed
 
     device = torch.device("cpu")
-    common.flush_denormals()
     data = common.load_dataset(args.env, device)
     obs_mean, obs_std = None, None
     if args.normalize_states:
