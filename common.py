@@ -390,16 +390,15 @@ def load_dataset(dataset_id: str, device="cpu") -> OfflineData:
                        make_env, antmaze, eval_env, fingerprint.hexdigest())
 
 
-def compute_obs_stats(data: OfflineData, eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std (+eps, as TD3+BC and CORL) of the dataset's states."""
-    return data.observations.mean(0), data.observations.std(0) + eps
-
-
-def normalize_obs(data: OfflineData, mean: torch.Tensor, std: torch.Tensor) -> None:
-    """Standardise observations and next observations in place; evaluate with the same stats."""
+def normalize_obs(data: OfflineData, mean=None, std=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standardise states and next states in place, by the data's mean and std (+1e-3, as TD3+BC
+    and CORL) unless given; returns the two, with which the policy is evaluated."""
+    if mean is None:
+        mean, std = data.observations.mean(0), data.observations.std(0) + 1e-3
     data.observations = (data.observations - mean) / std
     data.next_observations = (data.next_observations - mean) / std
     data.obs_normalized = True
+    return mean, std
 
 
 RewardTransform = Literal["none", "return-range", "minus-one", "cql-antmaze", "min-max",

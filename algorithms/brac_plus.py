@@ -764,10 +764,7 @@ if __name__ == "__main__":
 
     data = common.load_dataset(args.env, device)
     common.transform_rewards(data, args.reward_transform)
-    obs_mean, obs_std = None, None
-    if args.normalize_states:
-        obs_mean, obs_std = common.compute_obs_stats(data)
-        common.normalize_obs(data, obs_mean, obs_std)
+    obs_mean, obs_std = common.normalize_obs(data) if args.normalize_states else (None, None)
     buffer = common.ReplayBuffer(data)
     # the fixed subset of states for the per-state KL statistics (see the docstring)
     subset = torch.randperm(len(data), device=device)[:args.kl_states]

@@ -225,10 +225,7 @@ if __name__ == "__main__":
     common.seed_everything(args.seed)
 
     data = common.load_dataset(args.env, device)
-    obs_mean, obs_std = None, None
-    if args.normalize_states:
-        obs_mean, obs_std = common.compute_obs_stats(data)
-        common.normalize_obs(data, obs_mean, obs_std)
+    obs_mean, obs_std = common.normalize_obs(data) if args.normalize_states else (None, None)
     buffer = common.ReplayBuffer(data)
 
     agent = TD3BC(args, data.obs_dim, data.act_dim, device)

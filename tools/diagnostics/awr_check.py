@@ -50,9 +50,7 @@ def load(path: str):
         raise common.UserError(f"{path} is not an awr checkpoint or model.pt")
     args = awr.Args(**{k: v for k, v in stored.items() if k in fields})
     data = common.load_dataset(args.env, "cpu")
-    stats = common.compute_obs_stats(data) if args.normalize_states else (None, None)
-    if args.normalize_states:
-        common.normalize_obs(data, *stats)
+    stats = common.normalize_obs(data) if args.normalize_states else (None, None)
     agent = awr.AWR(args, data.obs_dim, data.act_dim, torch.device("cpu"))
     agent.actor.load_state_dict(weights["actor"])
     agent.critic.load_state_dict(weights["critic"])

@@ -70,10 +70,7 @@ def main(argv=None) -> None:
 
     device = torch.device("cpu")
     data = common.load_dataset(args.env, device)
-    obs_mean, obs_std = None, None
-    if args.normalize_states:
-        obs_mean, obs_std = common.compute_obs_stats(data)
-        common.normalize_obs(data, obs_mean, obs_std)
+    obs_mean, obs_std = common.normalize_obs(data) if args.normalize_states else (None, None)
     buffer = common.ReplayBuffer(data)
     common.seed_everything(seed)
     agent = iql.IQL(args, data.obs_dim, data.act_dim, device)  # a fresh actor, its optimiser and schedule

@@ -72,10 +72,7 @@ def load(path: str):
         itrpo.transform_rewards(data, args)
         agent = itrpo.ITRPO(args, data.obs_dim, data.act_dim, torch.device("cpu"))
     returns = discounted_returns(data, args.gamma)  # of the rewards the run trains on
-    stats = (None, None)
-    if args.normalize_states:
-        stats = common.compute_obs_stats(data)
-        common.normalize_obs(data, *stats)
+    stats = common.normalize_obs(data) if args.normalize_states else (None, None)
     for net in NETWORKS[name]:
         getattr(agent, net).load_state_dict(weights[net])
     # every reward transform is affine: the data's lowest and highest rewards give it for an env step's

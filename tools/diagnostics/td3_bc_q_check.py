@@ -64,7 +64,7 @@ def main(argv=None) -> None:
     args = td3_bc.Args(**{k: v for k, v in saved["args"].items() if k in td3_bc.Args.__dataclass_fields__})
     data = common.load_dataset(args.env, "cpu")
     if args.normalize_states:
-        common.normalize_obs(data, *common.compute_obs_stats(data))
+        common.normalize_obs(data)
     agent = td3_bc.TD3BC(args, data.obs_dim, data.act_dim, torch.device("cpu"))
     if "agent" in saved:
         run_state = saved["agent"]
