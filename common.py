@@ -209,7 +209,7 @@ def resolve_device(name: str) -> torch.device:
 
 def seed_everything(seed: int) -> None:
     """Python's, numpy's and torch's streams; and denormal floats count as zero on the CPU, where a
-    temperature decaying towards ~1e-40 made every matmul it touches ten times slower."""
+    temperature decaying towards ~1e-40 makes every matmul it touches ten times slower."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -452,8 +452,8 @@ def normalized_score(returns, ref_min: float | None, ref_max: float | None):
 def evaluate(data: OfflineData, policy: Callable, n_episodes: int, seed: int, obs_mean=None,
              obs_std=None, video: str | None = None) -> dict:
     """`n_episodes` at once in a vector env, episode i from reset(seed + i), one batched call of
-    `policy` per step, on torch's CPU stream seeded with `seed` (the run's comes back after it).
-    With `video` (a path) the first episode is written there as an MP4; no return changes."""
+    `policy` (standardised states -> actions in [-1, 1]) per step, on torch's CPU stream seeded with
+    `seed` (the run's comes back after it). `video`: the first episode as an MP4 at that path."""
     import gymnasium as gym
 
     make, hook, frames = [data.make_env] * n_episodes, sys.unraisablehook, []
