@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import common
-from conftest import ROOT, run_script
+from conftest import run_script
 from tools.d4rl_files import d4rl_files, d4rl_name
 
 HOPPER = "hopper-medium-replay-v2"

@@ -3,7 +3,6 @@ no pickle in them runs code, damage is found and reported in one line, and what 
 behind is cleaned up."""
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
