@@ -539,8 +539,9 @@ class Run:
         for f in os.listdir(self.dir):  # what a killed write left
             if f.startswith(".tmp-"):
                 os.remove(os.path.join(self.dir, f))
+        path = os.path.join(self.dir, "results.json")
         try:
-            with open(os.path.join(self.dir, "results.json")) as f:
+            with open(path) as f:
                 done = json.load(f)
         except (OSError, ValueError):
             done = None
@@ -548,7 +549,7 @@ class Run:
         if args.resume == "never" or finished:
             self.remove_checkpoints()  # a kill after the final results.json left them
         if args.resume == "auto" and finished:
-            self.refuse_other_flags(done.get("args"), os.path.join(self.dir, "results.json"))
+            self.refuse_other_flags(done.get("args"), path)
             print(f"[{algorithm}] {self.dir} holds a finished run: nothing to do (--resume never "
                   f"starts it over)")
             raise SystemExit(0)
@@ -576,6 +577,8 @@ class Run:
                         "episode_return_mean": float(data.episode_returns.mean())},
             "evaluations": [], "final_normalized_score": None, "final_return": None,
             "finished": False, "train_seconds": 0.0}
+        if self.saved is None and os.path.exists(path):  # starting over: the last run's results go
+            write_json(path, self.results)
         self.last_metrics, self.start, self.signalled = {}, time.time(), None
         self.reset_clock()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):

@@ -84,7 +84,7 @@ def test_hours_are_the_runs_training_time_not_its_process_wall_time(tmp_path, mo
 
 def test_a_run_of_earlier_defaults_is_run_again_replaced_by_todays_and_named_until_then(tmp_path, monkeypatch, capsys):
     """A record whose file's defaults have changed since is not the run RUNS asks for: `run` would start
-    it again, `collect` replaces it with today's run however short, and the report names its flags
+    it again, `collect` replaces it with today's run from its first evaluation, and the report names its flags
     until then; a run folder whose args differ from today's command is recorded with those flags."""
     from conftest import load_algorithm
 
@@ -104,7 +104,7 @@ def test_a_run_of_earlier_defaults_is_run_again_replaced_by_todays_and_named_unt
     long_runs.report()
     assert "| iql (earlier defaults: --normalize-states) | 1 | 30,000 |" in capsys.readouterr().out
 
-    def run_folder(**changed):
+    def run_folder(evaluations=1, **changed):
         args = vars(load_algorithm("iql").Args(env=long_runs.HOPPER, total_steps=30_000, eval_every=10_000,
                                                save_model=True, output_dir=str(runs_dir), run_name=name, **changed))
         (runs_dir / name).mkdir(parents=True, exist_ok=True)
@@ -112,11 +112,14 @@ def test_a_run_of_earlier_defaults_is_run_again_replaced_by_todays_and_named_unt
                    "dataset": {"ref_min_score": 0.0, "ref_max_score": 200.0, "episode_return_mean": 20.0,
                                "transitions": 90_000},
                    "evaluations": [{"step": 10_000, "normalized_score_mean": 5.0, "normalized_score_std": 0.0,
-                                    "wall_time": 1.0}]},
+                                    "wall_time": 1.0}][:evaluations]},
                   open(runs_dir / name / "results.json", "w"))
         long_runs.collect(str(runs_dir))
         return json.load(open(docs / "long_runs" / f"{name}.json"))
 
+    # started over, before its first evaluation: nothing to show yet, so the row stays the earlier run's
+    assert run_folder(evaluations=0) == record
+    assert "kept the collected record (3 evaluations, finished) over the run folder's 0" in capsys.readouterr().out
     today = run_folder()
     assert "earlier_defaults" not in today and len(today["evaluations"]) == 1
     long_runs.report()

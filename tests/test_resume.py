@@ -154,6 +154,26 @@ def test_a_checkpoint_from_other_flags_is_refused_naming_them(datasets_path, tmp
     assert fresh.returncode == 0 and "resuming" not in fresh.stdout, fresh.stderr[-2000:]
 
 
+def test_a_run_started_over_replaces_the_last_runs_results_before_its_first_evaluation(datasets_path, tmp_path):
+    """A folder's results.json is always its current run's: one started over and stopped before its
+    first evaluation does not leave the last run's evaluations (or flags) there for a reader."""
+    out = tmp_path / "runs"
+    cmd = command("td3_bc", out, "again", ["--total-steps", "300"])
+    assert run(cmd, datasets_path).returncode == 0
+    assert evaluations(out, "again")[0]["finished"]
+    proc = subprocess.Popen(cmd + ["--resume", "never", "--lr", "0.001", "--total-steps", "100000", "--eval-every",
+                                   "100000"], env=environment(datasets_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the run's first line: the folder is set up and signals stop it cleanly
+        if "run dir" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    results, got = evaluations(out, "again")
+    assert got == [] and not results["finished"] and results["args"]["lr"] == 0.001
+
+
 def test_a_run_folder_another_process_uses_is_refused_and_left_as_it_is(datasets_path, tmp_path):
     from common import lock_folder
 

@@ -16,7 +16,7 @@ mean Q of dataset actions, the run's flags and time), finished or not, so that t
 the run folders; a run that restarted (its folder lost) does not replace a collected record with more
 evaluations until it has caught up. A record whose `earlier_defaults` lists flags ran before a file's
 defaults changed (those flags give its run with today's file): it is not the run RUNS asks for, so
-`run` starts that run again, `collect` replaces the record with it however far it has come, and
+`run` starts that run again, `collect` replaces the record with it from its first evaluation on, and
 `report` names the flags in the row until then. `report` reads only those files: a table per dataset (file,
 steps, final = mean of the last 10 evaluations, best evaluation, largest logged mean Q) and a figure
 per dataset, docs/long-<dataset>.png.
@@ -217,9 +217,10 @@ def collect(runs_dir: str) -> None:
         earlier = earlier_defaults((algo, dataset, seed, steps, flags), results.get("args"))
         if "args" not in results and old:  # nothing to compare: what was said of the run stays
             earlier = old.get("earlier_defaults", [])
-        if same_budget(old, steps, flags) and (len(old["evaluations"]) > len(evaluations)
-                                               or (old["finished"] and not finished)):
-            # a run that restarted from scratch (its folder was lost) has not caught up yet
+        if old and not evaluations or same_budget(old, steps, flags) and (
+                len(old["evaluations"]) > len(evaluations) or (old["finished"] and not finished)):
+            # a run that restarted from scratch (its folder lost, or its defaults changed) has not
+            # caught up yet, or has nothing to show yet
             print(f"[long_runs] {name}: kept the collected record ({len(old['evaluations'])} evaluations"
                   f"{', finished' if old['finished'] else ''}) over the run folder's {len(evaluations)}; "
                   f"delete {os.path.relpath(COLLECTED, ROOT)}/{name}.json to replace it")
