@@ -127,6 +127,56 @@ def test_a_run_of_earlier_defaults_is_run_again_replaced_by_todays_and_named_unt
     assert run_folder(normalize_states=True, gamma=0.98)["earlier_defaults"] == ["--gamma 0.98", "--normalize-states"]
 
 
+def test_a_rerun_still_pretraining_replaces_a_record_of_earlier_defaults_with_its_phase_and_step(
+        tmp_path, monkeypatch, capsys):
+    """Before its first evaluation, a run of today's defaults in a pretraining phase becomes the row,
+    saying where its checkpoint stands; a folder of earlier defaults replaces nothing, and neither
+    replaces a record of today's defaults."""
+    from conftest import load_algorithm
+
+    import common
+
+    docs, runs_dir = tmp_path / "docs", tmp_path / "runs"
+    monkeypatch.setattr(long_runs, "DOCS", str(docs))
+    monkeypatch.setattr(long_runs, "COLLECTED", str(docs / "long_runs"))
+    spec = ("arq", long_runs.HOPPER, 0, 100_000, ["--sampler", "ode"])
+    monkeypatch.setattr(long_runs, "RUNS", [spec, ("bc", long_runs.HOPPER, 0, 100_000, [])])
+    name = long_runs.run_name(*spec[:3])
+    _collected(docs / "long_runs", "bc", 0, 100_000, 10, finished=True)
+    record = {"algorithm": "arq", "env": long_runs.HOPPER, "seed": 0, "total_steps": 100_000,
+              "flags": spec[4], "finished": True, "earlier_defaults": ["--normalize-states"],
+              "train_seconds": 60.0, "behaviour_score": 10.0, "transitions": 90_000, "q1": [],
+              "evaluations": [[10_000 * (i + 1), 20.0, 1.0] for i in range(10)]}
+    json.dump(record, open(docs / "long_runs" / f"{name}.json", "w"))
+
+    def pretraining(step, **changed):
+        args = vars(load_algorithm("arq").Args(env=long_runs.HOPPER, total_steps=100_000, eval_every=10_000,
+                                               save_model=True, output_dir=str(runs_dir), run_name=name,
+                                               sampler="ode", **changed))
+        (runs_dir / name).mkdir(parents=True, exist_ok=True)
+        common.save_file(str(runs_dir / name / "checkpoint.pt"), {
+            "step": step, "phase": "score model", "args": {**args, "bc_steps": 1_000_000}, "agent": {},
+            "rng": {}})
+        long_runs.collect(str(runs_dir))
+        return json.load(open(docs / "long_runs" / f"{name}.json"))
+
+    assert pretraining(20_000, normalize_states=True) == record  # not today's run: the record stays
+    now = pretraining(44_000)
+    assert "earlier_defaults" not in now and not now["finished"] and now["evaluations"] == []
+    assert now["pretraining"] == {"phase": "score model", "step": 44_000, "of": 1_000_000}
+    capsys.readouterr()
+    long_runs.report()
+    out = capsys.readouterr().out
+    assert "| arq | 1 | unfinished, no evaluation yet: score model step 44,000 of 1,000,000 | — | — | — | — |" in out
+    assert "| bc | 1 | 100,000 |" in out and "earlier defaults" not in out
+    assert out.index("| bc |") < out.index("| arq |")
+
+    today = {**record, "finished": False}
+    del today["earlier_defaults"]
+    json.dump(today, open(docs / "long_runs" / f"{name}.json", "w"))
+    assert pretraining(50_000) == today  # a restarted folder does not replace today's evaluations
+
+
 def test_report_without_collected_runs_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(long_runs, "COLLECTED", str(tmp_path))
     with pytest.raises(long_runs.UserError, match="run `collect` first"):
@@ -187,7 +237,8 @@ def test_a_second_scheduler_on_the_same_runs_dir_is_refused_before_it_starts_any
 def _collected(folder, algo, seed, steps, evaluations, finished):
     folder.mkdir(parents=True, exist_ok=True)
     record = {"algorithm": algo, "env": long_runs.HOPPER, "seed": seed, "total_steps": steps, "flags": [],
-              "finished": finished, "evaluations": [[10_000 * (i + 1), 1.0, 0.0] for i in range(evaluations)]}
+              "finished": finished, "evaluations": [[10_000 * (i + 1), 1.0, 0.0] for i in range(evaluations)],
+              "q1": [], "train_seconds": 60.0, "behaviour_score": 10.0, "transitions": 90_000}
     json.dump(record, open(folder / f"{long_runs.run_name(algo, long_runs.HOPPER, seed)}.json", "w"))
 
 

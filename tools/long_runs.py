@@ -16,10 +16,11 @@ mean Q of dataset actions, the run's flags and time), finished or not, so that t
 the run folders; a run that restarted (its folder lost) does not replace a collected record with more
 evaluations until it has caught up. A record whose `earlier_defaults` lists flags ran before a file's
 defaults changed (those flags give its run with today's file): it is not the run RUNS asks for, so
-`run` starts that run again, `collect` replaces the record with it from its first evaluation on, and
-`report` names the flags in the row until then. `report` reads only those files: a table per dataset (file,
-steps, final = mean of the last 10 evaluations, best evaluation, largest logged mean Q) and a figure
-per dataset, docs/long-<dataset>.png.
+`run` starts that run again, and `collect` replaces the record with it: before its first evaluation
+with the pretraining phase and step its checkpoint has reached (the row says so), then with its
+evaluations; until then `report` names the earlier flags in the row. `report` reads only those
+files: a table per dataset (file, steps, final = mean of the last 10 evaluations, best evaluation,
+largest logged mean Q) and a figure per dataset, docs/long-<dataset>.png.
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ RUNS: list[tuple[str, str, int, int, list[str]]] = [
     ("awr", HOPPER, 0, 1_000_000, []),
     ("td3_bc", HOPPER, 1, 1_000_000, []),
 ]
+# the flag that sets each pretraining phase's length
+PHASE_STEPS = {"behaviour model": "bc_steps", "score model": "bc_steps", "initial policy": "pretrain_steps",
+               "Q initialisation": "pretrain_steps"}
 ORDER = ["bc", "td3_bc", "awr", "iql", "cql", "fisher_brc", "itrpo", "brac_plus", "arq"]
 
 
@@ -199,15 +203,46 @@ def logged_q(run_dir: str) -> list[list[float]]:
     return [[s, points[s]] for s in sorted(points)]
 
 
+def pretraining(run_dir: str) -> dict | None:
+    """Where a run in a pretraining phase stands: its checkpoint's phase, step, the phase's length
+    (None where the file names it otherwise) and args; None for a folder without such a checkpoint."""
+    from common import UserError, load_file
+
+    path = os.path.join(run_dir, "checkpoint.pt")
+    try:
+        saved = load_file(path) if os.path.exists(path) else None
+    except UserError:
+        return None
+    if not isinstance(saved, dict) or saved.get("phase") is None:
+        return None
+    args = saved.get("args") if isinstance(saved.get("args"), dict) else {}
+    return {"phase": saved["phase"], "step": saved["step"], "of": args.get(PHASE_STEPS.get(saved["phase"])),
+            "args": args}
+
+
 def collect(runs_dir: str) -> None:
     written = 0
     for algo, dataset, seed, steps, flags in RUNS:
         name = run_name(algo, dataset, seed)
         path = os.path.join(runs_dir, name, "results.json")
-        if not os.path.exists(path):
+        results = None
+        if os.path.exists(path):
+            with open(path) as f:
+                results = json.load(f)
+        if not (results and results["evaluations"]):
+            # before its first evaluation, a run of today's defaults replaces a record of earlier ones
+            # (or none) with the phase and step of its checkpoint: the row is today's run, unfinished
+            old, where = read_collected(name), pretraining(os.path.join(runs_dir, name))
+            if where and not same_budget(old, steps, flags) and not earlier_defaults(
+                    (algo, dataset, seed, steps, flags), where["args"]):
+                write_json(os.path.join(COLLECTED, f"{name}.json"), {
+                    "algorithm": algo, "env": dataset, "seed": seed, "total_steps": steps, "flags": flags,
+                    "finished": False, "pretraining": {k: where[k] for k in ("phase", "step", "of")},
+                    "train_seconds": None, "evaluations": [], "q1": []})
+                written += 1
+                continue
+        if results is None:
             continue
-        with open(path) as f:
-            results = json.load(f)
         info = results["dataset"]
         lo, hi = info.get("ref_min_score"), info.get("ref_max_score")
         behaviour = None if lo is None else 100 * (info["episode_return_mean"] - lo) / (hi - lo)
@@ -263,16 +298,25 @@ def summary(runs: list[dict]) -> dict:
 
 
 def report() -> None:
-    runs = [r for r in load_collected() if r["evaluations"]]
-    if not runs:
+    collected = load_collected()
+    runs = [r for r in collected if r["evaluations"]]
+    # runs still in a pretraining phase: a row (or a seed in one) that says where they stand
+    waiting = [r for r in collected if not r["evaluations"] and r.get("pretraining")]
+    if not runs and not waiting:
         raise UserError(f"nothing collected in {os.path.relpath(COLLECTED, ROOT)}/: run `collect` first")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for dataset in sorted({r["env"] for r in runs}):
+    def standing(r: dict) -> str:
+        at = r["pretraining"]
+        of = f" of {at['of']:,}" if at.get("of") else ""
+        return f"{at['phase']} step {at['step']:,}{of}"
+
+    for dataset in sorted({r["env"] for r in runs + waiting}):
         mine = [r for r in runs if r["env"] == dataset]
+        pending = [r for r in waiting if r["env"] == dataset]
         algos = [a for a in ORDER if any(r["algorithm"] == a for r in mine)]
         # seeds that finished, where any did; the others are named in the steps cell
         stats, others = {}, {}
@@ -283,12 +327,22 @@ def report() -> None:
             # seeds not in the summary, or ahead of the steps every seed reached
             others[a] = [f"seed {r['seed']} at {r['evaluations'][-1][0]:,}" for r in seeds
                          if r not in done or r["evaluations"][-1][0] > stats[a]["steps"][-1]]
+            others[a] += [f"seed {r['seed']} at {standing(r)}" for r in pending if r["algorithm"] == a]
             stats[a]["ahead"] = [r for r in done if r["evaluations"][-1][0] > stats[a]["steps"][-1]]
-        behaviour = mine[0]["behaviour_score"]
-        print(f"\n### `{dataset}` ({mine[0]['transitions']:,} transitions; behaviour average {behaviour:.1f})\n")
+        if mine:
+            behaviour = mine[0]["behaviour_score"]
+            print(f"\n### `{dataset}` ({mine[0]['transitions']:,} transitions; behaviour average {behaviour:.1f})\n")
+        else:
+            print(f"\n### `{dataset}`\n")
         print("| file | seeds | steps | final (last 10 evaluations) | best evaluation (step) | largest mean Q | hours per run |")
         print("|---|---|---|---|---|---|---|")
-        for a in algos:
+        for a in [a for a in ORDER if a in algos or any(r["algorithm"] == a for r in pending)]:
+            if a not in algos:
+                seeds = [r for r in pending if r["algorithm"] == a]
+                where = "; ".join(standing(r) if len(seeds) == 1 else f"seed {r['seed']} at {standing(r)}"
+                                  for r in seeds)
+                print(f"| {a} | {len(seeds)} | unfinished, no evaluation yet: {where} | — | — | — | — |")
+                continue
             s = stats[a]
             earlier = sorted({" ".join(r["earlier_defaults"]) for r in mine
                               if r["algorithm"] == a and r.get("earlier_defaults")})
@@ -303,6 +357,8 @@ def report() -> None:
             hours = "—" if np.isnan(s["hours"]) else f"{s['hours']:.1f}"
             print(f"| {name} | {s['seeds']} | {steps} | {s['final']:.1f}{pm} | {s['best']:.1f} ({s['best_step']:,}) | "
                   f"{q} | {hours} |")
+        if not mine:
+            continue
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.axhline(behaviour, color="black", lw=1, ls=":", label=f"behaviour average ({behaviour:.1f})")
         for i, a in enumerate(algos):
