@@ -170,6 +170,7 @@ def test_a_rerun_still_pretraining_replaces_a_record_of_earlier_defaults_with_it
     assert "| arq | 1 | unfinished, no evaluation yet: score model step 44,000 of 1,000,000 | — | — | — | — |" in out
     assert "| bc | 1 | 100,000 |" in out and "earlier defaults" not in out
     assert out.index("| bc |") < out.index("| arq |")
+    assert pretraining(60_000)["pretraining"]["step"] == 60_000  # it moves on with the run
 
     today = {**record, "finished": False}
     del today["earlier_defaults"]

@@ -231,9 +231,10 @@ def collect(runs_dir: str) -> None:
                 results = json.load(f)
         if not (results and results["evaluations"]):
             # before its first evaluation, a run of today's defaults replaces a record of earlier ones
-            # (or none) with the phase and step of its checkpoint: the row is today's run, unfinished
+            # (or none, or one without evaluations) with the phase and step of its checkpoint: the row
+            # is today's run, unfinished
             old, where = read_collected(name), pretraining(os.path.join(runs_dir, name))
-            if where and not same_budget(old, steps, flags) and not earlier_defaults(
+            if where and not (same_budget(old, steps, flags) and old["evaluations"]) and not earlier_defaults(
                     (algo, dataset, seed, steps, flags), where["args"]):
                 write_json(os.path.join(COLLECTED, f"{name}.json"), {
                     "algorithm": algo, "env": dataset, "seed": seed, "total_steps": steps, "flags": flags,
