@@ -171,6 +171,13 @@ def test_a_rerun_still_pretraining_replaces_a_record_of_earlier_defaults_with_it
     assert "| bc | 1 | 100,000 |" in out and "earlier defaults" not in out
     assert out.index("| bc |") < out.index("| arq |")
     assert pretraining(60_000)["pretraining"]["step"] == 60_000  # it moves on with the run
+    # a seed still pretraining beside a file's evaluated seeds is named in their row
+    json.dump({"algorithm": "bc", "env": long_runs.HOPPER, "seed": 1, "total_steps": 100_000, "flags": [],
+               "finished": False, "pretraining": {"phase": "behaviour model", "step": 5_000, "of": None},
+               "train_seconds": None, "evaluations": [], "q1": []},
+              open(docs / "long_runs" / f"{long_runs.run_name('bc', long_runs.HOPPER, 1)}.json", "w"))
+    long_runs.report()
+    assert "| bc | 1 | 100,000 (seed 1 at behaviour model step 5,000, unfinished) |" in capsys.readouterr().out
 
     today = {**record, "finished": False}
     del today["earlier_defaults"]
