@@ -83,6 +83,8 @@ RUNS: list[tuple[str, str, int, int, list[str]]] = [
     ("awr", HOPPER, 1, 1_000_000, []),
     ("awr", HOPPER, 0, 1_000_000, []),
     ("td3_bc", HOPPER, 1, 1_000_000, []),
+    # CQL's second seed (about 2.6 hours on one core)
+    ("cql", HOPPER, 1, 50_000, []),
 ]
 # the flag that sets each pretraining phase's length
 PHASE_STEPS = {"behaviour model": "bc_steps", "score model": "bc_steps", "initial policy": "pretrain_steps",
