@@ -333,6 +333,11 @@ def load_dataset(dataset_id: str, device="cpu") -> OfflineData:
             or isinstance(obs_space, spaces.Dict) and set(keys) <= set(obs_space.spaces)):
         raise UserError(f"dataset '{dataset_id}' has observation space {obs_space}; only flat Box "
                         f"or goal-conditioned Dict observations ({', '.join(keys)}) are supported")
+    empty = [i for i, e in enumerate(episodes) if len(e["rewards"]) == 0]
+    if empty:  # the reset observation alone: no transition to learn from
+        episodes = [e for e in episodes if len(e["rewards"])]
+        print(f"dataset '{dataset_id}': dropped {len(empty)} episode(s) of length zero (episode "
+              f"{', '.join(map(str, empty[:5]))}{', ...' if len(empty) > 5 else ''})", flush=True)
     obs = [flatten_obs(e["observations"], antmaze) for e in episodes]
     if not episodes:
         raise UserError(f"dataset '{dataset_id}' contains no transitions")

@@ -244,6 +244,38 @@ def test_values_that_are_not_finite_are_refused_saying_where(own_datasets):
     assert "2 rows of observations, the first in episode 2" in message  # the first field found
 
 
+def empty_episodes(dataset_id, episodes):
+    """Make the named episodes of a built dataset zero steps long, as a file written elsewhere may hold
+    them (Minari's own HDF5 writer refuses them): the reset observation alone."""
+    import h5py
+
+    with h5py.File(data_file(dataset_id), "r+") as f:
+        for e in episodes:
+            group = f[f"episode_{e}"]
+            for k in [k for k in group if isinstance(group[k], h5py.Dataset)]:
+                kept = group[k][:1] if k == "observations" else group[k][:0]
+                del group[k]
+                group.create_dataset(k, data=kept)
+
+
+def test_episodes_of_length_zero_are_dropped_with_a_notice(own_datasets, capsys):
+    env, buffers = hopper_buffers()
+    minari.create_dataset_from_buffers("test/hopper/empty-v0", buffers, env=env)
+    empty_episodes("test/hopper/empty-v0", (1, 3))
+    data = common.load_dataset("test/hopper/empty-v0")
+    notices = [line for line in capsys.readouterr().out.splitlines() if "length zero" in line]
+    assert notices == ["dataset 'test/hopper/empty-v0': dropped 2 episode(s) of length zero (episode 1, 3)"]
+    assert data.episode_lengths.tolist() == [len(buffers[0].rewards), len(buffers[2].rewards)]
+    first = len(buffers[0].rewards)  # the rows of episode 2 follow those of episode 0
+    torch.testing.assert_close(data.observations[first], torch.as_tensor(buffers[2].observations[0]).float())
+    torch.testing.assert_close(data.next_observations[first - 1],
+                               torch.as_tensor(buffers[0].observations[-1]).float())
+    minari.create_dataset_from_buffers("test/hopper/all-empty-v0", buffers[:1], env=env)
+    empty_episodes("test/hopper/all-empty-v0", (0,))
+    with pytest.raises(common.UserError, match="contains no transitions"):
+        common.load_dataset("test/hopper/all-empty-v0")
+
+
 def test_actions_beyond_the_bounds_are_clipped_with_a_notice(own_datasets, capsys):
     env, buffers = hopper_buffers()
     buffers[1].actions[2][0] = 1.5  # Hopper's actions are in [-1, 1]
