@@ -122,17 +122,29 @@ def test_reward_scaling_follows_the_authors_per_domain(algorithm):
 
 
 def test_awr_critic_target_uses_policy_actions_and_masks_terminals():
-    """One train step on a batch where every transition is terminal: the target is the reward."""
+    """One train step: the target is r + gamma (1 - done) min Q_target(s', a' ~ pi(s')), on a batch of
+    terminal and non-terminal transitions; a' from the data would give another loss."""
     awr = load_algorithm("awr")
     args = awr.Args(hidden_dim=16)
     torch.manual_seed(0)
     agent = awr.AWR(args, obs_dim=3, act_dim=2, device=torch.device("cpu"))
+    terminals = (torch.arange(8) % 2).float()
     batch = common.Batch(torch.randn(8, 3), torch.rand(8, 2) * 2 - 1, torch.full((8,), 5.0), torch.randn(8, 3),
-                         torch.ones(8))
-    q1_before, q2_before = agent.critic(batch[0], batch[1])
-    expected = ((q1_before - 5.0) ** 2).mean() + ((q2_before - 5.0) ** 2).mean()
+                         terminals)
+    rng = torch.get_rng_state()
+    with torch.no_grad():
+        q1, q2 = agent.critic(batch.observations, batch.actions)
+
+        def loss(next_actions):
+            target = 5.0 + args.gamma * (1 - terminals) * torch.min(*agent.critic_target(batch.next_observations,
+                                                                                          next_actions))
+            return (((q1 - target) ** 2).mean() + ((q2 - target) ** 2).mean()).item()
+
+        expected, with_data_actions = loss(agent.actor.sample(batch.next_observations)), loss(batch.actions)
+    torch.set_rng_state(rng)  # the step draws the same a'
     metrics = agent.train(batch)
-    assert metrics["losses/critic_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics["losses/critic_loss"].item() == pytest.approx(expected, rel=1e-5)
+    assert with_data_actions != pytest.approx(expected, rel=1e-5)  # the check above tells them apart
 
 
 def test_cql_logsumexp_divides_each_sample_by_its_proposal_density():

@@ -61,10 +61,20 @@ def test_bench_cpu_times_the_agents_in_the_precision_it_is_given(datasets_path):
         agent.train(buffer.sample(batch_size))
         hook.remove()
     assert seen == [torch.float32, torch.bfloat16]
-    a, b = torch.randn(64, 64), torch.randn(64, 64)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert (a @ b).dtype == torch.bfloat16  # what matmul_peak(precision="bf16") times
-    assert bench_cpu.matmul_peak(torch.device("cpu"), n=64, repeats=1, precision="bf16") > 0
+    from torch.overrides import TorchFunctionMode
+
+    class Products(TorchFunctionMode):  # the dtype of every matmul the peak times
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if getattr(func, "__name__", "") in ("matmul", "__matmul__", "mm"):
+                products.append(out.dtype)
+            return out
+
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        products = []
+        with Products():
+            assert bench_cpu.matmul_peak(torch.device("cpu"), n=64, repeats=1, precision=precision) > 0
+        assert products and set(products) == {dtype}
 
 
 def test_bench_cpu_compiles_an_agent_loaded_from_its_file_in_bf16(datasets_path):

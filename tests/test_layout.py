@@ -81,25 +81,32 @@ def test_a_copied_file_and_common_train_evaluate_and_resume_alone(datasets_path,
              "--eval-episodes", "2", "--batch-size", "32", "--output-dir", "runs", *SMALL.get(name, [])]
     whole = outside([*flags, "--run-name", "whole"], datasets_path, folder)
     assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-3000:]
-    # the same run, killed after its second evaluation and started again by the same command
+    # the same run, killed after its second evaluation and started again by the same command; a run
+    # that finished between two looks at its results.json was not killed: again, in a fresh folder
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(MINARI_DATASETS_PATH=datasets_path, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, *flags, "--run-name", "killed"], cwd=folder, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    results = os.path.join(folder, "runs", "killed", "results.json")
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            with open(results) as f:
-                if len(json.load(f)["evaluations"]) >= 2:
-                    proc.send_signal(signal.SIGKILL)
-                    break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
-    proc.communicate(timeout=60)
+    killed = os.path.join(folder, "runs", "killed")
+    for _ in range(5):
+        shutil.rmtree(killed, ignore_errors=True)
+        proc = subprocess.Popen([sys.executable, *flags, "--run-name", "killed"], cwd=folder, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with open(os.path.join(killed, "results.json")) as f:
+                    if len(json.load(f)["evaluations"]) >= 2:
+                        proc.send_signal(signal.SIGKILL)
+                        break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.01)
+        proc.communicate(timeout=60)
+        if proc.returncode == -signal.SIGKILL:
+            break
+    assert proc.returncode == -signal.SIGKILL, "the run finished five times before it could be killed"
     again = outside([*flags, "--run-name", "killed"], datasets_path, folder)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert f"[{name}] resuming from step" in again.stdout, again.stdout[-2000:]
     runs = {}
     for run in ("whole", "killed"):
         with open(os.path.join(folder, "runs", run, "results.json")) as f:

@@ -211,15 +211,27 @@ def test_fused_adam_takes_the_steps_of_for_loop_adam():
         assert (a - start).abs().max() > 1e-2  # they moved: the comparison is not of untouched tensors
 
 
-def test_foreach_polyak_step_is_the_per_parameter_lerp():
+def test_td3_bc_targets_take_the_per_parameter_polyak_step_on_actor_steps():
+    """The foreach lerp in TD3+BC's step is target <- target + tau (net - target), per parameter,
+    for the actor's and the critic's targets, on the steps the actor moves (every --policy-freq)."""
     td3_bc = load_algorithm("td3_bc")
+    args = td3_bc.Args(hidden_dim=16, tau=0.05)
     torch.manual_seed(6)
-    net, target = td3_bc.Critic(5, 3, 16), td3_bc.Critic(5, 3, 16)
-    expected = [tp.detach() + 0.005 * (p.detach() - tp.detach()) for p, tp in zip(net.parameters(), target.parameters())]
-    with torch.no_grad():
-        torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), 0.005)
-    for got, want in zip(target.parameters(), expected):
-        torch.testing.assert_close(got, want)
+    agent = td3_bc.TD3BC(args, 5, 3, torch.device("cpu"))
+    g = torch.Generator().manual_seed(6)
+    batch = common.Batch(torch.randn(32, 5, generator=g), torch.rand(32, 3, generator=g) * 2 - 1,
+                         torch.randn(32, generator=g), torch.randn(32, 5, generator=g), torch.zeros(32))
+    pairs = ((agent.actor, agent.actor_target), (agent.critic, agent.critic_target))
+    for step in range(1, 2 * args.policy_freq + 1):
+        before = [[p.detach().clone() for p in target.parameters()] for _, target in pairs]
+        agent.train(batch)
+        for (net, target), old in zip(pairs, before):
+            for p, tp, o in zip(net.parameters(), target.parameters(), old):
+                if step % args.policy_freq:
+                    assert torch.equal(tp, o)
+                else:
+                    torch.testing.assert_close(tp, o + args.tau * (p.detach() - o))
+                    assert not torch.equal(tp, o)
 
 
 def test_one_gather_replay_buffer_draws_the_batches_of_five_gathers(datasets_path):
