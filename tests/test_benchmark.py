@@ -756,3 +756,36 @@ def rows_of(md: str, table: str, dataset: str) -> dict[str, str]:
     header = next(line for line in section.splitlines() if line.startswith("| paper dataset"))
     line = next(line for line in section.splitlines() if line.startswith(f"| {dataset} |"))
     return dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in line.split("|")]))
+
+
+@pytest.mark.parametrize("content", ["", "{", "[1, 2]", "null", '{"env": "x"}', '{"finished": true, "args": null}'])
+def test_a_results_json_that_is_not_a_runs_is_left_out_of_the_summary_and_rerun_by_the_benchmark(
+        content, capsys, tmp_path):
+    runs, out = str(tmp_path / "runs"), str(tmp_path / "results")
+    write_results(runs, "bc", "local/hopper/medium-v0", 0, [1.0], total_steps=50)
+    write_results(runs, "bc", "local/hopper/medium-v0", 1, [1.0], total_steps=50)
+    with open(os.path.join(runs, benchmark.run_name("bc", "local/hopper/medium-v0", 1), "results.json"), "w") as f:
+        f.write(content)
+    with open(os.path.join(runs, summarize.QUICK_PROFILE_FILE), "w") as f:
+        f.write("{")  # damaged
+    summarize.main([runs, "--out", out])
+    said = capsys.readouterr().out
+    assert "skipping" in said and "not the results.json of a run" in said and "not a quick profile" in said
+    with open(os.path.join(out, "runs.csv")) as f:
+        assert [row["seed"] for row in csv.DictReader(f)] == ["0"]
+    argv = ["--algos", "bc", "--datasets", "local/hopper/medium-v0", "--seeds", "0", "1", "--steps", "50",
+            "--output-dir", runs]
+    if content == '{"finished": true, "args": null}':  # finished, but of no known settings: refused
+        with pytest.raises(UserError, match="is a finished run of None steps"):
+            benchmark.main(["--dry-run", *argv])
+        return
+    lines = dry_run(capsys, *argv)
+    assert [line.split("--run-name ")[1] for line in lines] == ["bc__local-hopper-medium-v0__s1"]
+
+
+def test_summarize_out_that_is_a_file_is_one_line(tmp_path):
+    runs = str(tmp_path / "runs")
+    write_results(runs, "bc", "local/hopper/medium-v0", 0, [1.0])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"--out .*file cannot be a folder written here"):
+        summarize.main([runs, "--out", str(tmp_path / "file")])

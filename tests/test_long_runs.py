@@ -840,3 +840,21 @@ def test_the_collapse_curves_keep_a_run_folders_evaluations_and_draw_them(tmp_pa
     assert [e[0] for e in record["evaluations"]] == [10_000, 20_000, 30_000]
     collapse_curves.main(["plot"])
     assert (tmp_path / "collapse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("content", ["", "[1, 2]", '{"evaluations": null}', "dir"])
+def test_collect_leaves_out_a_results_json_that_is_not_a_runs_in_one_line(content, tmp_path, monkeypatch, capsys):
+    runs_dir, docs = tmp_path / "runs", tmp_path / "docs"
+    monkeypatch.setattr(long_runs, "DOCS", str(docs))
+    monkeypatch.setattr(long_runs, "COLLECTED", str(docs / "long_runs"))
+    monkeypatch.setattr(long_runs, "RUNS", [("bc", long_runs.HOPPER, 0, 100_000, [])])
+    results = runs_dir / long_runs.run_name("bc", long_runs.HOPPER, 0) / "results.json"
+    if content == "dir":
+        results.mkdir(parents=True)
+    else:
+        results.parent.mkdir(parents=True)
+        results.write_text(content)
+    long_runs.collect(str(runs_dir))
+    said = [line for line in capsys.readouterr().out.splitlines() if "not the results.json of a run" in line]
+    assert len(said) == 1 and str(results) in said[0]
+    assert not (docs / "long_runs" / f"{long_runs.run_name('bc', long_runs.HOPPER, 0)}.json").exists()

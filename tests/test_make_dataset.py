@@ -710,3 +710,21 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one(tmp_path, monke
         md.write_checkpoint(folder, {"step": 4}, arrays)
     assert sorted(os.listdir(folder)) == ["checkpoint.npz"]  # no temporary file left behind
     assert (tmp_path / "checkpoint.npz").read_bytes() == before
+
+
+@pytest.mark.parametrize("manifest", ["", "[1, 2]", "{"])
+def test_a_damaged_snapshot_manifest_is_one_line(manifest, tmp_path):
+    (tmp_path / "manifest.json").write_text(manifest)
+    with pytest.raises(common.UserError, match="cannot be read as a snapshot manifest") as exc_info:
+        snapshots.load_manifest(str(tmp_path), "Hopper-v5")
+    assert "\n" not in str(exc_info.value)
+
+
+def test_a_snapshot_dir_that_is_a_file_is_one_line(minari_path, tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_dataset.py"), "--env",
+                             "Pendulum-v1", "--train-steps", "10", "--snapshot-dir", str(tmp_path / "file")],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "--snapshot-dir" in result.stderr and "cannot be a folder written here" in result.stderr

@@ -359,13 +359,14 @@ def run_status(run: dict, out_dir: str) -> str:
             results = json.load(f)
     except (OSError, ValueError):
         return "todo"
-    if not results.get("finished"):
-        return "todo"
-    done_steps = results.get("args", {}).get("total_steps")
+    if not isinstance(results, dict) or not results.get("finished"):
+        return "todo"  # the run's own start says what is wrong with a file of another shape
+    done_args = results.get("args") if isinstance(results.get("args"), dict) else {}
+    done_steps = done_args.get("total_steps")
     if done_steps != run["steps"]:
         return (f"{path} is a finished run of {done_steps} steps but this selection asks for {run['steps']}; "
                 f"use another --output-dir or remove that run")
-    done_precision = results.get("args", {}).get("precision", "fp32")
+    done_precision = done_args.get("precision", "fp32")
     if done_precision != run["precision"]:
         return (f"{path} is a finished run in {done_precision} but this selection asks for {run['precision']}; "
                 f"use another --output-dir or remove that run")

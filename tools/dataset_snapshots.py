@@ -31,8 +31,15 @@ def load_manifest(snapshot_dir: str, env_id: str) -> dict:
         raise UserError(f"no snapshots for '{env_id}' in {snapshot_dir} (no manifest.json); train them with "
                         f"`python tools/make_dataset.py --env {env_id} --train-steps N`"
                         f"{shipped_envs_hint()}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} cannot be read as a snapshot manifest ({type(exc).__name__}: {exc}); restore it, or "
+                        f"train the snapshots again with --train-steps") from None
+    return manifest
 
 
 def shipped_manifests() -> dict[str, tuple[str, str]]:

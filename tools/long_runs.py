@@ -157,7 +157,7 @@ def folder_args(run_dir: str) -> dict | None:
     try:
         with open(os.path.join(run_dir, "results.json")) as f:
             return json.load(f).get("args")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         pass
     path = os.path.join(run_dir, "checkpoint.pt")
     try:
@@ -229,8 +229,15 @@ def collect(runs_dir: str) -> None:
         path = os.path.join(runs_dir, name, "results.json")
         results = None
         if os.path.exists(path):
-            with open(path) as f:
-                results = json.load(f)
+            try:
+                with open(path) as f:
+                    results = json.load(f)
+                if not (isinstance(results, dict) and isinstance(results.get("evaluations"), list)
+                        and isinstance(results.get("dataset"), dict)):
+                    raise TypeError
+            except (OSError, ValueError, TypeError) as exc:
+                print(f"{path} is not the results.json of a run ({type(exc).__name__}); left out", flush=True)
+                results = None
         if not (results and results["evaluations"]):
             # before its first evaluation, a run of today's defaults replaces a record of earlier ones
             # (or none, or one without evaluations) with the phase and step of its checkpoint: the row

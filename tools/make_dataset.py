@@ -43,7 +43,8 @@ import tyro
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [TOOLS, os.path.dirname(TOOLS)]  # this folder's dataset_* modules and common.py
-from common import UserError, atomic_write, install_user_error_hook, lock_folder, write_json  # noqa: E402
+from common import (UserError, atomic_write, check_output_dir, install_user_error_hook, lock_folder,  # noqa: E402
+                    write_json)
 import dataset_recipe  # noqa: E402
 from dataset_recipe import (  # noqa: E402
     KINDS,
@@ -335,6 +336,7 @@ def train_agent(args: Args, snapshot_dir: str) -> tuple[dict, dict]:
     if args.checkpoint_every <= 0:
         raise UserError(f"--checkpoint-every must be positive, got {args.checkpoint_every}")
     checkpoint_dir = os.path.join(snapshot_dir, CHECKPOINT_DIR)
+    check_output_dir(checkpoint_dir, "--snapshot-dir")
     os.makedirs(checkpoint_dir, exist_ok=True)
     # The checkpoints (hundreds of MB for 1M steps) must never be committed with the snapshots.
     with open(os.path.join(checkpoint_dir, ".gitignore"), "w") as f:

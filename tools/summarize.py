@@ -27,7 +27,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import UserError, atomic_write, install_user_error_hook  # noqa: E402
+from common import UserError, atomic_write, check_output_dir, install_user_error_hook  # noqa: E402
 
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
 
@@ -57,9 +57,17 @@ def load_runs(folders: list[str]) -> list[dict]:
             raise UserError(f"no such folder of runs: {folder}")
         for root, _, files in os.walk(folder):
             if "results.json" in files:
-                with open(os.path.join(root, "results.json")) as f:
-                    results = json.load(f)
-                results["run_dir"] = os.path.relpath(root, folder)
+                path = os.path.join(root, "results.json")
+                try:
+                    with open(path) as f:
+                        results = json.load(f)
+                    results["run_dir"] = os.path.relpath(root, folder)
+                    if not isinstance(results["evaluations"], list) or not isinstance(results["seed"], int):
+                        raise TypeError
+                    results["env"], results["algorithm"]
+                except (OSError, ValueError, TypeError, KeyError) as exc:
+                    print(f"skipping {path}: not the results.json of a run ({type(exc).__name__})", flush=True)
+                    continue
                 runs.append(results)
     return sorted(runs, key=lambda r: (r["env"], r["algorithm"], r["seed"]))
 
@@ -413,8 +421,11 @@ def read_quick_profile(folders: list[str]) -> dict:
     for folder in folders:
         path = os.path.join(folder, QUICK_PROFILE_FILE)
         if os.path.exists(path):
-            with open(path) as f:
-                profile.update(json.load(f))
+            try:
+                with open(path) as f:
+                    profile.update(json.load(f))
+            except (OSError, ValueError, TypeError) as exc:
+                print(f"skipping {path}: not a quick profile ({type(exc).__name__})", flush=True)
     return profile
 
 
@@ -573,6 +584,7 @@ def main(argv=None) -> None:
     runs = load_runs(args.runs)
     if not runs:
         raise UserError(f"no results.json under {', '.join(args.runs)}")
+    check_output_dir(args.out, "--out")
     os.makedirs(args.out, exist_ok=True)
     rows = run_rows(runs)
     table = io.StringIO(newline="")
