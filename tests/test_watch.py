@@ -215,3 +215,25 @@ def test_evaluate_says_in_one_line_when_the_model_file_does_not_fit_the_algorith
     result = run_script([os.path.join("tools", "evaluate.py"), str(tmp_path / "args.pt")], datasets_path)
     assert result.returncode == 1 and result.stderr.startswith("error: the run's args in the model file do not fit")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_evaluate_says_in_one_line_when_the_state_statistics_or_episodes_do_not_fit(datasets_path, tmp_path):
+    """A model.pt with a sound checksum whose contents do not fit together (state statistics of another
+    size, a run's args that ask for no evaluation episode) is one line, not a traceback."""
+    from conftest import load_algorithm
+    from tools.evaluate import evaluate_model
+
+    import common
+
+    bc = load_algorithm("bc")
+    args = dict(vars(bc.Args(env="test/hopper/random-v0")))
+    base = {"algorithm": "bc", "obs_dim": 11, "act_dim": 3, "action_low": [-1.0] * 3, "action_high": [1.0] * 3,
+            "args": args, "actor": bc.make_policy(bc.Args(), 11, 3).actor.state_dict()}
+    common.save_file(str(tmp_path / "fits.pt"), {**base, "obs_mean": torch.zeros(11), "obs_std": torch.ones(11)})
+    assert len(evaluate_model(str(tmp_path / "fits.pt"), episodes=1)["episode_returns"]) == 1
+    common.save_file(str(tmp_path / "stats.pt"), {**base, "obs_mean": torch.zeros(5), "obs_std": torch.ones(5)})
+    with pytest.raises(common.UserError, match=r"obs_mean has shape \(5,\), not \(11,\)"):
+        evaluate_model(str(tmp_path / "stats.pt"), episodes=1)
+    common.save_file(str(tmp_path / "episodes.pt"), {**base, "args": {**args, "eval_episodes": 0, "final_episodes": 0}})
+    with pytest.raises(common.UserError, match=r"args ask for 0 evaluation episodes; pass --episodes N"):
+        evaluate_model(str(tmp_path / "episodes.pt"))

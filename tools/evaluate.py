@@ -132,6 +132,8 @@ def evaluate_model(path: str, episodes: int | None = None, seed: int | None = No
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if episodes is None:  # as the run's final evaluation
         episodes = getattr(args, "final_episodes", None) or args.eval_episodes
+        if not isinstance(episodes, int) or episodes < 1:
+            raise UserError(f"{path}: its run's args ask for {episodes} evaluation episodes; pass --episodes N")
     seed = args.seed if seed is None else seed
     common.seed_everything(seed)
     data = common.load_dataset(args.env, device)
@@ -143,6 +145,10 @@ def evaluate_model(path: str, episodes: int | None = None, seed: int | None = No
     video = None if video_dir is None else os.path.join(video_dir, f"seed_{seed}.mp4")
     obs_mean, obs_std = (None if saved.get(k) is None else torch.as_tensor(saved[k], dtype=torch.float32, device=device)
                          for k in ("obs_mean", "obs_std"))
+    for k, v in (("obs_mean", obs_mean), ("obs_std", obs_std)):
+        if v is not None and tuple(v.shape) != (data.obs_dim,):
+            raise UserError(f"{path}: its {k} has shape {tuple(v.shape)}, not ({data.obs_dim},): the file's state "
+                            f"statistics do not fit its dataset")
     with contextlib.nullcontext() if video is None else quiet_viewer_cleanup():
         evaluation = common.evaluate(data, policy, episodes, seed, obs_mean, obs_std, video)
     if video is not None and os.path.exists(video):
