@@ -9,8 +9,8 @@ and from pi(.|s') (both evaluated at s; log q = log pi, detached). The dataset a
 the log-sum-exp. Target (deterministic backup, no entropy term):
     y = r + gamma * (1 - d) * min_i Q_targ_i(s', a'),  a' ~ pi(s')
 or, with --max-q-backup, min_i max_j Q_targ_i(s', a'_j) over M samples a'_j (each critic's max first).
-Lagrange variant (eq. 30, antmaze): w becomes alpha' = exp(log alpha') in [0, 1e6], trained to
-hold the gap at --lagrange-threshold. Actor: SAC with automatic entropy (target -|A|); during the
+Lagrange variant (eq. 30, antmaze): the gap, weighted by w as above, is multiplied by
+alpha' = exp(log alpha') in [0, 1e6], trained to hold w * gap at --lagrange-threshold (the code's). Actor: SAC with automatic entropy (target -|A|); during the
 first --bc-warmup-steps it maximises log pi(a|s) of dataset actions instead of Q (the code's
 policy_eval_start). A step draws every sample the critic loss needs from the current policy, then
 steps the temperature, the actor (with the updated temperature) and the critics: every loss is taken
@@ -92,7 +92,7 @@ class Args:
     n_actions: int = 10
     """M: actions of each kind (uniform, pi(s), pi(s')) in the log-sum-exp"""
     max_q_backup: bool = False
-    """target = max over n_actions sampled a' of min_i Q_targ(s', a')"""
+    """target = min_i max_j Q_targ_i(s', a'_j) over n_actions sampled a'_j (each critic's max first)"""
     bc_warmup_steps: int = 40_000
     """first steps of the joint loop in which the actor does behaviour cloning (max log pi(a|s)) instead of max Q"""
     reward_transform: Optional[common.RewardTransform] = None
