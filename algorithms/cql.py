@@ -88,7 +88,7 @@ class Args:
     cql_weight: float = 5.0
     """w: weight of the conservative term (official MuJoCo 5.0; the paper also reports 10.0)"""
     lagrange_threshold: Optional[float] = None
-    """tune w by dual gradient descent to keep the gap at this value (default: 5.0 antmaze, else off)"""
+    """scale the w-weighted gap by alpha', tuned by dual gradient descent to hold w * gap at this value (default: 5.0 antmaze, else off)"""
     n_actions: int = 10
     """M: actions of each kind (uniform, pi(s), pi(s')) in the log-sum-exp"""
     max_q_backup: bool = False
