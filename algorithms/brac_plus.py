@@ -613,9 +613,10 @@ class BRACPlus:
         return self.kl_threshold.item(), self.update_gp_threshold(obs)
 
     def update_gp_threshold(self, obs: torch.Tensor) -> float:
-        """Section 3.3: eps_GP = mean + std of the per-state KL at the end of the epoch."""
+        """Section 3.3: eps_GP = mean + std of the per-state KL at the end of the epoch (the std over
+        n, as the code's logger)."""
         kl = self.state_kl(obs)
-        self.gp_threshold.copy_(kl.mean() + kl.std())
+        self.gp_threshold.copy_(kl.mean() + kl.std(correction=0))
         return self.gp_threshold.item()
 
     def td_loss(self, batch: common.Batch) -> tuple[torch.Tensor, torch.Tensor]:

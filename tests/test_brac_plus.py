@@ -291,7 +291,7 @@ def test_thresholds_from_the_per_state_kl():
     kl_one = agent.state_kl(obs, k=1)
     kl = agent.state_kl(obs)
     assert delta == pytest.approx(kl_one.mean().item() + 0.5, rel=1e-5)
-    assert eps == pytest.approx((kl.mean() + kl.std()).item(), rel=1e-5)
+    assert eps == pytest.approx((kl.mean() + kl.std(correction=0)).item(), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -596,3 +596,19 @@ def test_a_checkpoint_that_holds_the_thresholds_as_numbers_still_resumes():
     common.load_training_state(agent, state)
     assert agent.kl_threshold.item() == 0.25 and agent.gp_threshold.item() == 1.5
     assert isinstance(agent.kl_threshold, torch.Tensor)
+
+
+def test_gp_threshold_is_mean_plus_the_population_std_of_the_per_state_kl():
+    """eps_GP = mean + std of the per-state KL, the std over n as the code's logger computes it
+    (statistics_scalar), so that one state gives its own KL rather than NaN."""
+    agent = small_agent(n_samples=2, n_latent=2)
+    obs = torch.randn(7, 3)
+    torch.manual_seed(3)
+    kl = agent.state_kl(obs)
+    torch.manual_seed(3)
+    got = agent.update_gp_threshold(obs)
+    assert got == pytest.approx((kl.mean() + (kl - kl.mean()).pow(2).mean().sqrt()).item(), rel=1e-5)
+    torch.manual_seed(4)
+    one = agent.state_kl(obs[:1])
+    torch.manual_seed(4)
+    assert agent.update_gp_threshold(obs[:1]) == pytest.approx(one.item(), rel=1e-5)
