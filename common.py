@@ -168,11 +168,12 @@ def check_seed(args, *names: str) -> None:
 
 
 def check_args(args) -> None:
-    """The flags every file shares, and every float (finite)."""
+    """The flags every file shares, and every float (finite, of float32's range)."""
     for field in dataclasses.fields(args):
         v = getattr(args, field.name)
-        if isinstance(v, float) and not math.isfinite(v):
-            raise UserError(f"--{field.name.replace('_', '-')} must be a finite number, got {v}")
+        if isinstance(v, float) and not abs(v) <= torch.finfo(torch.float32).max:  # NaN too
+            raise UserError(f"--{field.name.replace('_', '-')} must be a finite number of float32's "
+                            f"range, got {v}")
     check_positive(args, "total_steps", "batch_size", "eval_every", "eval_episodes", "log_every",
                    "final_episodes")
     check_seed(args, "seed")

@@ -164,6 +164,8 @@ def test_not_finite_numbers_and_out_of_range_fractions_are_refused(tmp_path):
     iql = load_script("iql")
     for argv, message in [(["--gamma", "nan"], "--gamma must be a finite number"),
                           (["--lr", "inf"], "--lr must be a finite number"),
+                          (["--max-weight", "1e300"], "--max-weight must be a finite number of float32's range"),
+                          (["--lr", "-4e38"], "--lr must be a finite number of float32's range"),
                           (["--expectile", "1"], "--expectile must be in (0, 1), got 1.0"),
                           (["--gamma", "1"], "--gamma must be in [0, 1), got 1.0"),
                           (["--tau", "1.5"], "--tau must be in (0, 1], got 1.5"),
@@ -171,7 +173,8 @@ def test_not_finite_numbers_and_out_of_range_fractions_are_refused(tmp_path):
                           (["--seed", str(2**32)], "--seed must be in [0, 4294967295]")]:
         with pytest.raises(common.UserError, match=re.escape(message)):
             check_stage(iql, [*argv, "--output-dir", str(tmp_path)])
-    check_stage(iql, ["--expectile", "0.9", "--gamma", "0", "--tau", "1", "--output-dir", str(tmp_path)])
+    check_stage(iql, ["--expectile", "0.9", "--gamma", "0", "--tau", "1", "--max-weight", "3e38",
+                      "--output-dir", str(tmp_path)])
     arq = load_script("arq")
     with pytest.raises(common.UserError, match=re.escape("--beta-max must be at least --beta-min (0.1)")):
         check_stage(arq, ["--beta-max", "0.05", "--output-dir", str(tmp_path)])
