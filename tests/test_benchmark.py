@@ -789,3 +789,52 @@ def test_summarize_out_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match=r"--out .*file cannot be a folder written here"):
         summarize.main([runs, "--out", str(tmp_path / "file")])
+
+
+def test_slurm_arrays_keep_task_indices_within_slurms_default_limit(capsys, tmp_path, monkeypatch):
+    """Slurm refuses array indices above MaxArraySize - 1 (1000 by default): a selection of more runs is
+    submitted as arrays of indices from 0 with an offset, and each task runs the run offset + its index."""
+    assert benchmark.array_chunks([0, 1, 2, 5]) == [(0, [0, 1, 2, 5])]
+    assert benchmark.array_chunks(list(range(998, 1003)) + [2500]) == [(0, [998, 999, 1000]), (1001, [0, 1]),
+                                                                       (2500, [0])]
+    monkeypatch.setattr(benchmark, "SLURM_MAX_ARRAY_INDEX", 1)  # the same, at a size a test can run
+    fake_datasets(monkeypatch, tmp_path, "local/hopper/medium-v0")
+    out, script = tmp_path / "runs", tmp_path / "job.sbatch"
+    argv = ["--algos", "bc", "--datasets", "local/hopper/medium-v0", "--seeds", "0", "1", "2", "3", "4",
+            "--steps", "50", "--output-dir", str(out)]
+    commands = [line.split(" python ", 1)[1] for line in dry_run(capsys, *argv)]
+    fake_bin = tmp_path / "bin"
+    fake_command(fake_bin, "python", 'echo "$@" > "$RECORD"\n')
+    fake_command(fake_bin, "sbatch", 'echo "$@" >> "$CALLS"\necho 7\n')
+    monkeypatch.setattr(sys, "executable", str(fake_bin / "python"))
+    assert benchmark.main([*argv, "--slurm", str(script)]) == 0
+    monkeypatch.undo()
+    env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "CALLS": str(tmp_path / "calls"), "RECORD": str(tmp_path / "record")}
+    subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[:3] == [f"--parsable --array=0-1 --mem=8G {script}",
+                         f"--parsable --array=0-1 --mem=8G --export=ALL,RUN_OFFSET=2 {script}",
+                         f"--parsable --array=0 --mem=8G --export=ALL,RUN_OFFSET=4 {script}"]
+    for offset, task, run in ((0, 1, 1), (2, 0, 2), (2, 1, 3), (4, 0, 4)):
+        subprocess.run(["bash", str(script)], check=True, capture_output=True,
+                       env={**env, "SLURM_ARRAY_TASK_ID": str(task), **({"RUN_OFFSET": str(offset)} if offset else {})})
+        assert (tmp_path / "record").read_text().strip() == commands[run]
+
+
+def test_a_slurm_submission_refused_halfway_cancels_what_it_submitted(capsys, tmp_path, monkeypatch):
+    fake_datasets(monkeypatch, tmp_path, "local/hopper/medium-v0", "D4RL/pen/human-v2")
+    script = tmp_path / "job.sbatch"
+    assert benchmark.main(["--algos", "bc", "--datasets", "local/hopper/medium-v0", "D4RL/pen/human-v2", "--seeds",
+                           "0", "--steps", "50", "--output-dir", str(tmp_path / "runs"), "--slurm", str(script)]) == 0
+    fake_bin = tmp_path / "bin"
+    n = tmp_path / "n"
+    # the first array is taken (job 101), the second refused
+    fake_command(fake_bin, "sbatch", f'n=$(($(cat {n} 2>/dev/null || echo 100) + 1))\necho $n > {n}\n'
+                 f'if [ $n -gt 101 ]; then echo "sbatch: error: Batch job submission failed" >&2; exit 1; fi\n'
+                 'echo "$n;cluster"\n')
+    fake_command(fake_bin, "scancel", 'echo "$@" >> "$CANCELLED"\n')
+    env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "CANCELLED": str(tmp_path / "cancelled")}
+    submitted = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert submitted.returncode != 0
+    assert (tmp_path / "cancelled").read_text().split() == ["101"]
+    assert "submission refused: cancelled the 1 array job(s) it had submitted" in submitted.stderr

@@ -78,6 +78,7 @@ FINAL_EPISODES_FLAG = "final_episodes"
 SLURM_MEM_GB = {"*": 8, "adroit": 16}
 SLURM_MB_PER_EVAL_ENV = 8
 SLURM_SUMMARY_MEM = "2G"  # the summary job reads results.json files and draws a few figures
+SLURM_MAX_ARRAY_INDEX = 1000  # Slurm's default MaxArraySize is 1001: task indices 0 to 1000
 # Variables the runs read their data through: the script exports the values the selection was checked
 # with, so that a task finds the same data without the submitting shell's environment.
 DATASET_VARIABLES = ("MINARI_DATASETS_PATH", "HF_HUB_OFFLINE", "D4RL_DATASET_DIR")
@@ -435,6 +436,19 @@ def index_ranges(indices: list[int]) -> str:
     return ",".join(parts)
 
 
+def array_chunks(indices: list[int]) -> list[tuple[int, list[int]]]:
+    """Sorted run indices as (offset, task indices) pairs, each task index at most
+    SLURM_MAX_ARRAY_INDEX; a task runs run offset + its index. Offset 0 where the indices allow."""
+    chunks: list[tuple[int, list[int]]] = []
+    for i in indices:
+        if chunks and i - chunks[-1][0] <= SLURM_MAX_ARRAY_INDEX:
+            chunks[-1][1].append(i - chunks[-1][0])
+        else:
+            offset = 0 if i <= SLURM_MAX_ARRAY_INDEX else i
+            chunks.append((offset, [i - offset]))
+    return chunks
+
+
 def dataset_environment() -> dict[str, str]:
     """The dataset variables to export to the tasks: Minari's folder always (as checked, absolute:
     a task may run without HOME), the others where this shell sets them."""
@@ -469,7 +483,9 @@ def write_slurm(runs: list[dict], out_dir: str, path: str, args, results_dir: st
         "# Written by tools/benchmark.py --slurm: one array task per run, and a job that writes the summary",
         "# when they have ended. Submit both with",
         f"#   bash {path}",
-        "# (`sbatch` on this file runs the array alone, without the summary). To resubmit after a failure",
+        "# (`sbatch` on this file runs the array alone, without the summary"
+        + ("; with more runs than Slurm's default MaxArraySize, 1001, only bash submits them all"
+           if len(runs) > SLURM_MAX_ARRAY_INDEX + 1 else "") + "). To resubmit after a failure",
         "# or a cancel, run the same benchmark.sh --slurm command again: it writes the runs still to do.",
         "# The tasks run the Python this was written with and read the data from the folders exported",
         "# below, where the selection's datasets were found; they need nothing from the submitting shell.",
@@ -493,14 +509,23 @@ def write_slurm(runs: list[dict], out_dir: str, path: str, args, results_dir: st
         "set -euo pipefail",
         'if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then',
         "  # Run by bash: submit. --parsable prints the job id (and ';cluster' on a multi-cluster setup).",
+        "  # A submission refused halfway cancels what it submitted: running this again submits it all.",
         "  arrays=()",
-        *[f"  arrays+=(\"$(sbatch --parsable --array={index_ranges(indices)}{throttle} --mem={mem} "
-          f"{shlex.quote(path)})\")  # {len(indices)} runs" for mem, indices in by_mem.items()],
-        '  arrays=("${arrays[@]%%;*}")',
-        '  after=$(IFS=:; echo "${arrays[*]}")',
+        "  trap 'if [ ${#arrays[@]} -gt 0 ]; then scancel \"${arrays[@]%%;*}\"; fi; "
+        "echo \"submission refused: cancelled the ${#arrays[@]} array job(s) it had submitted\" >&2' ERR",
+        # One array per memory size, split where a task index would pass Slurm's default limit: a
+        # task then runs the run RUN_OFFSET + its index.
+        *[line for mem, indices in by_mem.items() for offset, tasks in array_chunks(indices) for line in (
+            f"  job=$(sbatch --parsable --array={index_ranges(tasks)}{throttle} --mem={mem} "
+            + (f"--export=ALL,RUN_OFFSET={offset} " if offset else "") + f"{shlex.quote(path)})  # {len(tasks)} runs",
+            '  arrays+=("$job")')],
+        '  after=$(IFS=:; echo "${arrays[*]%%;*}")',
         f"  summary=$({shlex.join(summary[:2])} --dependency=afterany:\"$after\" {shlex.join(summary[2:])})",
+        "  trap - ERR",
+        '  arrays=("${arrays[@]%%;*}")',
         f"  echo \"submitted {len(runs)} runs as array job(s) ${{arrays[*]}} and the summary as job "
-        f"${{summary%%;*}}, which writes {results_dir}/summary.md when they have ended\"",
+        f"${{summary%%;*}}, which writes \"{shlex.quote(os.path.join(results_dir, 'summary.md'))}\" when "
+        f"they have ended\"",
         "  exit 0",
         "fi",
         f"cd {shlex.quote(ROOT)}",
@@ -513,7 +538,7 @@ def write_slurm(runs: list[dict], out_dir: str, path: str, args, results_dir: st
         "COMMANDS=(",
         *[f"  {shlex.quote(shlex.join([sys.executable, *r['argv'][1:]]))}" for r in runs],
         ")",
-        "i=${SLURM_ARRAY_TASK_ID}",
+        "i=$((${RUN_OFFSET:-0} + SLURM_ARRAY_TASK_ID))",
         f"run_dir={shlex.quote(out_dir)}/\"${{RUN_NAMES[$i]}}\"",
         "# Resume: a run that already finished is skipped; an unfinished one continues from its checkpoint.",
         "if grep -qs '\"finished\": true' \"$run_dir/results.json\"; then",
@@ -614,7 +639,7 @@ def parse_args(argv):
                         f"--quick: --eval-episodes; 0: --eval-episodes)")
     p.add_argument("--fetch-only", action="store_true", help="download/build the datasets, and stop")
     slurm = p.add_argument_group("with --slurm")
-    slurm.add_argument("--max-parallel", type=int, help="at most this many tasks of an array at once (default: no cap)")
+    slurm.add_argument("--max-parallel", type=int, help="at most this many tasks of each array at once: one array per memory size (default: no cap)")
     slurm.add_argument("--time", help="sbatch --time of each task, e.g. 2-00:00:00 (default: the partition's)")
     slurm.add_argument("--mem", help=f"sbatch --mem of each task, e.g. 8G (default: {SLURM_MEM_GB['*']}G, "
                                      f"{SLURM_MEM_GB['adroit']}G on Adroit, more for 1000-episode evaluations)")
