@@ -838,3 +838,11 @@ def test_a_slurm_submission_refused_halfway_cancels_what_it_submitted(capsys, tm
     assert submitted.returncode != 0
     assert (tmp_path / "cancelled").read_text().split() == ["101"]
     assert "submission refused: cancelled the 1 array job(s) it had submitted" in submitted.stderr
+
+
+def test_a_cell_is_the_mean_and_the_std_over_seeds_of_each_seeds_mean():
+    """Under the mean-of-the-last-10 rule, the spread between one seed's evaluations is not spread over
+    seeds: two seeds alternating 0 and 20 agree exactly."""
+    assert summarize.cell([[0.0, 20.0] * 5, [20.0, 0.0] * 5]).startswith("10.0 ± 0.0 ")
+    assert summarize.cell([[10.0] * 10, [30.0] * 10]).startswith("20.0 ± 10.0 ")
+    assert summarize.cell([[42.0]]) == "42.0"

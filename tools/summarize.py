@@ -34,7 +34,7 @@ BENCHMARKS = os.path.join(ROOT, "benchmarks")
 # How a run's evaluations become its score, per the papers' "final_score_rule".
 RULES = {
     "last": "the last evaluation of each seed (mean ± std over seeds)",
-    "mean_last_10": "the last 10 evaluations of each seed, pooled (mean ± std over seeds × evaluations)",
+    "mean_last_10": "the mean of the last 10 evaluations of each seed (mean ± std over seeds)",
 }
 # A cell is flagged when our mean lies outside paper mean +- max(2 x paper std, 5 points): the papers'
 # stds are over few seeds (and absent for borrowed columns), so a floor keeps noise from flagging.
@@ -129,11 +129,16 @@ def seed_interval(per_seed: list[list[float]]) -> tuple[float, float] | None:
     return bootstrap([order], lambda idx: sums[idx].sum(1) / counts[idx].sum(1))
 
 
+def seed_std(per_seed: list[list[float]]) -> float:
+    """The std over seeds of each seed's mean (of its last 10 evaluations, or its one score)."""
+    return float(np.std([np.mean(v) for v in per_seed]))
+
+
 def cell(per_seed: list[list[float]]) -> str:
-    """mean ± std of the seeds' values pooled (no std of a single value), and their interval over seeds."""
+    """mean of the seeds' values pooled ± std over seeds (none with one seed), and the interval over seeds."""
     values = [v for seed_values in per_seed for v in seed_values]
     interval = seed_interval(per_seed)
-    return fmt(float(np.mean(values)), float(np.std(values)) if len(values) > 1 else None) + \
+    return fmt(float(np.mean(values)), seed_std(per_seed) if len(per_seed) > 1 else None) + \
         ("" if interval is None else f" [{interval[0]:.1f}, {interval[1]:.1f}]")
 
 
@@ -173,7 +178,7 @@ def aggregate(runs: list[dict], rule: str, n_seeds: int) -> dict | None:
     if not chosen or not all(per_seed):
         return None
     values = [v for seed_values in per_seed for v in seed_values]
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "seeds": len(chosen), "text": cell(per_seed),
+    return {"mean": float(np.mean(values)), "std": seed_std(per_seed), "seeds": len(chosen), "text": cell(per_seed),
             "steps": sorted({r["args"]["total_steps"] for r in chosen}),
             "short": rule == "mean_last_10" and any(len(s) < 10 for s in per_seed)}
 
@@ -319,7 +324,7 @@ def aggregate_markdown(runs: list[dict], by_task: dict, profile_file: str | None
     out = ["## Aggregate over tasks", "",
            "Per algorithm, every finished run's final normalised score on every task it ran (datasets with "
            "reference scores): the interquartile mean (IQM: the mean of the middle 50% of runs, robust to a "
-           "task or seed far off) and the plain mean, with a 95% stratified bootstrap interval (runs "
+           "task or seed far off; scipy's trim_mean(x, 0.25), as rliable) and the plain mean, with a 95% stratified bootstrap interval (runs "
            f"resampled within each task, {RESAMPLES:,} resamples). Algorithms that ran different tasks are "
            "not compared by these numbers.", "",
            "| algorithm | tasks | runs | final evaluation (episodes per run) | IQM [95% CI] | mean [95% CI] |",
@@ -611,7 +616,8 @@ def main(argv=None) -> None:
           f"Normalised scores: 100 = the dataset's expert reference, 0 = random. "
           f"⚠ low / ⚠ high: our mean is outside the paper's mean ± max({FLAG_STDS:g} × paper std, "
           f"{FLAG_MIN_POINTS:g} points). Our data is rarely the paper's: see the data section.", "",
-          "Protocol. Final, not best: every score is of the policy at the end of training, its last "
+          "Protocol. Final, not best: every score in the paper tables and the aggregate is of the policy at "
+          "the end of training, its last "
           "evaluation (over --final-episodes where the run had it; each run's count is in runs.csv), or the "
           "mean of its last 10 evaluations where a paper's rule says so; no number is the best evaluation "
           "along the way. No hyperparameter was tuned: every file runs its paper's settings, the same on "
