@@ -514,9 +514,10 @@ def evaluate(data: OfflineData, policy: Callable, n_episodes: int, seed: int, ob
 
 
 # --- The run folder, <output_dir>/<run_name>/: tensorboard events, results.json, checkpoints ---
-# Flags that may differ between a run and its resumption: none changes what is trained.
+# Flags that may differ between a run and its resumption: none changes what is trained (--total-steps
+# does: learning-rate schedules and the final evaluation follow it).
 RESUME_FREE_FLAGS = {"run_name", "output_dir", "resume", "track", "wandb_project", "log_every",
-                     "save_model", "total_steps", "compile", "capture_video"}
+                     "save_model", "compile", "capture_video"}
 
 
 class Run:
@@ -563,8 +564,9 @@ class Run:
         self.resumed_at = self.saved and (self.saved["phase"], self.saved["step"])
         self.writers, self.wandb = {}, None
         self.writer = self.writers[None] = SummaryWriter(self.dir, purge_step=self.purge(None))
-        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-            f"|{k}|{v}|" for k, v in vars(args).items()))
+        if self.saved is None:
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+                f"|{k}|{v}|" for k, v in vars(args).items()))
         if args.track:
             try:
                 import wandb
@@ -604,11 +606,12 @@ class Run:
                             f"--run-name, or --resume never to start this run over.")
 
     def remove_checkpoints(self) -> None:
-        for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        for name in ("checkpoint.pt", "checkpoint.prev.pt", "checkpoint.damaged.pt"):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(self.dir, name))
 
     def read_checkpoint(self) -> dict | None:
+        damaged = None
         for path in (os.path.join(self.dir, n) for n in ("checkpoint.pt", "checkpoint.prev.pt")):
             try:
                 saved = load_file(path) if os.path.exists(path) else None
@@ -616,15 +619,22 @@ class Run:
             except (UserError, KeyError) as exc:
                 why = exc if isinstance(exc, UserError) else f"{path} is no checkpoint"
                 print(f"[{self.algorithm}] {why}; trying the previous one", flush=True)
+                damaged = damaged or path
                 continue
             if saved:
                 self.refuse_other_flags(saved.get("args"), path)
+                if damaged:  # set aside: the next checkpoint would rotate it over this good one
+                    os.replace(damaged, os.path.join(self.dir, "checkpoint.damaged.pt"))
                 return {**saved, "path": path}
         return None
 
     def purge(self, phase: str | None) -> int | None:
-        """A resumed run drops the events logged after its checkpoint: it logs them again."""
-        return self.resumed_at[1] + 1 if self.resumed_at and self.resumed_at[0] == phase else None
+        """The events this run logs again are dropped: the resumed phase's after its checkpoint, every
+        later phase's, and a run that starts over all of them."""
+        if not self.resumed_at or self.resumed_at[0] not in self.phases:
+            return 0
+        (resumed, step), order = self.resumed_at, self.phases.index
+        return step + 1 if phase == resumed else 0 if order(phase) > order(resumed) else None
 
     def log(self, step: int, metrics: dict, phase: str | None = None) -> None:
         """Write the scalars (a device sync); a pretraining phase's also as a console line, and to

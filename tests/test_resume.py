@@ -235,7 +235,8 @@ def test_a_resumed_phase_drops_its_own_steps_after_the_checkpoint_and_no_other_c
                                                                                     monkeypatch):
     """Steps 60-70 of "initial policy", logged after its checkpoint at 50 and before a kill, are
     dropped when the phase resumes from 50 and logs them again; the behaviour model's curve, in its
-    own folder, keeps its steps past 50, and the main loop's curve starts clean."""
+    own folder, keeps its steps past 50, and the main loop's curve, logged again from its start, keeps
+    none of its first attempt's steps. A run started over keeps none of the last one's."""
     import dataclasses
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -264,6 +265,7 @@ def test_a_resumed_phase_drops_its_own_steps_after_the_checkpoint_and_no_other_c
     for step in range(10, 71, 10):
         first.log(step, {"losses/a": step}, phase="initial policy")
         first.pretraining_step(step, agent, "initial policy")  # a checkpoint at 50
+    first.log(5, {"losses/a": 5.0})  # the main loop began, and was killed before its first checkpoint
     first.close()  # what was logged reached the disk; the process dies without finishing
     first.lock.close()
 
@@ -282,3 +284,61 @@ def test_a_resumed_phase_drops_its_own_steps_after_the_checkpoint_and_no_other_c
     assert curve("behaviour_model") == [(s, s) for s in range(10, 101, 10)]
     assert curve("initial_policy") == [(s, s) for s in range(10, 51, 10)] + [(s, -s) for s in range(60, 101, 10)]
     assert curve("") == [(10, 1.0)]
+
+    fresh = common.Run(dataclasses.replace(args, run_name="s"), "fake", data)  # no checkpoint: starts over
+    fresh.log(10, {"losses/a": 1.0})
+    fresh.log(20, {"losses/a": 2.0})
+    fresh.close()
+    fresh.lock.close()
+    over = common.Run(dataclasses.replace(args, run_name="s"), "fake", data)
+    over.log(10, {"losses/a": -1.0})
+    over.close()
+    assert curve("../s") == [(10, -1.0)]
+
+
+def test_a_damaged_checkpoint_is_set_aside_so_that_the_next_one_keeps_the_good_previous_one(datasets_path,
+                                                                                            tmp_path, monkeypatch):
+    """Resumed from checkpoint.prev.pt, a run must not rotate the damaged checkpoint.pt over it: a
+    second damage would leave nothing to resume from."""
+    import dataclasses
+
+    import common
+
+    @dataclasses.dataclass
+    class Args:
+        env: str = "test/hopper/random-v0"
+        seed: int = 0
+        output_dir: str = str(tmp_path)
+        run_name: str = "r"
+        resume: str = "auto"
+        track: bool = False
+        eval_every: int = 10
+        batch_size: int = 16
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", datasets_path)
+    data, agent = common.load_dataset(Args.env), torch.nn.Linear(2, 2)
+    latest = tmp_path / "r" / "checkpoint.pt"
+
+    def damage_and_reopen():
+        latest.write_bytes(latest.read_bytes()[:500])
+        return common.Run(Args(), "fake", data)
+
+    run = common.Run(Args(), "fake", data)
+    for step in (10, 20):
+        run.checkpoint(step, agent)
+    run.close(), run.lock.close()
+    run = damage_and_reopen()
+    assert run.saved["step"] == 10 and (tmp_path / "r" / "checkpoint.damaged.pt").exists()
+    run.checkpoint(20, agent)  # the resumed run's next checkpoint
+    run.close(), run.lock.close()
+    assert damage_and_reopen().saved["step"] == 10
+
+
+def test_another_total_steps_is_refused_on_resume(datasets_path, tmp_path):
+    """--total-steps sets learning-rate schedules (IQL's cosine) and where the final evaluation is:
+    a run continued with another would not be the run either flag describes."""
+    out = tmp_path / "runs"
+    cmd = command("td3_bc", out, "r")
+    start_and_interrupt(cmd, datasets_path, out / "r", evaluations_before=1)
+    other = run([*cmd, "--total-steps", "3000"], datasets_path)
+    assert other.returncode != 0 and "--total-steps 1500 (now 3000)" in other.stderr, other.stderr[-2000:]
