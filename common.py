@@ -172,8 +172,8 @@ def check_args(args) -> None:
     for field in dataclasses.fields(args):
         v = getattr(args, field.name)
         if isinstance(v, float) and not abs(v) <= torch.finfo(torch.float32).max:  # NaN too
-            raise UserError(f"--{field.name.replace('_', '-')} must be a finite number of float32's "
-                            f"range, got {v}")
+            name = field.name.replace("_", "-")
+            raise UserError(f"--{name} must be a finite number of float32's range, got {v}")
     check_positive(args, "total_steps", "batch_size", "eval_every", "eval_episodes", "log_every",
                    "final_episodes")
     check_seed(args, "seed")
@@ -514,8 +514,8 @@ def evaluate(data: OfflineData, policy: Callable, n_episodes: int, seed: int, ob
 
 
 # --- The run folder, <output_dir>/<run_name>/: tensorboard events, results.json, checkpoints ---
-# Flags that may differ between a run and its resumption: none changes what is trained (--total-steps
-# does: learning-rate schedules and the final evaluation follow it).
+# Flags that may differ between a run and its resumption: none changes what is trained
+# (--total-steps does: learning-rate schedules and the final evaluation follow it).
 RESUME_FREE_FLAGS = {"run_name", "output_dir", "resume", "track", "wandb_project", "log_every",
                      "save_model", "compile", "capture_video"}
 
@@ -629,8 +629,8 @@ class Run:
         return None
 
     def purge(self, phase: str | None) -> int | None:
-        """The events this run logs again are dropped: the resumed phase's after its checkpoint, every
-        later phase's, and a run that starts over all of them."""
+        """The events this run logs again are dropped: the resumed phase's after its checkpoint,
+        every later phase's, and a run that starts over all of them."""
         if not self.resumed_at or self.resumed_at[0] not in self.phases:
             return 0
         (resumed, step), order = self.resumed_at, self.phases.index

@@ -50,6 +50,12 @@ def test_common_imports_nothing_of_the_repository_but_the_builder_on_demand():
     assert imports(path) & REPOSITORY == {"make_dataset"}, imports(path) & REPOSITORY  # local/* builds
 
 
+def test_common_lines_are_at_most_100_characters():
+    with open(os.path.join(ROOT, "common.py")) as f:
+        wide = [i for i, line in enumerate(f, 1) if len(line.rstrip("\n")) > 100]
+    assert not wide, f"common.py lines over 100 characters: {wide}"
+
+
 def test_the_algorithm_files_import_only_common_from_the_repository():
     for name in ALGORITHMS:
         assert imports(os.path.join(ROOT, "algorithms", f"{name}.py")) & REPOSITORY == {"common"}, name
