@@ -464,6 +464,8 @@ def evaluate(data: OfflineData, policy: Callable, n_episodes: int, seed: int, ob
 
     make, hook, frames = [data.make_env] * n_episodes, sys.unraisablehook, []
     if video is not None:
+        with contextlib.suppress(FileNotFoundError):  # an earlier run's, not this evaluation's
+            os.remove(video)
         if sys.platform.startswith("linux"):
             os.environ.setdefault("MUJOCO_GL", "egl")
         make[0] = lambda: data.make_env(render_mode="rgb_array")
@@ -480,7 +482,8 @@ def evaluate(data: OfflineData, policy: Callable, n_episodes: int, seed: int, ob
                 o = torch.as_tensor(flatten_obs(obs, data.antmaze), device=device)
                 o = o if obs_mean is None else (o - obs_mean) / obs_std
                 a = policy(o).clamp(-1.0, 1.0).cpu().numpy()
-                obs, reward, terminated, truncated, _ = envs.step(low + (a + 1) / 2 * (high - low))
+                action = np.clip(low + (a + 1) / 2 * (high - low), low, high)  # float32 overshoots
+                obs, reward, terminated, truncated, _ = envs.step(action)
                 if video is not None and not done[0]:
                     try:  # a frame that fails ends the video, with one line; the episode goes on
                         frame = envs.envs[0].render()

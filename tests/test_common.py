@@ -301,3 +301,51 @@ def test_seeding_flushes_denormals_and_importing_common_has_no_side_effects():
             "print(sys.excepthook is hook, (torch.tensor(1e-39) * 1.0).item() != 0.0)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.strip() == "True True", out.stderr
+
+
+class _Strict(gym.Env):
+    """Three steps of an env that asserts every action lies in its (asymmetric) Box."""
+    observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def __init__(self, low, high, render_mode=None):
+        self.action_space = gym.spaces.Box(np.float32(low), np.float32(high), dtype=np.float32)
+        self.render_mode, self.t = render_mode, 0
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        assert self.action_space.contains(np.asarray(action, np.float32)), action
+        self.t += 1
+        return np.zeros(1, np.float32), 1.0, self.t == 3, False, {}
+
+    def render(self):
+        raise RuntimeError("no display")
+
+
+def _strict_data(low, high):
+    low, high = np.float32(low), np.float32(high)
+    return common.OfflineData("x", torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.zeros(1, 1),
+                              torch.zeros(1), torch.zeros(1), np.zeros(1), np.ones(1), np.zeros(1), low, high,
+                              None, None, "none", lambda render_mode=None: _Strict(low, high, render_mode), False, None)
+
+
+def test_evaluated_actions_stay_within_the_action_bounds_in_float32():
+    """low + (a + 1) / 2 (high - low) at a = 1 can pass high by one float32 step: the env gets the bound."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        low, high = sorted(rng.uniform(-10, 10, 2))
+        data = _strict_data([low], [high])
+        for a in (1.0, -1.0):
+            out = common.evaluate(data, lambda o, a=a: torch.full((len(o), 1), a), 1, seed=0)
+            assert out["episode_lengths"] == [3]
+
+
+def test_a_video_that_is_not_written_leaves_no_earlier_file_in_its_place(tmp_path, capsys):
+    video = tmp_path / "videos" / "step_3.mp4"
+    video.parent.mkdir()
+    video.write_bytes(b"an earlier run's video")
+    common.evaluate(_strict_data([-1.0], [1.0]), lambda o: torch.zeros(len(o), 1), 1, seed=0, video=str(video))
+    assert "no video" in capsys.readouterr().out and not video.exists()
