@@ -233,3 +233,26 @@ def test_a_file_given_under_a_name_d4rl_does_not_have_is_refused_in_one_line(d4r
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "'d4rl/hopper-mediun-v2' is not a D4RL dataset read here" in lines[0]
+
+
+@pytest.mark.parametrize("change", [
+    {"rewards": np.zeros(2, np.float32)},  # fields of other lengths
+    {"terminals": np.zeros((5, 2), bool)},
+    {"actions": np.zeros(5, np.float32)},  # 1-D actions
+    {"observations": np.zeros((5, 11, 2), np.float32)},  # 3-D and 1-D observations
+    {"observations": np.zeros(5, np.float32)},
+    {"observations": np.float32(1.0)},  # a scalar
+    {k: np.zeros((0, 11) if k == "observations" else (0, 3) if k == "actions" else 0, np.float32)
+     for k in ("observations", "actions", "rewards", "terminals", "timeouts")},  # no rows
+    {"rewards": np.array([b"x"] * 5)},  # not numbers
+])
+def test_a_file_whose_fields_do_not_fit_together_is_one_line(d4rl_dir, change):
+    path = d4rl_dir / "hopper_medium_replay-v2.hdf5"
+    write_file(path, 5)
+    with h5py.File(path, "r+") as f:
+        for key, value in change.items():
+            del f[key]
+            f[key] = value
+    with pytest.raises(common.UserError) as refused:
+        common.load_dataset(f"d4rl/{HOPPER}")
+    assert "\n" not in str(refused.value) and str(path) in str(refused.value), refused.value

@@ -95,19 +95,21 @@ def read_d4rl(dataset_id: str, path: str) -> dict:
             get = {k: np.asarray(f[k]) for k in ("observations", "actions", "rewards", "terminals",
                                                    "timeouts", "next_observations") if k in f}
         obs, actions = get["observations"].astype(np.float32), get["actions"].astype(np.float32)
-        rewards, terminals = get["rewards"].reshape(-1), get["terminals"].reshape(-1).astype(bool)
+        rewards = get["rewards"].reshape(-1).astype(np.float32)
+        terminals = get["terminals"].reshape(-1).astype(bool)
+        timeouts = get["timeouts"].reshape(-1).astype(bool) if "timeouts" in get else None
     except (OSError, KeyError, ValueError, MemoryError) as exc:
         raise UserError(f"{path} is not a whole D4RL file ({type(exc).__name__}: "
                         f"{_first_line(exc)}); download it again from {url}") from None
-    n, limit = len(rewards), D4RL_EVAL_ENVS[name.split("-")[0]][1]
-    first = np.maximum.accumulate(np.where(np.r_[True, terminals[:-1]], np.arange(n), 0))
-    timeouts = get["timeouts"].reshape(-1).astype(bool) if "timeouts" in get else \
-        (np.arange(n) - first) % limit == limit - 1
-    next_obs = get.get("next_observations")
-    if not len(obs) == len(actions) == len(terminals) == len(timeouts) == n or \
-            next_obs is not None and next_obs.shape != obs.shape:
-        raise UserError(f"{path} holds {n} rewards but {len(obs)} observations, {len(actions)} "
-                        f"actions and {len(terminals)} terminals")
+    n, limit, next_obs = len(rewards), D4RL_EVAL_ENVS[name.split("-")[0]][1], get.get("next_observations")
+    if obs.ndim != 2 or actions.ndim != 2 or not n or not len(obs) == len(actions) == len(terminals) == n \
+            or timeouts is not None and len(timeouts) != n or next_obs is not None and next_obs.shape != obs.shape:
+        shapes = ", ".join(f"{k} {v.shape}" for k, v in get.items())
+        raise UserError(f"{path} is not a D4RL file of transitions (one row each: {shapes}); download it "
+                        f"again from {url}")
+    if timeouts is None:
+        first = np.maximum.accumulate(np.where(np.r_[True, terminals[:-1]], np.arange(n), 0))
+        timeouts = (np.arange(n) - first) % limit == limit - 1
     keep = np.ones(n, dtype=bool)
     if next_obs is None:
         keep, next_obs = ~timeouts, np.concatenate([obs[1:], obs[-1:]])
