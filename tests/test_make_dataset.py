@@ -3,6 +3,7 @@
 A few hundred SAC steps on Pendulum-v1 give real (if weak) snapshots to build every kind from."""
 
 import io
+import re
 import json
 import os
 import shutil
@@ -728,3 +729,28 @@ def test_a_snapshot_dir_that_is_a_file_is_one_line(minari_path, tmp_path):
                             timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "--snapshot-dir" in result.stderr and "cannot be a folder written here" in result.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+    (["--snapshot-every", "0"], "--snapshot-every must be at least 1, got 0"),
+    (["--batch-size", "-1"], "--batch-size must be at least 1, got -1"),
+    (["--lr", "nan"], "--lr must be in (0, inf), got nan"),
+    (["--env", "foo:Bar-v0"], "Gymnasium does not know env id 'foo:Bar-v0'"),
+    (["--kind", "medium", "--snapshot-dir", os.path.join(ROOT, "tools", "snapshots", "Hopper-v5")],
+     "holds snapshots of 'Hopper-v5', not of 'Pendulum-v1'"),
+])
+def test_bad_builder_flags_are_one_line(argv, message, minari_path):
+    import tyro
+
+    with pytest.raises(common.UserError, match=re.escape(message)):
+        md.main(tyro.cli(md.Args, args=["--env", "Pendulum-v1", "--kind", "random", "--transitions", "10", *argv]))
+
+
+def test_a_damaged_snapshot_is_one_line(minari_path, tmp_path):
+    snapshot_dir = tmp_path / "snapshots"
+    shutil.copytree(os.path.join(ROOT, "tools", "snapshots", "Pendulum-v1"), snapshot_dir)
+    for actor in snapshot_dir.glob("actor_*.pt"):
+        actor.write_bytes(b"not a snapshot")
+    with pytest.raises(common.UserError, match=r"is not an actor of 3-dimensional states and 1-dimensional actions"):
+        recipe.build_datasets("Pendulum-v1", ("medium",), transitions=10, snapshot_dir=str(snapshot_dir))

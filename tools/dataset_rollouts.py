@@ -30,7 +30,7 @@ def make_env(env_id: str):
 
     try:
         env = gym.make(env_id)
-    except gym.error.Error as exc:
+    except (gym.error.Error, ImportError) as exc:  # a module:Env id whose module is not installed too
         close = difflib.get_close_matches(env_id, list(gym.registry.keys()), n=5, cutoff=0.6)
         hint = f"; close matches: {', '.join(close)}" if close else ""
         raise UserError(f"Gymnasium does not know env id '{env_id}' ({exc}){hint}") from None
@@ -88,7 +88,13 @@ class Actor(nn.Module):
 
 def load_actor(path: str, obs_dim: int, act_dim: int) -> Actor:
     actor = Actor(obs_dim, act_dim)
-    actor.load_state_dict(torch.load(path, weights_only=True))
+    try:
+        actor.load_state_dict(torch.load(path, weights_only=True))
+    except Exception as exc:  # missing, damaged, or another env's
+        reason = (str(exc).strip().splitlines() or [""])[0][:150]
+        raise UserError(f"the snapshot {path} is not an actor of {obs_dim}-dimensional states and "
+                        f"{act_dim}-dimensional actions ({type(exc).__name__}: {reason}); restore it, or "
+                        f"train the snapshots again with --train-steps") from None
     actor.eval()
     return actor
 

@@ -39,6 +39,9 @@ def load_manifest(snapshot_dir: str, env_id: str) -> dict:
     except (OSError, ValueError) as exc:
         raise UserError(f"{path} cannot be read as a snapshot manifest ({type(exc).__name__}: {exc}); restore it, or "
                         f"train the snapshots again with --train-steps") from None
+    if manifest.get("env_id") != env_id:
+        raise UserError(f"{snapshot_dir} holds snapshots of {manifest.get('env_id')!r}, not of '{env_id}': "
+                        f"pass {env_id}'s --snapshot-dir, or train them with --train-steps")
     return manifest
 
 

@@ -43,8 +43,8 @@ import tyro
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [TOOLS, os.path.dirname(TOOLS)]  # this folder's dataset_* modules and common.py
-from common import (UserError, atomic_write, check_output_dir, install_user_error_hook, lock_folder,  # noqa: E402
-                    write_json)
+from common import (UserError, atomic_write, check_interval, check_output_dir, check_positive,  # noqa: E402
+                    check_seed, install_user_error_hook, lock_folder, write_json)
 import dataset_recipe  # noqa: E402
 from dataset_recipe import (  # noqa: E402
     KINDS,
@@ -549,8 +549,12 @@ def main(args: Args) -> None:
     if args.train_steps <= 0 and not args.kind:
         raise UserError("nothing to do: pass --kind (one or more of " + ", ".join(KINDS)
                         + ") and/or --train-steps N")
-    if args.transitions is not None and args.transitions <= 0:
-        raise UserError(f"--transitions must be positive, got {args.transitions}")
+    check_positive(args, "transitions", "snapshot_every", "checkpoint_every", "eval_episodes", "batch_size")
+    check_interval(args, "lr", 0, float("inf"), "()")
+    check_positive(args, "train_steps", "warmup_steps", zero=True)
+    check_seed(args, "seed")
+    check_interval(args, "gamma", 0, 1)
+    check_interval(args, "tau", 0, 1, "(]")
     make_env(args.env).close()  # fail fast on a bad env, before any training
     # Small networks and single-row rollouts: one thread is faster than several fighting over 2 cores.
     torch.set_num_threads(1)
@@ -559,7 +563,7 @@ def main(args: Args) -> None:
     if args.train_steps > 0:
         _, training_buffer = train_agent(args, snapshot_dir)
     if args.kind:
-        build_datasets(args.env, tuple(args.kind), args.seed, args.transitions, snapshot_dir,
+        build_datasets(args.env, tuple(dict.fromkeys(args.kind)), args.seed, args.transitions, snapshot_dir,
                        args.medium_snapshot, args.expert_snapshot, training_buffer, args.force,
                        args.random_policy)
 
