@@ -61,6 +61,17 @@ def test_every_training_step_runs_compiled_and_compiles_nothing_after_warm_up(dy
         assert graphs() == warm, step
 
 
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_loss_of_an_agent_is_compiled_with_compile(dynamo_only, name):
+    """Each of the agent's *_loss methods is replaced by its compiled form: a loss left eager would
+    pass the graph count above as long as another loss of the step compiled."""
+    module, agent = compiled_agent(name)
+    losses = [n for n, v in vars(type(agent)).items() if n.endswith("_loss") and callable(v)]
+    assert losses
+    for loss in losses:
+        assert hasattr(vars(agent).get(loss), "_torchdynamo_orig_callable"), loss
+
+
 @pytest.mark.parametrize("name", ["arq", "bc"])
 def test_steps_compile_where_dynamo_cannot_trace_the_autocast_availability_check(dynamo_only, monkeypatch,
                                                                                  name):
