@@ -66,9 +66,10 @@ def test_cql_starts_from_rlkits_initialisation():
 
 def test_arq_standardises_states_and_actions_with_numpys_std():
     arq = load_algorithm("arq")
-    obs = torch.tensor([[0.0, 1.0], [2.0, 1.0], [4.0, 1.2]])
-    act = torch.tensor([[0.5], [-0.5], [0.1]])
-    model = arq.ScoreModel(2, 1, arq.Args())
+    obs = torch.tensor([[0.0, 1.0, 3.0], [2.0, 1.0, 3.01], [4.0, 1.2, 3.0]])  # a column's std under 0.05
+    act = torch.tensor([[0.5, 0.0], [-0.5, 0.0], [0.1, 0.0]])
+    model = arq.ScoreModel(3, 2, arq.Args())
     model.set_normalization(obs, act)
     np.testing.assert_allclose(model.obs_std.numpy(), np.maximum(np.std(obs.numpy(), 0), 0.05), rtol=1e-6)
-    np.testing.assert_allclose(model.act_std.numpy(), np.std(act.numpy(), 0), rtol=1e-6)
+    np.testing.assert_allclose(model.act_std.numpy(), np.maximum(np.std(act.numpy(), 0), 0.05), rtol=1e-6)
+    assert model.obs_std[2] == model.act_std[1] == 0.05  # the floor, where numpy's std is below it
