@@ -261,3 +261,21 @@ def test_iql_learning_rate_resumes_from_its_checkpoint():
         agent.actor_scheduler.step()
         lr = float(agent.actor_optimizer.param_groups[0]["lr"])
         assert lr == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_arq_support_is_generated_from_unclipped_samples(tmp_path):
+    """generate_support asks sample_with_likelihood for the sample as drawn (clip False), as the
+    authors' sampling script stores it."""
+    arq = load_algorithm("arq")
+    args = arq.Args(score_hidden_dim=16, score_blocks=1, n_support=2, sampler="ode", sampler_steps=2,
+                    likelihood_steps=2, sample_batch_states=4)
+    model, asked = arq.ScoreModel(2, 1, args), []
+
+    def sample_with_likelihood(obs, n, args, gen, clip=False):
+        asked.append(clip)
+        return torch.zeros(len(obs), n, 1), torch.zeros(len(obs), n)
+
+    model.sample_with_likelihood = sample_with_likelihood
+    arq.generate_support(model, torch.zeros(6, 2), args, torch.Generator().manual_seed(0),
+                         str(tmp_path / "partial.pt"), None, lambda *a, **k: None)
+    assert asked == [False, False]
