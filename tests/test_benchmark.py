@@ -109,8 +109,17 @@ def test_quick_dry_run_uses_the_documented_budgets(capsys, tmp_path):
     (["--slurm", "--time", "1 day"], "--time '1 day' is not a Slurm value"),
     (["--slurm", "--gpus", "0"], "--gpus '0' is not a Slurm value (e.g. 1 or a100:1)"),
     (["--slurm", "--max-parallel", "0"], "--max-parallel must be positive"),
+    (["--seeds", str(2**32)], "--seeds must be in [0, 4294967295]"),
+    (["--datasets", ""], "unknown dataset ''"),
+    (["--datasets", "/"], "unknown dataset '/'"),
+    (["--datasets", ".."], "unknown dataset '..'"),
+    (["--results-dir", "{file}"], "--results-dir {file} cannot be a folder written here"),
+    (["--output-dir", "{file}/runs"], "--output-dir {file}/runs cannot be a folder written here"),
 ])
 def test_bad_selection_is_one_clear_error(argv, message, tmp_path):
+    (tmp_path / "file").write_text("x")
+    argv = [a.format(file=tmp_path / "file") for a in argv]
+    message = message.format(file=tmp_path / "file")
     with pytest.raises(UserError) as info:
         benchmark.main(["--dry-run", "--output-dir", str(tmp_path), *argv])
     assert message in str(info.value)
@@ -846,3 +855,17 @@ def test_a_cell_is_the_mean_and_the_std_over_seeds_of_each_seeds_mean():
     assert summarize.cell([[0.0, 20.0] * 5, [20.0, 0.0] * 5]).startswith("10.0 ± 0.0 ")
     assert summarize.cell([[10.0] * 10, [30.0] * 10]).startswith("20.0 ± 10.0 ")
     assert summarize.cell([[42.0]]) == "42.0"
+
+
+def test_repeated_seeds_run_once_and_slurm_takes_unlimited_time_and_paths_with_spaces(capsys, tmp_path, monkeypatch):
+    lines = dry_run(capsys, "--algos", "bc", "--datasets", "local/hopper/medium-v0", "--seeds", "0", "0", "1",
+                    "--steps", "50", "--output-dir", str(tmp_path / "runs"))
+    assert [line.split("--run-name ")[1] for line in lines] == ["bc__local-hopper-medium-v0__s0",
+                                                                "bc__local-hopper-medium-v0__s1"]
+    fake_datasets(monkeypatch, tmp_path, "local/hopper/medium-v0")
+    out, script = tmp_path / "my runs", tmp_path / "job.sbatch"
+    assert benchmark.main(["--algos", "bc", "--datasets", "local/hopper/medium-v0", "--seeds", "0", "--steps", "50",
+                           "--output-dir", str(out), "--slurm", str(script), "--time", "UNLIMITED"]) == 0
+    text = script.read_text()
+    assert "#SBATCH --time=UNLIMITED\n" in text
+    assert f'#SBATCH --output="{out}/slurm-logs/%A_%a.log"\n' in text  # sbatch keeps a quoted path together

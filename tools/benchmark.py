@@ -33,8 +33,8 @@ TOOLS = os.path.join(ROOT, "tools")
 sys.path.insert(0, ROOT)
 if TOOLS not in sys.path:
     sys.path.append(TOOLS)  # the dataset builder's modules (after the installed packages: no shadowing)
-from common import (UserError, atomic_write, dataset_task, install_user_error_hook,  # noqa: E402
-                    load_dataset, write_json)
+from common import (UserError, atomic_write, check_output_dir, dataset_task,  # noqa: E402
+                    install_user_error_hook, load_dataset, write_json)
 from d4rl_files import d4rl_files, d4rl_name  # noqa: E402
 from dataset_recipe import parse_local_id  # noqa: E402
 from dataset_snapshots import shipped_manifests  # noqa: E402
@@ -227,8 +227,9 @@ def resolve_datasets(names: list[str] | None, quick: bool) -> list[str]:
             result.append(row[column])
             continue
         d4rl_id = d4rl_name(name) is not None  # checked, with a clear message, when fetched
-        known = (d4rl_id or name in mapped or name in KNOWN_REMOTE_DATASETS or local_buildable(name)
-                 or os.path.isdir(os.path.join(folder, name)))
+        an_id = bool(name) and name == name.strip("/") and ".." not in name.split("/")  # not any folder
+        known = an_id and (d4rl_id or name in mapped or name in KNOWN_REMOTE_DATASETS or local_buildable(name)
+                           or os.path.isdir(os.path.join(folder, name)))
         if not known:
             close = difflib.get_close_matches(name, sorted(set(by_paper) | mapped | set(KNOWN_REMOTE_DATASETS)), n=4)
             hint = f"; close matches: {', '.join(close)}" if close else ""
@@ -478,6 +479,9 @@ def write_slurm(runs: list[dict], out_dir: str, path: str, args, results_dir: st
     summary = ["sbatch", "--parsable", "--job-name=offline-rl-summary", "--cpus-per-task=1",
                f"--mem={SLURM_SUMMARY_MEM}", *resources[1:], f"--output={logs}/summary-%j.log",
                f"--wrap={summary_command}"]
+    log_path = f"{logs}/%A_%a.log"
+    if re.search(r"\s", log_path):  # sbatch's parser keeps a quoted argument together
+        log_path = f'"{log_path}"'
     lines = [
         "#!/usr/bin/env bash",
         "# Written by tools/benchmark.py --slurm: one array task per run, and a job that writes the summary",
@@ -505,7 +509,7 @@ def write_slurm(runs: list[dict], out_dir: str, path: str, args, results_dir: st
         # 300 s: time for an evaluation under way to end before the checkpoint is written.
         "#SBATCH --signal=B:USR1@300",
         "#SBATCH --open-mode=append",  # a requeued task adds to its log instead of replacing it
-        f"#SBATCH --output={logs}/%A_%a.log",  # sbatch reads it before the cd
+        f"#SBATCH --output={log_path}",  # sbatch reads it before the cd
         "set -euo pipefail",
         'if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then',
         "  # Run by bash: submit. --parsable prints the job id (and ';cluster' on a multi-cluster setup).",
@@ -658,15 +662,21 @@ def parse_args(argv):
     if args.slurm is not None and args.workers is not None:
         raise UserError("--workers is for runs on this machine; with --slurm, --max-parallel N caps the tasks "
                         "running at once")
-    for flag, pattern, example in (("time", r"(\d+-)?\d+(:\d+){0,2}", "90, 12:00:00 or 2-00:00:00"),
+    for flag, pattern, example in (("time", r"(\d+-)?\d+(:\d+){0,2}|(?i:unlimited|infinite)",
+                                    "90, 12:00:00, 2-00:00:00 or UNLIMITED"),
                                    ("mem", r"\d+[KMGTkmgt]?", "8G or 16000M"),
                                    ("partition", r"[\w.,-]+", "gpu"),
                                    ("gpus", r"([\w.-]+:)?[1-9]\d*", "1 or a100:1")):
         value = getattr(args, flag)
         if value is not None and not re.fullmatch(pattern, value):
             raise UserError(f"--{flag} {value!r} is not a Slurm value (e.g. {example})")
-    if args.seeds is not None and any(s < 0 for s in args.seeds):
-        raise UserError(f"--seeds must be non-negative, got {args.seeds}")
+    if args.seeds is not None and any(not 0 <= s < 2**32 for s in args.seeds):
+        raise UserError(f"--seeds must be in [0, 4294967295], got {args.seeds}")  # numpy's and Gymnasium's
+    if args.seeds is not None:
+        args.seeds = list(dict.fromkeys(args.seeds))
+    for flag in ("output_dir", "results_dir"):
+        if getattr(args, flag) is not None:
+            check_output_dir(getattr(args, flag), f"--{flag.replace('_', '-')}")
     return args
 
 
