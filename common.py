@@ -517,10 +517,10 @@ def evaluate(data: OfflineData, policy: Callable, n_episodes: int, seed: int, ob
 
 
 # --- The run folder, <output_dir>/<run_name>/: tensorboard events, results.json, checkpoints ---
-# Flags that may differ between a run and its resumption: none changes what is trained
-# (--total-steps does: learning-rate schedules and the final evaluation follow it).
+# Flags that may differ between a run and its resumption: none changes the steps already trained;
+# --total-steps stops or continues the run elsewhere (IQL's actor schedule follows it).
 RESUME_FREE_FLAGS = {"run_name", "output_dir", "resume", "track", "wandb_project", "log_every",
-                     "save_model", "compile", "capture_video"}
+                     "save_model", "total_steps", "compile", "capture_video"}
 
 
 class Run:
@@ -565,6 +565,10 @@ class Run:
             raise SystemExit(0)
         self.saved = self.read_checkpoint() if args.resume == "auto" else None
         self.resumed_at = self.saved and (self.saved["phase"], self.saved["step"])
+        phase, at = self.resumed_at or ("", 0)
+        if phase is None and at > args.total_steps:  # the main loop's checkpoint: past the end
+            raise UserError(f"{self.saved['path']} is at step {at}, past --total-steps "
+                            f"{args.total_steps}: pass --total-steps {at} or more")
         self.writers, self.wandb = {}, None
         self.writer = self.writers[None] = SummaryWriter(self.dir, purge_step=self.purge(None))
         if self.saved is None:
