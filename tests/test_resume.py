@@ -314,6 +314,7 @@ def test_a_damaged_checkpoint_is_set_aside_so_that_the_next_one_keeps_the_good_p
         track: bool = False
         eval_every: int = 10
         batch_size: int = 16
+        total_steps: int = 100
 
     monkeypatch.setenv("MINARI_DATASETS_PATH", datasets_path)
     data, agent = common.load_dataset(Args.env), torch.nn.Linear(2, 2)
