@@ -42,6 +42,25 @@ def evaluations(out, name):
     return results, [(e["step"], e["return_mean"]) for e in results["evaluations"]]
 
 
+def run_args(tmp_path, **overrides):
+    """The flags common.Run reads, for a run folder <tmp_path>/r driven by the test itself."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Args:
+        env: str = "test/hopper/random-v0"
+        seed: int = 0
+        output_dir: str = str(tmp_path)
+        run_name: str = "r"
+        resume: str = "auto"
+        track: bool = False
+        eval_every: int = 50
+        batch_size: int = 16
+        total_steps: int = 100
+
+    return Args(**overrides)
+
+
 def start_and_interrupt(cmd, datasets_path, folder, evaluations_before: int, sig=signal.SIGKILL):
     """Start a run and send `sig` once its checkpoint is written after `evaluations_before` evaluations."""
     proc = subprocess.Popen(cmd, env=environment(datasets_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -243,19 +262,9 @@ def test_a_resumed_phase_drops_its_own_steps_after_the_checkpoint_and_no_other_c
 
     import common
 
-    @dataclasses.dataclass
-    class Args:
-        env: str = "test/hopper/random-v0"
-        seed: int = 0
-        output_dir: str = str(tmp_path)
-        run_name: str = "r"
-        resume: str = "auto"
-        track: bool = False
-        eval_every: int = 50
-        batch_size: int = 16
-
     monkeypatch.setenv("MINARI_DATASETS_PATH", datasets_path)
-    data, args = common.load_dataset(Args.env), Args()
+    args = run_args(tmp_path, eval_every=50)
+    data = common.load_dataset(args.env)
     phases = ("behaviour model", "initial policy")
     agent = torch.nn.Linear(2, 2)
 
@@ -300,31 +309,18 @@ def test_a_damaged_checkpoint_is_set_aside_so_that_the_next_one_keeps_the_good_p
                                                                                             tmp_path, monkeypatch):
     """Resumed from checkpoint.prev.pt, a run must not rotate the damaged checkpoint.pt over it: a
     second damage would leave nothing to resume from."""
-    import dataclasses
-
     import common
 
-    @dataclasses.dataclass
-    class Args:
-        env: str = "test/hopper/random-v0"
-        seed: int = 0
-        output_dir: str = str(tmp_path)
-        run_name: str = "r"
-        resume: str = "auto"
-        track: bool = False
-        eval_every: int = 10
-        batch_size: int = 16
-        total_steps: int = 100
-
     monkeypatch.setenv("MINARI_DATASETS_PATH", datasets_path)
-    data, agent = common.load_dataset(Args.env), torch.nn.Linear(2, 2)
+    args = run_args(tmp_path, eval_every=10)
+    data, agent = common.load_dataset(args.env), torch.nn.Linear(2, 2)
     latest = tmp_path / "r" / "checkpoint.pt"
 
     def damage_and_reopen():
         latest.write_bytes(latest.read_bytes()[:500])
-        return common.Run(Args(), "fake", data)
+        return common.Run(args, "fake", data)
 
-    run = common.Run(Args(), "fake", data)
+    run = common.Run(args, "fake", data)
     for step in (10, 20):
         run.checkpoint(step, agent)
     run.close(), run.lock.close()
