@@ -62,9 +62,9 @@ def load_runs(folders: list[str]) -> list[dict]:
                     with open(path) as f:
                         results = json.load(f)
                     results["run_dir"] = os.path.relpath(root, folder)
-                    if not isinstance(results["evaluations"], list) or not isinstance(results["seed"], int):
+                    if not ({"env", "algorithm"} <= results.keys() and isinstance(results["seed"], int)
+                            and isinstance(results["evaluations"], list)):
                         raise TypeError
-                    results["env"], results["algorithm"]
                 except (OSError, ValueError, TypeError, KeyError) as exc:
                     print(f"skipping {path}: not the results.json of a run ({type(exc).__name__})", flush=True)
                     continue
